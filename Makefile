@@ -1,0 +1,53 @@
+# One entry point for setting up and running everything, on a fresh machine.
+#   make test   - create .venv, install pins + FFmpeg, build the C++ extension, run the test suite
+#   make bench  - the CPU benchmarks (pytest-benchmark), results under benchmarks/results/
+#   make aot    - compile every shipped Triton kernel for sm_80/sm_90 without a GPU
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Pins verified on the development machine (see README "Install").
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-benchmark>=4" \
+        "pybind11>=2.12" "ninja" "cmake>=3.25" "setuptools>=64" "wheel" "numpy" "tqdm" \
+        "safetensors" "matplotlib"
+PYTEST_ARGS ?=
+
+.PHONY: setup deps ffmpeg build test bench aot clean
+
+setup: $(VENV)/.deps-stamp ffmpeg build
+
+$(VENV)/.deps-stamp:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q $(DEPS)
+	touch $@
+
+ffmpeg:
+	@if ldconfig -p 2>/dev/null | grep -q 'libavcodec\.so'; then \
+	  echo "FFmpeg shared libraries found"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  echo "Installing FFmpeg (needed by torchcodec)"; \
+	  (apt-get install -y -qq ffmpeg >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null)); \
+	else \
+	  echo "WARNING: FFmpeg's shared libraries (libavcodec etc.) are missing and cannot be installed here"; \
+	  echo "         (not root or no apt-get). Video decoding will fail until you install them, e.g."; \
+	  echo "         'sudo apt-get install ffmpeg' or 'conda install -c conda-forge ffmpeg'."; \
+	fi
+
+build: $(VENV)/.deps-stamp
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+test: setup
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m pytest benchmarks -q $(PYTEST_ARGS)
+
+aot: setup
+	$(PY) -m fitclip_ext.kernels.aot
+
+clean:
+	rm -rf build *.egg-info fitclip_ext/_C*.so

@@ -1,0 +1,44 @@
+"""fitclip-ext: fused CLIP contrastive loss and top-k frame kernels, and a FitCLIP video trainer.
+
+Public ops pick a backend per call: "triton" for CUDA tensors, "cpp" (the C++ extension) for CPU
+tensors, "torch" (plain reference) on request or where the extension is not built.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
+
+from .contrastive import contrastive_loss, infonce
+from .reference import contrastive_loss_reference, infonce_reference
+
+__version__ = "0.1.0"
+__all__ = ["contrastive_loss", "infonce", "contrastive_loss_reference", "infonce_reference"]
+
+
+class _SourceTreeKernels(importlib.abc.MetaPathFinder):
+    """Maps `fitclip_ext.kernels` to the repository's top-level kernels/ folder when the package
+    runs from a source checkout (PYTHONPATH=.); installs put kernels/ inside the package."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != __name__ + ".kernels":
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, self.root / "__init__.py", submodule_search_locations=[str(self.root)]
+        )
+
+
+def _install_kernels_finder() -> None:
+    here = Path(__file__).resolve().parent
+    if (here / "kernels" / "__init__.py").exists():
+        return
+    src = here.parent / "kernels"
+    if (src / "__init__.py").exists() and not any(isinstance(f, _SourceTreeKernels) for f in sys.meta_path):
+        sys.meta_path.append(_SourceTreeKernels(src))
+
+
+_install_kernels_finder()

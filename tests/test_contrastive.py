@@ -1,0 +1,162 @@
+"""contrastive_loss and infonce against float64 truth: forward, every gradient, every backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fitclip_ext
+from fitclip_ext import _backend
+from fitclip_ext.reference import contrastive_loss_reference, infonce_reference
+
+from ._numerics import assert_within_rule, rel_err
+
+pytestmark = pytest.mark.skipif(not _backend.load_cpp(), reason="C++ extension not built")
+
+FUSED = ["cpp"]
+SHAPES = [(1, 1), (2, 8), (7, 3), (64, 32), (127, 65), (256, 512), (1000, 17)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _features(b, d, dtype, seed, normalize=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    if normalize:
+        x = torch.nn.functional.normalize(x, dim=-1)
+    return x.to(dtype)
+
+
+def _run(fn, args, scale, bias, grads):
+    """Calls fn and returns the output and the gradients of (sum of out * fixed weights)."""
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    s = scale.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    out = fn(*leaves, s, b)
+    w = torch.linspace(0.5, 1.5, out.numel(), dtype=torch.float64).reshape(out.shape).to(out.dtype)
+    inputs = leaves + [s] + ([b] if b is not None else [])
+    g = torch.autograd.grad((out * w).sum(), inputs, allow_unused=True) if grads else None
+    return out, g
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,d", SHAPES)
+@pytest.mark.parametrize("reduction,eps,with_bias", [("mean", 0.0, False), ("sum", 0.1, True), ("none", 0.0, True), ("none", 0.3, False)])
+def test_contrastive_loss_matches_float64(backend, dtype, b, d, reduction, eps, with_bias):
+    img, txt = _features(b, d, dtype, 1), _features(b, d, dtype, 2)
+    scale = torch.tensor(14.3, dtype=torch.float32)
+    bias = torch.tensor(-2.5, dtype=torch.float32) if with_bias else None
+    kw = dict(label_smoothing=eps, reduction=reduction)
+
+    out, grads = _run(lambda i, t, s, bb: fitclip_ext.contrastive_loss(i, t, s, bb, backend=backend, **kw),
+                      [img, txt], scale, bias, True)
+    naive, ngrads = _run(lambda i, t, s, bb: contrastive_loss_reference(i, t, s, bb, **kw), [img, txt], scale, bias, True)
+    truth, tgrads = _run(lambda i, t, s, bb: contrastive_loss_reference(i, t, s.double(), None if bb is None else bb.double(), upcast=True, **kw),
+                         [img, txt], scale, bias, True)
+    assert out.dtype == dtype and out.shape == truth.shape
+    assert_within_rule("loss", out, naive, truth, dtype)
+    for name, g, ng, tg in zip(["d_image", "d_text", "d_scale"], grads, ngrads, tgrads):
+        assert g.dtype == ng.dtype and g.shape == tg.shape
+        assert_within_rule(name, g, ng, tg, dtype)
+    if with_bias:  # the loss is shift invariant: exactly zero gradient
+        assert grads[3] is not None and grads[3].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,m,offset", [(1, 1, 0), (3, 10, 7), (64, 256, 64), (100, 37 + 100, 37), (129, 1031, 500)])
+@pytest.mark.parametrize("reduction,eps", [("mean", 0.0), ("sum", 0.2), ("none", 0.1)])
+def test_infonce_matches_float64(backend, dtype, n, m, offset, reduction, eps):
+    d = 48
+    q, k = _features(n, d, dtype, 3), _features(m, d, dtype, 4)
+    scale = torch.tensor(30.0, dtype=torch.float64)
+    kw = dict(positive_offset=offset, label_smoothing=eps, reduction=reduction)
+    out, grads = _run(lambda a, b, s, bb: fitclip_ext.infonce(a, b, s, bb, backend=backend, **kw), [q, k], scale, None, True)
+    naive, ngrads = _run(lambda a, b, s, bb: infonce_reference(a, b, s.to(dtype), bb, **kw), [q, k], scale, None, True)
+    truth, tgrads = _run(lambda a, b, s, bb: infonce_reference(a, b, s, bb, upcast=True, **kw), [q, k], scale, None, True)
+    assert_within_rule("loss", out, naive, truth, dtype)
+    for name, g, ng, tg in zip(["d_query", "d_keys", "d_scale"], grads, ngrads, tgrads):
+        assert_within_rule(name, g, ng, tg, dtype)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_large_scale_and_unnormalised_features_stay_finite(backend):
+    # Logits up to ~1e3: a naive exp overflows, a log-sum-exp must not.
+    img, txt = _features(33, 16, torch.float32, 5, normalize=False), _features(33, 16, torch.float32, 6, normalize=False)
+    scale = torch.tensor(100.0)
+    out, grads = _run(lambda i, t, s, b: fitclip_ext.contrastive_loss(i, t, s, backend=backend), [img, txt], scale, None, True)
+    truth, tgrads = _run(lambda i, t, s, b: contrastive_loss_reference(i, t, s.double(), upcast=True), [img, txt], scale, None, True)
+    assert torch.isfinite(out) and rel_err(out, truth) < 1e-5
+    for g, tg in zip(grads, tgrads):
+        assert rel_err(g, tg) < 1e-4
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_gradcheck_float64(backend):
+    img = _features(5, 3, torch.float64, 7).requires_grad_()
+    txt = _features(5, 3, torch.float64, 8).requires_grad_()
+    scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    for red in ["mean", "none"]:
+        assert torch.autograd.gradcheck(
+            lambda i, t, s, b: fitclip_ext.contrastive_loss(i, t, s, b, label_smoothing=0.1, reduction=red, backend=backend),
+            (img, txt, scale, bias))
+    q = _features(3, 4, torch.float64, 9).requires_grad_()
+    k = _features(8, 4, torch.float64, 10).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b, s: fitclip_ext.infonce(a, b, s, positive_offset=2, label_smoothing=0.2, reduction="none", backend=backend),
+        (q, k, scale))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_noncontiguous_inputs_and_python_scale(backend):
+    base_i = _features(40, 64, torch.float32, 11)
+    base_t = _features(64, 40, torch.float32, 12)
+    img = base_i[::2]  # strided rows
+    txt = base_t.T[::2]  # transposed view
+    assert not img.is_contiguous() and not txt.is_contiguous()
+    out = fitclip_ext.contrastive_loss(img, txt, 20.0, backend=backend)
+    truth = contrastive_loss_reference(img, txt, 20.0, upcast=True)
+    assert rel_err(out, truth) < 1e-5
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_open_clip_style_parameter_scale_gets_gradient(backend):
+    # open_clip passes model.logit_scale.exp(), a 0-d tensor; a [1]-shaped one must work too.
+    img = _features(16, 8, torch.float32, 13).requires_grad_()
+    txt = _features(16, 8, torch.float32, 14).requires_grad_()
+    log_scale = torch.nn.Parameter(torch.full((1,), 2.6592))
+    loss = fitclip_ext.contrastive_loss(img, txt, log_scale.exp(), backend=backend)
+    loss.backward()
+    ref_scale = torch.nn.Parameter(torch.full((1,), 2.6592))
+    contrastive_loss_reference(img.detach().double(), txt.detach().double(), ref_scale.double().exp()).backward()
+    assert log_scale.grad.shape == (1,)
+    assert rel_err(log_scale.grad, ref_scale.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_nan_in_features_gives_nan_like_torch(backend):
+    img, txt = _features(8, 4, torch.float32, 15), _features(8, 4, torch.float32, 16)
+    img[3, 1] = float("nan")
+    out = fitclip_ext.contrastive_loss(img, txt, 10.0, backend=backend)
+    assert torch.isnan(out)
+    per = fitclip_ext.infonce(img, txt, 10.0, reduction="none", backend=backend)
+    ref = infonce_reference(img, txt, 10.0, reduction="none")
+    assert torch.equal(torch.isnan(per), torch.isnan(ref))
+
+
+def test_default_backend_on_cpu_is_cpp():
+    assert _backend.resolve(None, torch.device("cpu")) == "cpp"
+
+
+def test_matches_open_clip_cliploss():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    img = _features(50, 32, torch.float32, 17).requires_grad_()
+    txt = _features(50, 32, torch.float32, 18).requires_grad_()
+    scale = torch.tensor(100.0, requires_grad=True)
+    ours = fitclip_ext.contrastive_loss(img, txt, scale)
+    g_ours = torch.autograd.grad(ours, (img, txt, scale))
+    theirs = open_clip_loss.ClipLoss()(img, txt, scale)
+    g_theirs = torch.autograd.grad(theirs, (img, txt, scale))
+    assert rel_err(ours, theirs) < 1e-5
+    for a, b in zip(g_ours, g_theirs):
+        assert rel_err(a, b) < 1e-4
