@@ -37,39 +37,60 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return out
 
 
-class _Ops:
-    """The two tiled primitives a backend provides (see csrc/infonce.cpp for the contract)."""
+def _ops(backend: str):
+    """The two tiled primitives of a backend:
+    lse(query, keys, scale, with_col) -> (row_lse [n], col_lse [m] or None), float32/float64;
+    grad(query, keys, scale, row_lse, row_w, col_lse, col_w, offset=, eps=) -> (dQ, dK, dscale)."""
+    if backend == "cpp":
+        return _CppOps
+    if backend == "triton":
+        from fitclip_ext.kernels import infonce as triton_infonce
 
-    @staticmethod
-    def get(backend: str):
-        if backend == "cpp":
-            return _CppOps
-        if backend == "triton":
-            from fitclip_ext.kernels import infonce as triton_infonce
-
-            return triton_infonce
-        raise AssertionError(backend)
+        return triton_infonce
+    raise AssertionError(backend)
 
 
 class _CppOps:
-    @staticmethod
-    def lse(query, keys, scale, with_col):
-        return torch.ops.fitclip_ext.infonce_lse(query, keys, scale, with_col)
+    """csrc/infonce.cpp computes the log-sum-exps and the softmax part of the gradient; the
+    one-hot and label-smoothing parts are O(n * D) and are added here, in place."""
 
     @staticmethod
-    def grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight):
-        return torch.ops.fitclip_ext.infonce_grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight)
+    def lse(query, keys, scale, with_col):
+        s = scale.detach().to(device="cpu", dtype=torch.float64)
+        row_lse, col_lse = torch.ops.fitclip_ext.infonce_lse(query, keys, s, with_col)
+        return row_lse, (col_lse if with_col else None)
+
+    @staticmethod
+    def grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps):
+        ct = _compute_dtype(query)
+        n, m = query.shape[0], keys.shape[0]
+        symmetric = col_lse is not None
+        s = scale.detach().to(device="cpu", dtype=torch.float64)
+        gk, gtq = torch.ops.fitclip_ext.infonce_grad(query, keys, s, row_lse, row_w, col_lse, col_w)
+        pos_w = (1 - eps) * row_w * (2 if symmetric else 1)  # column j's positive is row j
+        for r0 in range(0, n, _ROW_CHUNK):  # in place, chunked: no [n, D] temporaries
+            r1 = min(n, r0 + _ROW_CHUNK)
+            gk[r0:r1].addcmul_(pos_w[r0:r1, None], keys[offset + r0:offset + r1].to(ct), value=-1)
+            gtq[offset + r0:offset + r1].addcmul_(pos_w[r0:r1, None], query[r0:r1].to(ct), value=-1)
+        if eps:
+            gk -= (eps / m) * row_w[:, None] * keys.sum(0, dtype=ct)
+            gtq -= (eps / m) * (row_w @ query.to(ct))
+            if symmetric:
+                gtq -= (eps / n) * col_w[:, None] * query.sum(0, dtype=ct)
+                gk -= (eps / n) * (col_w @ keys.to(ct))
+        grad_scale = _rowdot(query, gk, ct).sum()  # sum_ij G_ij S_ij = sum_i Q_i . (G K)_i
+        s_c = scale.detach().to(dtype=ct)
+        return gk.mul_(s_c).to(query.dtype), gtq.mul_(s_c).to(keys.dtype), grad_scale
 
 
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, keys, scale, symmetric, offset, eps, reduction, backend):
-        ops = _Ops.get(backend)
+        ops = _ops(backend)
         ct = _compute_dtype(query)
         n, m = query.shape[0], keys.shape[0]
-        s = scale.detach().to(device=query.device if backend == "triton" else "cpu", dtype=torch.float64)
         s_c = scale.detach().to(device=query.device, dtype=ct)
-        row_lse, col_lse = ops.lse(query, keys, s, symmetric)
+        row_lse, col_lse = ops.lse(query, keys, scale, symmetric)
         pos = s_c * _rowdot(query, keys[offset:offset + n], ct)
         row_ce = row_lse - (1 - eps) * pos
         if eps:
@@ -82,7 +103,7 @@ class _InfoNCE(torch.autograd.Function):
         else:
             per_item = row_ce
         loss = per_item if reduction == "none" else per_item.sum() if reduction == "sum" else per_item.mean()
-        ctx.save_for_backward(query, keys, scale, row_lse, col_lse if symmetric else None)
+        ctx.save_for_backward(query, keys, scale, row_lse, col_lse)
         ctx.config = (symmetric, offset, eps, reduction, backend)
         return loss.to(query.dtype)
 
@@ -90,45 +111,21 @@ class _InfoNCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, keys, scale, row_lse, col_lse = ctx.saved_tensors
         symmetric, offset, eps, reduction, backend = ctx.config
-        ops = _Ops.get(backend)
         ct = _compute_dtype(query)
-        n, m = query.shape[0], keys.shape[0]
-        s = scale.detach().to(device=query.device if backend == "triton" else "cpu", dtype=torch.float64)
-        s_c = scale.detach().to(device=query.device, dtype=ct)
-
+        n = query.shape[0]
         # Upstream weight of each row's (and column's) cross-entropy.
         half = 0.5 if symmetric else 1.0
         g = grad_out.to(ct)
         if reduction == "none":
-            row_w = g * half
+            row_w = (g * half).contiguous()
         else:
-            per = half / n if reduction == "mean" else half
-            row_w = (g * per).expand(n).contiguous()
+            row_w = (g * (half / n if reduction == "mean" else half)).expand(n).contiguous()
         col_w = row_w if symmetric else None
-
-        gk, gtq = ops.grad(query, keys, s, row_lse, row_w, col_lse, col_w)
-        # One-hot and label-smoothing parts of dLoss/dL, applied to K (for dQ) and Q (for dK).
-        pos_w = (1 - eps) * row_w
-        for r0 in range(0, n, _ROW_CHUNK):  # in place, chunked: no [n, D] temporaries
-            r1 = min(n, r0 + _ROW_CHUNK)
-            q_blk = query[r0:r1].to(ct)
-            k_pos = keys[offset + r0:offset + r1].to(ct)
-            w_blk = pos_w[r0:r1, None] * (2 if symmetric else 1)  # column j's positive is row j
-            gk[r0:r1].addcmul_(w_blk, k_pos, value=-1)
-            gtq[offset + r0:offset + r1].addcmul_(w_blk, q_blk, value=-1)
-        if eps:
-            gk -= (eps / m) * row_w[:, None] * keys.sum(0, dtype=ct)
-            gtq -= (eps / m) * (row_w @ query.to(ct))
-            if symmetric:
-                gtq -= (eps / n) * col_w[:, None] * query.sum(0, dtype=ct)
-                gk -= (eps / n) * (col_w @ keys.to(ct))
-
-        grad_scale = None
-        if ctx.needs_input_grad[2]:
-            grad_scale = _rowdot(query, gk, ct).sum().to(scale.dtype).reshape(scale.shape)
-        grad_query = gk.mul_(s_c).to(query.dtype) if ctx.needs_input_grad[0] else None
-        grad_keys = gtq.mul_(s_c).to(keys.dtype) if ctx.needs_input_grad[1] else None
-        return grad_query, grad_keys, grad_scale, None, None, None, None, None
+        grad_q, grad_k, grad_s = _ops(backend).grad(query, keys, scale, row_lse, row_w, col_lse, col_w,
+                                                    offset=offset, eps=eps)
+        grad_scale = grad_s.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
+        return (grad_q if ctx.needs_input_grad[0] else None, grad_k if ctx.needs_input_grad[1] else None,
+                grad_scale, None, None, None, None, None)
 
 
 def _zero_bias_term(loss: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,257 @@
+"""Triton kernels of the chunked InfoNCE loss (`fitclip_ext.contrastive_loss` / `infonce` on CUDA).
+
+Forward (`_lse_fwd_kernel`, grid over row blocks): streams the tiles of S = Q @ K^T once, keeping
+per row an online max and sum of exp (the row log-sum-exp) and adding each tile's column sums of
+exp(L - c_j) into a per-column fp32 buffer with atomics. The column shift c_j is column j's
+positive logit L[j, j], so every column sum holds a term equal to 1 and never underflows; the
+tile's column max goes into a second buffer with atomic max, and the few columns whose max lies
+so far above their positive that the shifted sum could overflow are recomputed exactly
+(`_fix_columns`). 2 * n * m * D FLOPs.
+
+Backward (`_grad_kernel`, grid over output row blocks x output D chunks): recomputes each tile,
+builds the full logit gradient G in registers (softmax terms, one-hot positives, label smoothing)
+and accumulates G @ B for its rows; run once for dQ (A = queries) and once for dK (A = keys).
+The scale's gradient comes from the dQ pass: sum_ij G_ij S_ij = sum_a Q_a . (G K)_a.
+
+Kernels assume valid inputs (the public ops validate). Offsets are int64.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Columns whose max logit exceeds their positive logit by more than this are recomputed exactly:
+# exp(60) * 2^31 rows stays far below float32's 3.4e38.
+_COL_SHIFT_LIMIT = 60.0
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    q_ptr, k_ptr, scale_ptr, row_lse_ptr, col_shift_ptr, col_sum_ptr, col_max_ptr,
+    n, m, D,
+    stride_qn, stride_qd, stride_kn, stride_kd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WITH_COL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    offs_k = tl.arange(0, BLOCK_K)
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E  # work in base 2: exp2 is the fast path
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    for c0 in range(0, m, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < m
+        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for d0 in range(0, D, BLOCK_K):
+            dk = d0 + offs_k
+            a = tl.load(q_ptr + rows[:, None] * stride_qn + dk[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
+            b = tl.load(k_ptr + cols[None, :] * stride_kn + dk[:, None] * stride_kd,
+                        mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
+            s = tl.dot(a, b, s, input_precision=INPUT_PRECISION)
+        x = s * scale2  # logits in log2 units
+        x_rows = tl.where(col_ok[None, :], x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x_rows, 1))
+        # A row whose max is still -inf has an empty sum; avoid (-inf) - (-inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x_rows - m_safe[:, None]), 1)
+        m_i = m_new
+        if WITH_COL:
+            shift = tl.load(col_shift_ptr + cols, mask=col_ok, other=0.0) * LOG2E
+            x_cols = tl.where(row_ok[:, None], x, float("-inf"))
+            tl.atomic_add(col_sum_ptr + cols, tl.sum(tl.exp2(x_cols - shift[None, :]), 0), mask=col_ok)
+            tl.atomic_max(col_max_ptr + cols, tl.max(x_cols, 0) / LOG2E, mask=col_ok)
+    row_lse = (m_i + tl.log2(l_i)) / LOG2E
+    tl.store(row_lse_ptr + rows, row_lse, mask=row_ok)
+
+
+@triton.jit
+def _grad_kernel(
+    a_ptr, b_ptr, out_ptr, ds_part_ptr, scale_ptr,
+    a_lse_ptr, a_w_ptr, b_lse_ptr, b_w_ptr,
+    n_a, n_b, D, off_a, off_b, eps_a, eps_b, one_minus_eps,
+    stride_an, stride_ad, stride_bn, stride_bd, stride_on, stride_od,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+    HAS_A: tl.constexpr, HAS_B: tl.constexpr, WITH_DS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """out[a, dchunk] = scale * sum_b G[a, b] * B[b, dchunk], with
+    G[a, b] = HAS_A * wA_a * (exp(L_ab - lseA_a) - (1 - eps) [b - a == off_a] - eps_a)
+            + HAS_B * wB_b * (exp(L_ab - lseB_b) - (1 - eps) [a - b == off_b] - eps_b)."""
+    pid_a = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    ra = pid_a * BLOCK_M + tl.arange(0, BLOCK_M)
+    a_ok = ra < n_a
+    offs_k = tl.arange(0, BLOCK_K)
+    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_ok = do < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+    scale2 = scale * LOG2E
+    if HAS_A:
+        lse_a = tl.load(a_lse_ptr + ra, mask=a_ok, other=0.0) * LOG2E
+        w_a = tl.load(a_w_ptr + ra, mask=a_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+    for c0 in range(0, n_b, BLOCK_N):
+        rb = c0 + tl.arange(0, BLOCK_N)
+        b_ok = rb < n_b
+        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for d0 in range(0, D, BLOCK_K):
+            dk = d0 + offs_k
+            x = tl.load(a_ptr + ra[:, None] * stride_an + dk[None, :] * stride_ad,
+                        mask=a_ok[:, None] & (dk[None, :] < D), other=0.0)
+            y = tl.load(b_ptr + rb[None, :] * stride_bn + dk[:, None] * stride_bd,
+                        mask=b_ok[None, :] & (dk[:, None] < D), other=0.0)
+            s = tl.dot(x, y, s, input_precision=INPUT_PRECISION)
+        x2 = s * scale2
+        diff = rb[None, :] - ra[:, None]
+        g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        if HAS_A:
+            p = tl.exp2(x2 - lse_a[:, None]) - one_minus_eps * (diff == off_a).to(tl.float32) - eps_a
+            g += w_a[:, None] * p
+        if HAS_B:
+            lse_b = tl.load(b_lse_ptr + rb, mask=b_ok, other=0.0) * LOG2E
+            w_b = tl.load(b_w_ptr + rb, mask=b_ok, other=0.0)
+            p = tl.exp2(x2 - lse_b[None, :]) - one_minus_eps * (-diff == off_b).to(tl.float32) - eps_b
+            g += w_b[None, :] * p
+        g = tl.where(a_ok[:, None] & b_ok[None, :], g, 0.0)
+        yb = tl.load(b_ptr + rb[:, None] * stride_bn + do[None, :] * stride_bd,
+                     mask=b_ok[:, None] & do_ok[None, :], other=0.0)
+        acc = tl.dot(g.to(yb.dtype), yb, acc, input_precision=INPUT_PRECISION)
+    if WITH_DS:  # sum_d A[a, d] * (G B)[a, d] for this D chunk: the scale's gradient, per row
+        xa = tl.load(a_ptr + ra[:, None] * stride_an + do[None, :] * stride_ad,
+                     mask=a_ok[:, None] & do_ok[None, :], other=0.0).to(tl.float32)
+        tl.store(ds_part_ptr + pid_d * n_a + ra, tl.sum(xa * acc, 1), mask=a_ok)
+    out = (acc * scale).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + ra[:, None] * stride_on + do[None, :] * stride_od, out,
+             mask=a_ok[:, None] & do_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- configurations
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's float32 matmul setting; half types run on tensor cores anyway."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def fwd_config(dtype: torch.dtype, D: int) -> dict:
+    """Known-good forward blocks (FITCLIP_TRITON_CONFIG=small forces the interpreter's)."""
+    if _interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def grad_config(dtype: torch.dtype, D: int) -> dict:
+    """Known-good backward blocks: the accumulator [BLOCK_M, BLOCK_DO] lives in registers, so the
+    output D is split in chunks of at most 256 (each chunk recomputes the tile)."""
+    if _interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=1, num_stages=1)
+    block_do = 256 if D > 128 else 128
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=block_do, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=block_do, num_warps=8, num_stages=3)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _scale_tensor(scale: torch.Tensor, device) -> torch.Tensor:
+    return scale.detach().to(device=device, dtype=torch.float32).reshape(1)
+
+
+def _fix_columns(query, keys, scale, col_lse, bad: torch.Tensor) -> None:
+    """Exact column log-sum-exp for the (rare) columns flagged by the forward kernel."""
+    idx = bad.nonzero().squeeze(1)
+    s = scale.to(torch.float32)
+    for c0 in range(0, idx.numel(), 1024):
+        cols = idx[c0:c0 + 1024]
+        kc = keys[cols].float()
+        acc = None
+        for r0 in range(0, query.shape[0], 8192):
+            part = torch.logsumexp(s * (query[r0:r0 + 8192].float() @ kc.T), dim=0)
+            acc = part if acc is None else torch.logaddexp(acc, part)
+        col_lse[cols] = acc
+
+
+def lse(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool):
+    """(row_lse [n], col_lse [m] or None) of L = scale * query @ keys^T, float32."""
+    n, D = query.shape
+    m = keys.shape[0]
+    dev = query.device
+    s = _scale_tensor(scale, dev)
+    row_lse = torch.empty(n, device=dev, dtype=torch.float32)
+    if with_col:
+        col_shift = _positive_logits(query, keys, s)  # c_j = L[j, j] (square: the symmetric loss)
+        col_sum = torch.zeros(m, device=dev, dtype=torch.float32)
+        col_max = torch.full((m,), float("-inf"), device=dev, dtype=torch.float32)
+    else:
+        col_shift = col_sum = col_max = row_lse  # unused pointers
+    cfg = fwd_config(query.dtype, D)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    _lse_fwd_kernel[grid](
+        query, keys, s, row_lse, col_shift, col_sum, col_max, n, m, D,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+        WITH_COL=with_col, INPUT_PRECISION=input_precision(query.dtype), **cfg,
+    )
+    if not with_col:
+        return row_lse, None
+    col_lse = col_shift + torch.log(col_sum)
+    bad = ~torch.isfinite(col_lse) | (col_max - col_shift > _COL_SHIFT_LIMIT)
+    # NaN features make NaN losses, as in torch; only finite columns are worth fixing.
+    bad &= torch.isfinite(col_max)
+    if bool(bad.any()):
+        _fix_columns(query, keys, s, col_lse, bad)
+    return row_lse, col_lse
+
+
+def _positive_logits(query, keys, s):
+    """scale * <query_i, keys_i> in float32, chunked so no float32 copy of the inputs is made."""
+    out = torch.empty(query.shape[0], device=query.device, dtype=torch.float32)
+    for r0 in range(0, query.shape[0], 65536):
+        out[r0:r0 + 65536] = (query[r0:r0 + 65536].float() * keys[r0:r0 + 65536].float()).sum(1)
+    return out * s
+
+
+def grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight, *, offset: int, eps: float):
+    """Full gradients (dQ, dK in the inputs' dtype, d scale as a 0-d float32 tensor) of
+    sum_i w_i CE_row_i (+ sum_j v_j CE_col_j when col_lse is given)."""
+    n, D = query.shape
+    m = keys.shape[0]
+    dev = query.device
+    s = _scale_tensor(scale, dev)
+    sym = col_lse is not None
+    cfg = grad_config(query.dtype, D)
+    prec = input_precision(query.dtype)
+    n_dchunks = triton.cdiv(D, cfg["BLOCK_DO"])
+    dq = torch.empty_like(query, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(keys, memory_format=torch.contiguous_format)
+    ds_part = torch.empty((n_dchunks, n), device=dev, dtype=torch.float32)
+    row_w = row_weight.float().contiguous()
+    col_w = col_weight.float().contiguous() if sym else row_w
+    col_l = col_lse if sym else row_lse
+    # dQ: A = queries (row stats), B = keys (column stats)
+    _grad_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), n_dchunks)](
+        query, keys, dq, ds_part, s, row_lse, row_w, col_l, col_w,
+        n, m, D, offset, 0, eps / m, eps / n if sym else 0.0, 1.0 - eps,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
+        HAS_A=True, HAS_B=sym, WITH_DS=True, INPUT_PRECISION=prec, **cfg,
+    )
+    # dK: A = keys (column stats), B = queries (row stats)
+    _grad_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), n_dchunks)](
+        keys, query, dk, ds_part, s, col_l, col_w, row_lse, row_w,
+        m, n, D, 0, offset, eps / n if sym else 0.0, eps / m, 1.0 - eps,
+        keys.stride(0), keys.stride(1), query.stride(0), query.stride(1), dk.stride(0), dk.stride(1),
+        HAS_A=sym, HAS_B=True, WITH_DS=False, INPUT_PRECISION=prec, **cfg,
+    )
+    return dq, dk, ds_part.sum()
