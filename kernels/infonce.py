@@ -11,7 +11,7 @@ so far above their positive that the shifted sum could overflow are recomputed e
 Backward (`_grad_kernel`, grid over output row blocks x output D chunks): recomputes each tile,
 builds the full logit gradient G in registers (softmax terms, one-hot positives, label smoothing)
 and accumulates G @ B for its rows; run once for dQ (A = queries) and once for dK (A = keys).
-The scale's gradient comes from the dQ pass: sum_ij G_ij S_ij = sum_a Q_a . (G K)_a.
+The scale's gradient sum_ij G_ij S_ij is summed from the tiles of the dQ pass.
 
 Kernels assume valid inputs (the public ops validate). Offsets are int64.
 """
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
 # Columns whose max logit exceeds their positive logit by more than this are recomputed exactly:
 # exp(60) * 2^31 rows stays far below float32's 3.4e38.
 _COL_SHIFT_LIMIT = 60.0
@@ -96,6 +96,7 @@ def _grad_kernel(
         lse_a = tl.load(a_lse_ptr + ra, mask=a_ok, other=0.0) * LOG2E
         w_a = tl.load(a_w_ptr + ra, mask=a_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+    ds_acc = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, n_b, BLOCK_N):
         rb = c0 + tl.arange(0, BLOCK_N)
         b_ok = rb < n_b
@@ -119,13 +120,13 @@ def _grad_kernel(
             p = tl.exp2(x2 - lse_b[None, :]) - one_minus_eps * (-diff == off_b).to(tl.float32) - eps_b
             g += w_b[None, :] * p
         g = tl.where(a_ok[:, None] & b_ok[None, :], g, 0.0)
+        if WITH_DS:  # the scale's gradient sum_ab G_ab S_ab, per row (registers already live)
+            ds_acc += tl.sum(g * s, 1)
         yb = tl.load(b_ptr + rb[:, None] * stride_bn + do[None, :] * stride_bd,
                      mask=b_ok[:, None] & do_ok[None, :], other=0.0)
         acc = tl.dot(g.to(yb.dtype), yb, acc, input_precision=INPUT_PRECISION)
-    if WITH_DS:  # sum_d A[a, d] * (G B)[a, d] for this D chunk: the scale's gradient, per row
-        xa = tl.load(a_ptr + ra[:, None] * stride_an + do[None, :] * stride_ad,
-                     mask=a_ok[:, None] & do_ok[None, :], other=0.0).to(tl.float32)
-        tl.store(ds_part_ptr + pid_d * n_a + ra, tl.sum(xa * acc, 1), mask=a_ok)
+    if WITH_DS:
+        tl.store(ds_part_ptr + ra, ds_acc, mask=a_ok & (pid_d == 0))
     out = (acc * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + ra[:, None] * stride_on + do[None, :] * stride_od, out,
              mask=a_ok[:, None] & do_ok[None, :])
@@ -144,24 +145,36 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def fwd_config(dtype: torch.dtype, D: int) -> dict:
-    """Known-good forward blocks (FITCLIP_TRITON_CONFIG=small forces the interpreter's)."""
-    if _interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small":
+def _small(small: bool | None) -> bool:
+    if small is not None:
+        return small
+    return _interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small"
+
+
+def fwd_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
+    """Known-good forward blocks (no spills on sm_80/sm_90: `python -m fitclip_ext.kernels.aot`).
+    small (default: under the interpreter, or FITCLIP_TRITON_CONFIG=small) gives the minimum
+    tl.dot tiles."""
+    if _small(small):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-def grad_config(dtype: torch.dtype, D: int) -> dict:
+def grad_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
     """Known-good backward blocks: the accumulator [BLOCK_M, BLOCK_DO] lives in registers, so the
     output D is split in chunks of at most 256 (each chunk recomputes the tile)."""
-    if _interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small":
+    if _small(small):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=1, num_stages=1)
+    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_DO=64, num_warps=4, num_stages=2)
     block_do = 256 if D > 128 else 128
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=block_do, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=block_do, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=block_do, num_warps=8, num_stages=2)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -197,7 +210,7 @@ def lse(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: 
         col_max = torch.full((m,), float("-inf"), device=dev, dtype=torch.float32)
     else:
         col_shift = col_sum = col_max = row_lse  # unused pointers
-    cfg = fwd_config(query.dtype, D)
+    cfg = fwd_config(query.dtype, D, precision=input_precision(query.dtype))
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     _lse_fwd_kernel[grid](
         query, keys, s, row_lse, col_shift, col_sum, col_max, n, m, D,
@@ -231,12 +244,12 @@ def grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight, *, offset
     dev = query.device
     s = _scale_tensor(scale, dev)
     sym = col_lse is not None
-    cfg = grad_config(query.dtype, D)
     prec = input_precision(query.dtype)
+    cfg = grad_config(query.dtype, D, precision=prec)
     n_dchunks = triton.cdiv(D, cfg["BLOCK_DO"])
     dq = torch.empty_like(query, memory_format=torch.contiguous_format)
     dk = torch.empty_like(keys, memory_format=torch.contiguous_format)
-    ds_part = torch.empty((n_dchunks, n), device=dev, dtype=torch.float32)
+    ds_part = torch.empty(n, device=dev, dtype=torch.float32)
     row_w = row_weight.float().contiguous()
     col_w = col_weight.float().contiguous() if sym else row_w
     col_l = col_lse if sym else row_lse

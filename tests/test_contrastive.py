@@ -185,3 +185,22 @@ def test_matches_open_clip_cliploss():
     assert rel_err(ours, theirs) < 1e-5
     for a, b in zip(g_ours, g_theirs):
         assert rel_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_column_far_above_its_positive(backend):
+    # Column 0's positive logit is -100 while another row scores +100 on it: the Triton forward
+    # shifts each column by its positive logit, so this column takes the exact fallback path.
+    dev = _device(backend)
+    img = _features(20, 8, torch.float32, 19)
+    txt = _features(20, 8, torch.float32, 20)
+    img[0] = -txt[0]
+    img[5] = txt[0]
+    img, txt = img.to(dev), txt.to(dev)
+    out, grads = _run(lambda i, t, s, b: fitclip_ext.contrastive_loss(i, t, s, reduction="none", backend=backend),
+                      [img, txt], torch.tensor(100.0), None, True)
+    truth, tgrads = _run(lambda i, t, s, b: contrastive_loss_reference(i, t, s.double(), reduction="none", upcast=True),
+                         [img, txt], torch.tensor(100.0), None, True)
+    assert torch.isfinite(out).all() and rel_err(out, truth) < 1e-5
+    for g, tg in zip(grads, tgrads):
+        assert rel_err(g, tg) < 1e-4

@@ -1,0 +1,172 @@
+"""Ahead-of-time compile of every shipped Triton kernel configuration, without a GPU.
+
+    python -m fitclip_ext.kernels.aot [--arch 80 90] [--quick] [--json out.json]
+
+For each kernel, each dtype and each block configuration the dispatcher can pick, compiles for
+sm_80 and sm_90, runs ptxas -v on the PTX (registers, spill bytes), reads the shared memory from
+the metadata and checks the SASS for the matrix instructions expected (HGMMA on sm_90, HMMA on
+sm_80, for bf16/fp16/tf32 dots). Exits non-zero on a compile failure, a spill or a missing
+matrix instruction. Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _cases(quick: bool):
+    """(kernel name, dtype, precision, D class, flags) of everything the launchers can launch."""
+    from . import infonce
+
+    dtypes = [(torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")]
+    if quick:
+        dtypes = [(torch.bfloat16, "ieee"), (torch.float32, "tf32")]
+    for dtype, prec in dtypes:
+        for with_col in (True, False):
+            cfg = infonce.fwd_config(dtype, 512, small=False, precision=prec)
+            yield ("infonce_lse_fwd", dtype, prec, 512, {"WITH_COL": with_col}, cfg)
+        # grad_config depends on D only through D > 128
+        for D in (128, 512):
+            cfg = infonce.grad_config(dtype, D, small=False, precision=prec)
+            for has_a, has_b, with_ds in ((True, True, True), (True, False, True), (True, True, False), (False, True, False)):
+                if quick and D == 128:
+                    continue
+                yield ("infonce_grad", dtype, prec, D, {"HAS_A": has_a, "HAS_B": has_b, "WITH_DS": with_ds}, cfg)
+
+
+def _signature(kernel_name: str, dtype: torch.dtype):
+    t = "*" + _TY[dtype]
+    if kernel_name == "infonce_lse_fwd":
+        return {
+            "q_ptr": t, "k_ptr": t, "scale_ptr": "*fp32", "row_lse_ptr": "*fp32", "col_shift_ptr": "*fp32",
+            "col_sum_ptr": "*fp32", "col_max_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
+            "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32",
+        }
+    return {
+        "a_ptr": t, "b_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32", "scale_ptr": "*fp32",
+        "a_lse_ptr": "*fp32", "a_w_ptr": "*fp32", "b_lse_ptr": "*fp32", "b_w_ptr": "*fp32",
+        "n_a": "i32", "n_b": "i32", "D": "i32", "off_a": "i32", "off_b": "i32",
+        "eps_a": "fp32", "eps_b": "fp32", "one_minus_eps": "fp32",
+        "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
+        "stride_on": "i32", "stride_od": "i32",
+    }
+
+
+def _bin(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_one(case, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from . import infonce
+
+    kernel_name, dtype, prec, D, flags, cfg = case
+    fn = infonce._lse_fwd_kernel if kernel_name == "infonce_lse_fwd" else infonce._grad_kernel
+    sig = _signature(kernel_name, dtype)
+    launch = {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages")}
+    constexprs = {k: v for k, v in cfg.items() if k not in launch}
+    constexprs.update(flags)
+    constexprs["INPUT_PRECISION"] = prec
+    # What the launcher's specialisation sees for contiguous inputs: unit inner strides,
+    # 16-divisible pointers and leading strides.
+    for name in list(sig):
+        if name.startswith("stride_") and name[-1] == "d":
+            constexprs[name] = 1
+    for name, value in constexprs.items():
+        sig[name] = "constexpr"
+    names = fn.arg_names
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+             if v.startswith("*") or (k.startswith("stride_") and v == "i32")}
+    row = {"kernel": kernel_name, "dtype": str(dtype).replace("torch.", ""), "precision": prec, "D_class": D,
+           "flags": flags, "config": cfg, "arch": f"sm_{arch}"}
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch)
+    except Exception as err:  # reported, makes the run fail
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        row["error"] = f"{type(err).__name__}: {lines[-1][:300] if lines else ''}"
+        return row
+    row["shared_bytes"] = ck.metadata.shared
+    ptx_arch = "sm_90a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(ck.asm["ptx"])
+        res = subprocess.run([_bin("ptxas"), f"-arch={ptx_arch}", "-v", str(ptx), "-o", str(Path(tmp) / "k.o")],
+                             capture_output=True, text=True)
+        info = res.stdout + res.stderr
+        regs = re.search(r"Used (\d+) registers", info)
+        spill_st = re.search(r"(\d+) bytes spill stores", info)
+        spill_ld = re.search(r"(\d+) bytes spill loads", info)
+        row["registers"] = int(regs.group(1)) if regs else None
+        row["spill_bytes"] = (int(spill_st.group(1)) if spill_st else 0) + (int(spill_ld.group(1)) if spill_ld else 0)
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(ck.asm["cubin"])
+        sass = subprocess.run([_bin("cuobjdump"), "--dump-sass", str(cubin)], capture_output=True, text=True).stdout
+    want = None
+    if dtype != torch.float32 or prec == "tf32":
+        want = "HGMMA" if arch >= 90 else "HMMA"
+    row["matrix_instr"] = want
+    row["matrix_instr_found"] = (want in sass) if want else None
+    row["local_memory_ops"] = len(re.findall(r"\b(LDL|STL)\b", sass))
+    return row
+
+
+def _problems(row) -> list[str]:
+    out = []
+    if "error" in row:
+        out.append("compile failed: " + row["error"])
+    else:
+        if row.get("spill_bytes"):
+            out.append(f"{row['spill_bytes']} bytes of spills")
+        if row.get("matrix_instr_found") is False:
+            out.append(f"no {row['matrix_instr']} in SASS")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--quick", action="store_true", help="bf16 and tf32 at D=512 only")
+    parser.add_argument("--json", type=Path, help="write the table as JSON")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    jobs = list(itertools.product(_cases(args.quick), args.arch))
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(compile_one, [c for c, _ in jobs], [a for _, a in jobs]))
+    failed = 0
+    print(f"{'kernel':16} {'arch':6} {'dtype':9} {'prec':5} {'D':>4} {'flags':28} {'regs':>4} {'spill':>5} {'smem':>7} mma")
+    for row in rows:
+        flags = ",".join(k for k, v in row["flags"].items() if v) or "-"
+        probs = _problems(row)
+        failed += bool(probs)
+        mma = "-" if row.get("matrix_instr") is None else (row["matrix_instr"] if row.get("matrix_instr_found") else "MISSING")
+        print(f"{row['kernel']:16} {row['arch']:6} {row['dtype']:9} {row['precision']:5} {row['D_class']:>4} {flags:28} "
+              f"{row.get('registers') or '-':>4} {row.get('spill_bytes', '-'):>5} {row.get('shared_bytes', '-'):>7} {mma}"
+              + ("   <-- " + "; ".join(probs) if probs else ""))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=str))
+    print(f"{len(rows)} kernel builds, {failed} with problems")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
