@@ -98,7 +98,9 @@ class ResultsFile:
         self.cases: list[dict] = []
 
     def add(self, case: dict) -> None:
+        """Records a case and rewrites the file at once, so a later crash loses nothing."""
         self.cases.append(case)
+        self.write()
 
     def write(self) -> Path | None:
         if not self.cases:

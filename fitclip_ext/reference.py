@@ -34,3 +34,47 @@ def contrastive_loss_reference(image_features, text_features, logit_scale, logit
     per_image = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction=reduction)
     per_text = F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing, reduction=reduction)
     return (per_image + per_text) / 2
+
+
+def _normalize(x, upcast):
+    return F.normalize(_upcast(x, upcast), dim=-1)
+
+
+def _topk_desc_stable(sims: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim, ties to the earlier index."""
+    return torch.sort(sims, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def select_frames_reference(frame_features, text_features, k, *, mask=None, upcast=False):
+    """For each caption b, the k frames of video b most similar to it (cosine), returned in
+    ascending time order with their similarities: (indices [B, k] int64, scores [B, k])."""
+    f, t = _normalize(frame_features, upcast), _normalize(text_features, upcast)
+    sims = torch.einsum("btd,bd->bt", f, t)
+    if mask is not None:
+        sims = sims.masked_fill(~mask, float("-inf"))
+    idx = _topk_desc_stable(sims, k).sort(dim=-1).values
+    return idx, sims.gather(1, idx)
+
+
+def topk_frame_similarity_reference(text_features, frame_features, k, *, mask=None, upcast=False):
+    """[C, V]: mean of the k largest caption-frame cosine similarities of each caption and video
+    (einsum -> C x V x T, stable sort, mean); with k = T, mean pooling of frame similarities."""
+    t, f = _normalize(text_features, upcast), _normalize(frame_features, upcast)
+    sims = torch.einsum("cd,vtd->cvt", t, f)
+    if mask is not None:
+        sims = sims.masked_fill(~mask[None], float("-inf"))
+    return sims.gather(-1, _topk_desc_stable(sims.detach(), k)).mean(-1)
+
+
+def video_contrastive_loss_reference(frame_features, text_features, logit_scale, logit_bias=None, *, k,
+                                     mask=None, label_smoothing=0.0, reduction="mean", upcast=False):
+    """Symmetric InfoNCE over video-text logits scale * topk_frame_similarity(text, frames, k) + bias
+    (rows: videos, columns: captions; pair i is video i with caption i)."""
+    sim = topk_frame_similarity_reference(text_features, frame_features, k, mask=mask, upcast=upcast)
+    logits = logit_scale * sim.T
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    per_video = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction=reduction)
+    per_text = F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing, reduction=reduction)
+    return (per_video + per_text) / 2

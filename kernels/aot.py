@@ -26,42 +26,74 @@ import torch
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
+def _ptr(dtype):
+    return "*" + _TY[dtype]
+
+
 def _cases(quick: bool):
-    """(kernel name, dtype, precision, D class, flags) of everything the launchers can launch."""
-    from . import infonce
+    """Everything the launchers can launch: (kernel, dtype, precision, label, signature, constexprs, cfg)."""
+    from . import frames, infonce
 
     dtypes = [(torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")]
     if quick:
         dtypes = [(torch.bfloat16, "ieee"), (torch.float32, "tf32")]
     for dtype, prec in dtypes:
-        for with_col in (True, False):
-            cfg = infonce.fwd_config(dtype, 512, small=False, precision=prec)
-            yield ("infonce_lse_fwd", dtype, prec, 512, {"WITH_COL": with_col}, cfg)
-        # grad_config depends on D only through D > 128
-        for D in (128, 512):
-            cfg = infonce.grad_config(dtype, D, small=False, precision=prec)
-            for has_a, has_b, with_ds in ((True, True, True), (True, False, True), (True, True, False), (False, True, False)):
-                if quick and D == 128:
-                    continue
-                yield ("infonce_grad", dtype, prec, D, {"HAS_A": has_a, "HAS_B": has_b, "WITH_DS": with_ds}, cfg)
-
-
-def _signature(kernel_name: str, dtype: torch.dtype):
-    t = "*" + _TY[dtype]
-    if kernel_name == "infonce_lse_fwd":
-        return {
+        t = _ptr(dtype)
+        fwd_sig = {
             "q_ptr": t, "k_ptr": t, "scale_ptr": "*fp32", "row_lse_ptr": "*fp32", "col_shift_ptr": "*fp32",
             "col_sum_ptr": "*fp32", "col_max_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
             "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32",
         }
-    return {
-        "a_ptr": t, "b_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32", "scale_ptr": "*fp32",
-        "a_lse_ptr": "*fp32", "a_w_ptr": "*fp32", "b_lse_ptr": "*fp32", "b_w_ptr": "*fp32",
-        "n_a": "i32", "n_b": "i32", "D": "i32", "off_a": "i32", "off_b": "i32",
-        "eps_a": "fp32", "eps_b": "fp32", "one_minus_eps": "fp32",
-        "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
-        "stride_on": "i32", "stride_od": "i32",
-    }
+        for with_col in (True, False):
+            cfg = infonce.fwd_config(dtype, 512, small=False, precision=prec)
+            yield ("infonce_lse_fwd", "infonce._lse_fwd_kernel", dtype, prec, "col" if with_col else "-",
+                   fwd_sig, {"WITH_COL": with_col}, cfg)
+        grad_sig = {
+            "a_ptr": t, "b_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32", "scale_ptr": "*fp32",
+            "a_lse_ptr": "*fp32", "a_w_ptr": "*fp32", "b_lse_ptr": "*fp32", "b_w_ptr": "*fp32",
+            "n_a": "i32", "n_b": "i32", "D": "i32", "off_a": "i32", "off_b": "i32",
+            "eps_a": "fp32", "eps_b": "fp32", "one_minus_eps": "fp32",
+            "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
+            "stride_on": "i32", "stride_od": "i32",
+        }
+        # grad_config depends on D only through D > 128
+        for D in ((512,) if quick else (128, 512)):
+            cfg = infonce.grad_config(dtype, D, small=False, precision=prec)
+            for has_a, has_b, with_ds in ((True, True, True), (True, False, True), (True, True, False), (False, True, False)):
+                flags = {"HAS_A": has_a, "HAS_B": has_b, "WITH_DS": with_ds}
+                label = f"D{D} " + ",".join(k for k, v in flags.items() if v)
+                yield ("infonce_grad", "infonce._grad_kernel", dtype, prec, label, grad_sig, flags, cfg)
+        # frame kernels: configurations change with K_PAD (the running top-k's width)
+        sim_sig = {
+            "text_ptr": t, "frames_ptr": t, "mask_ptr": "*i8", "sim_ptr": "*fp32", "bits_ptr": "*i32",
+            "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
+            "stride_tc": "i32", "stride_td": "i32", "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
+        }
+        dtext_sig = {
+            "grad_ptr": "*fp32", "bits_ptr": "*i32", "frames_ptr": t, "out_ptr": "*fp32",
+            "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
+            "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
+        }
+        dframes_sig = {
+            "grad_ptr": "*fp32", "bits_ptr": "*i32", "text_ptr": t, "out_ptr": "*fp32",
+            "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32", "stride_tc": "i32", "stride_td": "i32",
+        }
+        for k in ((4,) if quick else (1, 2, 4, 8, 16, 32)):
+            cfg = frames.sim_config(dtype, k, T=32, small=False, precision=prec)
+            yield ("topk_sim_fwd", "frames._topk_sim_fwd_kernel", dtype, prec, f"k{k} mask", sim_sig, {"HAS_MASK": True}, cfg)
+        gcfg = frames.grad_config(dtype, T=32, small=False, precision=prec)
+        yield ("topk_sim_dtext", "frames._topk_sim_dtext_kernel", dtype, prec, "T<=32", dtext_sig, {}, gcfg)
+        yield ("topk_sim_dframes", "frames._topk_sim_dframes_kernel", dtype, prec, "T<=32 acc", dframes_sig,
+               {"ACCUMULATE": True}, gcfg)
+        sel_sig = {
+            "frames_ptr": t, "text_ptr": t, "mask_ptr": "*i8", "idx_ptr": "*i64", "B": "i32", "T": "i32", "D": "i32",
+            "k": "i32", "stride_fb": "i32", "stride_ft": "i32", "stride_fd": "i32", "stride_tb": "i32", "stride_td": "i32",
+        }
+        if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
+            for k in ((4,) if quick else (1, 4, 32)):
+                cfg = frames.select_config(512, k, small=False)
+                yield ("select_frames", "frames._select_frames_kernel", dtype, "-", f"k{k} mask", sel_sig,
+                       {"HAS_MASK": True}, cfg)
 
 
 def _bin(name: str) -> str:
@@ -74,27 +106,29 @@ def compile_one(case, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import infonce
+    import importlib
 
-    kernel_name, dtype, prec, D, flags, cfg = case
-    fn = infonce._lse_fwd_kernel if kernel_name == "infonce_lse_fwd" else infonce._grad_kernel
-    sig = _signature(kernel_name, dtype)
+    kernel_name, fn_path, dtype, prec, label, sig, flags, cfg = case
+    module, attr = fn_path.split(".")
+    fn = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+    sig = dict(sig)
     launch = {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages")}
     constexprs = {k: v for k, v in cfg.items() if k not in launch}
     constexprs.update(flags)
-    constexprs["INPUT_PRECISION"] = prec
+    if "INPUT_PRECISION" in fn.arg_names:
+        constexprs["INPUT_PRECISION"] = prec
     # What the launcher's specialisation sees for contiguous inputs: unit inner strides,
     # 16-divisible pointers and leading strides.
     for name in list(sig):
         if name.startswith("stride_") and name[-1] == "d":
             constexprs[name] = 1
-    for name, value in constexprs.items():
+    for name in constexprs:
         sig[name] = "constexpr"
     names = fn.arg_names
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
              if v.startswith("*") or (k.startswith("stride_") and v == "i32")}
-    row = {"kernel": kernel_name, "dtype": str(dtype).replace("torch.", ""), "precision": prec, "D_class": D,
-           "flags": flags, "config": cfg, "arch": f"sm_{arch}"}
+    row = {"kernel": kernel_name, "dtype": str(dtype).replace("torch.", ""), "precision": prec, "label": label,
+           "config": cfg, "arch": f"sm_{arch}"}
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch)
@@ -119,8 +153,11 @@ def compile_one(case, arch: int) -> dict:
         cubin.write_bytes(ck.asm["cubin"])
         sass = subprocess.run([_bin("cuobjdump"), "--dump-sass", str(cubin)], capture_output=True, text=True).stdout
     want = None
-    if dtype != torch.float32 or prec == "tf32":
-        want = "HGMMA" if arch >= 90 else "HMMA"
+    if prec != "-" and (dtype != torch.float32 or prec == "tf32"):
+        # Hopper's warpgroup MMA needs 64 rows per warpgroup; smaller tiles (the top-k kernels,
+        # whose running top-k bounds the tile) use the mma.sync tensor-core path.
+        m_block = cfg.get("BLOCK_M", cfg.get("BLOCK_C" if kernel_name != "topk_sim_dframes" else "BLOCK_V", 0))
+        want = "HGMMA" if arch >= 90 and m_block >= 64 else "HMMA"
     row["matrix_instr"] = want
     row["matrix_instr_found"] = (want in sass) if want else None
     row["local_memory_ops"] = len(re.findall(r"\b(LDL|STL)\b", sass))
@@ -153,13 +190,12 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(compile_one, [c for c, _ in jobs], [a for _, a in jobs]))
     failed = 0
-    print(f"{'kernel':16} {'arch':6} {'dtype':9} {'prec':5} {'D':>4} {'flags':28} {'regs':>4} {'spill':>5} {'smem':>7} mma")
+    print(f"{'kernel':17} {'arch':6} {'dtype':9} {'prec':5} {'case':24} {'regs':>4} {'spill':>5} {'smem':>7} mma")
     for row in rows:
-        flags = ",".join(k for k, v in row["flags"].items() if v) or "-"
         probs = _problems(row)
         failed += bool(probs)
         mma = "-" if row.get("matrix_instr") is None else (row["matrix_instr"] if row.get("matrix_instr_found") else "MISSING")
-        print(f"{row['kernel']:16} {row['arch']:6} {row['dtype']:9} {row['precision']:5} {row['D_class']:>4} {flags:28} "
+        print(f"{row['kernel']:17} {row['arch']:6} {row['dtype']:9} {row['precision']:5} {row['label']:24} "
               f"{row.get('registers') or '-':>4} {row.get('spill_bytes', '-'):>5} {row.get('shared_bytes', '-'):>7} {mma}"
               + ("   <-- " + "; ".join(probs) if probs else ""))
     if args.json:

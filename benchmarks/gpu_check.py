@@ -1,0 +1,442 @@
+"""GPU check: correctness of the Triton ops against float64 on the GPU, then the PERFORMANCE.md
+benchmarks with their baselines, the card's measured ceilings, and a results JSON.
+
+    python benchmarks/gpu_check.py --out DIR            # on a CUDA machine (benchmarks/gpu_check.sh)
+    python benchmarks/gpu_check.py --tiny --out DIR     # anywhere: CPU tensors through the Triton
+                                                         # interpreter, tiny sizes (proves the script)
+
+Baselines: open_clip's ClipLoss (its own loss.py, loaded from the installed package or a carried
+wheel), the plain torch composition and torch.compile of it, and inf-cl (PyPI) where importable.
+Each baseline that cannot run (missing, out of memory) is recorded as such, never left out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true", help="CPU + Triton interpreter, tiny sizes")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--max-seconds", type=float, default=420.0, help="stop starting new cases after this")
+    return p.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.tiny:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+import fitclip_ext  # noqa: E402
+from fitclip_ext.reference import (contrastive_loss_reference, select_frames_reference,  # noqa: E402
+                                   topk_frame_similarity_reference, video_contrastive_loss_reference)
+
+DEV = "cpu" if ARGS.tiny else "cuda"
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def load_open_clip_loss():
+    """open_clip's ClipLoss from its own loss.py (the GPU machine lacks open_clip's other deps)."""
+    try:
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss
+    except Exception:
+        pass
+    for base in [Path(p) for p in sys.path if p] + [Path("/tmp/site")]:
+        path = base / "open_clip" / "loss.py"
+        if path.exists():
+            spec = importlib.util.spec_from_file_location("open_clip_loss_file", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod.ClipLoss
+    return None
+
+
+def load_inf_cl():
+    try:
+        from inf_cl import cal_inf_loss
+
+        return cal_inf_loss
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------- timing
+
+def bench_ms(fn, big: bool) -> float:
+    if DEV == "cpu":
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(ts)
+    import triton
+
+    if big:  # seconds per call: a warm-up and three timed calls
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(3):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        return statistics.median(ts)
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def peak_mb(fn) -> float | None:
+    if DEV == "cpu":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def ceilings() -> dict:
+    if DEV == "cpu":
+        return {}
+    import triton
+
+    n = 8192
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    tflops = 2 * n**3 / ms / 1e9
+    x = torch.empty(2**30 // 2, device=DEV, dtype=torch.bfloat16)  # 1 GiB
+    y = torch.empty_like(x)
+    ms_copy = triton.testing.do_bench(lambda: y.copy_(x), warmup=10, rep=100, return_mode="median")
+    gbps = 2 * x.numel() * 2 / ms_copy / 1e6
+    del a, b, x, y
+    return {"bf16_matmul_tflops": tflops, "copy_gbps": gbps}
+
+
+# ----------------------------------------------------------------------------- cases
+
+def make_inputs(B, D, dtype, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(B, D, device=DEV, generator=g), dim=-1).to(dtype)
+    txt = torch.nn.functional.normalize(torch.randn(B, D, device=DEV, generator=g), dim=-1).to(dtype)
+    return img.requires_grad_(), txt.requires_grad_(), torch.tensor(100.0, device=DEV, requires_grad=True)
+
+
+def fwd_bwd(loss_fn, inputs):
+    def run():
+        loss = loss_fn(*inputs)
+        torch.autograd.grad(loss, inputs)
+
+    return run
+
+
+def rel(a, b):
+    """||a - b|| / ||b||; absolute where the truth is exactly zero (e.g. B = 1: one class)."""
+    a, b = a.detach().double(), b.detach().double()
+    den = b.norm().item()
+    return (a - b).norm().item() / (den if den > 0 else 1.0)
+
+
+def correctness(dtype, B, D, tf32=True):
+    """Loss and gradients of the Triton op and of naive torch at the same dtype, against float64."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    inputs = make_inputs(B, D, dtype, seed=B + D)
+    ours = fitclip_ext.contrastive_loss(*inputs, label_smoothing=0.1, backend="triton")
+    g_ours = torch.autograd.grad(ours, inputs)
+    naive = contrastive_loss_reference(*inputs, label_smoothing=0.1)
+    g_naive = torch.autograd.grad(naive, inputs)
+    truth_in = [x.detach().double().requires_grad_() for x in inputs]
+    truth = contrastive_loss_reference(*truth_in, label_smoothing=0.1)
+    g_truth = torch.autograd.grad(truth, truth_in)
+    tol = {torch.float32: 1e-5 if not tf32 else 5e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    rows = []
+    for name, o, nv, t in [("loss", ours, naive, truth)] + list(zip(["d_image", "d_text", "d_scale"], g_ours, g_naive, g_truth)):
+        e, ne = rel(o, t), rel(nv, t)
+        rows.append({"what": name, "rel_err": e, "naive_rel_err": ne, "ok": bool(e <= 2 * ne + tol)})
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return rows
+
+
+def frame_ops(tflops, copy_gbps):
+    """Correctness (float64 truth, each dtype) and benchmarks of the frame ops."""
+    corr = []
+    dtypes = [torch.float32, torch.float16] if ARGS.tiny else [torch.bfloat16, torch.float16, torch.float32]
+    for dtype in dtypes:
+        for C, V, T, k in ([(9, 7, 5, 2), (16, 16, 12, 12)] if ARGS.tiny else [(129, 77, 12, 4), (1000, 333, 33, 7), (64, 64, 16, 16)]):
+            g = torch.Generator(device=DEV).manual_seed(C + T)
+            text = torch.randn(C, 64, device=DEV, generator=g).to(dtype).requires_grad_()
+            frames = torch.randn(V, T, 64, device=DEV, generator=g).to(dtype).requires_grad_()
+            tol = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+            label = dict(C=C, V=V, T=T, k=k, dtype=str(dtype).replace("torch.", ""))
+            try:
+                def run(fn):
+                    out = fn(text, frames)
+                    w = torch.linspace(0.5, 1.5, out.numel(), device=DEV).reshape(out.shape).to(out.dtype)
+                    return [out] + list(torch.autograd.grad((out * w).sum(), (text, frames)))
+
+                ours = run(lambda a, b: fitclip_ext.topk_frame_similarity(a, b, k, backend="triton"))
+                naive = run(lambda a, b: topk_frame_similarity_reference(a, b, k))
+                truth = run(lambda a, b: topk_frame_similarity_reference(a, b, k, upcast=True))
+                for what, o, nv, t in zip(["sim", "d_text", "d_frames"], ours, naive, truth):
+                    e, ne = rel(o, t), rel(nv, t)
+                    corr.append({"op": "topk_frame_similarity", "what": what, **label, "rel_err": e, "naive_rel_err": ne,
+                                 "ok": bool(e <= 2 * ne + tol)})
+                B = min(C, V)
+                fr, tx = frames[:B].detach(), text[:B].detach()
+                idx, _ = fitclip_ext.select_frames(fr, tx, k, backend="triton")
+                ref_idx, _ = select_frames_reference(fr, tx, k, upcast=True)
+                corr.append({"op": "select_frames", **label, "ok": bool(torch.equal(idx, ref_idx)),
+                             "mismatched_rows": int((idx != ref_idx).any(1).sum())})
+                fr, tx = fr.clone().requires_grad_(), tx.clone().requires_grad_()
+                sc = torch.tensor(30.0, device=DEV)
+                lo = fitclip_ext.video_contrastive_loss(fr, tx, sc, k=k, label_smoothing=0.1, backend="triton")
+                go = torch.autograd.grad(lo, (fr, tx))
+                ln = video_contrastive_loss_reference(fr, tx, sc, k=k, label_smoothing=0.1)
+                gn = torch.autograd.grad(ln, (fr, tx))
+                f64, t64 = fr.detach().double().requires_grad_(), tx.detach().double().requires_grad_()
+                lt = video_contrastive_loss_reference(f64, t64, sc.double(), k=k, label_smoothing=0.1)
+                gt = torch.autograd.grad(lt, (f64, t64))
+                for what, o, nv, t in zip(["loss", "d_frames", "d_text"], [lo, *go], [ln, *gn], [lt, *gt]):
+                    e, ne = rel(o, t), rel(nv, t)
+                    corr.append({"op": "video_contrastive_loss", "what": what, **label, "rel_err": e,
+                                 "naive_rel_err": ne, "ok": bool(e <= 2 * ne + tol)})
+            except Exception as err:
+                traceback.print_exc()
+                corr.append({"op": "frame ops", **label, "ok": False, "error": repr(err)[:300]})
+    bad = [c for c in corr if not c.get("ok")]
+    log(f"frame-op correctness: {len(corr) - len(bad)}/{len(corr)} ok", *(f"\n  FAIL {c}" for c in bad))
+
+    from benchmarks.frame_cases import torch_topk_similarity, torch_video_loss
+
+    cases = []
+    dtype = torch.float32 if ARGS.tiny else torch.bfloat16
+    grid = [(64, 64, 8, 32, 4)] if ARGS.tiny else [(2048, 2048, 16, 512, 4), (8192, 8192, 16, 512, 4), (8192, 8192, 32, 512, 8)]
+    for C, V, T, D, k in grid:
+        if time.time() - T0 > ARGS.max_seconds:
+            cases.append({"op": "topk_frame_similarity", "C": C, "V": V, "T": T, "D": D, "k": k, "skipped": "time budget"})
+            continue
+        case = {"op": "topk_frame_similarity", "pass": "fwd+bwd", "C": C, "V": V, "T": T, "D": D, "k": k,
+                "dtype": str(dtype).replace("torch.", "")}
+        try:
+            g = torch.Generator(device=DEV).manual_seed(1)
+            text = torch.randn(C, D, device=DEV, generator=g).to(dtype).requires_grad_()
+            frames = torch.randn(V, T, D, device=DEV, generator=g).to(dtype).requires_grad_()
+            w = torch.randn(C, V, device=DEV).to(dtype)
+
+            def mk(fn):
+                return lambda: torch.autograd.grad((fn() * w).sum(), (text, frames))
+
+            ours = mk(lambda: fitclip_ext.topk_frame_similarity(text, frames, k, backend="triton"))
+            case["median_ms"] = bench_ms(ours, False)
+            case["peak_mb"] = peak_mb(ours)
+            if tflops:
+                case["floor_ms"] = 3 * 2 * C * V * T * D / (tflops * 1e12) * 1e3
+                case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
+            try:
+                base = mk(lambda: torch_topk_similarity(text, frames, k))
+                ms = bench_ms(base, False)
+                case["baselines"] = {"torch": {"median_ms": ms, "speedup": ms / case["median_ms"], "peak_mb": peak_mb(base)}}
+            except torch.OutOfMemoryError:
+                case["baselines"] = {"torch": {"error": "out of memory"}}
+        except Exception as err:
+            case["error"] = repr(err)[:300]
+            traceback.print_exc()
+        finally:
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        log(json.dumps(case))
+        cases.append(case)
+
+    grid = [(32, 8, 32, 4)] if ARGS.tiny else [(4096, 16, 512, 4), (16384, 16, 512, 4)]
+    for B, T, D, k in grid:
+        case = {"op": "video_contrastive_loss", "pass": "fwd+bwd", "B": B, "T": T, "D": D, "k": k,
+                "dtype": str(dtype).replace("torch.", "")}
+        try:
+            g = torch.Generator(device=DEV).manual_seed(2)
+            text = torch.randn(B, D, device=DEV, generator=g).to(dtype).requires_grad_()
+            frames = torch.randn(B, T, D, device=DEV, generator=g).to(dtype).requires_grad_()
+            sc = torch.tensor(30.0, device=DEV, requires_grad=True)
+            ours = lambda: torch.autograd.grad(fitclip_ext.video_contrastive_loss(frames, text, sc, k=k, backend="triton"),
+                                               (frames, text, sc))
+            case["median_ms"] = bench_ms(ours, B >= 16384)
+            case["peak_mb"] = peak_mb(ours)
+            if tflops:
+                case["floor_ms"] = 8 * B * B * T * D / (tflops * 1e12) * 1e3
+                case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
+            try:
+                base = lambda: torch.autograd.grad(torch_video_loss(frames, text, sc, k), (frames, text, sc))
+                ms = bench_ms(base, B >= 16384)
+                case["baselines"] = {"torch": {"median_ms": ms, "speedup": ms / case["median_ms"], "peak_mb": peak_mb(base)}}
+            except torch.OutOfMemoryError:
+                case["baselines"] = {"torch": {"error": "out of memory"}}
+        except Exception as err:
+            case["error"] = repr(err)[:300]
+            traceback.print_exc()
+        finally:
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        log(json.dumps(case))
+        cases.append(case)
+
+    B, T, D, k = (64, 8, 32, 4) if ARGS.tiny else (65536, 32, 512, 4)
+    case = {"op": "select_frames", "B": B, "T": T, "D": D, "k": k, "dtype": str(dtype).replace("torch.", "")}
+    try:
+        frames = torch.randn(B, T, D, device=DEV).to(dtype)
+        text = torch.randn(B, D, device=DEV).to(dtype)
+        ours = lambda: fitclip_ext.select_frames(frames, text, k, backend="triton")
+        case["median_ms"] = bench_ms(ours, False)
+        if copy_gbps:
+            case["floor_ms"] = frames.numel() * frames.element_size() / (copy_gbps * 1e9) * 1e3
+            case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
+        base = lambda: select_frames_reference(frames, text, k)
+        ms = bench_ms(base, False)
+        case["baselines"] = {"torch": {"median_ms": ms, "speedup": ms / case["median_ms"]}}
+    except Exception as err:
+        case["error"] = repr(err)[:300]
+        traceback.print_exc()
+    log(json.dumps(case))
+    cases.append(case)
+    return corr, cases
+
+
+def main():
+    out_dir = ARGS.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    doc = {
+        "device": "cpu (interpreter, --tiny)" if DEV == "cpu" else torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
+        "commit": os.environ.get("FITCLIP_COMMIT", "unknown"), "tiny": ARGS.tiny,
+    }
+    doc["ceilings"] = ceilings()
+    log("ceilings", doc["ceilings"])
+
+    # 1. correctness on the device, odd shapes, each dtype
+    corr = []
+    shapes = [(1, 1), (7, 3), (33, 40), (100, 17)] if ARGS.tiny else [(1, 1), (7, 3), (127, 65), (1000, 17), (4097, 512), (8191, 768)]
+    dtypes = [(torch.float32, False), (torch.float16, True)] if ARGS.tiny else \
+        [(torch.bfloat16, True), (torch.float16, True), (torch.float32, True), (torch.float32, False)]
+    for dtype, tf32 in dtypes:
+        for B, D in shapes:
+            try:
+                for r in correctness(dtype, B, D, tf32):
+                    corr.append({"B": B, "D": D, "dtype": str(dtype).replace("torch.", "") + ("/tf32" if dtype == torch.float32 and tf32 else ""), **r})
+            except Exception as err:
+                corr.append({"B": B, "D": D, "dtype": str(dtype), "ok": False, "error": repr(err)[:300]})
+    bad = [c for c in corr if not c.get("ok")]
+    log(f"correctness: {len(corr) - len(bad)}/{len(corr)} ok", *(f"\n  FAIL {c}" for c in bad))
+    doc["correctness"] = corr
+
+    # 2. benchmarks (bf16 on the GPU; fp32 in the interpreter)
+    ClipLoss = load_open_clip_loss()
+    inf_cl = load_inf_cl()
+    clip_loss = ClipLoss() if ClipLoss else None
+    compiled = torch.compile(contrastive_loss_reference) if DEV == "cuda" else None
+    baselines = {
+        "open_clip": (lambda i, t, s: clip_loss(i, t, s)) if clip_loss else None,
+        "torch": contrastive_loss_reference,
+        "torch_compile": compiled,
+        "inf_cl": (lambda i, t, s: (inf_cl(i, t, scale=s) + inf_cl(t, i, scale=s)) / 2) if inf_cl else None,
+    }
+    # (B, D, which baselines to try): naive ones hold several B x B matrices (17 GB each in fp32 at 65536)
+    if ARGS.tiny:
+        grid = [(64, 32, ("open_clip", "torch")), (100, 48, ("torch",))]
+        dtype = torch.float32
+    else:
+        grid = [(8192, 512, ("open_clip", "torch", "torch_compile", "inf_cl")),
+                (32768, 512, ("open_clip", "torch", "torch_compile", "inf_cl")),
+                (32768, 768, ("open_clip", "torch", "inf_cl")),
+                (65536, 512, ("open_clip", "inf_cl")),
+                (65536, 768, ("inf_cl",)),
+                (262144, 512, ()),
+                (1048576, 512, ())]
+        dtype = torch.bfloat16
+    cases = []
+    tflops = doc["ceilings"].get("bf16_matmul_tflops")
+    for B, D, names in grid:
+        if time.time() - T0 > ARGS.max_seconds:
+            cases.append({"op": "contrastive_loss", "B": B, "D": D, "skipped": "time budget of the check ran out"})
+            continue
+        case = {"op": "contrastive_loss", "pass": "fwd+bwd", "B": B, "D": D, "dtype": str(dtype).replace("torch.", "")}
+        try:
+            inputs = make_inputs(B, D, dtype)
+            ours = fwd_bwd(lambda i, t, s: fitclip_ext.contrastive_loss(i, t, s, backend="triton"), inputs)
+            big = B >= 262144
+            case["median_ms"] = bench_ms(ours, big)
+            case["peak_mb"] = peak_mb(ours)
+            case["inputs_and_grads_mb"] = 4 * B * D * inputs[0].element_size() / 2**20
+            if tflops:
+                case["floor_ms"] = 8 * B * B * D / (tflops * 1e12) * 1e3
+                case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
+            if B <= 16384 or ARGS.tiny:
+                with torch.no_grad():
+                    i, t, s = (x.detach() for x in inputs)
+                    case["rel_err"] = rel(fitclip_ext.contrastive_loss(i, t, s, backend="triton"),
+                                          contrastive_loss_reference(i.double(), t.double(), s.double()))
+            case["baselines"] = {}
+            for name in names:
+                fn = baselines.get(name)
+                if fn is None:
+                    case["baselines"][name] = {"error": "not available on this machine"}
+                    continue
+                try:
+                    run = fwd_bwd(fn, inputs)
+                    ms = bench_ms(run, big=B >= 32768)
+                    case["baselines"][name] = {"median_ms": ms, "speedup": ms / case["median_ms"], "peak_mb": peak_mb(run)}
+                except torch.OutOfMemoryError:
+                    case["baselines"][name] = {"error": "out of memory"}
+                except Exception as err:
+                    case["baselines"][name] = {"error": repr(err)[:300]}
+                finally:
+                    if DEV == "cuda":
+                        torch.cuda.empty_cache()
+            # the same positive logits as the dense loss, if it fits (bf16 reference at B <= 32768)
+        except torch.OutOfMemoryError:
+            case["error"] = "out of memory"
+        except Exception as err:
+            case["error"] = repr(err)[:300]
+            traceback.print_exc()
+        finally:
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        log(json.dumps(case))
+        cases.append(case)
+    frame_corr, frame_cases = frame_ops(tflops, doc["ceilings"].get("copy_gbps"))
+    doc["correctness"] += frame_corr
+    bad += [c for c in frame_corr if not c.get("ok")]
+    cases += frame_cases
+    doc["cases"] = cases
+    slug = "tiny-cpu" if ARGS.tiny else "".join(c if c.isalnum() else "-" for c in doc["device"]).strip("-").lower()
+    path = out_dir / f"{slug}-{doc['date']}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    log("wrote", path)
+    return 0 if not bad and not any("error" in c for c in cases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

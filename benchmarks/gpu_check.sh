@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU check, one short run: Triton tests on the device, then benchmarks/gpu_check.py.
+#   benchmarks/gpu_check.sh            on a CUDA machine; results in $OUT (or benchmarks/results)
+#   benchmarks/gpu_check.sh --tiny     anywhere: CPU tensors through the Triton interpreter
+# Optional wheels in .whl/ (inf-cl, open_clip_torch for its loss.py) are installed to /tmp/site.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-benchmarks/results}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=.:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 FITCLIP_ALLOW_NO_CPP=1
+rc=0
+if [ "${1:-}" != "--tiny" ]; then
+  # The float64-truth tests of the Triton path, now on CUDA with every dtype (bf16 included).
+  $PY -m pytest tests/test_contrastive.py -q -x -k triton -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT_DIR/gpu_tests.log" || rc=1
+fi
+$PY benchmarks/gpu_check.py "$@" --out "$OUT_DIR" || rc=1
+exit $rc

@@ -1,0 +1,371 @@
+// Frame-caption cosine similarity fused with top-k selection, for CPU tensors.
+//
+// Inputs are already L2-normalised (the Python layer normalises with autograd). For a block of
+// captions, one GEMM gives the similarities to every frame of every video ([rows, V*T], the
+// block only), a top-k per (caption, video) reduces them to [rows, V] and remembers the chosen
+// frames (int16). The backward scatters the pooled gradient onto the chosen frames of a block
+// (W [rows, V*T], k nonzeros per T) and applies it with two GEMMs. The video InfoNCE runs the
+// chunked loss of infonce.cpp over these pooled similarities, so neither C x V x T nor the
+// B x B logits are stored.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "lse_tiles.h"
+
+namespace fitclip {
+namespace {
+
+// Rows of a caption block: about 2^22 similarities (16 MB of fp32) per block.
+int64_t frame_block_rows(int64_t n, int64_t cols) {
+  const int64_t rows = std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(cols, 1), 16, 1024);
+  return std::min(rows, n);
+}
+
+// Sum of the k largest of x[0..T) among unmasked entries, ties to the earlier index; the chosen
+// indices go to idx (in order of decreasing value). NaN anywhere makes the sum NaN, as a sort
+// that ranks NaN first would. best/bidx are scratch of size k.
+template <typename T>
+T topk_sum(const T* x, const bool* mask, int64_t nt, int64_t k, int16_t* idx, T* best, int16_t* bidx) {
+  int64_t cnt = 0;
+  bool nan = false;
+  for (int64_t t = 0; t < nt; ++t) {
+    if (mask && !mask[t]) continue;
+    const T v = x[t];
+    if (v != v) {
+      nan = true;
+      continue;
+    }
+    if (cnt == k && !(v > best[k - 1])) continue;  // equal values keep the earlier frame
+    int64_t pos = cnt < k ? cnt++ : k - 1;
+    while (pos > 0 && v > best[pos - 1]) {
+      best[pos] = best[pos - 1];
+      bidx[pos] = bidx[pos - 1];
+      --pos;
+    }
+    best[pos] = v;
+    bidx[pos] = static_cast<int16_t>(t);
+  }
+  T sum = 0;
+  for (int64_t j = 0; j < k; ++j) sum += best[j];
+  if (idx)
+    for (int64_t j = 0; j < k; ++j) idx[j] = bidx[j];
+  return nan ? std::numeric_limits<T>::quiet_NaN() : sum;
+}
+
+// sims [rows, V*T] -> out[r * ld_out + v] = mean of the top k of video v; idx [rows, V, k].
+template <typename T>
+void topk_pool_tile(const T* sims, int64_t rows, int64_t V, int64_t nt, int64_t k, const bool* mask,
+                    T* out, int64_t ld_out, int16_t* idx) {
+  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> best(k);
+    std::vector<int16_t> bidx(k);
+    for (int64_t r = b; r < e; ++r) {
+      const T* row = sims + r * V * nt;
+      for (int64_t v = 0; v < V; ++v) {
+        const T s = topk_sum<T>(row + v * nt, mask ? mask + v * nt : nullptr, nt, k,
+                                idx ? idx + (r * V + v) * k : nullptr, best.data(), bidx.data());
+        out[r * ld_out + v] = s / static_cast<T>(k);
+      }
+    }
+  });
+}
+
+// W [rows, V*T] <- 0, then W[r, v*T + idx[r, v, j]] += grad[r, v] / k.
+template <typename T>
+void scatter_pooled_grad(const T* grad, int64_t ld_grad, const int16_t* idx, int64_t rows, int64_t V,
+                         int64_t nt, int64_t k, T* W) {
+  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      T* w = W + r * V * nt;
+      std::fill(w, w + V * nt, T(0));
+      for (int64_t v = 0; v < V; ++v) {
+        const T g = grad[r * ld_grad + v] / static_cast<T>(k);
+        const int16_t* id = idx + (r * V + v) * k;
+        for (int64_t j = 0; j < k; ++j) w[v * nt + id[j]] += g;
+      }
+    }
+  });
+}
+
+at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+struct FrameInputs {
+  at::Tensor text, frames_flat, mask;
+  int64_t C, V, nt, D;
+};
+
+FrameInputs prepare(const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(text.device().is_cpu() && frames.device().is_cpu(), "fitclip_ext C++ ops take CPU tensors");
+  TORCH_CHECK(text.dim() == 2 && frames.dim() == 3, "text must be [C, D] and frames [V, T, D]");
+  TORCH_CHECK(text.size(1) == frames.size(2), "text and frames must have the same D");
+  TORCH_CHECK(frames.size(1) <= 32767, "at most 32767 frames per video");
+  TORCH_CHECK(k >= 1 && k <= frames.size(1), "k must be in [1, T]");
+  const auto ct = compute_type(text);
+  FrameInputs in;
+  in.C = text.size(0);
+  in.V = frames.size(0);
+  in.nt = frames.size(1);
+  in.D = frames.size(2);
+  in.text = text.to(ct).contiguous();
+  in.frames_flat = frames.to(ct).contiguous().view({in.V * in.nt, in.D});
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == in.V && mask->size(1) == in.nt,
+                "mask must be a bool [V, T] tensor");
+    in.mask = mask->contiguous();
+  }
+  return in;
+}
+
+template <typename T>
+void topk_sim_fwd_impl(const FrameInputs& in, int64_t k, at::Tensor& sim, at::Tensor& idx) {
+  const int64_t cols = in.V * in.nt;
+  const int64_t bc = frame_block_rows(in.C, cols);
+  auto S = at::empty({bc, cols}, in.text.options());
+  const bool* mk = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
+  for (int64_t r0 = 0; r0 < in.C; r0 += bc) {
+    const int64_t rows = std::min(bc, in.C - r0);
+    auto Sb = S.narrow(0, 0, rows);
+    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_flat.t());
+    topk_pool_tile<T>(Sb.data_ptr<T>(), rows, in.V, in.nt, k, mk, sim.data_ptr<T>() + r0 * in.V, in.V,
+                      idx.data_ptr<int16_t>() + r0 * in.V * k);
+  }
+}
+
+template <typename T>
+void topk_sim_bwd_impl(const FrameInputs& in, int64_t k, const at::Tensor& idx, const at::Tensor& grad,
+                       at::Tensor& dtext, at::Tensor& dframes_flat) {
+  const int64_t cols = in.V * in.nt;
+  const int64_t bc = frame_block_rows(in.C, cols);
+  auto W = at::empty({bc, cols}, in.text.options());
+  for (int64_t r0 = 0; r0 < in.C; r0 += bc) {
+    const int64_t rows = std::min(bc, in.C - r0);
+    auto Wb = W.narrow(0, 0, rows);
+    scatter_pooled_grad<T>(grad.data_ptr<T>() + r0 * in.V, in.V, idx.data_ptr<int16_t>() + r0 * in.V * k, rows,
+                           in.V, in.nt, k, Wb.data_ptr<T>());
+    auto dtb = dtext.narrow(0, r0, rows);
+    at::mm_out(dtb, Wb, in.frames_flat);
+    dframes_flat.addmm_(Wb.t(), in.text.narrow(0, r0, rows));
+  }
+}
+
+// Video InfoNCE over L[c, v] = scale * sim[c, v] (rows: captions, columns: videos, C == V).
+template <typename T>
+void video_lse_impl(const FrameInputs& in, int64_t k, T scale, at::Tensor& cap_lse, at::Tensor& vid_lse,
+                    at::Tensor& cap_sum, at::Tensor& vid_sum, at::Tensor& diag) {
+  const int64_t B = in.C, V = in.V, cols = V * in.nt;
+  const int64_t bc = frame_block_rows(B, cols);
+  auto S = at::empty({bc, cols}, in.text.options());
+  auto P = at::empty({bc, V}, in.text.options());
+  at::Tensor vid_max_run = at::full({V}, -std::numeric_limits<T>::infinity(), in.text.options());
+  auto vid_sumexp_run = at::zeros({V}, in.text.options());
+  const bool* mk = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
+  T* cl = cap_lse.data_ptr<T>();
+  T* cs = cap_sum.data_ptr<T>();
+  T* dg = diag.data_ptr<T>();
+  T* vs = vid_sum.data_ptr<T>();
+  T* vm = vid_max_run.data_ptr<T>();
+  T* ve = vid_sumexp_run.data_ptr<T>();
+  for (int64_t r0 = 0; r0 < B; r0 += bc) {
+    const int64_t rows = std::min(bc, B - r0);
+    auto Sb = S.narrow(0, 0, rows);
+    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_flat.t());
+    T* p = P.data_ptr<T>();
+    topk_pool_tile<T>(Sb.data_ptr<T>(), rows, V, in.nt, k, mk, p, V, nullptr);
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const T* x = p + r * V;
+        const T mx = rmax<T>(x, V, scale);
+        cl[r0 + r] = mx + std::log(rsumexp<T>(x, V, scale, mx));
+        T s = 0;
+        for (int64_t v = 0; v < V; ++v) s += x[v];
+        cs[r0 + r] = s;
+        dg[r0 + r] = x[r0 + r];
+      }
+    });
+    const int64_t nchunks = (V + kColChunk - 1) / kColChunk;
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> tmp(kColChunk);
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t c0 = c * kColChunk, c1 = std::min(V, c0 + kColChunk);
+        colmerge<T>(p, rows, V, c0, c1, scale, vm, ve, tmp.data());
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t v = c0; v < c1; ++v) vs[v] += p[r * V + v];
+      }
+    });
+  }
+  vid_lse.copy_(vid_max_run + vid_sumexp_run.log());
+}
+
+template <typename T>
+T video_grad_impl(const FrameInputs& in, int64_t k, T scale, const at::Tensor& cap_lse, const at::Tensor& vid_lse,
+                  const at::Tensor& cap_w, const at::Tensor& vid_w, T eps, at::Tensor& dtext, at::Tensor& dframes_flat) {
+  const int64_t B = in.C, V = in.V, nt = in.nt, cols = V * nt;
+  const int64_t bc = frame_block_rows(B, cols);
+  auto S = at::empty({bc, cols}, in.text.options());
+  auto P = at::empty({bc, V}, in.text.options());
+  auto idx = at::empty({bc, V, k}, in.text.options().dtype(at::kShort));
+  const bool* mk = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
+  const T* cl = cap_lse.data_ptr<T>();
+  const T* vl = vid_lse.data_ptr<T>();
+  const T* cw = cap_w.data_ptr<T>();
+  const T* vw = vid_w.data_ptr<T>();
+  const T eps_c = eps / static_cast<T>(V), eps_v = eps / static_cast<T>(B), one_m = T(1) - eps;
+  std::vector<T> ds_rows(B, T(0));
+  for (int64_t r0 = 0; r0 < B; r0 += bc) {
+    const int64_t rows = std::min(bc, B - r0);
+    auto Sb = S.narrow(0, 0, rows);
+    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_flat.t());
+    T* p = P.data_ptr<T>();
+    int16_t* id = idx.data_ptr<int16_t>();
+    topk_pool_tile<T>(Sb.data_ptr<T>(), rows, V, nt, k, mk, p, V, id);
+    // P <- dLoss/dsim = scale * G, with G the full logit gradient (softmax, positives, smoothing).
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t c = r0 + r;
+        T* x = p + r * V;
+        T acc = 0;
+        for (int64_t v = 0; v < V; ++v) {
+          const T l = scale * x[v];
+          const T pos = v == c ? one_m : T(0);
+          const T g = cw[c] * (fast_exp(l - cl[c]) - pos - eps_c) + vw[v] * (fast_exp(l - vl[v]) - pos - eps_v);
+          acc += g * x[v];
+          x[v] = scale * g;
+        }
+        ds_rows[c] = acc;
+      }
+    });
+    auto Wb = Sb;  // reuse the similarity block as the scatter target
+    scatter_pooled_grad<T>(p, V, id, rows, V, nt, k, Wb.data_ptr<T>());
+    auto dtb = dtext.narrow(0, r0, rows);
+    at::mm_out(dtb, Wb, in.frames_flat);
+    dframes_flat.addmm_(Wb.t(), in.text.narrow(0, r0, rows));
+  }
+  T ds = 0;
+  for (T v : ds_rows) ds += v;
+  return ds;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_sim_fwd_cpu(const at::Tensor& text, const at::Tensor& frames, int64_t k,
+                                                    const std::optional<at::Tensor>& mask) {
+  auto in = prepare(text, frames, k, mask);
+  auto sim = at::empty({in.C, in.V}, in.text.options());
+  auto idx = at::empty({in.C, in.V, k}, in.text.options().dtype(at::kShort));
+  if (in.text.scalar_type() == at::kDouble) topk_sim_fwd_impl<double>(in, k, sim, idx);
+  else topk_sim_fwd_impl<float>(in, k, sim, idx);
+  return {sim, idx};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_sim_bwd_cpu(const at::Tensor& text, const at::Tensor& frames,
+                                                    const at::Tensor& idx, const at::Tensor& grad) {
+  const int64_t k = idx.size(2);
+  auto in = prepare(text, frames, k, std::nullopt);
+  TORCH_CHECK(idx.scalar_type() == at::kShort && idx.size(0) == in.C && idx.size(1) == in.V, "idx must be int16 [C, V, k]");
+  auto g = grad.to(in.text.scalar_type()).contiguous();
+  TORCH_CHECK(g.size(0) == in.C && g.size(1) == in.V, "grad must be [C, V]");
+  auto dtext = at::empty_like(in.text);
+  auto dframes = at::zeros_like(in.frames_flat);
+  auto id = idx.contiguous();
+  if (in.text.scalar_type() == at::kDouble) topk_sim_bwd_impl<double>(in, k, id, g, dtext, dframes);
+  else topk_sim_bwd_impl<float>(in, k, id, g, dtext, dframes);
+  return {dtext, dframes.view({in.V, in.nt, in.D})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> video_infonce_lse_cpu(
+    const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask,
+    const at::Tensor& scale) {
+  auto in = prepare(text, frames, k, mask);
+  TORCH_CHECK(in.C == in.V, "video InfoNCE needs as many captions as videos");
+  auto o = in.text.options();
+  auto cap_lse = at::empty({in.C}, o), vid_lse = at::empty({in.V}, o), cap_sum = at::empty({in.C}, o),
+       vid_sum = at::zeros({in.V}, o), diag = at::empty({in.C}, o);
+  const double s = scale.item<double>();
+  if (in.text.scalar_type() == at::kDouble) video_lse_impl<double>(in, k, s, cap_lse, vid_lse, cap_sum, vid_sum, diag);
+  else video_lse_impl<float>(in, k, static_cast<float>(s), cap_lse, vid_lse, cap_sum, vid_sum, diag);
+  return {cap_lse, vid_lse, cap_sum, vid_sum, diag};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> video_infonce_grad_cpu(
+    const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask,
+    const at::Tensor& scale, const at::Tensor& cap_lse, const at::Tensor& vid_lse, const at::Tensor& cap_w,
+    const at::Tensor& vid_w, double eps) {
+  auto in = prepare(text, frames, k, mask);
+  TORCH_CHECK(in.C == in.V, "video InfoNCE needs as many captions as videos");
+  const auto ct = in.text.scalar_type();
+  auto c = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
+  auto dtext = at::empty_like(in.text);
+  auto dframes = at::zeros_like(in.frames_flat);
+  const double s = scale.item<double>();
+  double ds;
+  if (ct == at::kDouble)
+    ds = video_grad_impl<double>(in, k, s, c(cap_lse), c(vid_lse), c(cap_w), c(vid_w), eps, dtext, dframes);
+  else
+    ds = video_grad_impl<float>(in, k, static_cast<float>(s), c(cap_lse), c(vid_lse), c(cap_w), c(vid_w),
+                                static_cast<float>(eps), dtext, dframes);
+  return {dtext, dframes.view({in.V, in.nt, in.D}), at::scalar_tensor(ds, in.text.options())};
+}
+
+// For each b, the k frames of video b most similar to caption b (text already unit length),
+// in ascending time order.
+at::Tensor select_frames_cpu(const at::Tensor& frames, const at::Tensor& text, int64_t k,
+                             const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(frames.dim() == 3 && text.dim() == 2 && frames.size(0) == text.size(0) && frames.size(2) == text.size(1),
+              "frames must be [B, T, D] and text [B, D]");
+  TORCH_CHECK(k >= 1 && k <= frames.size(1) && frames.size(1) <= 32767, "k must be in [1, T]");
+  const auto ct = compute_type(text);
+  const int64_t B = frames.size(0), nt = frames.size(1);
+  // Cosine similarity of raw frames with the unit captions: [B, T, D] @ [B, D, 1] / |frame|
+  // (F.normalize's clamp of the norm at 1e-12).
+  const auto f = frames.to(ct);
+  auto sims = at::bmm(f, text.to(ct).unsqueeze(2)).squeeze(2).div_(at::linalg_vector_norm(f, 2, {2}).clamp_min_(1e-12)).contiguous();
+  at::Tensor mk;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == sims.sizes(), "mask must be a bool [B, T] tensor");
+    mk = mask->contiguous();
+  }
+  auto out = at::empty({B, k}, text.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(sims.scalar_type(), "select_frames", [&] {
+    const scalar_t* sp = sims.data_ptr<scalar_t>();
+    const bool* mp = mk.defined() ? mk.data_ptr<bool>() : nullptr;
+    int64_t* op = out.data_ptr<int64_t>();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<scalar_t> best(k);
+      std::vector<int16_t> bidx(k), chosen(k);
+      for (int64_t b = b0; b < b1; ++b) {
+        topk_sum<scalar_t>(sp + b * nt, mp ? mp + b * nt : nullptr, nt, k, chosen.data(), best.data(), bidx.data());
+        std::sort(chosen.begin(), chosen.end());
+        for (int64_t j = 0; j < k; ++j) op[b * k + j] = chosen[j];
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace fitclip
+
+TORCH_LIBRARY_FRAGMENT(fitclip_ext, m) {
+  m.def("topk_sim_fwd(Tensor text, Tensor frames, int k, Tensor? mask) -> (Tensor, Tensor)");
+  m.def("topk_sim_bwd(Tensor text, Tensor frames, Tensor idx, Tensor grad) -> (Tensor, Tensor)");
+  m.def("video_infonce_lse(Tensor text, Tensor frames, int k, Tensor? mask, Tensor scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "video_infonce_grad(Tensor text, Tensor frames, int k, Tensor? mask, Tensor scale, Tensor cap_lse, "
+      "Tensor vid_lse, Tensor cap_w, Tensor vid_w, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("select_frames(Tensor frames, Tensor text, int k, Tensor? mask) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fitclip_ext, CPU, m) {
+  m.impl("topk_sim_fwd", &fitclip::topk_sim_fwd_cpu);
+  m.impl("topk_sim_bwd", &fitclip::topk_sim_bwd_cpu);
+  m.impl("video_infonce_lse", &fitclip::video_infonce_lse_cpu);
+  m.impl("video_infonce_grad", &fitclip::video_infonce_grad_cpu);
+  m.impl("select_frames", &fitclip::select_frames_cpu);
+}

@@ -1,0 +1,357 @@
+"""Triton kernels of the frame ops: caption-frame cosine similarity fused with top-k selection.
+
+`_topk_sim_fwd_kernel` (grid: caption blocks x video blocks): for each frame t, one tile product
+text[c-block] @ frames[v-block, t]^T gives [BLOCK_C, BLOCK_V] similarities; a running top-k per
+(caption, video) pair lives in registers as [BLOCK_C, BLOCK_V, K_PAD] (insert by evicting the
+smallest kept value, the latest frame among equal ones, so ties keep the earlier frame). Writes
+the pooled mean [C, V] and the chosen frames [C, V, k] (int16) for the backward.
+
+Backward (no recomputation, the chosen frames are saved as bits):
+`_topk_sim_dtext_kernel` (grid: caption blocks x D chunks) accumulates, for each video block and
+frame t, W_t @ frames[v-block, t, D chunk] with W_t[c, v] = grad[c, v] / k * [t chosen for (c, v)];
+`_topk_sim_dframes_kernel` (grid: video blocks x frames x D chunks) accumulates W_t^T @ text.
+
+`_select_frames_kernel` (grid: batch blocks): cosine of each caption with its own T frames (one
+read of the frames), the same running top-k, chosen frame indices out (sorted by the launcher).
+Inputs of the similarity kernels are unit vectors (the Python layer normalises).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _topk_insert(best, best_idx, x, t, slot_ok):
+    """Inserts x [BC, BV] (frame t) into the running top-k (best, best_idx [BC, BV, KP])."""
+    cur_min = tl.min(tl.where(slot_ok, best, float("inf")), 2)
+    is_min = (best == cur_min[:, :, None]) & slot_ok
+    evict = tl.max(tl.where(is_min, best_idx, -2147483647), 2)  # the latest frame among ties
+    take = x > cur_min  # strict: an equal later frame does not displace an earlier one
+    replace = take[:, :, None] & (best_idx == evict[:, :, None]) & slot_ok
+    best = tl.where(replace, x[:, :, None], best)
+    best_idx = tl.where(replace, t, best_idx)
+    return best, best_idx
+
+
+@triton.jit
+def _topk_sim_fwd_kernel(
+    text_ptr, frames_ptr, mask_ptr, sim_ptr, bits_ptr,
+    C, V, T, D, k,
+    stride_tc, stride_td, stride_fv, stride_ft, stride_fd,
+    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr,
+    N_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_c = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    c_ok = rc < C
+    v_ok = rv < V
+    offs_k = tl.arange(0, BLOCK_K)
+    slots = tl.arange(0, K_PAD)
+    slot_ok = (slots < k)[None, None, :]
+    # Free slots start at -inf with distinct negative indices so they fill in slot order.
+    best = tl.full((BLOCK_C, BLOCK_V, K_PAD), float("-inf"), tl.float32)
+    best_idx = tl.zeros((BLOCK_C, BLOCK_V, K_PAD), tl.int32) - 1 - slots[None, None, :]
+    nan_seen = tl.zeros((BLOCK_C, BLOCK_V), tl.int32)
+    for t in range(0, T):
+        s = tl.zeros((BLOCK_C, BLOCK_V), tl.float32)
+        for d0 in range(0, D, BLOCK_K):
+            dk = d0 + offs_k
+            a = tl.load(text_ptr + rc[:, None] * stride_tc + dk[None, :] * stride_td,
+                        mask=c_ok[:, None] & (dk[None, :] < D), other=0.0)
+            b = tl.load(frames_ptr + rv[None, :] * stride_fv + t * stride_ft + dk[:, None] * stride_fd,
+                        mask=v_ok[None, :] & (dk[:, None] < D), other=0.0)
+            s = tl.dot(a, b, s, input_precision=INPUT_PRECISION)
+        if HAS_MASK:
+            real = tl.load(mask_ptr + rv * T + t, mask=v_ok, other=0).to(tl.int1)
+            s = tl.where(real[None, :], s, float("-inf"))
+        nan_seen = nan_seen | (s != s).to(tl.int32)
+        best, best_idx = _topk_insert(best, best_idx, s, t, slot_ok)
+    total = tl.sum(tl.where(slot_ok, best, 0.0), 2) / k
+    total = tl.where(nan_seen != 0, float("nan"), total)
+    out_ok = c_ok[:, None] & v_ok[None, :]
+    tl.store(sim_ptr + rc[:, None] * V + rv[None, :], total, mask=out_ok)
+    # The chosen frames as bit sets, one int32 word per 32 frames: [C, V, N_WORDS].
+    for w in tl.static_range(N_WORDS):
+        in_word = slot_ok & (best_idx >= 32 * w) & (best_idx < 32 * w + 32)
+        word = tl.sum(tl.where(in_word, 1 << (best_idx - 32 * w), 0), 2)  # distinct bits: sum == or
+        tl.store(bits_ptr + (rc[:, None] * V + rv[None, :]) * N_WORDS + w, word, mask=out_ok)
+
+
+@triton.jit
+def _topk_sim_dtext_kernel(
+    grad_ptr, bits_ptr, frames_ptr, out_ptr,
+    C, V, T, D, k,
+    stride_fv, stride_ft, stride_fd,
+    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr, N_WORDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_c = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_ok = do < D
+    acc = tl.zeros((BLOCK_C, BLOCK_DO), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        rv = v0 + tl.arange(0, BLOCK_V)
+        v_ok = rv < V
+        ok = c_ok[:, None] & v_ok[None, :]
+        g = tl.load(grad_ptr + rc[:, None] * V + rv[None, :], mask=ok, other=0.0) / k
+        pair = (rc[:, None] * V + rv[None, :]) * N_WORDS
+        for t in range(0, T):
+            word = tl.load(bits_ptr + pair + t // 32, mask=ok, other=0)
+            w = tl.where(((word >> (t % 32)) & 1) != 0, g, 0.0)
+            f = tl.load(frames_ptr + rv[:, None] * stride_fv + t * stride_ft + do[None, :] * stride_fd,
+                        mask=v_ok[:, None] & do_ok[None, :], other=0.0)
+            acc = tl.dot(w.to(f.dtype), f, acc, input_precision=INPUT_PRECISION)
+    tl.store(out_ptr + rc[:, None] * D + do[None, :], acc, mask=c_ok[:, None] & do_ok[None, :])
+
+
+@triton.jit
+def _topk_sim_dframes_kernel(
+    grad_ptr, bits_ptr, text_ptr, out_ptr,
+    C, V, T, D, k,
+    stride_tc, stride_td,
+    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr, N_WORDS: tl.constexpr,
+    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_v = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    pid_d = tl.program_id(2).to(tl.int64)
+    rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = rv < V
+    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_ok = do < D
+    acc = tl.zeros((BLOCK_V, BLOCK_DO), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        rc = c0 + tl.arange(0, BLOCK_C)
+        c_ok = rc < C
+        ok = v_ok[:, None] & c_ok[None, :]  # [BV, BC]: transposed tiles
+        g = tl.load(grad_ptr + rc[None, :] * V + rv[:, None], mask=ok, other=0.0) / k
+        word = tl.load(bits_ptr + (rc[None, :] * V + rv[:, None]) * N_WORDS + t // 32, mask=ok, other=0)
+        w = tl.where(((word >> (t % 32)) & 1) != 0, g, 0.0)
+        x = tl.load(text_ptr + rc[:, None] * stride_tc + do[None, :] * stride_td,
+                    mask=c_ok[:, None] & do_ok[None, :], other=0.0)
+        acc = tl.dot(w.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
+    out_off = (rv[:, None] * T + t) * D + do[None, :]
+    out_ok = v_ok[:, None] & do_ok[None, :]
+    if ACCUMULATE:  # one program owns each output element: a plain read-add-write
+        acc += tl.load(out_ptr + out_off, mask=out_ok, other=0.0)
+    tl.store(out_ptr + out_off, acc, mask=out_ok)
+
+
+@triton.jit
+def _select_frames_kernel(
+    frames_ptr, text_ptr, mask_ptr, idx_ptr,
+    B, T, D, k,
+    stride_fb, stride_ft, stride_fd, stride_tb, stride_td,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = rb < B
+    offs_d = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, K_PAD)
+    slot_ok = (slots < k)[None, None, :]
+    best = tl.full((BLOCK_B, 1, K_PAD), float("-inf"), tl.float32)
+    best_idx = tl.zeros((BLOCK_B, 1, K_PAD), tl.int32) - 1 - slots[None, None, :]
+    for t in range(0, T):
+        dot = tl.zeros((BLOCK_B,), tl.float32)
+        sq = tl.zeros((BLOCK_B,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            m2 = b_ok[:, None] & (dd[None, :] < D)
+            f = tl.load(frames_ptr + rb[:, None] * stride_fb + t * stride_ft + dd[None, :] * stride_fd,
+                        mask=m2, other=0.0).to(tl.float32)
+            x = tl.load(text_ptr + rb[:, None] * stride_tb + dd[None, :] * stride_td, mask=m2, other=0.0).to(tl.float32)
+            dot += tl.sum(f * x, 1)
+            sq += tl.sum(f * f, 1)
+        cos = dot / tl.maximum(tl.sqrt(sq), 1e-12)
+        if HAS_MASK:
+            real = tl.load(mask_ptr + rb * T + t, mask=b_ok, other=0).to(tl.int1)
+            cos = tl.where(real, cos, float("-inf"))
+        best, best_idx = _topk_insert(best, best_idx, cos[:, None], t, slot_ok)
+    off = rb[:, None, None] * k + slots[None, None, :]
+    tl.store(idx_ptr + off, best_idx.to(tl.int64), mask=b_ok[:, None, None] & slot_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _small() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or os.environ.get("FITCLIP_TRITON_CONFIG") == "small"
+
+
+def _precision(dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _small():
+        return "tf32"
+    return "ieee"
+
+
+def n_words(T: int) -> int:
+    return triton.cdiv(T, 32)
+
+
+def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision: str | None = None) -> dict:
+    """The running top-k holds 2 * BLOCK_C * BLOCK_V * K_PAD values per program in registers:
+    tiles shrink as k grows so it stays near 64 registers a thread (no spills, see aot)."""
+    k_pad = triton.next_power_of_2(k)
+    block_k = 64 if dtype != torch.float32 else 32
+    if _small() if small is None else small:
+        return dict(BLOCK_C=16, BLOCK_V=16, BLOCK_K=16, K_PAD=k_pad, N_WORDS=n_words(T), num_warps=1, num_stages=1)
+    fp32 = dtype == torch.float32
+    fma = fp32 and (precision or _precision(dtype)) == "ieee"  # CUDA-core dot: registers are tighter
+    if fma:
+        bc, bv, warps = (16, 16, 4) if k_pad <= 16 else (16, 16, 8)
+    elif k_pad <= 2 and fp32:
+        bc, bv, warps = 32, 16, 4
+    elif k_pad <= 2:
+        bc, bv, warps = 64, 32, 4
+    elif k_pad <= 4:
+        bc, bv, warps = 32, 32, 4
+    elif k_pad <= 8:
+        bc, bv, warps = 32, 16, 4
+    elif k_pad <= 16:
+        bc, bv, warps = 16, 16, 4
+    else:
+        bc, bv, warps = 16, 16, 8
+    return dict(BLOCK_C=bc, BLOCK_V=bv, BLOCK_K=block_k, K_PAD=k_pad, N_WORDS=n_words(T), num_warps=warps,
+                num_stages=2)
+
+
+def grad_config(dtype, T: int = 32, small: bool | None = None, precision: str | None = None) -> dict:
+    if _small() if small is None else small:
+        return dict(BLOCK_C=16, BLOCK_V=16, BLOCK_DO=16, N_WORDS=n_words(T), num_warps=1, num_stages=1)
+    if dtype == torch.float32 and (precision or _precision(dtype)) == "ieee":
+        return dict(BLOCK_C=32, BLOCK_V=32, BLOCK_DO=64, N_WORDS=n_words(T), num_warps=4, num_stages=2)
+    return dict(BLOCK_C=64, BLOCK_V=32, BLOCK_DO=128, N_WORDS=n_words(T), num_warps=8, num_stages=2)
+
+
+def select_config(D: int, k: int, small: bool | None = None) -> dict:
+    k_pad = triton.next_power_of_2(k)
+    if _small() if small is None else small:
+        return dict(BLOCK_B=16, BLOCK_D=16, K_PAD=k_pad, num_warps=1, num_stages=1)
+    return dict(BLOCK_B=32, BLOCK_D=min(128, triton.next_power_of_2(D)), K_PAD=k_pad, num_warps=4, num_stages=2)
+
+
+def _mask_arg(mask, fallback):
+    return (mask.to(torch.int8).contiguous(), True) if mask is not None else (fallback, False)
+
+
+def topk_sim(text_n, frames_n, k, mask):
+    """(sim [C, V] float32, chosen frames as bit sets [C, V, ceil(T / 32)] int32)."""
+    C, D = text_n.shape
+    V, T, _ = frames_n.shape
+    cfg = sim_config(text_n.dtype, k, T, precision=_precision(text_n.dtype))
+    sim = torch.empty((C, V), device=text_n.device, dtype=torch.float32)
+    bits = torch.empty((C, V, cfg["N_WORDS"]), device=text_n.device, dtype=torch.int32)
+    m, has_mask = _mask_arg(mask, sim)
+    grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(V, cfg["BLOCK_V"]))
+    _topk_sim_fwd_kernel[grid](
+        text_n, frames_n, m, sim, bits, C, V, T, D, k,
+        text_n.stride(0), text_n.stride(1), frames_n.stride(0), frames_n.stride(1), frames_n.stride(2),
+        HAS_MASK=has_mask, INPUT_PRECISION=_precision(text_n.dtype), **cfg,
+    )
+    return sim, bits
+
+
+def topk_sim_bwd(text_n, frames_n, bits, grad, k, dframes_acc=None):
+    """(d text_n [C, D], d frames_n [V, T, D]) in float32 from grad = dLoss/dsim [C, V]; with
+    dframes_acc the frames' gradient is added into that float32 [V, T, D] buffer (and returned)."""
+    C, D = text_n.shape
+    V, T, _ = frames_n.shape
+    grad = grad.float().contiguous()
+    prec = _precision(text_n.dtype)
+    cfg = grad_config(text_n.dtype, T, precision=prec)
+    dtext = torch.empty((C, D), device=text_n.device, dtype=torch.float32)
+    accumulate = dframes_acc is not None
+    dframes = dframes_acc if accumulate else torch.empty((V, T, D), device=text_n.device, dtype=torch.float32)
+    n_d = triton.cdiv(D, cfg["BLOCK_DO"])
+    _topk_sim_dtext_kernel[(triton.cdiv(C, cfg["BLOCK_C"]), n_d)](
+        grad, bits, frames_n, dtext, C, V, T, D, k,
+        frames_n.stride(0), frames_n.stride(1), frames_n.stride(2), INPUT_PRECISION=prec, **cfg,
+    )
+    _topk_sim_dframes_kernel[(triton.cdiv(V, cfg["BLOCK_V"]), T, n_d)](
+        grad, bits, text_n, dframes, C, V, T, D, k,
+        text_n.stride(0), text_n.stride(1), ACCUMULATE=accumulate, INPUT_PRECISION=prec, **cfg,
+    )
+    return dtext, dframes
+
+
+def select(frames, text_n, k, mask):
+    """Chosen frames [B, k] int64, ascending time order."""
+    B, T, D = frames.shape
+    idx = torch.empty((B, k), device=frames.device, dtype=torch.int64)
+    m, has_mask = _mask_arg(mask, idx)
+    cfg = select_config(D, k)
+    _select_frames_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
+        frames, text_n, m, idx, B, T, D, k,
+        frames.stride(0), frames.stride(1), frames.stride(2), text_n.stride(0), text_n.stride(1),
+        HAS_MASK=has_mask, **cfg,
+    )
+    return idx.sort(dim=1).values
+
+
+# ----------------------------------------------------------------------------- video InfoNCE
+# The chunked loss over caption blocks: each block's pooled similarities [rows, B] come from the
+# fused top-k kernel and live only for that block; the per-caption log-sum-exp is exact within
+# the block, the per-video one merges across blocks online. Neither B x B nor B x B x T is stored.
+
+def _video_block_rows(B: int) -> int:
+    return max(1, min(B, (1 << 24) // max(B, 1)))  # 64 MB of float32 similarities per block
+
+
+def video_lse(text_n, frames_n, k, mask, scale):
+    """(caption_lse, video_lse, caption_sum, video_sum, diag) of L = scale * sim, float32."""
+    B = text_n.shape[0]
+    dev = text_n.device
+    s = scale.detach().to(device=dev, dtype=torch.float32)
+    cap_lse = torch.empty(B, device=dev)
+    cap_sum = torch.empty(B, device=dev)
+    diag = torch.empty(B, device=dev)
+    vid_max = torch.full((B,), float("-inf"), device=dev)
+    vid_sumexp = torch.zeros(B, device=dev)
+    vid_sum = torch.zeros(B, device=dev)
+    rows = _video_block_rows(B)
+    for r0 in range(0, B, rows):
+        r1 = min(B, r0 + rows)
+        sim, _ = topk_sim(text_n[r0:r1], frames_n, k, mask)
+        logits = s * sim
+        cap_lse[r0:r1] = torch.logsumexp(logits, 1)
+        cap_sum[r0:r1] = sim.sum(1)
+        diag[r0:r1] = sim.diagonal(offset=r0)
+        new_max = torch.maximum(vid_max, logits.max(0).values)
+        rescale = torch.where(vid_max == float("-inf"), 0.0, torch.exp(vid_max - new_max))
+        vid_sumexp = vid_sumexp * rescale + torch.exp(logits - new_max).sum(0)
+        vid_max = new_max
+        vid_sum += sim.sum(0)
+    return cap_lse, vid_max + torch.log(vid_sumexp), cap_sum, vid_sum, diag
+
+
+def video_grad(text_n, frames_n, k, mask, scale, cap_lse, vid_lse, cap_w, vid_w, eps):
+    """(d text_n, d frames_n, d scale) of sum_c w_c CE_caption_c + sum_v u_v CE_video_v."""
+    B = text_n.shape[0]
+    dev = text_n.device
+    s = scale.detach().to(device=dev, dtype=torch.float32)
+    cap_w, vid_w = cap_w.float(), vid_w.float()
+    dtext = torch.empty((B, text_n.shape[1]), device=dev, dtype=torch.float32)
+    dframes = torch.zeros(frames_n.shape, device=dev, dtype=torch.float32)
+    ds = torch.zeros((), device=dev, dtype=torch.float32)
+    rows = _video_block_rows(B)
+    for r0 in range(0, B, rows):
+        r1 = min(B, r0 + rows)
+        sim, bits = topk_sim(text_n[r0:r1], frames_n, k, mask)
+        logits = s * sim
+        positive = torch.zeros_like(sim)
+        positive.diagonal(offset=r0).fill_(1.0 - eps)
+        g = cap_w[r0:r1, None] * (torch.exp(logits - cap_lse[r0:r1, None]) - positive - eps / B)
+        g += vid_w[None, :] * (torch.exp(logits - vid_lse[None, :]) - positive - eps / B)
+        ds += (g * sim).sum()
+        dt, _ = topk_sim_bwd(text_n[r0:r1], frames_n, bits, s * g, k, dframes_acc=dframes)
+        dtext[r0:r1] = dt
+    return dtext, dframes, ds

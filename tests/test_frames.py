@@ -1,0 +1,194 @@
+"""select_frames, gather_frames, topk_frame_similarity and video_contrastive_loss against float64
+truth: indices exactly, values and gradients within the tolerance rule, on every backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fitclip_ext
+from fitclip_ext.reference import (select_frames_reference, topk_frame_similarity_reference,
+                                   video_contrastive_loss_reference)
+
+from ._numerics import assert_within_rule, rel_err
+
+T_VALUES = [1, 3, 7, 12, 16, 33]
+
+
+def _k_values(t):
+    return sorted({1, min(2, t), t})
+
+
+def _cases(sizes, dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16)):
+    """(backend, dtype, size, T, k): every case on the C++ backend; the Triton backend on CUDA,
+    or through the interpreter for small sizes in float32/float16 (its bf16 dot is wrong, see
+    tests/test_contrastive.py)."""
+    out = []
+    for dtype in dtypes:
+        for size in sizes:
+            for t in T_VALUES:
+                for k in _k_values(t):
+                    out.append(pytest.param("cpp", dtype, size, t, k, id=f"cpp-{dtype}-{size}-T{t}-k{k}"))
+                    gpu = torch.cuda.is_available()
+                    if dtype == torch.float64 or (dtype == torch.bfloat16 and not gpu):
+                        continue
+                    if gpu or (max(size) <= 40 and t <= 16):
+                        out.append(pytest.param("triton", dtype, size, t, k, id=f"triton-{dtype}-{size}-T{t}-k{k}"))
+    return out
+
+
+def _device(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _rand(shape, dtype, seed, dev):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(dev)
+
+
+def _random_mask(v, t, k, seed, dev):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(v, t, generator=g) < 0.7
+    for i in range(v):  # keep at least k real frames
+        if mask[i].sum() < k:
+            mask[i, torch.randperm(t, generator=g)[:k]] = True
+    return mask.to(dev)
+
+
+def _grads(fn, inputs, weight_seed=0):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    g = torch.Generator().manual_seed(weight_seed)
+    w = torch.rand(out.shape, generator=g, dtype=torch.float64).to(out.dtype).to(out.device)
+    return out, torch.autograd.grad((out * w).sum(), leaves)
+
+
+@pytest.mark.parametrize("backend,dtype,size,t,k", _cases([(5, 9), (16, 16), (37, 20)],
+                                                         (torch.float64, torch.float32, torch.float16)))
+@pytest.mark.parametrize("masked", [False, True])
+def test_topk_frame_similarity(backend, dtype, size, t, k, masked):
+    c, v = size
+    dev = _device(backend)
+    d = 24
+    text, frames = _rand((c, d), dtype, 1, dev), _rand((v, t, d), dtype, 2, dev)
+    mask = _random_mask(v, t, k, 3, dev) if masked else None
+    out, grads = _grads(lambda a, b: fitclip_ext.topk_frame_similarity(a, b, k, mask=mask, backend=backend), [text, frames])
+    naive, ngrads = _grads(lambda a, b: topk_frame_similarity_reference(a, b, k, mask=mask), [text, frames])
+    truth, tgrads = _grads(lambda a, b: topk_frame_similarity_reference(a, b, k, mask=mask, upcast=True), [text, frames])
+    assert out.shape == (c, v) and out.dtype == dtype
+    assert_within_rule("sim", out, naive, truth, dtype)
+    for name, g_, ng, tg in zip(["d_text", "d_frames"], grads, ngrads, tgrads):
+        assert_within_rule(name, g_, ng, tg, dtype)
+
+
+def test_topk_frame_similarity_k_equals_t_is_mean_pooling():
+    text, frames = _rand((6, 8), torch.float64, 4, "cpu"), _rand((5, 4, 8), torch.float64, 5, "cpu")
+    out = fitclip_ext.topk_frame_similarity(text, frames, 4, backend="cpp")
+    tn = torch.nn.functional.normalize(text, dim=-1)
+    fn = torch.nn.functional.normalize(frames, dim=-1)
+    mean_pooled = torch.einsum("cd,vtd->cvt", tn, fn).mean(-1)
+    torch.testing.assert_close(out, mean_pooled, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,dtype,size,t,k", _cases([(1,), (6,), (33,)], (torch.float64, torch.float32, torch.float16)))
+@pytest.mark.parametrize("masked", [False, True])
+def test_select_frames(backend, dtype, size, t, k, masked):
+    (b,) = size
+    dev = _device(backend)
+    frames, text = _rand((b, t, 16), dtype, 6, dev), _rand((b, 16), dtype, 7, dev)
+    mask = _random_mask(b, t, k, 8, dev) if masked else None
+    idx, scores = fitclip_ext.select_frames(frames, text, k, mask=mask, backend=backend)
+    ref_idx, ref_scores = select_frames_reference(frames, text, k, mask=mask, upcast=True)
+    assert idx.dtype == torch.int64 and idx.shape == (b, k)
+    assert torch.equal(idx.cpu(), ref_idx.cpu()), f"first mismatch rows: {(idx.cpu() != ref_idx.cpu()).any(1).nonzero()[:5].tolist()}"
+    assert (idx.diff(dim=1) > 0).all()  # ascending time order
+    assert rel_err(scores, ref_scores) < {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_select_frames_ties_go_to_the_earlier_frame(backend):
+    frames = torch.zeros(2, 6, 4)
+    frames[:, :, 0] = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, 1.0])  # equal cosine 1.0 everywhere ...
+    frames[:, :, 1] = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])  # ... except frames 0, 3, 5
+    text = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2)
+    dev = _device(backend)
+    idx, _ = fitclip_ext.select_frames(frames.to(dev), text.to(dev), 2, backend=backend)
+    assert idx.tolist() == [[1, 2], [1, 2]]
+
+
+def test_gather_frames_uint8_and_features():
+    video = torch.randint(0, 255, (3, 8, 3, 4, 4), dtype=torch.uint8)
+    idx = torch.tensor([[0, 5], [2, 3], [7, 7]])
+    out = fitclip_ext.gather_frames(video, idx)
+    assert out.shape == (3, 2, 3, 4, 4) and out.dtype == torch.uint8
+    assert torch.equal(out[1, 0], video[1, 2]) and torch.equal(out[2, 1], video[2, 7])
+    feats = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f: fitclip_ext.gather_frames(f, idx), (feats,))
+
+
+def test_select_frames_scores_have_gradients():
+    frames = torch.randn(4, 6, 8, dtype=torch.float64, requires_grad=True)
+    text = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    idx, scores = fitclip_ext.select_frames(frames, text, 3, backend="cpp")
+    _, ref = select_frames_reference(frames, text, 3)
+    g = torch.autograd.grad(scores.sum(), (frames, text))
+    rg = torch.autograd.grad(ref.sum(), (frames, text))
+    for a, b in zip(g, rg):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,dtype,size,t,k", _cases([(1,), (8,), (29,)], (torch.float64, torch.float32, torch.float16)))
+@pytest.mark.parametrize("reduction,eps,masked", [("mean", 0.0, False), ("none", 0.1, True), ("sum", 0.2, False)])
+def test_video_contrastive_loss(backend, dtype, size, t, k, reduction, eps, masked):
+    (b,) = size
+    dev = _device(backend)
+    frames, text = _rand((b, t, 20), dtype, 9, dev), _rand((b, 20), dtype, 10, dev)
+    mask = _random_mask(b, t, k, 11, dev) if masked else None
+    scale = torch.tensor(30.0, dtype=torch.float64, device=dev)
+    kw = dict(k=k, mask=mask, label_smoothing=eps, reduction=reduction)
+    out, grads = _grads(lambda f, x, s: fitclip_ext.video_contrastive_loss(f, x, s, backend=backend, **kw), [frames, text, scale])
+    naive, ngrads = _grads(lambda f, x, s: video_contrastive_loss_reference(f, x, s.to(dtype), **kw), [frames, text, scale])
+    truth, tgrads = _grads(lambda f, x, s: video_contrastive_loss_reference(f, x, s, upcast=True, **kw), [frames, text, scale])
+    assert out.dtype == dtype
+    assert_within_rule("loss", out, naive, truth, dtype)
+    for name, g_, ng, tg in zip(["d_frames", "d_text", "d_scale"], grads, ngrads, tgrads):
+        assert_within_rule(name, g_, ng, tg, dtype)
+
+
+def test_video_contrastive_loss_gradcheck():
+    frames = _rand((4, 5, 3), torch.float64, 12, "cpu").requires_grad_()
+    text = _rand((4, 3), torch.float64, 13, "cpu").requires_grad_()
+    scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda f, x, s: fitclip_ext.video_contrastive_loss(f, x, s, k=2, label_smoothing=0.1, reduction="none", backend="cpp"),
+        (frames, text, scale))
+    assert torch.autograd.gradcheck(lambda x, f: fitclip_ext.topk_frame_similarity(x, f, 3, backend="cpp"), (text, frames))
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: fitclip_ext.select_frames(torch.randn(2, 4, 8), torch.randn(2, 8), 5), ValueError, r"k must be in \[1, T\] = \[1, 4\], got 5"),
+        (lambda: fitclip_ext.select_frames(torch.randn(2, 4, 8), torch.randn(2, 8), 0), ValueError, r"k must be in"),
+        (lambda: fitclip_ext.select_frames(torch.randn(2, 4, 8), torch.randn(2, 8), 2.0), TypeError, r"k must be an int"),
+        (lambda: fitclip_ext.select_frames(torch.randn(2, 4, 8), torch.randn(3, 8), 2), ValueError, r"same batch size B"),
+        (lambda: fitclip_ext.select_frames(torch.randn(2, 8), torch.randn(2, 8), 1), ValueError, r"frame_features must be 3-D"),
+        (lambda: fitclip_ext.select_frames(torch.randn(2, 4, 8), torch.randn(2, 7), 1), ValueError, r"same feature size D"),
+        (lambda: fitclip_ext.select_frames(torch.randn(2, 4, 8), torch.randn(2, 8), 2,
+                                           mask=torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)),
+         ValueError, r"mask leaves video 1 with 1 real frames, fewer than k=2"),
+        (lambda: fitclip_ext.select_frames(torch.randn(2, 4, 8), torch.randn(2, 8), 2, mask=torch.ones(2, 4)),
+         TypeError, r"mask must be a bool tensor"),
+        (lambda: fitclip_ext.select_frames(torch.randn(2, 4, 8), torch.randn(2, 8), 2, mask=torch.ones(2, 3, dtype=torch.bool)),
+         ValueError, r"mask must have shape \[videos, T\] = \[2, 4\]"),
+        (lambda: fitclip_ext.topk_frame_similarity(torch.randn(3, 8), torch.randint(0, 5, (2, 4, 8)), 1), TypeError, r"frame_features must be float32"),
+        (lambda: fitclip_ext.topk_frame_similarity(torch.randn(3, 8), torch.randn(2, 4, 8).double(), 1), TypeError, r"same dtype"),
+        (lambda: fitclip_ext.video_contrastive_loss(torch.randn(2, 4, 8), torch.randn(2, 8), float("nan"), k=1), ValueError, r"logit_scale must be finite"),
+        (lambda: fitclip_ext.video_contrastive_loss(torch.randn(2, 4, 8), torch.randn(2, 8), 1.0, k=1, reduction="max"), ValueError, r"reduction must be one of"),
+        (lambda: fitclip_ext.gather_frames(torch.randn(2, 4, 8), torch.tensor([[0, 4], [1, 2]])), ValueError, r"indices must be in \[0, T\) = \[0, 4\)"),
+        (lambda: fitclip_ext.gather_frames(torch.randn(2, 4, 8), torch.tensor([[0.0, 1.0], [1.0, 2.0]])), TypeError, r"indices must be int64"),
+        (lambda: fitclip_ext.gather_frames(torch.randn(2, 4, 8), torch.tensor([[0, 1]])), ValueError, r"batch size 2 rows"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
