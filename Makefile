@@ -2,6 +2,7 @@
 #   make test   - create .venv, install pins + FFmpeg, build the C++ extension, run the test suite
 #   make bench  - the CPU benchmarks (pytest-benchmark), results under benchmarks/results/
 #   make aot    - compile every shipped Triton kernel for sm_80/sm_90 without a GPU
+#   make gpu-check - on a CUDA machine: the GPU correctness check and benchmarks
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +15,7 @@ DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-be
         "safetensors" "matplotlib"
 PYTEST_ARGS ?=
 
-.PHONY: setup deps ffmpeg build test bench aot clean
+.PHONY: setup deps ffmpeg build test bench aot gpu-check clean
 
 setup: $(VENV)/.deps-stamp ffmpeg build
 
@@ -44,10 +45,15 @@ test: setup
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m pytest benchmarks -q $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks -q -s $(PYTEST_ARGS)
+	$(PY) -m benchmarks.report > /dev/null && echo "tables: benchmarks/README.md"
 
 aot: setup
-	$(PY) -m fitclip_ext.kernels.aot
+	env -u TRITON_INTERPRET $(PY) -m fitclip_ext.kernels.aot
+
+# On a CUDA machine: Triton kernels vs float64 on the GPU, then the GPU benchmarks.
+gpu-check:
+	PYTHON=$(PY) benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info fitclip_ext/_C*.so

@@ -3,8 +3,8 @@
 // Inputs are already L2-normalised (the Python layer normalises with autograd). For a block of
 // captions, one GEMM gives the similarities to every frame of every video ([rows, V*T], the
 // block only), a top-k per (caption, video) reduces them to [rows, V] and remembers the chosen
-// frames (int16). The backward scatters the pooled gradient onto the chosen frames of a block
-// (W [rows, V*T], k nonzeros per T) and applies it with two GEMMs. The video InfoNCE runs the
+// frames (int16). The backward applies the pooled gradient to the chosen frames only (sparse,
+// k/T of the dense FLOPs, cache-blocked). The video InfoNCE runs the
 // chunked loss of infonce.cpp over these pooled similarities, so neither C x V x T nor the
 // B x B logits are stored.
 #include <ATen/Parallel.h>
@@ -58,36 +58,143 @@ T topk_sum(const T* x, const bool* mask, int64_t nt, int64_t k, int16_t* idx, T*
   return nan ? std::numeric_limits<T>::quiet_NaN() : sum;
 }
 
-// sims [rows, V*T] -> out[r * ld_out + v] = mean of the top k of video v; idx [rows, V, k].
+// Top-k pooling of one row of similarities laid out time-major (sims[t * V + v]) for videos
+// [v0, v0 + L): the L videos are SIMD lanes and each frame goes through a branch-free insertion
+// network of k compare-and-swap steps (strict >, so an equal later frame never displaces an
+// earlier one). best/bidx: scratch of k * L.
+constexpr int64_t kLanes = 16;
+
 template <typename T>
-void topk_pool_tile(const T* sims, int64_t rows, int64_t V, int64_t nt, int64_t k, const bool* mask,
+FITCLIP_INLINE void topk_lanes(const T* sims, int64_t V, int64_t v0, int64_t nl, int64_t nt, int64_t k,
+                               const bool* mask_tm, T* best, int32_t* bidx, T* out, int16_t* idx_out) {
+  constexpr int64_t L = kLanes;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < k * L; ++i) {
+    best[i] = ninf;
+    bidx[i] = -1;
+  }
+  int32_t nan[L] = {0};
+  for (int64_t t = 0; t < nt; ++t) {
+    T xv[L];
+    int32_t xi[L];
+    const T* x = sims + t * V + v0;
+    for (int64_t l = 0; l < L; ++l) {
+      T val = l < nl ? x[l < nl ? l : 0] : ninf;
+      if (mask_tm) val = (l < nl && mask_tm[t * V + v0 + (l < nl ? l : 0)]) ? val : ninf;
+      nan[l] |= val != val;
+      xv[l] = val;
+      xi[l] = static_cast<int32_t>(t);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      T* bj = best + j * L;
+      int32_t* ij = bidx + j * L;
+      for (int64_t l = 0; l < L; ++l) {
+        const bool sw = xv[l] > bj[l];
+        const T b = bj[l];
+        const int32_t bi = ij[l];
+        bj[l] = sw ? xv[l] : b;
+        ij[l] = sw ? xi[l] : bi;
+        xv[l] = sw ? b : xv[l];
+        xi[l] = sw ? bi : xi[l];
+      }
+    }
+  }
+  for (int64_t l = 0; l < nl; ++l) {
+    T sum = 0;
+    for (int64_t j = 0; j < k; ++j) sum += best[j * L + l];
+    out[l] = nan[l] ? std::numeric_limits<T>::quiet_NaN() : sum / static_cast<T>(k);
+    if (idx_out)
+      for (int64_t j = 0; j < k; ++j) idx_out[l * k + j] = static_cast<int16_t>(bidx[j * L + l]);
+  }
+}
+
+static FITCLIP_CLONES void topk_lanes_f(const float* sims, int64_t V, int64_t v0, int64_t nl, int64_t nt,
+                                        int64_t k, const bool* mask_tm, float* best, int32_t* bidx, float* out,
+                                        int16_t* idx_out) {
+  topk_lanes<float>(sims, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
+}
+template <typename T>
+inline void topk_lanes_any(const T* sims, int64_t V, int64_t v0, int64_t nl, int64_t nt, int64_t k,
+                           const bool* mask_tm, T* best, int32_t* bidx, T* out, int16_t* idx_out) {
+  topk_lanes<T>(sims, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
+}
+template <>
+inline void topk_lanes_any<float>(const float* sims, int64_t V, int64_t v0, int64_t nl, int64_t nt, int64_t k,
+                                  const bool* mask_tm, float* best, int32_t* bidx, float* out, int16_t* idx_out) {
+  topk_lanes_f(sims, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
+}
+
+// sims [rows, T*V] (time-major) -> out[r * ld_out + v] = mean of the top k of video v; the
+// chosen frames go to idx [rows, V, k] when given.
+template <typename T>
+void topk_pool_tile(const T* sims, int64_t rows, int64_t V, int64_t nt, int64_t k, const bool* mask_tm,
                     T* out, int64_t ld_out, int16_t* idx) {
   at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> best(k);
-    std::vector<int16_t> bidx(k);
+    std::vector<T> best(k * kLanes);
+    std::vector<int32_t> bidx(k * kLanes);
     for (int64_t r = b; r < e; ++r) {
-      const T* row = sims + r * V * nt;
-      for (int64_t v = 0; v < V; ++v) {
-        const T s = topk_sum<T>(row + v * nt, mask ? mask + v * nt : nullptr, nt, k,
-                                idx ? idx + (r * V + v) * k : nullptr, best.data(), bidx.data());
-        out[r * ld_out + v] = s / static_cast<T>(k);
+      for (int64_t v0 = 0; v0 < V; v0 += kLanes) {
+        const int64_t nl = std::min(kLanes, V - v0);
+        topk_lanes_any<T>(sims + r * nt * V, V, v0, nl, nt, k, mask_tm, best.data(), bidx.data(),
+                          out + r * ld_out + v0, idx ? idx + (r * V + v0) * k : nullptr);
       }
     }
   });
 }
 
-// W [rows, V*T] <- 0, then W[r, v*T + idx[r, v, j]] += grad[r, v] / k.
+// y[0..n) += a * x[0..n), vectorised (AVX-512/AVX2 clones for float).
 template <typename T>
-void scatter_pooled_grad(const T* grad, int64_t ld_grad, const int16_t* idx, int64_t rows, int64_t V,
-                         int64_t nt, int64_t k, T* W) {
-  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      T* w = W + r * V * nt;
-      std::fill(w, w + V * nt, T(0));
+FITCLIP_INLINE void axpy(int64_t n, T a, const T* x, T* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+static FITCLIP_CLONES void axpy_f(int64_t n, float a, const float* x, float* y) { axpy<float>(n, a, x, y); }
+template <typename T>
+inline void axpy_any(int64_t n, T a, const T* x, T* y) { axpy<T>(n, a, x, y); }
+template <>
+inline void axpy_any<float>(int64_t n, float a, const float* x, float* y) { axpy_f(n, a, x, y); }
+
+// The backward only touches the k chosen of every T frames, so it runs sparse: k/T of the
+// dense GEMMs' FLOPs, in blocks whose accumulators stay in L2 while the other operand streams.
+// dtext[c] = sum_v grad[c, v] / k * sum_j frames[v, idx[c, v, j]]   (frames video-major)
+template <typename T>
+void sparse_dtext(const T* grad, const int16_t* idx, const T* frames, int64_t C, int64_t V, int64_t nt,
+                  int64_t D, int64_t k, T* dtext) {
+  constexpr int64_t kCaptions = 32;  // 32 rows of D accumulators; video v's T x D frames stay hot
+  const int64_t nblocks = (C + kCaptions - 1) / kCaptions;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * kCaptions, c1 = std::min(C, c0 + kCaptions);
+      std::fill(dtext + c0 * D, dtext + c1 * D, T(0));
       for (int64_t v = 0; v < V; ++v) {
-        const T g = grad[r * ld_grad + v] / static_cast<T>(k);
-        const int16_t* id = idx + (r * V + v) * k;
-        for (int64_t j = 0; j < k; ++j) w[v * nt + id[j]] += g;
+        const T* fv = frames + v * nt * D;
+        for (int64_t c = c0; c < c1; ++c) {
+          const T w = grad[c * V + v] / static_cast<T>(k);
+          if (w == T(0)) continue;
+          const int16_t* id = idx + (c * V + v) * k;
+          for (int64_t j = 0; j < k; ++j) axpy_any<T>(D, w, fv + id[j] * D, dtext + c * D);
+        }
+      }
+    }
+  });
+}
+
+// dframes[v, idx[c, v, j]] += grad[c, v] / k * text[c]   (accumulates; video-major)
+template <typename T>
+void sparse_dframes(const T* grad, const int16_t* idx, const T* text, int64_t C, int64_t V, int64_t nt,
+                    int64_t D, int64_t k, T* dframes) {
+  constexpr int64_t kVideos = 8;  // 8 videos' T x D gradients stay in L2 while captions stream
+  const int64_t nblocks = (V + kVideos - 1) / kVideos;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t v0 = b * kVideos, v1 = std::min(V, v0 + kVideos);
+      for (int64_t c = 0; c < C; ++c) {
+        const T* tc = text + c * D;
+        for (int64_t v = v0; v < v1; ++v) {
+          const T w = grad[c * V + v] / static_cast<T>(k);
+          if (w == T(0)) continue;
+          const int16_t* id = idx + (c * V + v) * k;
+          for (int64_t j = 0; j < k; ++j) axpy_any<T>(D, w, tc, dframes + (v * nt + id[j]) * D);
+        }
       }
     }
   });
@@ -98,8 +205,11 @@ at::ScalarType compute_type(const at::Tensor& t) {
 }
 
 struct FrameInputs {
-  at::Tensor text, frames_flat, mask;
+  // frames_tm: [T * V, D], row t * V + v is frame t of video v (time-major: the similarity
+  // block then holds each frame's V videos contiguously, the top-k's SIMD lanes).
+  at::Tensor text, frames, frames_tm, mask_tm;  // frames: [V, T, D] contiguous (video-major)
   int64_t C, V, nt, D;
+  int64_t row(int64_t v, int64_t t) const { return t * V + v; }
 };
 
 FrameInputs prepare(const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask) {
@@ -115,11 +225,12 @@ FrameInputs prepare(const at::Tensor& text, const at::Tensor& frames, int64_t k,
   in.nt = frames.size(1);
   in.D = frames.size(2);
   in.text = text.to(ct).contiguous();
-  in.frames_flat = frames.to(ct).contiguous().view({in.V * in.nt, in.D});
+  in.frames = frames.to(ct).contiguous();
+  in.frames_tm = in.frames.transpose(0, 1).contiguous().view({in.nt * in.V, in.D});
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == in.V && mask->size(1) == in.nt,
                 "mask must be a bool [V, T] tensor");
-    in.mask = mask->contiguous();
+    in.mask_tm = mask->t().contiguous();
   }
   return in;
 }
@@ -129,11 +240,11 @@ void topk_sim_fwd_impl(const FrameInputs& in, int64_t k, at::Tensor& sim, at::Te
   const int64_t cols = in.V * in.nt;
   const int64_t bc = frame_block_rows(in.C, cols);
   auto S = at::empty({bc, cols}, in.text.options());
-  const bool* mk = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
+  const bool* mk = in.mask_tm.defined() ? in.mask_tm.data_ptr<bool>() : nullptr;
   for (int64_t r0 = 0; r0 < in.C; r0 += bc) {
     const int64_t rows = std::min(bc, in.C - r0);
     auto Sb = S.narrow(0, 0, rows);
-    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_flat.t());
+    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_tm.t());
     topk_pool_tile<T>(Sb.data_ptr<T>(), rows, in.V, in.nt, k, mk, sim.data_ptr<T>() + r0 * in.V, in.V,
                       idx.data_ptr<int16_t>() + r0 * in.V * k);
   }
@@ -142,18 +253,10 @@ void topk_sim_fwd_impl(const FrameInputs& in, int64_t k, at::Tensor& sim, at::Te
 template <typename T>
 void topk_sim_bwd_impl(const FrameInputs& in, int64_t k, const at::Tensor& idx, const at::Tensor& grad,
                        at::Tensor& dtext, at::Tensor& dframes_flat) {
-  const int64_t cols = in.V * in.nt;
-  const int64_t bc = frame_block_rows(in.C, cols);
-  auto W = at::empty({bc, cols}, in.text.options());
-  for (int64_t r0 = 0; r0 < in.C; r0 += bc) {
-    const int64_t rows = std::min(bc, in.C - r0);
-    auto Wb = W.narrow(0, 0, rows);
-    scatter_pooled_grad<T>(grad.data_ptr<T>() + r0 * in.V, in.V, idx.data_ptr<int16_t>() + r0 * in.V * k, rows,
-                           in.V, in.nt, k, Wb.data_ptr<T>());
-    auto dtb = dtext.narrow(0, r0, rows);
-    at::mm_out(dtb, Wb, in.frames_flat);
-    dframes_flat.addmm_(Wb.t(), in.text.narrow(0, r0, rows));
-  }
+  const T* f = in.frames.data_ptr<T>();
+  sparse_dtext<T>(grad.data_ptr<T>(), idx.data_ptr<int16_t>(), f, in.C, in.V, in.nt, in.D, k, dtext.data_ptr<T>());
+  sparse_dframes<T>(grad.data_ptr<T>(), idx.data_ptr<int16_t>(), in.text.data_ptr<T>(), in.C, in.V, in.nt, in.D, k,
+                    dframes_flat.data_ptr<T>());
 }
 
 // Video InfoNCE over L[c, v] = scale * sim[c, v] (rows: captions, columns: videos, C == V).
@@ -166,7 +269,7 @@ void video_lse_impl(const FrameInputs& in, int64_t k, T scale, at::Tensor& cap_l
   auto P = at::empty({bc, V}, in.text.options());
   at::Tensor vid_max_run = at::full({V}, -std::numeric_limits<T>::infinity(), in.text.options());
   auto vid_sumexp_run = at::zeros({V}, in.text.options());
-  const bool* mk = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
+  const bool* mk = in.mask_tm.defined() ? in.mask_tm.data_ptr<bool>() : nullptr;
   T* cl = cap_lse.data_ptr<T>();
   T* cs = cap_sum.data_ptr<T>();
   T* dg = diag.data_ptr<T>();
@@ -176,7 +279,7 @@ void video_lse_impl(const FrameInputs& in, int64_t k, T scale, at::Tensor& cap_l
   for (int64_t r0 = 0; r0 < B; r0 += bc) {
     const int64_t rows = std::min(bc, B - r0);
     auto Sb = S.narrow(0, 0, rows);
-    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_flat.t());
+    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_tm.t());
     T* p = P.data_ptr<T>();
     topk_pool_tile<T>(Sb.data_ptr<T>(), rows, V, in.nt, k, mk, p, V, nullptr);
     at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
@@ -212,7 +315,7 @@ T video_grad_impl(const FrameInputs& in, int64_t k, T scale, const at::Tensor& c
   auto S = at::empty({bc, cols}, in.text.options());
   auto P = at::empty({bc, V}, in.text.options());
   auto idx = at::empty({bc, V, k}, in.text.options().dtype(at::kShort));
-  const bool* mk = in.mask.defined() ? in.mask.data_ptr<bool>() : nullptr;
+  const bool* mk = in.mask_tm.defined() ? in.mask_tm.data_ptr<bool>() : nullptr;
   const T* cl = cap_lse.data_ptr<T>();
   const T* vl = vid_lse.data_ptr<T>();
   const T* cw = cap_w.data_ptr<T>();
@@ -222,7 +325,7 @@ T video_grad_impl(const FrameInputs& in, int64_t k, T scale, const at::Tensor& c
   for (int64_t r0 = 0; r0 < B; r0 += bc) {
     const int64_t rows = std::min(bc, B - r0);
     auto Sb = S.narrow(0, 0, rows);
-    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_flat.t());
+    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_tm.t());
     T* p = P.data_ptr<T>();
     int16_t* id = idx.data_ptr<int16_t>();
     topk_pool_tile<T>(Sb.data_ptr<T>(), rows, V, nt, k, mk, p, V, id);
@@ -242,11 +345,8 @@ T video_grad_impl(const FrameInputs& in, int64_t k, T scale, const at::Tensor& c
         ds_rows[c] = acc;
       }
     });
-    auto Wb = Sb;  // reuse the similarity block as the scatter target
-    scatter_pooled_grad<T>(p, V, id, rows, V, nt, k, Wb.data_ptr<T>());
-    auto dtb = dtext.narrow(0, r0, rows);
-    at::mm_out(dtb, Wb, in.frames_flat);
-    dframes_flat.addmm_(Wb.t(), in.text.narrow(0, r0, rows));
+    sparse_dtext<T>(p, id, in.frames.data_ptr<T>(), rows, V, nt, in.D, k, dtext.data_ptr<T>() + r0 * in.D);
+    sparse_dframes<T>(p, id, in.text.data_ptr<T>() + r0 * in.D, rows, V, nt, in.D, k, dframes_flat.data_ptr<T>());
   }
   T ds = 0;
   for (T v : ds_rows) ds += v;
@@ -273,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_bwd_cpu(const at::Tensor& text, cons
   auto g = grad.to(in.text.scalar_type()).contiguous();
   TORCH_CHECK(g.size(0) == in.C && g.size(1) == in.V, "grad must be [C, V]");
   auto dtext = at::empty_like(in.text);
-  auto dframes = at::zeros_like(in.frames_flat);
+  auto dframes = at::zeros({in.V * in.nt, in.D}, in.text.options());
   auto id = idx.contiguous();
   if (in.text.scalar_type() == at::kDouble) topk_sim_bwd_impl<double>(in, k, id, g, dtext, dframes);
   else topk_sim_bwd_impl<float>(in, k, id, g, dtext, dframes);
@@ -303,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> video_infonce_grad_cpu(
   const auto ct = in.text.scalar_type();
   auto c = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
   auto dtext = at::empty_like(in.text);
-  auto dframes = at::zeros_like(in.frames_flat);
+  auto dframes = at::zeros({in.V * in.nt, in.D}, in.text.options());
   const double s = scale.item<double>();
   double ds;
   if (ct == at::kDouble)
