@@ -200,6 +200,10 @@ void sparse_dframes(const T* grad, const int16_t* idx, const T* text, int64_t C,
   });
 }
 
+// When k is a large share of T (k = T is FitCLIP's mean pooling) the dense form is faster:
+// W [rows, V*T] holds grad / k on the chosen frames, then two GEMMs (MKL).
+inline bool use_dense_backward(int64_t k, int64_t nt) { return 2 * k >= nt; }
+
 at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -235,6 +239,36 @@ FrameInputs prepare(const at::Tensor& text, const at::Tensor& frames, int64_t k,
   return in;
 }
 
+// Applies dLoss/dsim of captions [r0, r0 + rows) (grad [rows, V], chosen frames idx [rows, V, k]):
+// writes dtext rows, adds into dframes [V*T, D] (video-major).
+template <typename T>
+void backward_block(const FrameInputs& in, int64_t k, int64_t r0, int64_t rows, const T* grad, const int16_t* idx,
+                    at::Tensor& dtext, at::Tensor& dframes, at::Tensor& scratch) {
+  const int64_t V = in.V, nt = in.nt, D = in.D;
+  if (!use_dense_backward(k, nt)) {
+    sparse_dtext<T>(grad, idx, in.frames.data_ptr<T>(), rows, V, nt, D, k, dtext.data_ptr<T>() + r0 * D);
+    sparse_dframes<T>(grad, idx, in.text.data_ptr<T>() + r0 * D, rows, V, nt, D, k, dframes.data_ptr<T>());
+    return;
+  }
+  auto W = scratch.narrow(0, 0, rows);
+  T* w = W.data_ptr<T>();
+  at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      T* wr = w + r * V * nt;
+      std::fill(wr, wr + V * nt, T(0));
+      for (int64_t v = 0; v < V; ++v) {
+        const T g = grad[r * V + v] / static_cast<T>(k);
+        const int16_t* id = idx + (r * V + v) * k;
+        for (int64_t j = 0; j < k; ++j) wr[v * nt + id[j]] += g;
+      }
+    }
+  });
+  const auto frames_flat = in.frames.view({V * nt, D});
+  auto dtb = dtext.narrow(0, r0, rows);
+  at::mm_out(dtb, W, frames_flat);
+  dframes.addmm_(W.t(), in.text.narrow(0, r0, rows));
+}
+
 template <typename T>
 void topk_sim_fwd_impl(const FrameInputs& in, int64_t k, at::Tensor& sim, at::Tensor& idx) {
   const int64_t cols = in.V * in.nt;
@@ -253,10 +287,14 @@ void topk_sim_fwd_impl(const FrameInputs& in, int64_t k, at::Tensor& sim, at::Te
 template <typename T>
 void topk_sim_bwd_impl(const FrameInputs& in, int64_t k, const at::Tensor& idx, const at::Tensor& grad,
                        at::Tensor& dtext, at::Tensor& dframes_flat) {
-  const T* f = in.frames.data_ptr<T>();
-  sparse_dtext<T>(grad.data_ptr<T>(), idx.data_ptr<int16_t>(), f, in.C, in.V, in.nt, in.D, k, dtext.data_ptr<T>());
-  sparse_dframes<T>(grad.data_ptr<T>(), idx.data_ptr<int16_t>(), in.text.data_ptr<T>(), in.C, in.V, in.nt, in.D, k,
-                    dframes_flat.data_ptr<T>());
+  const int64_t cols = in.V * in.nt;
+  const int64_t bc = use_dense_backward(k, in.nt) ? frame_block_rows(in.C, cols) : in.C;
+  auto scratch = use_dense_backward(k, in.nt) ? at::empty({bc, cols}, in.text.options()) : at::Tensor();
+  for (int64_t r0 = 0; r0 < in.C; r0 += bc) {
+    const int64_t rows = std::min(bc, in.C - r0);
+    backward_block<T>(in, k, r0, rows, grad.data_ptr<T>() + r0 * in.V, idx.data_ptr<int16_t>() + r0 * in.V * k,
+                      dtext, dframes_flat, scratch);
+  }
 }
 
 // Video InfoNCE over L[c, v] = scale * sim[c, v] (rows: captions, columns: videos, C == V).
@@ -345,8 +383,7 @@ T video_grad_impl(const FrameInputs& in, int64_t k, T scale, const at::Tensor& c
         ds_rows[c] = acc;
       }
     });
-    sparse_dtext<T>(p, id, in.frames.data_ptr<T>(), rows, V, nt, in.D, k, dtext.data_ptr<T>() + r0 * in.D);
-    sparse_dframes<T>(p, id, in.text.data_ptr<T>() + r0 * in.D, rows, V, nt, in.D, k, dframes_flat.data_ptr<T>());
+    backward_block<T>(in, k, r0, rows, p, id, dtext, dframes_flat, S);  // S: the block's scratch now
   }
   T ds = 0;
   for (T v : ds_rows) ds += v;

@@ -31,20 +31,26 @@ def same_device_dtype(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) 
         raise TypeError(f"{names[0]} and {names[1]} must have the same dtype, got {a.dtype} and {b.dtype}")
 
 
+def _scalar_tensor(name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar (0-d or 1-element tensor), got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {value.dtype}")
+    if value.device != device and value.device.type != "cpu":
+        raise ValueError(f"{name} must be on {device} (or the CPU), got {value.device}")
+    return value.reshape(())
+
+
 def scale(name: str, value, device: torch.device) -> torch.Tensor:
-    """A Python number or a 0-d/1-element float tensor -> 0-d tensor (autograd preserved)."""
+    """A finite Python number or 0-d/1-element float tensor -> 0-d tensor (autograd preserved)."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name} must be a real number or a 0-d tensor, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (0-d or 1-element tensor), got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating point tensor, got {value.dtype}")
-        if value.device != device and value.device.type != "cpu":
-            raise ValueError(f"{name} must be on {device} (or the CPU), got {value.device}")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(value.detach()).all()):
-            raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
-        return value.reshape(())
+        value = _scalar_tensor(name, value, device)
+        # A host sync on CUDA: cheap against a loss over thousands of pairs, skipped when compiling.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(value.detach())):
+            raise ValueError(f"{name} must be finite, got {value.detach().item()}")
+        return value
     if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value}")
     return torch.tensor(float(value), dtype=torch.float64)
@@ -57,13 +63,13 @@ def bias(name: str, value, device: torch.device) -> torch.Tensor | None:
         return torch.tensor(float(value), dtype=torch.float64)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be None, a real number or a 0-d tensor, got {type(value).__name__}")
-    if value.numel() != 1:
-        raise ValueError(f"{name} must be a scalar (0-d or 1-element tensor), got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got {value.dtype}")
-    if value.device != device and value.device.type != "cpu":
-        raise ValueError(f"{name} must be on {device} (or the CPU), got {value.device}")
-    return value.reshape(())
+    return _scalar_tensor(name, value, device)
+
+
+def loss_options(logit_scale, logit_bias, label_smoothing_, reduction_, device):
+    """The checks shared by every loss: (scale, bias or None, label smoothing, reduction)."""
+    return (scale("logit_scale", logit_scale, device), bias("logit_bias", logit_bias, device),
+            label_smoothing(label_smoothing_), reduction(reduction_))
 
 
 def label_smoothing(value) -> float:

@@ -164,10 +164,8 @@ def infonce(query, keys, logit_scale, logit_bias=None, *, positive_offset=0, lab
             f"positive_offset must be in [0, m - n] = [0, {keys.shape[0] - query.shape[0]}] so that every "
             f"query's positive key exists (n={query.shape[0]}, m={keys.shape[0]}), got {positive_offset}"
         )
-    scale = _validate.scale("logit_scale", logit_scale, query.device)
-    bias = _validate.bias("logit_bias", logit_bias, query.device)
-    eps = _validate.label_smoothing(label_smoothing)
-    reduction = _validate.reduction(reduction)
+    scale, bias, eps, reduction = _validate.loss_options(logit_scale, logit_bias, label_smoothing, reduction,
+                                                         query.device)
     backend = _backend.resolve(backend, query.device)
     if backend == "torch":
         return infonce_reference(query, keys, scale.to(query.device), bias if bias is None else bias.to(query.device),
@@ -200,10 +198,8 @@ def contrastive_loss(image_features, text_features, logit_scale, logit_bias=None
             "image_features and text_features must have the same shape [B, D], got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
-    scale = _validate.scale("logit_scale", logit_scale, image_features.device)
-    bias = _validate.bias("logit_bias", logit_bias, image_features.device)
-    eps = _validate.label_smoothing(label_smoothing)
-    reduction = _validate.reduction(reduction)
+    scale, bias, eps, reduction = _validate.loss_options(logit_scale, logit_bias, label_smoothing, reduction,
+                                                         image_features.device)
     backend = _backend.resolve(backend, image_features.device)
     if backend == "torch":
         dev = image_features.device

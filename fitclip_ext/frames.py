@@ -242,10 +242,8 @@ def video_contrastive_loss(frame_features, text_features, logit_scale, logit_bia
     _pair("text_features", text_features, "frame_features", frame_features, same_count=True)
     k = _k(k, frame_features.shape[1])
     mask = _mask(mask, frame_features.shape[0], frame_features.shape[1], k, frame_features.device)
-    scale = _validate.scale("logit_scale", logit_scale, frame_features.device)
-    bias = _validate.bias("logit_bias", logit_bias, frame_features.device)
-    eps = _validate.label_smoothing(label_smoothing)
-    reduction = _validate.reduction(reduction)
+    scale, bias, eps, reduction = _validate.loss_options(logit_scale, logit_bias, label_smoothing, reduction,
+                                                         frame_features.device)
     backend = _backend.resolve(backend, frame_features.device)
     if backend == "torch":
         dev = frame_features.device

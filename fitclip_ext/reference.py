@@ -22,6 +22,14 @@ def infonce_reference(query, keys, logit_scale, logit_bias=None, *, positive_off
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction=reduction)
 
 
+def _symmetric_ce(logits, label_smoothing, reduction):
+    """(CE(L, arange) + CE(L.T, arange)) / 2 over a square logits matrix."""
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    per_row = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction=reduction)
+    per_col = F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing, reduction=reduction)
+    return (per_row + per_col) / 2
+
+
 def contrastive_loss_reference(image_features, text_features, logit_scale, logit_bias=None, *,
                                label_smoothing=0.0, reduction="mean", upcast=False):
     """open_clip's ClipLoss: (CE(L, arange) + CE(L.T, arange)) / 2, L = scale * I @ T.T + bias.
@@ -30,10 +38,7 @@ def contrastive_loss_reference(image_features, text_features, logit_scale, logit
     logits = logit_scale * i @ t.T
     if logit_bias is not None:
         logits = logits + logit_bias
-    labels = torch.arange(i.shape[0], device=i.device)
-    per_image = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction=reduction)
-    per_text = F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing, reduction=reduction)
-    return (per_image + per_text) / 2
+    return _symmetric_ce(logits, label_smoothing, reduction)
 
 
 def _normalize(x, upcast):
@@ -74,7 +79,4 @@ def video_contrastive_loss_reference(frame_features, text_features, logit_scale,
     logits = logit_scale * sim.T
     if logit_bias is not None:
         logits = logits + logit_bias
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    per_video = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction=reduction)
-    per_text = F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing, reduction=reduction)
-    return (per_video + per_text) / 2
+    return _symmetric_ce(logits, label_smoothing, reduction)
