@@ -32,7 +32,8 @@ def contrastive_table(doc) -> list[str]:
         for n in ("open_clip", "torch", "torch_compile"):
             ms, sp = _base(c, n, "median_ms"), _base(c, n, "speedup")
             err = _base(c, n, "error")
-            cells.append(f"{_fmt(ms)} ({_fmt(sp, '.2f')}x)" if ms else (err or "-"))
+            single = "*" if _base(c, n, "note") else ""
+            cells.append(f"{_fmt(ms)}{single} ({_fmt(sp, '.2f')}x)" if ms else (err or "-"))
         mems = " / ".join(_fmt(_base(c, n, "peak_extra_mb")) for n in ("open_clip", "torch", "torch_compile"))
         out.append(f"| {c['B']} | {c['D']} | {_fmt(c.get('median_ms'))} | {cells[0]} | {cells[1]} | {cells[2]} | "
                    f"{_fmt(c.get('peak_mb'))} | {mems} | {_fmt(c.get('rel_err'), '.1e')} |")
@@ -101,7 +102,9 @@ def main():
                   f"{doc.get('threads', '-')} threads", ""]
         t = contrastive_table(doc)
         if t:
-            lines += ["### contrastive_loss, forward + backward, fp32", ""] + t + [""]
+            lines += ["### contrastive_loss, forward + backward, fp32", ""] + t + [
+                "", "\\* a single run in the memory-probe child process (these baselines need 8-17 GB there), "
+                "not interleaved.", ""]
             png = path.with_suffix(".png")
             if plot(doc, png):
                 lines += [f"![contrastive_loss]({png.relative_to(HERE).as_posix()})", ""]
