@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "lse_tiles.h"
@@ -78,12 +79,20 @@ FITCLIP_INLINE void topk_lanes(const T* sims, int64_t V, int64_t v0, int64_t nl,
     T xv[L];
     int32_t xi[L];
     const T* x = sims + t * V + v0;
-    for (int64_t l = 0; l < L; ++l) {
-      T val = l < nl ? x[l < nl ? l : 0] : ninf;
-      if (mask_tm) val = (l < nl && mask_tm[t * V + v0 + (l < nl ? l : 0)]) ? val : ninf;
-      nan[l] |= val != val;
-      xv[l] = val;
-      xi[l] = static_cast<int32_t>(t);
+    if (nl == L && !mask_tm) {  // the common case: one straight vector load
+      for (int64_t l = 0; l < L; ++l) {
+        xv[l] = x[l];
+        nan[l] |= x[l] != x[l];
+        xi[l] = static_cast<int32_t>(t);
+      }
+    } else {
+      for (int64_t l = 0; l < L; ++l) {
+        T val = l < nl ? x[l < nl ? l : 0] : ninf;
+        if (mask_tm) val = (l < nl && mask_tm[t * V + v0 + (l < nl ? l : 0)]) ? val : ninf;
+        nan[l] |= val != val;
+        xv[l] = val;
+        xi[l] = static_cast<int32_t>(t);
+      }
     }
     for (int64_t j = 0; j < k; ++j) {
       T* bj = best + j * L;
@@ -142,60 +151,79 @@ void topk_pool_tile(const T* sims, int64_t rows, int64_t V, int64_t nt, int64_t 
   });
 }
 
-// y[0..n) += a * x[0..n), vectorised (AVX-512/AVX2 clones for float).
+// y[0..n) += a * x[0..n); inlined into the cloned block loops below so that it is compiled
+// for AVX-512/AVX2 without a dispatch per call.
 template <typename T>
 FITCLIP_INLINE void axpy(int64_t n, T a, const T* x, T* y) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
-static FITCLIP_CLONES void axpy_f(int64_t n, float a, const float* x, float* y) { axpy<float>(n, a, x, y); }
-template <typename T>
-inline void axpy_any(int64_t n, T a, const T* x, T* y) { axpy<T>(n, a, x, y); }
-template <>
-inline void axpy_any<float>(int64_t n, float a, const float* x, float* y) { axpy_f(n, a, x, y); }
 
 // The backward only touches the k chosen of every T frames, so it runs sparse: k/T of the
 // dense GEMMs' FLOPs, in blocks whose accumulators stay in L2 while the other operand streams.
-// dtext[c] = sum_v grad[c, v] / k * sum_j frames[v, idx[c, v, j]]   (frames video-major)
+// dtext[c] = sum_v grad[c, v] / k * sum_j frames[v, idx[c, v, j]] for captions [c0, c1)
+template <typename T>
+FITCLIP_INLINE void dtext_block(const T* grad, const int16_t* idx, const T* frames, int64_t c0, int64_t c1,
+                                int64_t V, int64_t nt, int64_t D, int64_t k, T* dtext) {
+  std::fill(dtext + c0 * D, dtext + c1 * D, T(0));
+  const T inv_k = T(1) / static_cast<T>(k);
+  for (int64_t v = 0; v < V; ++v) {
+    const T* fv = frames + v * nt * D;
+    for (int64_t c = c0; c < c1; ++c) {
+      const T w = grad[c * V + v] * inv_k;
+      if (w == T(0)) continue;
+      const int16_t* id = idx + (c * V + v) * k;
+      for (int64_t j = 0; j < k; ++j) axpy<T>(D, w, fv + id[j] * D, dtext + c * D);
+    }
+  }
+}
+static FITCLIP_CLONES void dtext_block_f(const float* grad, const int16_t* idx, const float* frames, int64_t c0,
+                                         int64_t c1, int64_t V, int64_t nt, int64_t D, int64_t k, float* dtext) {
+  dtext_block<float>(grad, idx, frames, c0, c1, V, nt, D, k, dtext);
+}
+
+// dframes[v, idx[c, v, j]] += grad[c, v] / k * text[c] for videos [v0, v1) (accumulates)
+template <typename T>
+FITCLIP_INLINE void dframes_block(const T* grad, const int16_t* idx, const T* text, int64_t C, int64_t v0,
+                                  int64_t v1, int64_t V, int64_t nt, int64_t D, int64_t k, T* dframes) {
+  const T inv_k = T(1) / static_cast<T>(k);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* tc = text + c * D;
+    for (int64_t v = v0; v < v1; ++v) {
+      const T w = grad[c * V + v] * inv_k;
+      if (w == T(0)) continue;
+      const int16_t* id = idx + (c * V + v) * k;
+      for (int64_t j = 0; j < k; ++j) axpy<T>(D, w, tc, dframes + (v * nt + id[j]) * D);
+    }
+  }
+}
+static FITCLIP_CLONES void dframes_block_f(const float* grad, const int16_t* idx, const float* text, int64_t C,
+                                           int64_t v0, int64_t v1, int64_t V, int64_t nt, int64_t D, int64_t k,
+                                           float* dframes) {
+  dframes_block<float>(grad, idx, text, C, v0, v1, V, nt, D, k, dframes);
+}
+
 template <typename T>
 void sparse_dtext(const T* grad, const int16_t* idx, const T* frames, int64_t C, int64_t V, int64_t nt,
                   int64_t D, int64_t k, T* dtext) {
   constexpr int64_t kCaptions = 32;  // 32 rows of D accumulators; video v's T x D frames stay hot
-  const int64_t nblocks = (C + kCaptions - 1) / kCaptions;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (C + kCaptions - 1) / kCaptions, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kCaptions, c1 = std::min(C, c0 + kCaptions);
-      std::fill(dtext + c0 * D, dtext + c1 * D, T(0));
-      for (int64_t v = 0; v < V; ++v) {
-        const T* fv = frames + v * nt * D;
-        for (int64_t c = c0; c < c1; ++c) {
-          const T w = grad[c * V + v] / static_cast<T>(k);
-          if (w == T(0)) continue;
-          const int16_t* id = idx + (c * V + v) * k;
-          for (int64_t j = 0; j < k; ++j) axpy_any<T>(D, w, fv + id[j] * D, dtext + c * D);
-        }
-      }
+      if constexpr (std::is_same_v<T, float>) dtext_block_f(grad, idx, frames, c0, c1, V, nt, D, k, dtext);
+      else dtext_block<T>(grad, idx, frames, c0, c1, V, nt, D, k, dtext);
     }
   });
 }
 
-// dframes[v, idx[c, v, j]] += grad[c, v] / k * text[c]   (accumulates; video-major)
 template <typename T>
 void sparse_dframes(const T* grad, const int16_t* idx, const T* text, int64_t C, int64_t V, int64_t nt,
                     int64_t D, int64_t k, T* dframes) {
   constexpr int64_t kVideos = 8;  // 8 videos' T x D gradients stay in L2 while captions stream
-  const int64_t nblocks = (V + kVideos - 1) / kVideos;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (V + kVideos - 1) / kVideos, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * kVideos, v1 = std::min(V, v0 + kVideos);
-      for (int64_t c = 0; c < C; ++c) {
-        const T* tc = text + c * D;
-        for (int64_t v = v0; v < v1; ++v) {
-          const T w = grad[c * V + v] / static_cast<T>(k);
-          if (w == T(0)) continue;
-          const int16_t* id = idx + (c * V + v) * k;
-          for (int64_t j = 0; j < k; ++j) axpy_any<T>(D, w, tc, dframes + (v * nt + id[j]) * D);
-        }
-      }
+      if constexpr (std::is_same_v<T, float>) dframes_block_f(grad, idx, text, C, v0, v1, V, nt, D, k, dframes);
+      else dframes_block<T>(grad, idx, text, C, v0, v1, V, nt, D, k, dframes);
     }
   });
 }

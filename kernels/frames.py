@@ -303,7 +303,9 @@ def select(frames, text_n, k, mask):
 # the block, the per-video one merges across blocks online. Neither B x B nor B x B x T is stored.
 
 def _video_block_rows(B: int) -> int:
-    return max(1, min(B, (1 << 24) // max(B, 1)))  # 64 MB of float32 similarities per block
+    # at most 64 MB of float32 similarities and 1024 captions per block: a fraction of B x B
+    # from B = 2048 up (the blocks are large enough to fill the GPU)
+    return max(1, min(B, 1024, (1 << 24) // max(B, 1)))
 
 
 def video_lse(text_n, frames_n, k, mask, scale):
