@@ -48,3 +48,10 @@ def _install_kernels_finder() -> None:
 
 
 _install_kernels_finder()
+
+# Register the C++ ops now (a cheap import of the built module; nothing is compiled, no device is
+# queried), so that code traced by torch.compile never reaches an import. A missing extension
+# is recorded and reported when backend="cpp" is asked for.
+from . import _backend  # noqa: E402
+
+_backend.load_cpp()

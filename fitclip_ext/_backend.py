@@ -24,10 +24,14 @@ def load_cpp() -> bool:
         return False
     try:
         importlib.import_module("fitclip_ext._C")
-        _cpp_loaded = True
     except ImportError as err:  # not built, or built against another torch
         _cpp_error = err
-    return _cpp_loaded
+        return False
+    from . import _fake
+
+    _fake.register()
+    _cpp_loaded = True
+    return True
 
 
 def cpp_unavailable_message() -> str:
