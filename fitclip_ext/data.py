@@ -1,0 +1,230 @@
+"""Video input for training and evaluation: frames decoded with torchcodec, and the data set
+layouts as they are distributed (see the README's data section).
+
+`read_frames` samples `num_frames` frames from equal intervals of a clip ("uniform": the middle
+frame of each interval, for evaluation; "random": one random frame inside each interval, for
+training). A file that cannot be decoded raises `VideoDecodeError` naming it; nothing is ever
+replaced by black frames.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SAMPLINGS = ("uniform", "random")
+
+
+class VideoDecodeError(RuntimeError):
+    """A video file could not be decoded (missing, truncated, not a video, no video stream)."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot decode video {self.path}: {reason}")
+
+
+def frame_indices(num_available: int, num_frames: int, sampling: str = "uniform",
+                  generator: torch.Generator | None = None) -> list[int]:
+    """Indices of `num_frames` frames out of `num_available`, one per equal interval: the middle
+    one ("uniform") or a random one ("random"). Fewer frames than asked repeat frames."""
+    if num_available < 1:
+        raise ValueError(f"num_available must be >= 1, got {num_available}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    step = num_available / num_frames
+    out = []
+    for i in range(num_frames):
+        lo = min(num_available - 1, math.floor(i * step))
+        hi = max(lo, min(num_available - 1, math.ceil((i + 1) * step) - 1))
+        if sampling == "uniform":
+            out.append(min(num_available - 1, math.floor((i + 0.5) * step)))
+        else:
+            out.append(int(torch.randint(lo, hi + 1, (1,), generator=generator)))
+    return out
+
+
+def read_frames(path, num_frames: int, *, sampling: str = "uniform", generator: torch.Generator | None = None,
+                num_threads: int = 1) -> torch.Tensor:
+    """uint8 [num_frames, 3, H, W] frames of the video at `path` (see `frame_indices`)."""
+    from torchcodec.decoders import VideoDecoder
+
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise VideoDecodeError(path, "no such file")
+    try:
+        decoder = VideoDecoder(str(path), num_ffmpeg_threads=num_threads, seek_mode="approximate")
+        available = decoder.metadata.num_frames or len(decoder)
+    except Exception as err:  # torchcodec raises RuntimeError/ValueError for bad containers
+        raise VideoDecodeError(path, f"{type(err).__name__}: {err}") from err
+    if not available:
+        raise VideoDecodeError(path, "the video stream has no frames")
+    idx = frame_indices(available, num_frames, sampling, generator)
+    try:
+        frames = decoder.get_frames_at(sorted(set(idx))).data
+    except Exception as err:  # a truncated file fails here, past its header
+        raise VideoDecodeError(path, f"{type(err).__name__}: {err}") from err
+    pos = {j: n for n, j in enumerate(sorted(set(idx)))}
+    return frames[[pos[j] for j in idx]]
+
+
+# ----------------------------------------------------------------------------- data set layouts
+
+@dataclass
+class VideoText:
+    """One video with its caption(s) (retrieval, training) or class label (action recognition)."""
+
+    video: str
+    captions: list[str] = field(default_factory=list)
+    label: int | None = None
+    segment: tuple[float, float] | None = None  # seconds, for segment-level annotations
+
+
+def _video_path(root: Path, value: str) -> str:
+    p = Path(value)
+    return str(p if p.is_absolute() else root / p)
+
+
+def load_caption_csv(csv_path, video_root=None, *, video_column=None, caption_column=None,
+                     id_column=None, extension=".mp4") -> list[VideoText]:
+    """Generic (WebVid-style) CSV: a video path column (or an id column plus `video_root` and
+    `extension`) and a caption column. Column names are guessed when not given."""
+    csv_path = Path(csv_path)
+    root = Path(video_root) if video_root is not None else csv_path.parent
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        caption_column = caption_column or next((c for c in ("caption", "name", "sentence", "text") if c in cols), None)
+        video_column = video_column or next((c for c in ("video", "path", "video_path", "filename") if c in cols), None)
+        id_column = id_column or next((c for c in ("videoid", "video_id", "id") if c in cols), None)
+        if caption_column is None or (video_column is None and id_column is None):
+            raise ValueError(f"{csv_path}: needs a caption column and a video path or id column, got columns {cols}")
+        out = []
+        for row in reader:
+            video = row[video_column] if video_column else row[id_column] + extension
+            out.append(VideoText(_video_path(root, video), [row[caption_column]]))
+    return out
+
+
+def load_msrvtt(root, split: str = "test_1k") -> list[VideoText]:
+    """MSR-VTT: "test_1k" reads MSRVTT_JSFUSION_test.csv (1,000 pairs, the 1k-A protocol);
+    "train_9k" reads MSRVTT_train.9k.csv and takes every caption of those videos from
+    MSRVTT_data.json. Videos are <root>/videos/all/<id>.mp4 or <root>/<id>.mp4."""
+    root = Path(root)
+    video_dir = next((d for d in (root / "videos" / "all", root / "videos", root) if d.is_dir()), root)
+    if split == "test_1k":
+        with open(root / "MSRVTT_JSFUSION_test.csv", newline="") as f:
+            return [VideoText(str(video_dir / f"{r['video_id']}.mp4"), [r["sentence"]]) for r in csv.DictReader(f)]
+    if split == "train_9k":
+        with open(root / "MSRVTT_train.9k.csv", newline="") as f:
+            ids = [r["video_id"] for r in csv.DictReader(f)]
+        data = json.loads((root / "MSRVTT_data.json").read_text())
+        caps: dict[str, list[str]] = {}
+        for s in data["sentences"]:
+            caps.setdefault(s["video_id"], []).append(s["caption"])
+        return [VideoText(str(video_dir / f"{v}.mp4"), caps.get(v, [])) for v in ids]
+    raise ValueError(f"split must be 'test_1k' or 'train_9k', got {split!r}")
+
+
+def split_camel_case(name: str) -> str:
+    """"ApplyEyeMakeup" -> "apply eye makeup"; "YoYo" -> "yo yo"; snake_case -> spaces."""
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", name.replace("_", " "))
+    return " ".join(words.split()).lower()
+
+
+def load_ucf101(root, split: int = 1, subset: str = "test") -> tuple[list[VideoText], list[str]]:
+    """UCF101: UCF-101/<Class>/v_<Class>_gXX_cYY.avi with ucfTrainTestlist/{classInd,
+    trainlist0N, testlist0N}.txt. Returns (samples with 0-based labels, readable class names)."""
+    root = Path(root)
+    lists = root / "ucfTrainTestlist"
+    classes = {}
+    for line in (lists / "classInd.txt").read_text().split("\n"):
+        if line.strip():
+            num, name = line.split()
+            classes[name] = int(num) - 1
+    names = [split_camel_case(n) for n, _ in sorted(classes.items(), key=lambda kv: kv[1])]
+    fname = f"{'trainlist' if subset == 'train' else 'testlist'}0{split}.txt"
+    videos = root / "UCF-101" if (root / "UCF-101").is_dir() else root
+    out = []
+    for line in (lists / fname).read_text().split("\n"):
+        if line.strip():
+            rel = line.split()[0]
+            out.append(VideoText(str(videos / rel), label=classes[rel.split("/")[0]]))
+    return out, names
+
+
+def load_hmdb51(root, split_dir, split: int = 1, subset: str = "test") -> tuple[list[VideoText], list[str]]:
+    """HMDB51: <root>/<class>/<name>.avi and <split_dir>/<class>_test_split<N>.txt files whose
+    lines are "<name>.avi <tag>" (1 train, 2 test, 0 unused)."""
+    root, split_dir = Path(root), Path(split_dir)
+    files = sorted(split_dir.glob(f"*_test_split{split}.txt"))
+    if not files:
+        raise ValueError(f"no *_test_split{split}.txt files in {split_dir}")
+    want = "1" if subset == "train" else "2"
+    class_names = [f.name[: -len(f"_test_split{split}.txt")] for f in files]
+    out = []
+    for label, (cls, f) in enumerate(zip(class_names, files)):
+        for line in f.read_text().split("\n"):
+            parts = line.split()
+            if len(parts) == 2 and parts[1] == want:
+                out.append(VideoText(str(root / cls / parts[0]), label=label))
+    return out, [split_camel_case(c) for c in class_names]
+
+
+def load_didemo(root, split: str = "test", video_dir=None) -> list[VideoText]:
+    """DiDeMo {split}_data.json (list of {video, description, times}); paragraph-to-video: each
+    video's descriptions joined, in file order."""
+    root = Path(root)
+    vdir = Path(video_dir) if video_dir else root / "videos"
+    paragraphs: dict[str, list[str]] = {}
+    for item in json.loads((root / f"{split}_data.json").read_text()):
+        paragraphs.setdefault(item["video"], []).append(item["description"].strip())
+    return [VideoText(str(vdir / v), [" ".join(d)]) for v, d in paragraphs.items()]
+
+
+def load_youcook2(root, split: str = "validation", video_dir=None) -> list[VideoText]:
+    """YouCook2 youcookii_annotations_trainval.json: one sample per annotated segment
+    (database[vid].annotations[] with segment [start, end] and sentence)."""
+    root = Path(root)
+    vdir = Path(video_dir) if video_dir else root / "videos"
+    db = json.loads((root / "youcookii_annotations_trainval.json").read_text())["database"]
+    out = []
+    for vid, entry in db.items():
+        if entry.get("subset") not in (split, None):
+            continue
+        path = next((str(p) for p in vdir.glob(f"**/{vid}.*")), str(vdir / f"{vid}.mp4"))
+        for ann in entry["annotations"]:
+            s, e = ann["segment"]
+            out.append(VideoText(path, [ann["sentence"]], segment=(float(s), float(e))))
+    return out
+
+
+def load_activitynet(root, split: str = "val_1", video_dir=None) -> list[VideoText]:
+    """ActivityNet Captions {split}.json mapping video id to {duration, timestamps, sentences};
+    paragraph-to-video: the sentences joined."""
+    root = Path(root)
+    vdir = Path(video_dir) if video_dir else root / "videos"
+    data = json.loads((root / f"{split}.json").read_text())
+    out = []
+    for vid, entry in data.items():
+        path = next((str(p) for p in vdir.glob(f"{vid}.*")), str(vdir / f"{vid}.mp4"))
+        out.append(VideoText(path, [" ".join(s.strip() for s in entry["sentences"])]))
+    return out
+
+
+def existing(samples: list[VideoText]) -> tuple[list[VideoText], list[str]]:
+    """Splits samples into those whose file exists and the paths that do not."""
+    present = [os.path.isfile(s.video) for s in samples]
+    return [s for s, p in zip(samples, present) if p], [s.video for s, p in zip(samples, present) if not p]
