@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 from .contrastive import contrastive_loss, infonce
+from .distributed import ClipLoss
 from .frames import gather_frames, select_frames, topk_frame_similarity, video_contrastive_loss
 from .reference import (contrastive_loss_reference, infonce_reference, select_frames_reference,
                         topk_frame_similarity_reference, video_contrastive_loss_reference)
 
 __version__ = "0.1.0"
 __all__ = [
-    "contrastive_loss", "infonce", "select_frames", "gather_frames", "topk_frame_similarity",
+    "ClipLoss", "contrastive_loss", "infonce", "select_frames", "gather_frames", "topk_frame_similarity",
     "video_contrastive_loss", "contrastive_loss_reference", "infonce_reference", "select_frames_reference",
     "topk_frame_similarity_reference", "video_contrastive_loss_reference",
 ]

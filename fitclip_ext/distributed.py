@@ -1,0 +1,83 @@
+"""`ClipLoss`: a drop-in for open_clip's `ClipLoss`, same constructor and forward, single process
+and distributed (torch.distributed: torchrun, DDP, NCCL on GPUs, gloo on CPUs), built on the fused
+losses so no B x B (or local x global) logits matrix is ever stored.
+
+Semantics follow open_clip exactly: features of all ranks are all-gathered (with gradient when
+`gather_with_grad`, otherwise without, with this rank's own slice put back so its gradient
+flows); with `local_loss` each rank computes its local rows against all gathered columns
+(`infonce` with positive offset rank * local_batch), otherwise the full global loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .contrastive import contrastive_loss, infonce
+
+
+def _gather(features: torch.Tensor, rank: int, world_size: int, with_grad: bool, local_loss: bool) -> torch.Tensor:
+    if with_grad:
+        import torch.distributed.nn.functional as dist_fn
+
+        return torch.cat(dist_fn.all_gather(features), dim=0)
+    gathered = [torch.empty_like(features) for _ in range(world_size)]
+    dist.all_gather(gathered, features.detach().contiguous())
+    if not local_loss:
+        gathered[rank] = features  # keep this rank's gradient, as open_clip does
+    return torch.cat(gathered, dim=0)
+
+
+def _check_equal_batches(n: int, device: torch.device, world_size: int) -> None:
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=device))
+    sizes = [int(s.item()) for s in sizes]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"ClipLoss needs the same local batch size on every rank (positive i of rank r is "
+                         f"global column r * B + i), got local batch sizes {sizes}")
+
+
+class ClipLoss(torch.nn.Module):
+    """open_clip.loss.ClipLoss with the fused, memory-efficient loss.
+
+    Args (as open_clip): local_loss, gather_with_grad, cache_labels (accepted; labels are never
+    materialised here), rank, world_size, use_horovod (not supported: use torch.distributed).
+    forward(image_features [B, D], text_features [B, D], logit_scale, logit_bias=None,
+    output_dict=False) -> loss, or {"contrastive_loss": loss}.
+    """
+
+    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+                 use_horovod=False, *, backend=None, check_batch_sizes=True):
+        super().__init__()
+        if use_horovod:
+            raise NotImplementedError("fitclip_ext.ClipLoss does not support Horovod; launch with torchrun "
+                                      "(torch.distributed) instead")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.backend = backend
+        self.check_batch_sizes = check_batch_sizes
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        if self.world_size == 1:
+            loss = contrastive_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        else:
+            if not dist.is_available() or not dist.is_initialized():
+                raise RuntimeError(f"ClipLoss(world_size={self.world_size}) needs torch.distributed to be initialised "
+                                   "(torchrun + init_process_group)")
+            n = image_features.shape[0]
+            if self.check_batch_sizes:
+                _check_equal_batches(n, image_features.device, self.world_size)
+            all_img = _gather(image_features, self.rank, self.world_size, self.gather_with_grad, self.local_loss)
+            all_txt = _gather(text_features, self.rank, self.world_size, self.gather_with_grad, self.local_loss)
+            if self.local_loss:
+                off = self.rank * n
+                loss = (infonce(image_features, all_txt, logit_scale, logit_bias, positive_offset=off, backend=self.backend)
+                        + infonce(text_features, all_img, logit_scale, logit_bias, positive_offset=off,
+                                  backend=self.backend)) / 2
+            else:
+                loss = contrastive_loss(all_img, all_txt, logit_scale, logit_bias, backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
