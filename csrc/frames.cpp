@@ -66,8 +66,8 @@ T topk_sum(const T* x, const bool* mask, int64_t nt, int64_t k, int16_t* idx, T*
 constexpr int64_t kLanes = 16;
 
 template <typename T>
-FITCLIP_INLINE void topk_lanes(const T* sims, int64_t V, int64_t v0, int64_t nl, int64_t nt, int64_t k,
-                               const bool* mask_tm, T* best, int32_t* bidx, T* out, int16_t* idx_out) {
+FITCLIP_INLINE void topk_lanes(const T* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl, int64_t nt,
+                               int64_t k, const bool* mask_tm, T* best, int32_t* bidx, T* out, int16_t* idx_out) {
   constexpr int64_t L = kLanes;
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < k * L; ++i) {
@@ -78,7 +78,7 @@ FITCLIP_INLINE void topk_lanes(const T* sims, int64_t V, int64_t v0, int64_t nl,
   for (int64_t t = 0; t < nt; ++t) {
     T xv[L];
     int32_t xi[L];
-    const T* x = sims + t * V + v0;
+    const T* x = sims + t * t_stride + v0;
     if (nl == L && !mask_tm) {  // the common case: one straight vector load
       for (int64_t l = 0; l < L; ++l) {
         xv[l] = x[l];
@@ -117,34 +117,35 @@ FITCLIP_INLINE void topk_lanes(const T* sims, int64_t V, int64_t v0, int64_t nl,
   }
 }
 
-static FITCLIP_CLONES void topk_lanes_f(const float* sims, int64_t V, int64_t v0, int64_t nl, int64_t nt,
-                                        int64_t k, const bool* mask_tm, float* best, int32_t* bidx, float* out,
-                                        int16_t* idx_out) {
-  topk_lanes<float>(sims, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
+static FITCLIP_CLONES void topk_lanes_f(const float* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl,
+                                        int64_t nt, int64_t k, const bool* mask_tm, float* best, int32_t* bidx,
+                                        float* out, int16_t* idx_out) {
+  topk_lanes<float>(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
 }
 template <typename T>
-inline void topk_lanes_any(const T* sims, int64_t V, int64_t v0, int64_t nl, int64_t nt, int64_t k,
-                           const bool* mask_tm, T* best, int32_t* bidx, T* out, int16_t* idx_out) {
-  topk_lanes<T>(sims, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
+inline void topk_lanes_any(const T* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl, int64_t nt,
+                           int64_t k, const bool* mask_tm, T* best, int32_t* bidx, T* out, int16_t* idx_out) {
+  topk_lanes<T>(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
 }
 template <>
-inline void topk_lanes_any<float>(const float* sims, int64_t V, int64_t v0, int64_t nl, int64_t nt, int64_t k,
-                                  const bool* mask_tm, float* best, int32_t* bidx, float* out, int16_t* idx_out) {
-  topk_lanes_f(sims, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
+inline void topk_lanes_any<float>(const float* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl,
+                                  int64_t nt, int64_t k, const bool* mask_tm, float* best, int32_t* bidx,
+                                  float* out, int16_t* idx_out) {
+  topk_lanes_f(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
 }
 
-// sims [rows, T*V] (time-major) -> out[r * ld_out + v] = mean of the top k of video v; the
-// chosen frames go to idx [rows, V, k] when given.
+// sims [T][rows][V] (frame t of row r at sims + t * t_stride + r * V) -> out[r * ld_out + v] =
+// mean of the top k of video v; the chosen frames go to idx [rows, V, k] when given.
 template <typename T>
-void topk_pool_tile(const T* sims, int64_t rows, int64_t V, int64_t nt, int64_t k, const bool* mask_tm,
-                    T* out, int64_t ld_out, int16_t* idx) {
+void topk_pool_tile(const T* sims, int64_t t_stride, int64_t rows, int64_t V, int64_t nt, int64_t k,
+                    const bool* mask_tm, T* out, int64_t ld_out, int16_t* idx) {
   at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
     std::vector<T> best(k * kLanes);
     std::vector<int32_t> bidx(k * kLanes);
     for (int64_t r = b; r < e; ++r) {
       for (int64_t v0 = 0; v0 < V; v0 += kLanes) {
         const int64_t nl = std::min(kLanes, V - v0);
-        topk_lanes_any<T>(sims + r * nt * V, V, v0, nl, nt, k, mask_tm, best.data(), bidx.data(),
+        topk_lanes_any<T>(sims + r * V, t_stride, V, v0, nl, nt, k, mask_tm, best.data(), bidx.data(),
                           out + r * ld_out + v0, idx ? idx + (r * V + v0) * k : nullptr);
       }
     }
@@ -237,9 +238,7 @@ at::ScalarType compute_type(const at::Tensor& t) {
 }
 
 struct FrameInputs {
-  // frames_tm: [T * V, D], row t * V + v is frame t of video v (time-major: the similarity
-  // block then holds each frame's V videos contiguously, the top-k's SIMD lanes).
-  at::Tensor text, frames, frames_tm, mask_tm;  // frames: [V, T, D] contiguous (video-major)
+  at::Tensor text, frames, mask_tm;  // frames: [V, T, D] contiguous; mask_tm: [T, V]
   int64_t C, V, nt, D;
   int64_t row(int64_t v, int64_t t) const { return t * V + v; }
 };
@@ -258,13 +257,25 @@ FrameInputs prepare(const at::Tensor& text, const at::Tensor& frames, int64_t k,
   in.D = frames.size(2);
   in.text = text.to(ct).contiguous();
   in.frames = frames.to(ct).contiguous();
-  in.frames_tm = in.frames.transpose(0, 1).contiguous().view({in.nt * in.V, in.D});
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == in.V && mask->size(1) == in.nt,
                 "mask must be a bool [V, T] tensor");
     in.mask_tm = mask->t().contiguous();
   }
   return in;
+}
+
+// Similarities of captions [r0, r0 + rows) with every frame, time-major: S[t][r][v] (S is a
+// [T, block rows, V] buffer), one GEMM per frame index straight from the strided frames[:, t]
+// (no transposed copy of the frames): each frame's V videos are then contiguous, the SIMD
+// lanes of the top-k.
+template <typename T>
+void similarity_block(const FrameInputs& in, int64_t r0, int64_t rows, at::Tensor& S) {
+  const auto text = in.text.narrow(0, r0, rows);
+  for (int64_t t = 0; t < in.nt; ++t) {
+    auto out = S.select(0, t).narrow(0, 0, rows);
+    at::mm_out(out, text, in.frames.select(1, t).t());
+  }
 }
 
 // Applies dLoss/dsim of captions [r0, r0 + rows) (grad [rows, V], chosen frames idx [rows, V, k]):
@@ -278,7 +289,7 @@ void backward_block(const FrameInputs& in, int64_t k, int64_t r0, int64_t rows, 
     sparse_dframes<T>(grad, idx, in.text.data_ptr<T>() + r0 * D, rows, V, nt, D, k, dframes.data_ptr<T>());
     return;
   }
-  auto W = scratch.narrow(0, 0, rows);
+  auto W = scratch.view({-1}).narrow(0, 0, rows * V * nt).view({rows, V * nt});
   T* w = W.data_ptr<T>();
   at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
@@ -301,13 +312,12 @@ template <typename T>
 void topk_sim_fwd_impl(const FrameInputs& in, int64_t k, at::Tensor& sim, at::Tensor& idx) {
   const int64_t cols = in.V * in.nt;
   const int64_t bc = frame_block_rows(in.C, cols);
-  auto S = at::empty({bc, cols}, in.text.options());
+  auto S = at::empty({in.nt, bc, in.V}, in.text.options());
   const bool* mk = in.mask_tm.defined() ? in.mask_tm.data_ptr<bool>() : nullptr;
   for (int64_t r0 = 0; r0 < in.C; r0 += bc) {
     const int64_t rows = std::min(bc, in.C - r0);
-    auto Sb = S.narrow(0, 0, rows);
-    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_tm.t());
-    topk_pool_tile<T>(Sb.data_ptr<T>(), rows, in.V, in.nt, k, mk, sim.data_ptr<T>() + r0 * in.V, in.V,
+    similarity_block<T>(in, r0, rows, S);
+    topk_pool_tile<T>(S.data_ptr<T>(), bc * in.V, rows, in.V, in.nt, k, mk, sim.data_ptr<T>() + r0 * in.V, in.V,
                       idx.data_ptr<int16_t>() + r0 * in.V * k);
   }
 }
@@ -331,7 +341,7 @@ void video_lse_impl(const FrameInputs& in, int64_t k, T scale, at::Tensor& cap_l
                     at::Tensor& cap_sum, at::Tensor& vid_sum, at::Tensor& diag) {
   const int64_t B = in.C, V = in.V, cols = V * in.nt;
   const int64_t bc = frame_block_rows(B, cols);
-  auto S = at::empty({bc, cols}, in.text.options());
+  auto S = at::empty({in.nt, bc, V}, in.text.options());
   auto P = at::empty({bc, V}, in.text.options());
   at::Tensor vid_max_run = at::full({V}, -std::numeric_limits<T>::infinity(), in.text.options());
   auto vid_sumexp_run = at::zeros({V}, in.text.options());
@@ -344,10 +354,9 @@ void video_lse_impl(const FrameInputs& in, int64_t k, T scale, at::Tensor& cap_l
   T* ve = vid_sumexp_run.data_ptr<T>();
   for (int64_t r0 = 0; r0 < B; r0 += bc) {
     const int64_t rows = std::min(bc, B - r0);
-    auto Sb = S.narrow(0, 0, rows);
-    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_tm.t());
+    similarity_block<T>(in, r0, rows, S);
     T* p = P.data_ptr<T>();
-    topk_pool_tile<T>(Sb.data_ptr<T>(), rows, V, in.nt, k, mk, p, V, nullptr);
+    topk_pool_tile<T>(S.data_ptr<T>(), bc * V, rows, V, in.nt, k, mk, p, V, nullptr);
     at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const T* x = p + r * V;
@@ -378,7 +387,7 @@ T video_grad_impl(const FrameInputs& in, int64_t k, T scale, const at::Tensor& c
                   const at::Tensor& cap_w, const at::Tensor& vid_w, T eps, at::Tensor& dtext, at::Tensor& dframes_flat) {
   const int64_t B = in.C, V = in.V, nt = in.nt, cols = V * nt;
   const int64_t bc = frame_block_rows(B, cols);
-  auto S = at::empty({bc, cols}, in.text.options());
+  auto S = at::empty({nt, bc, V}, in.text.options());
   auto P = at::empty({bc, V}, in.text.options());
   auto idx = at::empty({bc, V, k}, in.text.options().dtype(at::kShort));
   const bool* mk = in.mask_tm.defined() ? in.mask_tm.data_ptr<bool>() : nullptr;
@@ -390,11 +399,10 @@ T video_grad_impl(const FrameInputs& in, int64_t k, T scale, const at::Tensor& c
   std::vector<T> ds_rows(B, T(0));
   for (int64_t r0 = 0; r0 < B; r0 += bc) {
     const int64_t rows = std::min(bc, B - r0);
-    auto Sb = S.narrow(0, 0, rows);
-    at::mm_out(Sb, in.text.narrow(0, r0, rows), in.frames_tm.t());
+    similarity_block<T>(in, r0, rows, S);
     T* p = P.data_ptr<T>();
     int16_t* id = idx.data_ptr<int16_t>();
-    topk_pool_tile<T>(Sb.data_ptr<T>(), rows, V, nt, k, mk, p, V, id);
+    topk_pool_tile<T>(S.data_ptr<T>(), bc * V, rows, V, nt, k, mk, p, V, id);
     // P <- dLoss/dsim = scale * G, with G the full logit gradient (softmax, positives, smoothing).
     at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
