@@ -72,6 +72,7 @@ setup(
     package_dir={"fitclip_ext": "fitclip_ext", "fitclip_ext.kernels": "kernels"},
     ext_modules=[CMakeExtension("fitclip_ext._C")],
     cmdclass={"build_ext": CMakeBuild},
+    entry_points={"console_scripts": ["fitclip = fitclip_ext.cli:main"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "video": ["torchcodec>=0.14", "open_clip_torch>=3.0", "safetensors", "tqdm", "matplotlib"],

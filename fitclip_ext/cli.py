@@ -1,0 +1,38 @@
+"""`fitclip` command line: train | wise."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def wise_main(argv=None) -> str:
+    from . import model as fmodel
+
+    p = argparse.ArgumentParser(prog="fitclip wise", description="WiSE-FT: (1 - a) * zero-shot + a * fine-tuned")
+    p.add_argument("--alpha", type=float, default=0.4)
+    p.add_argument("--zero-shot", required=True, help="checkpoint of the original model (safetensors or torch)")
+    p.add_argument("--fine-tuned", required=True, help="checkpoint of the fine-tuned model")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    a = p.parse_args(argv)
+    merged = fmodel.wise_ft(fmodel.load_state_dict(a.zero_shot), fmodel.load_state_dict(a.fine_tuned), a.alpha)
+    fmodel.save_checkpoint(merged, a.out, metadata={"wise_alpha": str(a.alpha)})
+    print(f"wrote {a.out}")
+    return a.out
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "wise"):
+        print("usage: fitclip {train,wise} ...", file=sys.stderr)
+        return 2
+    if argv[0] == "train":
+        from .train import main as train_main
+
+        train_main(argv[1:])
+    else:
+        wise_main(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""FitCLIP fine-tuning of an open_clip model on video-caption data (`fitclip train`).
+
+One step: labeled clips with their captions give the symmetric InfoNCE (`contrastive_loss`) over
+mean-pooled frame embeddings (with top-k temporal sampling when more candidate frames than kept
+frames are decoded: candidates are scored against the caption without gradient by
+`select_frames`, and only the chosen frames are encoded with gradient); unlabeled clips are
+distilled from the frozen teacher (the model as loaded): KL(teacher || student) over the
+video x text score matrices, rows and columns, times the teacher's scale^2. Loss shares
+0.9999 / 0.0001, fixed temperature 0.015, AdamW at 3e-6 by default (the released recipe).
+
+Checkpoints are safetensors written atomically; `--resume` continues a killed run and reaches
+the same state as an uninterrupted run with the same seed (data order and frame sampling are
+functions of seed, epoch and index). Broken videos are skipped, counted and named in the log.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data as fdata
+from . import model as fmodel
+from .contrastive import contrastive_loss
+from .frames import gather_frames, select_frames
+
+
+@dataclass
+class TrainConfig:
+    train_csv: str
+    out_dir: str
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    video_root: str | None = None
+    unlabeled_csv: str | None = None
+    val_csv: str | None = None
+    num_frames: int = 4          # frames pooled per clip (k)
+    candidate_frames: int = 0    # decoded candidates for top-k temporal sampling (0: = num_frames)
+    batch_size: int = 8
+    unlabeled_batch_size: int = 8
+    epochs: int = 1
+    max_steps: int = 0           # stop after this many optimizer steps (0: run all epochs)
+    lr: float = 3e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "constant"   # or "cosine"
+    temperature: float = 0.015
+    learn_temperature: bool = False
+    labeled_weight: float = 0.9999
+    unlabeled_weight: float = 0.0001
+    grad_accum: int = 1
+    workers: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    log_every: int = 1
+
+
+# ----------------------------------------------------------------------------- data
+
+def frame_preprocess(model):
+    """open_clip's eval preprocessing (resize shortest side, center crop, normalise) applied to
+    uint8 frame batches [N, 3, H, W] as tensors, so whole clips are processed at once."""
+    from torchvision.transforms.v2 import functional as TF
+
+    cfg = model.visual.preprocess_cfg
+    size = cfg["size"]
+    mean, std = list(cfg["mean"]), list(cfg["std"])
+    interp = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR}[cfg.get("interpolation", "bicubic")]
+
+    def apply(frames: torch.Tensor) -> torch.Tensor:
+        x = TF.resize(frames, min(size), interpolation=interp, antialias=True)
+        x = TF.center_crop(x, list(size))
+        return TF.normalize(x.float() / 255.0, mean, std)
+
+    return apply
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Samples -> (frames [F, 3, H, W] float, caption, path); broken videos -> (None, None, path)."""
+
+    def __init__(self, samples, preprocess, num_frames, sampling, seed):
+        self.samples, self.preprocess, self.num_frames, self.sampling, self.seed = samples, preprocess, num_frames, sampling, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        # frame sampling depends only on (seed, epoch, index): resumable and worker-independent
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+        try:
+            frames = fdata.read_frames(s.video, self.num_frames, sampling=self.sampling, generator=g)
+        except fdata.VideoDecodeError:
+            return None, None, s.video
+        return self.preprocess(frames), (s.captions[0] if s.captions else ""), s.video
+
+
+def collate(batch):
+    ok = [b for b in batch if b[0] is not None]
+    broken = [b[2] for b in batch if b[0] is None]
+    if not ok:
+        return None, [], broken
+    return torch.stack([b[0] for b in ok]), [b[1] for b in ok], broken
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+
+
+# ----------------------------------------------------------------------------- losses
+
+def video_embeddings(model, frames, text_emb, k):
+    """Mean-pooled, normalised video embeddings [B, D]; with more frames than k, the k frames
+    most similar to the caption are chosen without gradient and only they are encoded."""
+    if frames.shape[1] > k:
+        with torch.no_grad():
+            candidates = fmodel.encode_frames(model, frames)
+            idx, _ = select_frames(candidates, text_emb.detach(), k)
+        frames = gather_frames(frames, idx)
+    emb = F.normalize(fmodel.encode_frames(model, frames), dim=-1)
+    return F.normalize(emb.mean(1), dim=-1)
+
+
+def distillation_loss(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale):
+    """KL(softmax(teacher) || softmax(student)) over rows and over columns of the video x text
+    scores, averaged, times teacher_scale^2 (FitCLIP's unlabeled loss; batchmean)."""
+    s = student_scale * student_video @ student_text.T
+    t = teacher_scale * teacher_video @ teacher_text.T
+    rows = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+    cols = F.kl_div(F.log_softmax(s.T, 1), F.log_softmax(t.T, 1), log_target=True, reduction="batchmean")
+    return (rows + cols) / 2 * teacher_scale**2
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine" and total > cfg.warmup_steps:
+        p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, p)))
+    return cfg.lr
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_training_state(out: Path, model, optimizer, step, epoch, batch_in_epoch, best, tag="last"):
+    fmodel.save_checkpoint(model.state_dict(), out / f"{tag}.safetensors", metadata={"step": str(step)})
+    _atomic_torch_save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                        "batch_in_epoch": batch_in_epoch, "best_val": best}, out / f"{tag}_state.pt")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig) -> dict:
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    model, _, _, tokenizer = fmodel.create(cfg.model, cfg.pretrained, device=device)
+    teacher = None
+    if cfg.unlabeled_csv:
+        teacher, *_ = fmodel.create(cfg.model, cfg.pretrained, device=device)
+        teacher.load_state_dict(model.state_dict())
+        teacher.eval().requires_grad_(False)
+    model.logit_scale.requires_grad_(cfg.learn_temperature)
+    if not cfg.learn_temperature:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1 / cfg.temperature))
+    preprocess = frame_preprocess(model)
+    n_decode = max(cfg.num_frames, cfg.candidate_frames)
+    labeled = fdata.load_caption_csv(cfg.train_csv, cfg.video_root)
+    ds = ClipDataset(labeled, preprocess, n_decode, "random", cfg.seed)
+    uds = None
+    if cfg.unlabeled_csv:
+        uds = ClipDataset(fdata.load_caption_csv(cfg.unlabeled_csv, cfg.video_root), preprocess, cfg.num_frames,
+                          "random", cfg.seed + 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(ds) // (cfg.batch_size * cfg.grad_accum)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    step, start_epoch, start_batch, best = 0, 0, 0, float("inf")
+    if cfg.resume and (out / "last_state.pt").exists():
+        model.load_state_dict(fmodel.load_state_dict(out / "last.safetensors"))
+        state = torch.load(out / "last_state.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, start_epoch, start_batch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best_val"]
+    log = open(out / "log.jsonl", "a")
+    history = []
+    broken_all: list[str] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        ds.epoch = epoch
+        order = epoch_order(len(ds), cfg.seed, epoch)
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)]
+        uorder = epoch_order(len(uds), cfg.seed + 1, epoch) if uds else []
+        broken: list[str] = []
+        first = start_batch if epoch == start_epoch else 0
+        bar = tqdm(range(first, len(batches) - len(batches) % cfg.grad_accum), desc=f"epoch {epoch}", leave=False)
+        model.train()
+        for b in bar:
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+            t0 = time.time()
+            frames, captions, bad = collate([ds[i] for i in batches[b]])
+            broken += bad
+            if frames is None:
+                continue
+            frames = frames.to(device)
+            text = F.normalize(model.encode_text(tokenizer(captions).to(device)), dim=-1)
+            video = video_embeddings(model, frames, text, cfg.num_frames)
+            scale = model.logit_scale.exp()
+            loss_l = contrastive_loss(video, text, scale)
+            loss = cfg.labeled_weight * loss_l
+            loss_u = torch.zeros(())
+            if uds is not None and len(uds):
+                u_idx = [uorder[(b * cfg.unlabeled_batch_size + j) % len(uds)] for j in range(cfg.unlabeled_batch_size)]
+                uds.epoch = epoch
+                uframes, ucaps, ubad = collate([uds[i] for i in u_idx])
+                broken += ubad
+                if uframes is not None:
+                    uframes = uframes.to(device)
+                    utext_s = F.normalize(model.encode_text(tokenizer(ucaps).to(device)), dim=-1)
+                    uvideo_s = video_embeddings(model, uframes, utext_s, cfg.num_frames)
+                    with torch.no_grad():
+                        utext_t = F.normalize(teacher.encode_text(tokenizer(ucaps).to(device)), dim=-1)
+                        uvideo_t = video_embeddings(teacher, uframes, utext_t, cfg.num_frames)
+                        t_scale = teacher.logit_scale.exp() if cfg.learn_temperature else 1 / cfg.temperature
+                    loss_u = distillation_loss(uvideo_s, utext_s, uvideo_t, utext_t, scale, t_scale)
+                    loss = loss + cfg.unlabeled_weight * loss_u
+            (loss / cfg.grad_accum).backward()
+            if (b + 1) % cfg.grad_accum == 0:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg, total)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                rec = {"step": step, "epoch": epoch, "loss": loss.item(), "labeled_loss": loss_l.item(),
+                       "unlabeled_loss": float(loss_u.detach()), "lr": optimizer.param_groups[0]["lr"],
+                       "seconds": time.time() - t0, "clips_per_s": len(captions) / max(1e-9, time.time() - t0)}
+                history.append(rec)
+                if step % cfg.log_every == 0:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                save_training_state(out, model, optimizer, step, epoch, b + 1, best)
+        if broken:
+            log.write(json.dumps({"epoch": epoch, "broken_videos": sorted(set(broken))}) + "\n")
+            print(f"epoch {epoch}: skipped {len(set(broken))} unreadable videos: {sorted(set(broken))[:10]}")
+            broken_all += broken
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+        start_batch = 0
+        save_training_state(out, model, optimizer, step, epoch + 1, 0, best)
+    log.close()
+    plot_history(out / "log.jsonl", out / "loss.png")
+    return {"steps": step, "history": history, "broken_videos": sorted(set(broken_all)), "out_dir": str(out)}
+
+
+def plot_history(log_path: Path, png: Path) -> None:
+    rows = [json.loads(line) for line in open(log_path) if '"loss"' in line]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["labeled_loss"] for r in rows], label="labeled InfoNCE")
+    if any(r["unlabeled_loss"] for r in rows):
+        ax.plot([r["step"] for r in rows], [r["unlabeled_loss"] for r in rows], label="distillation (KL x scale^2)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="fitclip train", description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(TrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(name, action="store_true")
+        elif f.default is dataclasses.MISSING:
+            parser.add_argument(name, required=True)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(name, type=typ, default=f.default)
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(**{k: (None if v in ("none", "None") else v) for k, v in vars(args).items()})
+    return train(cfg)

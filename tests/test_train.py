@@ -1,0 +1,73 @@
+"""CPU smoke tests of the real entry points on a tiny synthetic video set: training (labeled +
+distillation, top-k temporal sampling), broken videos reported, resume == uninterrupted, WiSE."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+pytest.importorskip("torchcodec")
+
+from fitclip_ext import cli, model as fm  # noqa: E402
+from fitclip_ext.train import main as train_main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def video_set(tmp_path_factory):
+    from torchcodec.encoders import VideoEncoder
+
+    root = tmp_path_factory.mktemp("videos")
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+    rows = ["video,caption"]
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        name, rgb = list(colours.items())[i % 4]
+        frames = torch.randint(0, 40, (8, 3, 32, 32), generator=g, dtype=torch.uint8)
+        frames[:, :, 8:24, 8:24] = torch.tensor(rgb, dtype=torch.uint8)[None, :, None, None]
+        VideoEncoder(frames, frame_rate=8).to_file(str(root / f"clip{i}.mp4"))
+        rows.append(f"clip{i}.mp4,a {name} square")
+    (root / "broken.mp4").write_bytes(b"not a video at all")
+    rows.append("broken.mp4,a broken clip")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _args(video_set, out, *extra):
+    return ["--train-csv", str(video_set / "train.csv"), "--out-dir", str(out), "--model", "fitclip-tiny",
+            "--pretrained", "none", "--batch-size", "4", "--num-frames", "2", "--candidate-frames", "4",
+            "--unlabeled-csv", str(video_set / "train.csv"), "--unlabeled-batch-size", "3", "--epochs", "2",
+            "--lr", "1e-3", "--seed", "3", *extra]
+
+
+def test_train_smoke_and_broken_videos_reported(video_set, tmp_path):
+    res = train_main(_args(video_set, tmp_path / "run"))
+    assert res["steps"] == 4  # 9 clips, batches of 4, 2 epochs
+    assert any(p.endswith("broken.mp4") for p in res["broken_videos"])
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 4 and all(r["unlabeled_loss"] > 0 for r in steps)
+    assert any("broken_videos" in r for r in log)
+    assert (tmp_path / "run" / "last.safetensors").exists() and (tmp_path / "run" / "loss.png").exists()
+
+
+def test_resume_equals_uninterrupted(video_set, tmp_path):
+    train_main(_args(video_set, tmp_path / "full", "--max-steps", "3"))
+    first = train_main(_args(video_set, tmp_path / "killed", "--max-steps", "1"))  # "killed" after 1 step
+    resumed = train_main(_args(video_set, tmp_path / "killed", "--max-steps", "3", "--resume"))
+    assert first["steps"] == 1
+    assert [r["step"] for r in resumed["history"]] == [2, 3]  # continued, did not start over
+    a = fm.load_state_dict(tmp_path / "full" / "last.safetensors")
+    b = fm.load_state_dict(tmp_path / "killed" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_wise_cli(tmp_path):
+    fm.save_checkpoint({"w": torch.zeros(2)}, tmp_path / "zs.safetensors")
+    fm.save_checkpoint({"w": torch.ones(2)}, tmp_path / "ft.safetensors")
+    assert cli.main(["wise", "--alpha", "0.4", "--zero-shot", str(tmp_path / "zs.safetensors"),
+                     "--fine-tuned", str(tmp_path / "ft.safetensors"), "--out", str(tmp_path / "w.safetensors")]) == 0
+    torch.testing.assert_close(fm.load_state_dict(tmp_path / "w.safetensors")["w"], torch.full((2,), 0.4))
