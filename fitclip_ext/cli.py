@@ -1,4 +1,4 @@
-"""`fitclip` command line: train | wise."""
+"""`fitclip` command line: train | eval | wise."""
 from __future__ import annotations
 
 import argparse
@@ -22,13 +22,17 @@ def wise_main(argv=None) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "wise"):
-        print("usage: fitclip {train,wise} ...", file=sys.stderr)
+    if not argv or argv[0] not in ("train", "eval", "wise"):
+        print("usage: fitclip {train,eval,wise} ...", file=sys.stderr)
         return 2
     if argv[0] == "train":
         from .train import main as train_main
 
         train_main(argv[1:])
+    elif argv[0] == "eval":
+        from .evaluate import main as eval_main
+
+        eval_main(argv[1:])
     else:
         wise_main(argv[1:])
     return 0

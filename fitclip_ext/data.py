@@ -53,8 +53,9 @@ def frame_indices(num_available: int, num_frames: int, sampling: str = "uniform"
 
 
 def read_frames(path, num_frames: int, *, sampling: str = "uniform", generator: torch.Generator | None = None,
-                num_threads: int = 1) -> torch.Tensor:
-    """uint8 [num_frames, 3, H, W] frames of the video at `path` (see `frame_indices`)."""
+                num_threads: int = 1, segment: tuple[float, float] | None = None) -> torch.Tensor:
+    """uint8 [num_frames, 3, H, W] frames of the video at `path` (see `frame_indices`), taken from
+    the whole clip or from `segment` = (start, end) seconds."""
     from torchcodec.decoders import VideoDecoder
 
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
@@ -71,7 +72,14 @@ def read_frames(path, num_frames: int, *, sampling: str = "uniform", generator: 
         raise VideoDecodeError(path, f"{type(err).__name__}: {err}") from err
     if not available:
         raise VideoDecodeError(path, "the video stream has no frames")
-    idx = frame_indices(available, num_frames, sampling, generator)
+    first = 0
+    if segment is not None:
+        fps = decoder.metadata.average_fps
+        if not fps:
+            raise VideoDecodeError(path, "no frame rate: cannot locate the segment")
+        first = min(available - 1, max(0, int(segment[0] * fps)))
+        available = max(1, min(available, math.ceil(segment[1] * fps)) - first)
+    idx = [first + j for j in frame_indices(available, num_frames, sampling, generator)]
     try:
         frames = decoder.get_frames_at(sorted(set(idx))).data
     except Exception as err:  # a truncated file fails here, past its header

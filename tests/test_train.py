@@ -71,3 +71,35 @@ def test_wise_cli(tmp_path):
     assert cli.main(["wise", "--alpha", "0.4", "--zero-shot", str(tmp_path / "zs.safetensors"),
                      "--fine-tuned", str(tmp_path / "ft.safetensors"), "--out", str(tmp_path / "w.safetensors")]) == 0
     torch.testing.assert_close(fm.load_state_dict(tmp_path / "w.safetensors")["w"], torch.full((2,), 0.4))
+
+
+def test_eval_cli_retrieval_and_classification(video_set, tmp_path):
+    from fitclip_ext.evaluate import main as eval_main
+
+    res = eval_main(["--model", "fitclip-tiny", "--pretrained", "none", "--task", "csv", "--root",
+                     str(video_set / "train.csv"), "--num-frames", "3", "--out", str(tmp_path / "r.json")])
+    r = res["retrieval"]
+    assert r["videos"] == 8 and any(p.endswith("broken.mp4") for p in r["unreadable"])
+    for key in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "t2v_mnr", "v2t_r1", "v2t_mdr"):
+        assert key in r
+    assert 0 <= r["t2v_r1"] <= 100 and 1 <= r["t2v_mdr"] <= 8
+    names = ["a red square", "a green square", "a blue square", "a yellow square"]
+    (tmp_path / "classes.txt").write_text("\n".join(names))
+    csv = tmp_path / "cls.csv"
+    csv.write_text((video_set / "train.csv").read_text().replace("broken.mp4,a broken clip\n", ""))
+    res = eval_main(["--model", "fitclip-tiny", "--pretrained", "none", "--task", "csv", "--root", str(csv),
+                     "--video-root", str(video_set), "--classes", str(tmp_path / "classes.txt"), "--templates", "plain",
+                     "--pooling", "topk", "--k", "2"])
+    c = res["classification"]
+    assert c["videos"] == 8 and 0 <= c["top1"] <= c["top5"] <= 100 and c["top5"] == 100  # 4 classes
+
+
+def test_read_frames_segment(tmp_path):
+    from torchcodec.encoders import VideoEncoder
+
+    from fitclip_ext import data
+
+    levels = torch.tensor([10 + 12 * i for i in range(20)], dtype=torch.uint8)
+    VideoEncoder(levels[:, None, None, None].expand(20, 3, 16, 16).contiguous(), frame_rate=10).to_file(str(tmp_path / "v.mp4"))
+    frames = data.read_frames(tmp_path / "v.mp4", 2, segment=(1.0, 2.0))  # frames 10..19
+    assert [round((f.float().mean().item() - 10) / 12) for f in frames] == [12, 17]

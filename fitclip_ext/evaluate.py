@@ -1,0 +1,129 @@
+"""Zero-shot evaluation (`fitclip eval`): action recognition (prompt-ensembled class names,
+top-1/top-5) and text-to-video / video-to-text retrieval (R@1/5/10, median and mean rank), with
+mean pooling of frame similarities or top-k pooling (`topk_frame_similarity`)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data as fdata
+from . import metrics
+from . import model as fmodel
+from .frames import topk_frame_similarity
+
+
+@torch.no_grad()
+def embed_videos(model, samples, num_frames: int, batch_size: int = 16, device="cpu"):
+    """(unit frame embeddings [N, T, D], kept sample indices, unreadable paths): frames are the
+    middle frames of T equal intervals (the evaluation sampling)."""
+    from .train import frame_preprocess
+
+    preprocess = frame_preprocess(model)
+    model.eval()
+    embs, kept, broken = [], [], []
+    batch, batch_idx = [], []
+    for i, s in enumerate(samples):
+        try:
+            batch.append(preprocess(fdata.read_frames(s.video, num_frames, sampling="uniform", segment=s.segment)))
+            batch_idx.append(i)
+        except fdata.VideoDecodeError:
+            broken.append(s.video)
+        if len(batch) == batch_size or (i == len(samples) - 1 and batch):
+            embs.append(F.normalize(fmodel.encode_frames(model, torch.stack(batch).to(device)).float(), dim=-1).cpu())
+            kept += batch_idx
+            batch, batch_idx = [], []
+    if not embs:
+        raise ValueError("no readable video in the evaluation set")
+    return torch.cat(embs), kept, broken
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts, batch_size: int = 256, device="cpu") -> torch.Tensor:
+    out = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float().cpu()
+           for i in range(0, len(texts), batch_size)]
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def scores(text_emb: torch.Tensor, frame_emb: torch.Tensor, pooling: str, k: int) -> torch.Tensor:
+    """[texts, videos]: mean pooling (mean of frame similarities = similarity to the mean of the
+    unit frame embeddings) or the mean of the k best frames."""
+    if pooling == "mean":
+        return text_emb @ frame_emb.mean(1).T
+    if pooling == "topk":
+        return topk_frame_similarity(text_emb, frame_emb, min(k, frame_emb.shape[1]))
+    raise ValueError(f"pooling must be 'mean' or 'topk', got {pooling!r}")
+
+
+def classification(model, tokenizer, samples, class_names, templates, num_frames, pooling="mean", k=1,
+                   device="cpu") -> dict:
+    frame_emb, kept, broken = embed_videos(model, samples, num_frames, device=device)
+    encode = lambda texts: embed_texts(model, tokenizer, texts, device=device)  # noqa: E731
+    class_emb = metrics.class_embeddings(encode, class_names, templates)
+    logits = scores(class_emb, frame_emb, pooling, k).T
+    labels = torch.tensor([samples[i].label for i in kept])
+    return {**metrics.classification_metrics(logits, labels), "videos": len(kept), "unreadable": broken}
+
+
+def retrieval(model, tokenizer, samples, num_frames, pooling="mean", k=1, device="cpu") -> dict:
+    frame_emb, kept, broken = embed_videos(model, samples, num_frames, device=device)
+    texts, owner = [], []
+    for v, i in enumerate(kept):
+        for caption in samples[i].captions[:1] or [""]:
+            texts.append(caption)
+            owner.append(v)
+    sim = scores(embed_texts(model, tokenizer, texts, device=device), frame_emb, pooling, k)
+    return {**metrics.retrieval_metrics(sim, torch.tensor(owner)), "videos": len(kept), "unreadable": broken}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="fitclip eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--pretrained", default="openai", help="open_clip tag or checkpoint file")
+    p.add_argument("--task", required=True, choices=["ucf101", "hmdb51", "msrvtt", "didemo", "youcook2", "activitynet", "csv"])
+    p.add_argument("--root", required=True, help="data set folder (or the CSV for --task csv)")
+    p.add_argument("--split", default=None, help="1-3 for UCF101/HMDB51, or the layout's split name")
+    p.add_argument("--hmdb-splits", default=None, help="folder of HMDB51 split files")
+    p.add_argument("--classes", default=None, help="for --task csv: classify against these names (one per line)")
+    p.add_argument("--video-root", default=None, help="for --task csv: folder the CSV's video paths are relative to")
+    p.add_argument("--num-frames", type=int, default=4)
+    p.add_argument("--pooling", choices=["mean", "topk"], default="mean")
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--templates", choices=["ucf101", "plain"], default="ucf101")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    a = p.parse_args(argv)
+    model, _, _, tok = fmodel.create(a.model, None if a.pretrained in ("none", "None") else a.pretrained, device=a.device)
+    templates = metrics.ucf101_templates() if a.templates == "ucf101" else ["{}"]
+    kw = dict(num_frames=a.num_frames, pooling=a.pooling, k=a.k, device=a.device)
+    results: dict = {"task": a.task, "model": a.model, "pretrained": a.pretrained, "pooling": a.pooling, "k": a.k}
+    if a.task in ("ucf101", "hmdb51"):
+        per_split = {}
+        for split in ([int(a.split)] if a.split else [1, 2, 3]):
+            if a.task == "ucf101":
+                samples, names = fdata.load_ucf101(a.root, split, "test")
+            else:
+                samples, names = fdata.load_hmdb51(a.root, a.hmdb_splits or a.root, split, "test")
+            per_split[split] = classification(model, tok, samples, names, templates, **kw)
+        results["splits"] = per_split
+        results["mean"] = {m: sum(r[m] for r in per_split.values()) / len(per_split) for m in ("top1", "top5")}
+    elif a.task == "csv" and a.classes:
+        samples = fdata.load_caption_csv(a.root, a.video_root)
+        names = [n.strip() for n in Path(a.classes).read_text().splitlines() if n.strip()]
+        for s in samples:
+            s.label = names.index(s.captions[0])
+        results["classification"] = classification(model, tok, samples, names, templates, **kw)
+    else:
+        loaders = {"msrvtt": lambda: fdata.load_msrvtt(a.root, a.split or "test_1k"),
+                   "didemo": lambda: fdata.load_didemo(a.root, a.split or "test"),
+                   "youcook2": lambda: fdata.load_youcook2(a.root, a.split or "validation"),
+                   "activitynet": lambda: fdata.load_activitynet(a.root, a.split or "val_1"),
+                   "csv": lambda: fdata.load_caption_csv(a.root, a.video_root)}
+        results["retrieval"] = retrieval(model, tok, loaders[a.task](), **kw)
+    print(json.dumps(results, indent=1, default=str))
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1, default=str))
+    return results
