@@ -1,5 +1,6 @@
 # One entry point for setting up and running everything, on a fresh machine.
-#   make test   - create .venv, install pins + FFmpeg, build the C++ extension, run the test suite
+#   make demo   - create .venv, install pins + FFmpeg, build the C++ extension, run the FitCLIP demo
+#   make test   - the same set-up, then the test suite
 #   make bench  - the CPU benchmarks (pytest-benchmark), results under benchmarks/results/
 #   make aot    - compile every shipped Triton kernel for sm_80/sm_90 without a GPU
 #   make gpu-check - on a CUDA machine: the GPU correctness check and benchmarks
@@ -15,7 +16,7 @@ DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-be
         "safetensors" "matplotlib"
 PYTEST_ARGS ?=
 
-.PHONY: setup deps ffmpeg build test bench aot gpu-check clean
+.PHONY: setup deps ffmpeg build test demo bench aot gpu-check clean
 
 setup: $(VENV)/.deps-stamp ffmpeg build
 
@@ -43,6 +44,10 @@ build: $(VENV)/.deps-stamp
 
 test: setup
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# The main job: FitCLIP on a synthetic video world, offline on a CPU (about 2-3 minutes).
+demo: setup
+	$(PY) -m fitclip_ext.demo --out demo_out
 
 bench: setup
 	$(PY) -m pytest benchmarks -q -s $(PYTEST_ARGS)

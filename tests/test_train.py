@@ -103,3 +103,15 @@ def test_read_frames_segment(tmp_path):
     VideoEncoder(levels[:, None, None, None].expand(20, 3, 16, 16).contiguous(), frame_rate=10).to_file(str(tmp_path / "v.mp4"))
     frames = data.read_frames(tmp_path / "v.mp4", 2, segment=(1.0, 2.0))  # frames 10..19
     assert [round((f.float().mean().item() - 10) / 12) for f in frames] == [12, 17]
+
+
+def test_demo_end_to_end_tiny(tmp_path):
+    """The demo's real pipeline at toy sizes: world, image pre-training, FitCLIP, WiSE-FT, eval."""
+    from fitclip_ext import demo
+
+    doc = demo.main(["--out", str(tmp_path / "demo"), "--clips-per-combo", "2", "--pretrain-steps", "3",
+                     "--epochs", "1", "--frames", "4", "--k", "3"])
+    assert set(doc["results"]) == {"image_model", "fitclip", "fitclip_wise"}
+    for r in doc["results"].values():
+        assert 0 <= r["action_top1"] <= 100 and 0 <= r["t2v_r1"] <= 100
+    assert (tmp_path / "demo" / "results.json").exists() and (tmp_path / "demo" / "results.png").exists()
