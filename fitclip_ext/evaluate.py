@@ -79,6 +79,24 @@ def retrieval(model, tokenizer, samples, num_frames, pooling="mean", k=1, device
     return {**metrics.retrieval_metrics(sim, torch.tensor(owner)), "videos": len(kept), "unreadable": broken}
 
 
+def print_table(results: dict) -> None:
+    rows = []
+    if "splits" in results:
+        rows += [(f"split {k}", r) for k, r in results["splits"].items()] + [("mean", results["mean"])]
+    for key in ("classification", "retrieval"):
+        if key in results:
+            rows.append((key, results[key]))
+    cols = [c for c in ("top1", "top5", "t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "t2v_mnr", "v2t_r1", "v2t_r5",
+                        "v2t_r10", "v2t_mdr", "v2t_mnr") if any(c in r for _, r in rows)]
+    print(f"{results['task']} ({results['model']}, {results['pretrained']}, {results['pooling']} pooling)")
+    print(f"{'':15}" + "".join(f"{c:>9}" for c in cols))
+    for name, r in rows:
+        print(f"{name:15}" + "".join(f"{r[c]:9.1f}" if c in r else f"{'-':>9}" for c in cols))
+    unreadable = [p for _, r in rows for p in r.get("unreadable", [])]
+    if unreadable:
+        print(f"{len(unreadable)} unreadable videos skipped, e.g. {unreadable[:3]}")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="fitclip eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ViT-B-16")
@@ -123,7 +141,7 @@ def main(argv=None) -> dict:
                    "activitynet": lambda: fdata.load_activitynet(a.root, a.split or "val_1"),
                    "csv": lambda: fdata.load_caption_csv(a.root, a.video_root)}
         results["retrieval"] = retrieval(model, tok, loaders[a.task](), **kw)
-    print(json.dumps(results, indent=1, default=str))
+    print_table(results)
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1, default=str))
     return results

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import data as fdata
 from . import model as fmodel
 from .contrastive import contrastive_loss
-from .frames import gather_frames, select_frames
+from .frames import gather_frames, select_frames, video_contrastive_loss
 
 
 @dataclass
@@ -41,9 +41,12 @@ class TrainConfig:
     pretrained: str | None = "openai"
     video_root: str | None = None
     unlabeled_csv: str | None = None
-    val_csv: str | None = None
+    class_prompts: str | None = None  # file of class names: unlabeled texts become "a video of {name}."
+    val_csv: str | None = None       # mean-pooled InfoNCE on these clips after every epoch; best kept
     num_frames: int = 4          # frames pooled per clip (k)
     candidate_frames: int = 0    # decoded candidates for top-k temporal sampling (0: = num_frames)
+    loss_pooling: str = "mean"   # "mean": InfoNCE of pooled embeddings; "topk": video_contrastive_loss
+    pool_k: int = 1              # frames per pair for loss_pooling="topk"
     batch_size: int = 8
     unlabeled_batch_size: int = 8
     epochs: int = 1
@@ -119,16 +122,45 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- losses
 
-def video_embeddings(model, frames, text_emb, k):
-    """Mean-pooled, normalised video embeddings [B, D]; with more frames than k, the k frames
-    most similar to the caption are chosen without gradient and only they are encoded."""
+def frame_embeddings(model, frames, text_emb, k):
+    """Unit frame embeddings [B, k, D]; with more frames than k, the k frames most similar to the
+    caption are chosen without gradient and only they are encoded (FitCLIP's temporal sampling)."""
     if frames.shape[1] > k:
+        if text_emb is None:
+            raise ValueError("temporal sampling needs the captions' embeddings")
         with torch.no_grad():
             candidates = fmodel.encode_frames(model, frames)
             idx, _ = select_frames(candidates, text_emb.detach(), k)
         frames = gather_frames(frames, idx)
-    emb = F.normalize(fmodel.encode_frames(model, frames), dim=-1)
-    return F.normalize(emb.mean(1), dim=-1)
+    return F.normalize(fmodel.encode_frames(model, frames), dim=-1)
+
+
+def video_embeddings(model, frames, text_emb, k):
+    """Mean-pooled, normalised video embeddings [B, D] of the (selected) frames."""
+    return F.normalize(frame_embeddings(model, frames, text_emb, k).mean(1), dim=-1)
+
+
+def labeled_loss(model, frames, text, k, scale, cfg: TrainConfig):
+    if cfg.loss_pooling == "topk":  # top-k pooled logits, fused (no B x B x T)
+        return video_contrastive_loss(frame_embeddings(model, frames, text, k), text, scale, k=min(cfg.pool_k, k))
+    return contrastive_loss(video_embeddings(model, frames, text, k), text, scale)
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, ds, cfg: TrainConfig, device) -> float:
+    """Mean-pooled InfoNCE over the validation clips in batches (uniform frames)."""
+    model.eval()
+    total, count = 0.0, 0
+    for b0 in range(0, len(ds) - 1, cfg.batch_size):
+        frames, caps, _ = collate([ds[i] for i in range(b0, min(len(ds), b0 + cfg.batch_size))])
+        if frames is None or len(caps) < 2:
+            continue
+        text = F.normalize(model.encode_text(tokenizer(caps).to(device)), dim=-1)
+        video = video_embeddings(model, frames.to(device), text, cfg.num_frames)
+        total += contrastive_loss(video, text, model.logit_scale.exp()).item() * len(caps)
+        count += len(caps)
+    model.train()
+    return total / max(1, count)
 
 
 def distillation_loss(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale):
@@ -192,6 +224,12 @@ def train(cfg: TrainConfig) -> dict:
     n_decode = max(cfg.num_frames, cfg.candidate_frames)
     labeled = fdata.load_caption_csv(cfg.train_csv, cfg.video_root)
     ds = ClipDataset(labeled, preprocess, n_decode, "random", cfg.seed)
+    vds = ClipDataset(fdata.load_caption_csv(cfg.val_csv, cfg.video_root), preprocess, cfg.num_frames, "uniform",
+                      cfg.seed) if cfg.val_csv else None
+    prompts = None
+    if cfg.class_prompts:
+        names = [n.strip() for n in Path(cfg.class_prompts).read_text().splitlines() if n.strip()]
+        prompts = [f"a video of {fdata.split_camel_case(n)}." for n in names]
     uds = None
     if cfg.unlabeled_csv:
         uds = ClipDataset(fdata.load_caption_csv(cfg.unlabeled_csv, cfg.video_root), preprocess, cfg.num_frames,
@@ -206,6 +244,7 @@ def train(cfg: TrainConfig) -> dict:
         state = torch.load(out / "last_state.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         step, start_epoch, start_batch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best_val"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     log = open(out / "log.jsonl", "a")
     history = []
     broken_all: list[str] = []
@@ -216,38 +255,44 @@ def train(cfg: TrainConfig) -> dict:
         uorder = epoch_order(len(uds), cfg.seed + 1, epoch) if uds else []
         broken: list[str] = []
         first = start_batch if epoch == start_epoch else 0
-        bar = tqdm(range(first, len(batches) - len(batches) % cfg.grad_accum), desc=f"epoch {epoch}", leave=False)
+        end = len(batches) - len(batches) % cfg.grad_accum
+        # DataLoader workers decode while the model trains; the batches are fixed above (resumable)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches[first:end], collate_fn=collate,
+                                             num_workers=cfg.workers)
+        bar = tqdm(zip(range(first, end), loader), total=end - first, desc=f"epoch {epoch}", leave=False)
         model.train()
-        for b in bar:
+        for b, (frames, captions, bad) in bar:
             if cfg.max_steps and step >= cfg.max_steps:
                 break
             t0 = time.time()
-            frames, captions, bad = collate([ds[i] for i in batches[b]])
             broken += bad
             if frames is None:
                 continue
             frames = frames.to(device)
-            text = F.normalize(model.encode_text(tokenizer(captions).to(device)), dim=-1)
-            video = video_embeddings(model, frames, text, cfg.num_frames)
-            scale = model.logit_scale.exp()
-            loss_l = contrastive_loss(video, text, scale)
-            loss = cfg.labeled_weight * loss_l
-            loss_u = torch.zeros(())
-            if uds is not None and len(uds):
-                u_idx = [uorder[(b * cfg.unlabeled_batch_size + j) % len(uds)] for j in range(cfg.unlabeled_batch_size)]
-                uds.epoch = epoch
-                uframes, ucaps, ubad = collate([uds[i] for i in u_idx])
-                broken += ubad
-                if uframes is not None:
-                    uframes = uframes.to(device)
-                    utext_s = F.normalize(model.encode_text(tokenizer(ucaps).to(device)), dim=-1)
-                    uvideo_s = video_embeddings(model, uframes, utext_s, cfg.num_frames)
-                    with torch.no_grad():
-                        utext_t = F.normalize(teacher.encode_text(tokenizer(ucaps).to(device)), dim=-1)
-                        uvideo_t = video_embeddings(teacher, uframes, utext_t, cfg.num_frames)
-                        t_scale = teacher.logit_scale.exp() if cfg.learn_temperature else 1 / cfg.temperature
-                    loss_u = distillation_loss(uvideo_s, utext_s, uvideo_t, utext_t, scale, t_scale)
-                    loss = loss + cfg.unlabeled_weight * loss_u
+            with autocast:
+                text = F.normalize(model.encode_text(tokenizer(captions).to(device)), dim=-1)
+                scale = model.logit_scale.exp()
+                loss_l = labeled_loss(model, frames, text, cfg.num_frames, scale, cfg)
+                loss = cfg.labeled_weight * loss_l
+                loss_u = torch.zeros(())
+                if uds is not None and len(uds):
+                    u_idx = [uorder[(b * cfg.unlabeled_batch_size + j) % len(uds)] for j in range(cfg.unlabeled_batch_size)]
+                    uds.epoch = epoch
+                    uframes, ucaps, ubad = collate([uds[i] for i in u_idx])
+                    broken += ubad
+                    if uframes is not None:
+                        uframes = uframes.to(device)
+                        texts = prompts or ucaps  # class prompts give soft pseudo-labels over classes
+                        utext_s = F.normalize(model.encode_text(tokenizer(texts).to(device)), dim=-1)
+                        with torch.no_grad():
+                            utext_t = F.normalize(teacher.encode_text(tokenizer(texts).to(device)), dim=-1)
+                            # the teacher scores the same frames the student sees (unlabeled
+                            # clips are decoded at num_frames: no caption-driven selection)
+                            uvideo_t = video_embeddings(teacher, uframes, None, cfg.num_frames)
+                            t_scale = teacher.logit_scale.exp() if cfg.learn_temperature else 1 / cfg.temperature
+                        uvideo_s = video_embeddings(model, uframes, None, cfg.num_frames)
+                        loss_u = distillation_loss(uvideo_s.float(), utext_s.float(), uvideo_t.float(), utext_t.float(), scale, t_scale)
+                        loss = loss + cfg.unlabeled_weight * loss_u
             (loss / cfg.grad_accum).backward()
             if (b + 1) % cfg.grad_accum == 0:
                 for group in optimizer.param_groups:
@@ -268,6 +313,13 @@ def train(cfg: TrainConfig) -> dict:
             log.write(json.dumps({"epoch": epoch, "broken_videos": sorted(set(broken))}) + "\n")
             print(f"epoch {epoch}: skipped {len(set(broken))} unreadable videos: {sorted(set(broken))[:10]}")
             broken_all += broken
+        if vds is not None:
+            val = validation_loss(model, tokenizer, vds, cfg, device)
+            log.write(json.dumps({"epoch": epoch, "step": step, "val_loss": val}) + "\n")
+            if val < best:
+                best = val
+                fmodel.save_checkpoint(model.state_dict(), out / "best.safetensors",
+                                       metadata={"step": str(step), "val_loss": str(val)})
         if cfg.max_steps and step >= cfg.max_steps:
             break
         start_batch = 0
@@ -290,6 +342,9 @@ def plot_history(log_path: Path, png: Path) -> None:
     ax.plot([r["step"] for r in rows], [r["labeled_loss"] for r in rows], label="labeled InfoNCE")
     if any(r["unlabeled_loss"] for r in rows):
         ax.plot([r["step"] for r in rows], [r["unlabeled_loss"] for r in rows], label="distillation (KL x scale^2)")
+    val = [json.loads(line) for line in open(log_path) if '"val_loss"' in line]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation InfoNCE")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

@@ -115,3 +115,16 @@ def test_demo_end_to_end_tiny(tmp_path):
     for r in doc["results"].values():
         assert 0 <= r["action_top1"] <= 100 and 0 <= r["t2v_r1"] <= 100
     assert (tmp_path / "demo" / "results.json").exists() and (tmp_path / "demo" / "results.png").exists()
+
+
+def test_train_options_val_best_topk_loss_class_prompts_workers(video_set, tmp_path):
+    (tmp_path / "classes.txt").write_text("RedSquare\nGreenSquare\nBlueSquare\nYellowSquare\n")
+    res = train_main(_args(video_set, tmp_path / "run", "--val-csv", str(video_set / "train.csv"),
+                           "--loss-pooling", "topk", "--pool-k", "1", "--class-prompts", str(tmp_path / "classes.txt"),
+                           "--workers", "2", "--grad-accum", "2", "--epochs", "2"))
+    assert res["steps"] == 2  # 2 batches per epoch, 2 per step, 2 epochs
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    vals = [r for r in log if "val_loss" in r]
+    assert len(vals) == 2 and all(r["val_loss"] > 0 for r in vals)
+    assert (tmp_path / "run" / "best.safetensors").exists()
+    assert all(r["unlabeled_loss"] > -1e-5 for r in log if "loss" in r)  # a KL, up to rounding
