@@ -191,13 +191,25 @@ def load_hmdb51(root, split_dir, split: int = 1, subset: str = "test") -> tuple[
     return out, [split_camel_case(c) for c in class_names]
 
 
-def load_didemo(root, split: str = "test", video_dir=None) -> list[VideoText]:
-    """DiDeMo {split}_data.json (list of {video, description, times}); paragraph-to-video: each
-    video's descriptions joined, in file order."""
+def load_didemo(root, split: str = "test", video_dir=None, mode: str = "paragraph") -> list[VideoText]:
+    """DiDeMo {split}_data.json (list of {video, description, times}). "paragraph": each video's
+    descriptions joined, in file order (paragraph-to-video retrieval); "segment": one sample per
+    description over its moment (times are 5-second chunk indices; the annotators' first
+    [start, end] is used)."""
     root = Path(root)
     vdir = Path(video_dir) if video_dir else root / "videos"
+    items = json.loads((root / f"{split}_data.json").read_text())
+    if mode == "segment":
+        out = []
+        for item in items:
+            start, end = item["times"][0]
+            out.append(VideoText(str(vdir / item["video"]), [item["description"].strip()],
+                                 segment=(5.0 * start, 5.0 * (end + 1))))
+        return out
+    if mode != "paragraph":
+        raise ValueError(f"mode must be 'paragraph' or 'segment', got {mode!r}")
     paragraphs: dict[str, list[str]] = {}
-    for item in json.loads((root / f"{split}_data.json").read_text()):
+    for item in items:
         paragraphs.setdefault(item["video"], []).append(item["description"].strip())
     return [VideoText(str(vdir / v), [" ".join(d)]) for v, d in paragraphs.items()]
 
@@ -219,16 +231,23 @@ def load_youcook2(root, split: str = "validation", video_dir=None) -> list[Video
     return out
 
 
-def load_activitynet(root, split: str = "val_1", video_dir=None) -> list[VideoText]:
-    """ActivityNet Captions {split}.json mapping video id to {duration, timestamps, sentences};
-    paragraph-to-video: the sentences joined."""
+def load_activitynet(root, split: str = "val_1", video_dir=None, mode: str = "paragraph") -> list[VideoText]:
+    """ActivityNet Captions {split}.json mapping video id to {duration, timestamps, sentences}.
+    "paragraph": the sentences joined (paragraph-to-video); "segment": one sample per sentence
+    over its [start, end] seconds."""
     root = Path(root)
     vdir = Path(video_dir) if video_dir else root / "videos"
     data = json.loads((root / f"{split}.json").read_text())
+    if mode not in ("paragraph", "segment"):
+        raise ValueError(f"mode must be 'paragraph' or 'segment', got {mode!r}")
     out = []
     for vid, entry in data.items():
         path = next((str(p) for p in vdir.glob(f"{vid}.*")), str(vdir / f"{vid}.mp4"))
-        out.append(VideoText(path, [" ".join(s.strip() for s in entry["sentences"])]))
+        if mode == "segment":
+            for (start, end), sentence in zip(entry["timestamps"], entry["sentences"]):
+                out.append(VideoText(path, [sentence.strip()], segment=(float(start), float(end))))
+        else:
+            out.append(VideoText(path, [" ".join(s.strip() for s in entry["sentences"])]))
     return out
 
 

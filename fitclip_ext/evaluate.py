@@ -110,6 +110,8 @@ def main(argv=None) -> dict:
     p.add_argument("--num-frames", type=int, default=4)
     p.add_argument("--pooling", choices=["mean", "topk"], default="mean")
     p.add_argument("--k", type=int, default=1)
+    p.add_argument("--mode", choices=["paragraph", "segment"], default="paragraph",
+                   help="DiDeMo / ActivityNet: paragraph-to-video or segment (moment) retrieval")
     p.add_argument("--templates", choices=["ucf101", "plain"], default="ucf101")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -136,9 +138,9 @@ def main(argv=None) -> dict:
         results["classification"] = classification(model, tok, samples, names, templates, **kw)
     else:
         loaders = {"msrvtt": lambda: fdata.load_msrvtt(a.root, a.split or "test_1k"),
-                   "didemo": lambda: fdata.load_didemo(a.root, a.split or "test"),
+                   "didemo": lambda: fdata.load_didemo(a.root, a.split or "test", mode=a.mode),
                    "youcook2": lambda: fdata.load_youcook2(a.root, a.split or "validation"),
-                   "activitynet": lambda: fdata.load_activitynet(a.root, a.split or "val_1"),
+                   "activitynet": lambda: fdata.load_activitynet(a.root, a.split or "val_1", mode=a.mode),
                    "csv": lambda: fdata.load_caption_csv(a.root, a.video_root)}
         results["retrieval"] = retrieval(model, tok, loaders[a.task](), **kw)
     print_table(results)

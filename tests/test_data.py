@@ -138,3 +138,7 @@ def test_didemo_youcook2_activitynet_layouts(tmp_path):
                                                              "sentences": ["One. ", "Two."]}}))
     anet = data.load_activitynet(tmp_path, "val_1")
     assert anet[0].captions == ["One. Two."]
+    seg = data.load_activitynet(tmp_path, "val_1", mode="segment")
+    assert [(s.captions, s.segment) for s in seg] == [(["One."], (0.0, 5.0)), (["Two."], (5.0, 10.0))]
+    dseg = data.load_didemo(tmp_path, "test", mode="segment")
+    assert dseg[1].captions == ["he sits"] and dseg[1].segment == (10.0, 20.0)
