@@ -216,6 +216,8 @@ def train(cfg: TrainConfig) -> dict:
         teacher, *_ = fmodel.create(cfg.model, cfg.pretrained, device=device)
         teacher.load_state_dict(model.state_dict())
         teacher.eval().requires_grad_(False)
+    if not (out / "zero_shot.safetensors").exists():  # the original model, for `fitclip wise`
+        fmodel.save_checkpoint(model.state_dict(), out / "zero_shot.safetensors")
     model.logit_scale.requires_grad_(cfg.learn_temperature)
     if not cfg.learn_temperature:
         with torch.no_grad():

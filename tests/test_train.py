@@ -50,6 +50,7 @@ def test_train_smoke_and_broken_videos_reported(video_set, tmp_path):
     assert len(steps) == 4 and all(r["unlabeled_loss"] > 0 for r in steps)
     assert any("broken_videos" in r for r in log)
     assert (tmp_path / "run" / "last.safetensors").exists() and (tmp_path / "run" / "loss.png").exists()
+    assert (tmp_path / "run" / "zero_shot.safetensors").exists()  # the WiSE-FT anchor
 
 
 def test_resume_equals_uninterrupted(video_set, tmp_path):
