@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,9 +248,3 @@ def load_activitynet(root, split: str = "val_1", video_dir=None, mode: str = "pa
         else:
             out.append(VideoText(path, [" ".join(s.strip() for s in entry["sentences"])]))
     return out
-
-
-def existing(samples: list[VideoText]) -> tuple[list[VideoText], list[str]]:
-    """Splits samples into those whose file exists and the paths that do not."""
-    present = [os.path.isfile(s.video) for s in samples]
-    return [s for s, p in zip(samples, present) if p], [s.video for s, p in zip(samples, present) if not p]

@@ -2,7 +2,6 @@
 mode (local_loss x gather_with_grad), values and gradients."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
