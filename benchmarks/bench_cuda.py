@@ -10,17 +10,9 @@ import torch
 from .contrastive_cases import fwd_bwd, loss_fn, make_inputs
 from .frame_cases import fwd_bwd as frame_fwd_bwd
 from .frame_cases import make as frame_make
+from .harness import cuda_peak_mb as _peak_mb
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _peak_mb(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _bench(fn):

@@ -109,14 +109,9 @@ def bench_ms(fn, big: bool) -> float:
 
 
 def peak_mb(fn) -> float | None:
-    if DEV == "cpu":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from benchmarks.harness import cuda_peak_mb
+
+    return None if DEV == "cpu" else cuda_peak_mb(fn)
 
 
 def ceilings() -> dict:

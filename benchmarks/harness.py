@@ -132,3 +132,13 @@ class ResultsFile:
         doc["cases"] = sorted(merged.values(), key=lambda c: tuple(str(x) for x in key(c)))
         path.write_text(json.dumps(doc, indent=2) + "\n")
         return path
+
+
+def cuda_peak_mb(fn) -> float:
+    """Peak CUDA memory (MB) that one call of fn allocates beyond what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20

@@ -60,6 +60,13 @@ def _mask(mask, videos: int, num_frames: int, k: int, device) -> torch.Tensor | 
     return mask.contiguous()
 
 
+def _frame_inputs(text, frames, k, mask, same_count: bool):
+    """The checks shared by the frame ops; returns (k, mask)."""
+    _pair("text_features", text, "frame_features", frames, same_count)
+    k = _k(k, frames.shape[1])
+    return k, _mask(mask, frames.shape[0], frames.shape[1], k, frames.device)
+
+
 def _pair(text_name, text, frames_name, frames, same_count: bool):
     _validate.features(text_name, text)
     _frames(frames_name, frames)
@@ -171,9 +178,7 @@ def select_frames(frame_features, text_features, k, *, mask=None, backend=None):
     Returns (indices [B, k] int64 in ascending time order, scores [B, k] cosine similarities in
     the features' dtype; scores carry gradients to both inputs, the selection itself does not).
     """
-    _pair("text_features", text_features, "frame_features", frame_features, same_count=True)
-    k = _k(k, frame_features.shape[1])
-    mask = _mask(mask, frame_features.shape[0], frame_features.shape[1], k, frame_features.device)
+    k, mask = _frame_inputs(text_features, frame_features, k, mask, same_count=True)
     backend = _backend.resolve(backend, frame_features.device)
     if backend == "torch":
         return select_frames_reference(frame_features, text_features, k, mask=mask)
@@ -216,9 +221,7 @@ def topk_frame_similarity(text_features, frame_features, k, *, mask=None, backen
         backend: None (auto), "triton", "cpp" or "torch".
     Gradients reach both inputs (through the normalisation, to the selected frames only).
     """
-    _pair("text_features", text_features, "frame_features", frame_features, same_count=False)
-    k = _k(k, frame_features.shape[1])
-    mask = _mask(mask, frame_features.shape[0], frame_features.shape[1], k, frame_features.device)
+    k, mask = _frame_inputs(text_features, frame_features, k, mask, same_count=False)
     backend = _backend.resolve(backend, frame_features.device)
     if backend == "torch":
         return topk_frame_similarity_reference(text_features, frame_features, k, mask=mask)
@@ -239,9 +242,7 @@ def video_contrastive_loss(frame_features, text_features, logit_scale, logit_bia
     Returns the loss in the features' dtype; reduction="none" gives [B] (mean of video i's and
     caption i's losses). Stores neither the B x B logits nor the B x B x T similarities.
     """
-    _pair("text_features", text_features, "frame_features", frame_features, same_count=True)
-    k = _k(k, frame_features.shape[1])
-    mask = _mask(mask, frame_features.shape[0], frame_features.shape[1], k, frame_features.device)
+    k, mask = _frame_inputs(text_features, frame_features, k, mask, same_count=True)
     scale, bias, eps, reduction = _validate.loss_options(logit_scale, logit_bias, label_smoothing, reduction,
                                                          frame_features.device)
     backend = _backend.resolve(backend, frame_features.device)
