@@ -175,6 +175,20 @@ def correctness(dtype, B, D, tf32=True):
     return rows
 
 
+def time_against_torch(case: dict, ours, base, big: bool, floor_flops: float | None, tflops) -> None:
+    """Fills case with our median time, peak memory, floor and the torch baseline (or its OOM)."""
+    case["median_ms"] = bench_ms(ours, big)
+    case["peak_mb"] = peak_mb(ours)
+    if tflops and floor_flops:
+        case["floor_ms"] = floor_flops / (tflops * 1e12) * 1e3
+        case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
+    try:
+        ms = bench_ms(base, big)
+        case["baselines"] = {"torch": {"median_ms": ms, "speedup": ms / case["median_ms"], "peak_mb": peak_mb(base)}}
+    except torch.OutOfMemoryError:
+        case["baselines"] = {"torch": {"error": "out of memory"}}
+
+
 def frame_ops(tflops, copy_gbps):
     """Correctness (float64 truth, each dtype) and benchmarks of the frame ops."""
     corr = []
@@ -245,17 +259,8 @@ def frame_ops(tflops, copy_gbps):
                 return lambda: torch.autograd.grad((fn() * w).sum(), (text, frames))
 
             ours = mk(lambda: fitclip_ext.topk_frame_similarity(text, frames, k, backend="triton"))
-            case["median_ms"] = bench_ms(ours, False)
-            case["peak_mb"] = peak_mb(ours)
-            if tflops:
-                case["floor_ms"] = 3 * 2 * C * V * T * D / (tflops * 1e12) * 1e3
-                case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
-            try:
-                base = mk(lambda: torch_topk_similarity(text, frames, k))
-                ms = bench_ms(base, False)
-                case["baselines"] = {"torch": {"median_ms": ms, "speedup": ms / case["median_ms"], "peak_mb": peak_mb(base)}}
-            except torch.OutOfMemoryError:
-                case["baselines"] = {"torch": {"error": "out of memory"}}
+            base = mk(lambda: torch_topk_similarity(text, frames, k))
+            time_against_torch(case, ours, base, False, 3 * 2 * C * V * T * D, tflops)
         except Exception as err:
             case["error"] = repr(err)[:300]
             traceback.print_exc()
@@ -276,17 +281,8 @@ def frame_ops(tflops, copy_gbps):
             sc = torch.tensor(30.0, device=DEV, requires_grad=True)
             ours = lambda: torch.autograd.grad(fitclip_ext.video_contrastive_loss(frames, text, sc, k=k, backend="triton"),
                                                (frames, text, sc))
-            case["median_ms"] = bench_ms(ours, B >= 16384)
-            case["peak_mb"] = peak_mb(ours)
-            if tflops:
-                case["floor_ms"] = 8 * B * B * T * D / (tflops * 1e12) * 1e3
-                case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
-            try:
-                base = lambda: torch.autograd.grad(torch_video_loss(frames, text, sc, k), (frames, text, sc))
-                ms = bench_ms(base, B >= 16384)
-                case["baselines"] = {"torch": {"median_ms": ms, "speedup": ms / case["median_ms"], "peak_mb": peak_mb(base)}}
-            except torch.OutOfMemoryError:
-                case["baselines"] = {"torch": {"error": "out of memory"}}
+            base = lambda: torch.autograd.grad(torch_video_loss(frames, text, sc, k), (frames, text, sc))
+            time_against_torch(case, ours, base, B >= 16384, 8 * B * B * T * D, tflops)
         except Exception as err:
             case["error"] = repr(err)[:300]
             traceback.print_exc()

@@ -368,16 +368,7 @@ void video_lse_impl(const FrameInputs& in, int64_t k, T scale, at::Tensor& cap_l
         dg[r0 + r] = x[r0 + r];
       }
     });
-    const int64_t nchunks = (V + kColChunk - 1) / kColChunk;
-    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-      std::vector<T> tmp(kColChunk);
-      for (int64_t c = b; c < e; ++c) {
-        const int64_t c0 = c * kColChunk, c1 = std::min(V, c0 + kColChunk);
-        colmerge<T>(p, rows, V, c0, c1, scale, vm, ve, tmp.data());
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t v = c0; v < c1; ++v) vs[v] += p[r * V + v];
-      }
-    });
+    merge_block_col_stats<T>(p, rows, V, scale, vm, ve, vs);
   }
   vid_lse.copy_(vid_max_run + vid_sumexp_run.log());
 }

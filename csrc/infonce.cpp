@@ -72,18 +72,7 @@ void lse_impl(const at::Tensor& Q, const at::Tensor& K, T scale, at::Tensor& row
         rl[r0 + r] = mx + std::log(rsumexp<T>(x, m, scale, mx));
       }
     });
-    if (col_lse) {
-      T* cm = cmax.data_ptr<T>();
-      T* cs = csum.data_ptr<T>();
-      const int64_t nchunks = (m + kColChunk - 1) / kColChunk;
-      at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-        std::vector<T> tmp(kColChunk);
-        for (int64_t c = b; c < e; ++c) {
-          const int64_t c0 = c * kColChunk, c1 = std::min(m, c0 + kColChunk);
-          colmerge<T>(sp, rows, m, c0, c1, scale, cm, cs, tmp.data());
-        }
-      });
-    }
+    if (col_lse) merge_block_col_stats<T>(sp, rows, m, scale, cmax.data_ptr<T>(), csum.data_ptr<T>());
   }
   if (col_lse) *col_lse = cmax + csum.log();
 }

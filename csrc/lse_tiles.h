@@ -2,8 +2,12 @@
 // the video InfoNCE kernels.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "fast_math.h"
 
@@ -141,5 +145,23 @@ inline void sgrad<float>(float* x, int64_t n, float s, float w, float rl, const 
 }
 
 constexpr int64_t kColChunk = 256;
+
+// Merges the column statistics of one row-major block S [rows, m] (logits scale * S) into the
+// running per-column max/sum of exp, in parallel over column chunks; col_total, when given,
+// also accumulates the plain column sums of S.
+template <typename T>
+void merge_block_col_stats(const T* S, int64_t rows, int64_t m, T scale, T* cmax, T* csum, T* col_total = nullptr) {
+  const int64_t nchunks = (m + kColChunk - 1) / kColChunk;
+  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> tmp(kColChunk);
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t c0 = c * kColChunk, c1 = std::min(m, c0 + kColChunk);
+      colmerge<T>(S, rows, m, c0, c1, scale, cmax, csum, tmp.data());
+      if (col_total)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t v = c0; v < c1; ++v) col_total[v] += S[r * m + v];
+    }
+  });
+}
 
 }  // namespace fitclip
