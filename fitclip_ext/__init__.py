@@ -11,15 +11,16 @@ import sys
 from pathlib import Path
 
 from .contrastive import contrastive_loss, infonce
+from .distill import distillation_loss
 from .distributed import ClipLoss
 from .frames import gather_frames, select_frames, topk_frame_similarity, video_contrastive_loss
-from .reference import (contrastive_loss_reference, infonce_reference, select_frames_reference,
+from .reference import (contrastive_loss_reference, distillation_loss_reference, infonce_reference, select_frames_reference,
                         topk_frame_similarity_reference, video_contrastive_loss_reference)
 
 __version__ = "0.1.0"
 __all__ = [
-    "ClipLoss", "contrastive_loss", "infonce", "select_frames", "gather_frames", "topk_frame_similarity",
-    "video_contrastive_loss", "contrastive_loss_reference", "infonce_reference", "select_frames_reference",
+    "ClipLoss", "contrastive_loss", "distillation_loss", "infonce", "select_frames", "gather_frames", "topk_frame_similarity",
+    "video_contrastive_loss", "contrastive_loss_reference", "distillation_loss_reference", "infonce_reference", "select_frames_reference",
     "topk_frame_similarity_reference", "video_contrastive_loss_reference",
 ]
 

@@ -80,3 +80,19 @@ def video_contrastive_loss_reference(frame_features, text_features, logit_scale,
     if logit_bias is not None:
         logits = logits + logit_bias
     return _symmetric_ce(logits, label_smoothing, reduction)
+
+
+def distillation_loss_reference(student_video, student_text, teacher_video, teacher_text, student_scale,
+                                teacher_scale, *, reduction="batchmean", upcast=False):
+    """FitCLIP's unlabeled loss: (KL(softmax(T) || softmax(S)) over rows + the same over columns) / 2
+    * teacher_scale^2, with S = student_scale * student_video @ student_text.T and
+    T = teacher_scale * teacher_video @ teacher_text.T (torch.nn.functional.kl_div's reductions)."""
+    sv, st = _upcast(student_video, upcast), _upcast(student_text, upcast)
+    tv, tt = _upcast(teacher_video, upcast), _upcast(teacher_text, upcast)
+    s = student_scale * sv @ st.T
+    t = teacher_scale * tv @ tt.T
+    n, m = s.shape
+    div_rows, div_cols = {"batchmean": (n, m), "sum": (1, 1), "mean": (n * m, n * m)}[reduction]
+    rows = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="sum") / div_rows
+    cols = F.kl_div(F.log_softmax(s.T, 1), F.log_softmax(t.T, 1), log_target=True, reduction="sum") / div_cols
+    return (rows + cols) / 2 * teacher_scale**2

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import data as fdata
 from . import model as fmodel
 from .contrastive import contrastive_loss
+from .distill import distillation_loss
 from .frames import gather_frames, select_frames, video_contrastive_loss
 
 
@@ -161,16 +162,6 @@ def validation_loss(model, tokenizer, ds, cfg: TrainConfig, device) -> float:
         count += len(caps)
     model.train()
     return total / max(1, count)
-
-
-def distillation_loss(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale):
-    """KL(softmax(teacher) || softmax(student)) over rows and over columns of the video x text
-    scores, averaged, times teacher_scale^2 (FitCLIP's unlabeled loss; batchmean)."""
-    s = student_scale * student_video @ student_text.T
-    t = teacher_scale * teacher_video @ teacher_text.T
-    rows = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
-    cols = F.kl_div(F.log_softmax(s.T, 1), F.log_softmax(t.T, 1), log_target=True, reduction="batchmean")
-    return (rows + cols) / 2 * teacher_scale**2
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:

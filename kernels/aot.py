@@ -32,7 +32,7 @@ def _ptr(dtype):
 
 def _cases(quick: bool):
     """Everything the launchers can launch: (kernel, dtype, precision, label, signature, constexprs, cfg)."""
-    from . import frames, infonce
+    from . import distill, frames, infonce
 
     dtypes = [(torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")]
     if quick:
@@ -63,6 +63,26 @@ def _cases(quick: bool):
                 flags = {"HAS_A": has_a, "HAS_B": has_b, "WITH_DS": with_ds}
                 label = f"D{D} " + ",".join(k for k, v in flags.items() if v)
                 yield ("infonce_grad", "infonce._grad_kernel", dtype, prec, label, grad_sig, flags, cfg)
+        dst_sig = {
+            "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32",
+            "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "kl_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
+            "Dt": "i32", "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
+            "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32", "stride_ed": "i32",
+        }
+        yield ("distill_stats", "distill._stats_kernel", dtype, prec, "-", dst_sig, {},
+               distill.stats_config(dtype, small=False, precision=prec))
+        dgr_sig = {
+            "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32",
+            "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "a_lse_s_ptr": "*fp32", "a_lse_t_ptr": "*fp32",
+            "a_w_ptr": "*fp32", "b_lse_s_ptr": "*fp32", "b_lse_t_ptr": "*fp32", "b_w_ptr": "*fp32",
+            "n_a": "i32", "n_b": "i32", "D": "i32", "Dt": "i32", "stride_an": "i32", "stride_ad": "i32",
+            "stride_bn": "i32", "stride_bd": "i32", "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32",
+            "stride_ed": "i32", "stride_on": "i32", "stride_od": "i32",
+        }
+        for D in ((512,) if quick else (128, 512)):
+            for with_ds in (True, False):
+                yield ("distill_grad", "distill._grad_kernel", dtype, prec, f"D{D}" + (" ds" if with_ds else ""),
+                       dgr_sig, {"WITH_DS": with_ds}, distill.grad_config(dtype, D, small=False, precision=prec))
         # frame kernels: configurations change with K_PAD (the running top-k's width)
         sim_sig = {
             "text_ptr": t, "frames_ptr": t, "mask_ptr": "*i8", "sim_ptr": "*fp32", "bits_ptr": "*i32",

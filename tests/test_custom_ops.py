@@ -5,7 +5,8 @@ import torch
 
 import fitclip_ext
 from fitclip_ext import _backend
-from fitclip_ext.reference import contrastive_loss_reference, video_contrastive_loss_reference
+from fitclip_ext.reference import (contrastive_loss_reference, distillation_loss_reference,
+                                   video_contrastive_loss_reference)
 
 pytestmark = pytest.mark.skipif(not _backend.load_cpp(), reason="C++ extension not built")
 
@@ -24,6 +25,8 @@ def _samples():
     mask = torch.ones(6, 5, dtype=torch.bool)
     mask[0, 4] = False
     sim, idx = ops.topk_sim_fwd(text, frames, 2, mask)
+    sv, st, tv, tt = (torch.randn(r, 8, generator=g) for r in (6, 4, 6, 4))
+    dstats = ops.distill_stats(sv, st, tv, tt, s, s)
     cap_lse, vid_lse, *_ = ops.video_infonce_lse(text, frames, 2, None, s)
     return [
         (ops.infonce_lse, (q, k, s, False)),
@@ -35,10 +38,13 @@ def _samples():
         (ops.video_infonce_lse, (text, frames, 2, mask, s)),
         (ops.video_infonce_grad, (text, frames, 2, None, s, cap_lse, vid_lse, w, w, 0.1)),
         (ops.select_frames, (frames, text, 3, mask)),
+        (ops.distill_stats, (sv, st, tv, tt, s, s)),
+        (ops.distill_grad, (sv, st, tv, tt, s, s, dstats[0], dstats[1], torch.full((6,), 0.3), dstats[3], dstats[4],
+                            torch.full((4,), 0.2))),
     ]
 
 
-@pytest.mark.parametrize("i", range(9))
+@pytest.mark.parametrize("i", range(11))
 def test_opcheck(i):
     op, args = _samples()[i]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
@@ -78,3 +84,21 @@ def test_compile_fullgraph_video_contrastive_loss():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_fullgraph_distillation_loss():
+    g = torch.Generator().manual_seed(3)
+    sv, st = torch.randn(10, 16, generator=g).requires_grad_(), torch.randn(7, 16, generator=g).requires_grad_()
+    tv, tt = torch.randn(10, 8, generator=g), torch.randn(7, 8, generator=g)
+    scale = torch.tensor(5.0, requires_grad=True)
+
+    def step(a, b, s):
+        return fitclip_ext.distillation_loss(a, b, tv, tt, s, 4.0, backend="cpp")
+
+    out = torch.compile(step, fullgraph=True)(sv, st, scale)
+    grads = torch.autograd.grad(out, (sv, st, scale))
+    ref = distillation_loss_reference(sv, st, tv, tt, scale, 4.0)
+    ref_grads = torch.autograd.grad(ref, (sv, st, scale))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

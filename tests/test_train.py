@@ -47,7 +47,10 @@ def test_train_smoke_and_broken_videos_reported(video_set, tmp_path):
     assert any(p.endswith("broken.mp4") for p in res["broken_videos"])
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     steps = [r for r in log if "loss" in r]
-    assert len(steps) == 4 and all(r["unlabeled_loss"] > 0 for r in steps)
+    # step 1: the student is still the teacher, KL 0 (up to float32 rounding times scale^2);
+    # after it the models differ
+    u = [r["unlabeled_loss"] for r in steps]
+    assert len(steps) == 4 and abs(u[0]) < 1e-2 and min(u) > -1e-2 and max(u) > 1
     assert any("broken_videos" in r for r in log)
     assert (tmp_path / "run" / "last.safetensors").exists() and (tmp_path / "run" / "loss.png").exists()
     assert (tmp_path / "run" / "zero_shot.safetensors").exists()  # the WiSE-FT anchor

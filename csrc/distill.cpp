@@ -1,0 +1,300 @@
+// Chunked distillation loss (FitCLIP's unlabeled loss) for CPU tensors.
+//
+// Student logits Y = s * A @ B^T and teacher logits X = t * C @ E^T (rows: videos, columns:
+// captions). Per row i (and likewise per column) the KL(softmax(X_i) || softmax(Y_i)) is
+//   KL_i = sum_j p_ij (X_ij - Y_ij) - lseX_i + lseY_i,   p_ij = exp(X_ij - lseX_i),
+// computed with both logits shifted by their maxima (mx, my), so that 0 comes out as 0:
+//   KL_i = sum_j e^(X_ij - mx) ((X_ij - mx) - (Y_ij - my)) / a - log a + log c,
+// so the forward only needs, per row and per column, the two log-sum-exps and the p-weighted
+// mean of X - Y. The forward streams row blocks of both products once (two GEMMs per block),
+// row statistics exactly, column statistics merged online across blocks. The backward
+// recomputes the blocks, turns the student block in place into
+//   G_ij = w_i (q_ij - p_ij) + v_j (q'_ij - p'_ij)   (q: student softmax, ' : over columns),
+// and accumulates G @ B and G^T @ A (GEMMs 3 and 4). Memory: O((n + m) * D) plus two blocks.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "lse_tiles.h"
+
+namespace fitclip {
+namespace {
+
+// Rows per block: two block buffers (student and teacher) of about 2^23 elements each.
+int64_t distill_block_rows(int64_t n, int64_t m) {
+  int64_t target = int64_t(1) << 23;
+  if (const char* env = std::getenv("FITCLIP_CPU_BLOCK_ELEMS")) {
+    const long long v = std::atoll(env);
+    if (v > 0) target = v;
+  }
+  return std::min(std::clamp<int64_t>(target / std::max<int64_t>(m, 1), 16, 1024), n);
+}
+
+// One full row: x = t * X (teacher), y = s * Y (student). Writes lse_y, lse_x and KL.
+template <typename T>
+FITCLIP_INLINE void kl_row(const T* X, const T* Y, int64_t m, T ts, T ss, T* lse_y, T* lse_x, T* kl) {
+  T mx = -std::numeric_limits<T>::infinity(), my = mx;
+  for (int64_t j = 0; j < m; ++j) {
+    const T x = ts * X[j], y = ss * Y[j];
+    mx = x > mx ? x : mx;
+    my = y > my ? y : my;
+  }
+  T a = 0, b = 0, c = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const T x = ts * X[j], y = ss * Y[j];
+    const T p = fast_exp(x - mx);
+    a += p;
+    b += p * ((x - mx) - (y - my));  // shifted: the dominant terms are differences of small numbers
+    c += fast_exp(y - my);
+  }
+  *lse_x = mx + std::log(a);
+  *lse_y = my + std::log(c);
+  *kl = b / a - std::log(a) + std::log(c);
+}
+
+static FITCLIP_CLONES void kl_row_f(const float* X, const float* Y, int64_t m, float ts, float ss, float* lse_y,
+                                    float* lse_x, float* kl) {
+  kl_row<float>(X, Y, m, ts, ss, lse_y, lse_x, kl);
+}
+
+// Running column statistics: max and sum of exp for both logits, and sum p ((x - mx) - (y - my))
+// with p = exp(x - mx), all relative to the running maxima. Merges rows [0, rows) of a block for columns [c0, c1).
+template <typename T>
+FITCLIP_INLINE void kl_cols(const T* X, const T* Y, int64_t rows, int64_t ld, int64_t c0, int64_t c1, T ts, T ss,
+                            T* mx, T* ax, T* bx, T* my, T* cy, T* tx, T* ty) {
+  const int64_t w = c1 - c0;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t c = 0; c < w; ++c) tx[c] = ty[c] = ninf;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = X + r * ld + c0;
+    const T* yr = Y + r * ld + c0;
+    for (int64_t c = 0; c < w; ++c) {
+      const T x = ts * xr[c], y = ss * yr[c];
+      tx[c] = x > tx[c] ? x : tx[c];
+      ty[c] = y > ty[c] ? y : ty[c];
+    }
+  }
+  for (int64_t c = 0; c < w; ++c) {
+    const int64_t j = c0 + c;
+    const T nx = tx[c] > mx[j] ? tx[c] : mx[j];
+    const T ny = ty[c] > my[j] ? ty[c] : my[j];
+    if (mx[j] == ninf || my[j] == ninf) {  // nothing merged yet
+      ax[j] = bx[j] = cy[j] = 0;
+    } else {
+      // bx holds sum p ((x - mx) - (y - my)): moving the maxima shifts every term by dy - dx.
+      const T fx = fast_exp(mx[j] - nx);
+      bx[j] = fx * (bx[j] + ax[j] * ((ny - my[j]) - (nx - mx[j])));
+      ax[j] *= fx;
+      cy[j] *= fast_exp(my[j] - ny);
+    }
+    mx[j] = nx;
+    my[j] = ny;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = X + r * ld + c0;
+    const T* yr = Y + r * ld + c0;
+    for (int64_t c = 0; c < w; ++c) {
+      const int64_t j = c0 + c;
+      const T x = ts * xr[c], y = ss * yr[c];
+      const T p = fast_exp(x - mx[j]);
+      ax[j] += p;
+      bx[j] += p * ((x - mx[j]) - (y - my[j]));
+      cy[j] += fast_exp(y - my[j]);
+    }
+  }
+}
+
+static FITCLIP_CLONES void kl_cols_f(const float* X, const float* Y, int64_t rows, int64_t ld, int64_t c0,
+                                     int64_t c1, float ts, float ss, float* mx, float* ax, float* bx, float* my,
+                                     float* cy, float* tx, float* ty) {
+  kl_cols<float>(X, Y, rows, ld, c0, c1, ts, ss, mx, ax, bx, my, cy, tx, ty);
+}
+
+// In place: Y[j] <- w (q_j - p_j) + v_j (q'_j - p'_j) for one row.
+template <typename T>
+FITCLIP_INLINE void kl_grad_row(T* Y, const T* X, int64_t m, T ts, T ss, T w, T lse_y, T lse_x, const T* clse_y,
+                                const T* clse_x, const T* v) {
+  for (int64_t j = 0; j < m; ++j) {
+    const T x = ts * X[j], y = ss * Y[j];
+    Y[j] = w * (fast_exp(y - lse_y) - fast_exp(x - lse_x)) + v[j] * (fast_exp(y - clse_y[j]) - fast_exp(x - clse_x[j]));
+  }
+}
+
+static FITCLIP_CLONES void kl_grad_row_f(float* Y, const float* X, int64_t m, float ts, float ss, float w,
+                                         float lse_y, float lse_x, const float* clse_y, const float* clse_x,
+                                         const float* v) {
+  kl_grad_row<float>(Y, X, m, ts, ss, w, lse_y, lse_x, clse_y, clse_x, v);
+}
+
+template <typename T>
+inline void klrow(const T* X, const T* Y, int64_t m, T ts, T ss, T* ly, T* lx, T* kl) {
+  if constexpr (std::is_same_v<T, float>) kl_row_f(X, Y, m, ts, ss, ly, lx, kl);
+  else kl_row<T>(X, Y, m, ts, ss, ly, lx, kl);
+}
+
+template <typename T>
+inline void klcols(const T* X, const T* Y, int64_t rows, int64_t ld, int64_t c0, int64_t c1, T ts, T ss, T* mx,
+                   T* ax, T* bx, T* my, T* cy, T* tx, T* ty) {
+  if constexpr (std::is_same_v<T, float>) kl_cols_f(X, Y, rows, ld, c0, c1, ts, ss, mx, ax, bx, my, cy, tx, ty);
+  else kl_cols<T>(X, Y, rows, ld, c0, c1, ts, ss, mx, ax, bx, my, cy, tx, ty);
+}
+
+template <typename T>
+inline void klgrad(T* Y, const T* X, int64_t m, T ts, T ss, T w, T ly, T lx, const T* cly, const T* clx, const T* v) {
+  if constexpr (std::is_same_v<T, float>) kl_grad_row_f(Y, X, m, ts, ss, w, ly, lx, cly, clx, v);
+  else kl_grad_row<T>(Y, X, m, ts, ss, w, ly, lx, cly, clx, v);
+}
+
+struct Inputs {
+  at::Tensor A, B, C, E;  // student video, student text, teacher video, teacher text (compute dtype)
+};
+
+Inputs prepare(const at::Tensor& sv, const at::Tensor& st, const at::Tensor& tv, const at::Tensor& tt,
+               const at::Tensor& s_scale, const at::Tensor& t_scale) {
+  for (const auto* t : {&sv, &st, &tv, &tt}) {
+    TORCH_CHECK(t->device().is_cpu(), "fitclip_ext C++ ops take CPU tensors");
+    TORCH_CHECK(t->dim() == 2, "distillation features must be 2-D, got ", t->sizes());
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), "distillation features must be floating point");
+  }
+  TORCH_CHECK(sv.size(1) == st.size(1), "student features must share D, got ", sv.size(1), " and ", st.size(1));
+  TORCH_CHECK(tv.size(1) == tt.size(1), "teacher features must share D, got ", tv.size(1), " and ", tt.size(1));
+  TORCH_CHECK(sv.size(0) == tv.size(0) && st.size(0) == tt.size(0),
+              "student and teacher must score the same videos and captions");
+  TORCH_CHECK(s_scale.numel() == 1 && t_scale.numel() == 1, "scales must have one element");
+  const auto ct = sv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {sv.to(ct).contiguous(), st.to(ct).contiguous(), tv.to(ct).contiguous(), tt.to(ct).contiguous()};
+}
+
+template <typename T>
+void stats_impl(const Inputs& in, T ss, T ts, std::vector<at::Tensor>& out) {
+  const int64_t n = in.A.size(0), m = in.B.size(0);
+  const int64_t bm = distill_block_rows(n, m);
+  auto Yb = at::empty({bm, m}, in.A.options());
+  auto Xb = at::empty({bm, m}, in.A.options());
+  T* rly = out[0].data_ptr<T>();
+  T* rlx = out[1].data_ptr<T>();
+  T* rkl = out[2].data_ptr<T>();
+  const T ninf = -std::numeric_limits<T>::infinity();
+  at::Tensor mx = at::full({m}, ninf, in.A.options()), my = at::full({m}, ninf, in.A.options());
+  at::Tensor ax = at::zeros({m}, in.A.options()), bx = at::zeros({m}, in.A.options()), cy = at::zeros({m}, in.A.options());
+  T *pmx = mx.data_ptr<T>(), *pmy = my.data_ptr<T>(), *pax = ax.data_ptr<T>(), *pbx = bx.data_ptr<T>(),
+    *pcy = cy.data_ptr<T>();
+  const at::Tensor Bt = in.B.t(), Et = in.E.t();
+  for (int64_t r0 = 0; r0 < n; r0 += bm) {
+    const int64_t rows = std::min(bm, n - r0);
+    auto Y = Yb.narrow(0, 0, rows), X = Xb.narrow(0, 0, rows);
+    at::mm_out(Y, in.A.narrow(0, r0, rows), Bt);
+    at::mm_out(X, in.C.narrow(0, r0, rows), Et);
+    const T* yp = Y.data_ptr<T>();
+    const T* xp = X.data_ptr<T>();
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) klrow<T>(xp + r * m, yp + r * m, m, ts, ss, rly + r0 + r, rlx + r0 + r, rkl + r0 + r);
+    });
+    const int64_t nchunks = (m + kColChunk - 1) / kColChunk;
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> tx(kColChunk), ty(kColChunk);
+      for (int64_t c = b; c < e; ++c) {
+        const int64_t c0 = c * kColChunk, c1 = std::min(m, c0 + kColChunk);
+        klcols<T>(xp, yp, rows, m, c0, c1, ts, ss, pmx, pax, pbx, pmy, pcy, tx.data(), ty.data());
+      }
+    });
+  }
+  out[3] = my + cy.log();
+  out[4] = mx + ax.log();
+  out[5] = bx / ax - ax.log() + cy.log();
+}
+
+template <typename T>
+void grad_impl(const Inputs& in, T ss, T ts, const at::Tensor& rly, const at::Tensor& rlx, const at::Tensor& rw,
+               const at::Tensor& cly, const at::Tensor& clx, const at::Tensor& cw, at::Tensor& dA, at::Tensor& dB) {
+  const int64_t n = in.A.size(0), m = in.B.size(0);
+  const int64_t bm = distill_block_rows(n, m);
+  auto Yb = at::empty({bm, m}, in.A.options());
+  auto Xb = at::empty({bm, m}, in.A.options());
+  const T *ly = rly.data_ptr<T>(), *lx = rlx.data_ptr<T>(), *w = rw.data_ptr<T>();
+  const T *cy = cly.data_ptr<T>(), *cx = clx.data_ptr<T>(), *v = cw.data_ptr<T>();
+  const at::Tensor Bt = in.B.t(), Et = in.E.t();
+  for (int64_t r0 = 0; r0 < n; r0 += bm) {
+    const int64_t rows = std::min(bm, n - r0);
+    auto Y = Yb.narrow(0, 0, rows), X = Xb.narrow(0, 0, rows);
+    auto Ab = in.A.narrow(0, r0, rows);
+    at::mm_out(Y, Ab, Bt);
+    at::mm_out(X, in.C.narrow(0, r0, rows), Et);
+    T* yp = Y.data_ptr<T>();
+    const T* xp = X.data_ptr<T>();
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        klgrad<T>(yp + r * m, xp + r * m, m, ts, ss, w[r0 + r], ly[r0 + r], lx[r0 + r], cy, cx, v);
+    });
+    auto dAb = dA.narrow(0, r0, rows);
+    at::mm_out(dAb, Y, in.B);
+    dB.addmm_(Y.t(), Ab);
+  }
+}
+
+}  // namespace
+
+// (row_lse_student, row_lse_teacher, row_kl [n], col_lse_student, col_lse_teacher, col_kl [m])
+// in the compute dtype (float64 for float64 inputs, else float32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_stats_cpu(
+    const at::Tensor& sv, const at::Tensor& st, const at::Tensor& tv, const at::Tensor& tt, const at::Tensor& s_scale,
+    const at::Tensor& t_scale) {
+  const Inputs in = prepare(sv, st, tv, tt, s_scale, t_scale);
+  const int64_t n = in.A.size(0), m = in.B.size(0);
+  TORCH_CHECK(n > 0 && m > 0, "distillation needs at least one video and one caption");
+  std::vector<at::Tensor> out = {at::empty({n}, in.A.options()), at::empty({n}, in.A.options()),
+                                 at::empty({n}, in.A.options()), at::Tensor(), at::Tensor(), at::Tensor()};
+  const double ss = s_scale.item<double>(), ts = t_scale.item<double>();
+  if (in.A.scalar_type() == at::kDouble) stats_impl<double>(in, ss, ts, out);
+  else stats_impl<float>(in, static_cast<float>(ss), static_cast<float>(ts), out);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+// (G @ student_text, G^T @ student_video) in the compute dtype, G the gradient of
+// sum_i w_i KL_i + sum_j v_j KL'_j with respect to the student logits.
+std::tuple<at::Tensor, at::Tensor> distill_grad_cpu(const at::Tensor& sv, const at::Tensor& st, const at::Tensor& tv,
+                                                    const at::Tensor& tt, const at::Tensor& s_scale,
+                                                    const at::Tensor& t_scale, const at::Tensor& row_lse_s,
+                                                    const at::Tensor& row_lse_t, const at::Tensor& row_w,
+                                                    const at::Tensor& col_lse_s, const at::Tensor& col_lse_t,
+                                                    const at::Tensor& col_w) {
+  const Inputs in = prepare(sv, st, tv, tt, s_scale, t_scale);
+  const int64_t n = in.A.size(0), m = in.B.size(0);
+  TORCH_CHECK(n > 0 && m > 0, "distillation needs at least one video and one caption");
+  const auto ct = in.A.scalar_type();
+  for (const auto* t : {&row_lse_s, &row_lse_t, &row_w}) TORCH_CHECK(t->numel() == n, "row statistics must have ", n, " elements");
+  for (const auto* t : {&col_lse_s, &col_lse_t, &col_w}) TORCH_CHECK(t->numel() == m, "column statistics must have ", m, " elements");
+  auto c = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
+  auto dA = at::empty_like(in.A);
+  auto dB = at::zeros_like(in.B);
+  const double ss = s_scale.item<double>(), ts = t_scale.item<double>();
+  if (ct == at::kDouble)
+    grad_impl<double>(in, ss, ts, c(row_lse_s), c(row_lse_t), c(row_w), c(col_lse_s), c(col_lse_t), c(col_w), dA, dB);
+  else
+    grad_impl<float>(in, static_cast<float>(ss), static_cast<float>(ts), c(row_lse_s), c(row_lse_t), c(row_w),
+                     c(col_lse_s), c(col_lse_t), c(col_w), dA, dB);
+  return {dA, dB};
+}
+
+}  // namespace fitclip
+
+TORCH_LIBRARY_FRAGMENT(fitclip_ext, m) {
+  m.def(
+      "distill_stats(Tensor student_video, Tensor student_text, Tensor teacher_video, Tensor teacher_text, "
+      "Tensor student_scale, Tensor teacher_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "distill_grad(Tensor student_video, Tensor student_text, Tensor teacher_video, Tensor teacher_text, "
+      "Tensor student_scale, Tensor teacher_scale, Tensor row_lse_s, Tensor row_lse_t, Tensor row_weight, "
+      "Tensor col_lse_s, Tensor col_lse_t, Tensor col_weight) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fitclip_ext, CPU, m) {
+  m.impl("distill_stats", &fitclip::distill_stats_cpu);
+  m.impl("distill_grad", &fitclip::distill_grad_cpu);
+}

@@ -1,0 +1,149 @@
+"""Chunked distillation loss: FitCLIP's loss on unlabeled videos, a student's video x caption scores
+pulled towards a frozen teacher's, without the n x m score matrices.
+
+With student logits Y = s * V_s @ T_s^T and teacher logits X = t * V_t @ T_t^T,
+
+    loss = t^2 / 2 * (sum_i KL(softmax(X_i) || softmax(Y_i)) / d_rows
+                      + sum_j KL(softmax(X_:j) || softmax(Y_:j)) / d_cols)
+
+(torch.nn.functional.kl_div's reductions: "batchmean" d = n for rows and m for columns, "sum"
+d = 1, "mean" d = n * m). Each row's KL is sum_j p_ij (X_ij - Y_ij) - lseX_i + lseY_i, so the
+backends only return, per row and per column, the two log-sum-exps and the KL; the gradient with
+respect to the student logits is w_i (q_ij - p_ij) + v_j (q'_ij - p'_ij) (q: the student's
+softmax, ': over columns), formed tile by tile.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _validate
+from .reference import distillation_loss_reference
+
+KL_REDUCTIONS = ("batchmean", "sum", "mean")
+
+
+def _ct(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _CppOps:
+    @staticmethod
+    def stats(sv, st, tv, tt, s_scale, t_scale):
+        return torch.ops.fitclip_ext.distill_stats(sv, st, tv, tt, _cpu64(s_scale), _cpu64(t_scale))
+
+    @staticmethod
+    def grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, rw, cls, clt, cw):
+        ct = _ct(sv)
+        ga, gb = torch.ops.fitclip_ext.distill_grad(sv, st, tv, tt, _cpu64(s_scale), _cpu64(t_scale),
+                                                    rls, rlt, rw, cls, clt, cw)
+        grad_scale = (sv.to(ct) * ga).sum()  # sum_ij G_ij (V_s T_s^T)_ij = sum_i V_s,i . (G T_s)_i
+        s = s_scale.detach().to(dtype=ct)
+        return ga.mul_(s).to(sv.dtype), gb.mul_(s).to(st.dtype), grad_scale
+
+
+def _cpu64(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(device="cpu", dtype=torch.float64)
+
+
+def _ops(backend: str):
+    if backend == "cpp":
+        return _CppOps
+    if backend == "triton":
+        from fitclip_ext.kernels import distill as triton_distill
+
+        return triton_distill
+    raise AssertionError(backend)
+
+
+def _divisors(reduction: str, n: int, m: int) -> tuple[int, int]:
+    return {"batchmean": (n, m), "sum": (1, 1), "mean": (n * m, n * m)}[reduction]
+
+
+class _Distill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sv, st, tv, tt, s_scale, t_scale, reduction, backend):
+        ct = _ct(sv)
+        n, m = sv.shape[0], st.shape[0]
+        rls, rlt, rkl, cls, clt, ckl = _ops(backend).stats(sv, st, tv, tt, s_scale, t_scale)
+        dr, dc = _divisors(reduction, n, m)
+        t2 = t_scale.detach().to(device=sv.device, dtype=ct) ** 2
+        loss = (rkl.sum() / dr + ckl.sum() / dc) * (t2 / 2)
+        ctx.save_for_backward(sv, st, tv, tt, s_scale, t_scale, rls, rlt, cls, clt)
+        ctx.config = (reduction, backend)
+        return loss.to(sv.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        sv, st, tv, tt, s_scale, t_scale, rls, rlt, cls, clt = ctx.saved_tensors
+        reduction, backend = ctx.config
+        ct = _ct(sv)
+        n, m = sv.shape[0], st.shape[0]
+        dr, dc = _divisors(reduction, n, m)
+        g = grad_out.to(ct) * t_scale.detach().to(device=sv.device, dtype=ct) ** 2 / 2
+        row_w = (g / dr).expand(n).contiguous()
+        col_w = (g / dc).expand(m).contiguous()
+        ga, gb, gs = _ops(backend).grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, row_w, cls, clt, col_w)
+        need = ctx.needs_input_grad
+        return (ga if need[0] else None, gb if need[1] else None, None, None,
+                gs.to(s_scale.dtype).reshape(s_scale.shape) if need[4] else None, None, None, None)
+
+
+def _frozen(name: str, x: torch.Tensor) -> None:
+    if isinstance(x, torch.Tensor) and x.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but distillation_loss treats the teacher as a fixed target and gives it "
+            f"no gradient: pass {name}.detach() (or compute it under torch.no_grad())"
+        )
+
+
+def distillation_loss(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale, *,
+                      reduction="batchmean", backend=None):
+    """FitCLIP's unlabeled-data loss: KL(softmax(teacher logits) || softmax(student logits)) over
+    the rows (videos) and over the columns (captions) of the video x caption logits, averaged, times
+    teacher_scale^2 (the soft-target gradient scaling of knowledge distillation).
+
+    Args:
+        student_video: [n, D] video embeddings of the student (normalised, as used for the logits).
+        student_text: [m, D] caption (or class-prompt) embeddings of the student.
+        teacher_video: [n, Dt], teacher_text: [m, Dt]: the teacher's; no gradient (detach them).
+        student_scale, teacher_scale: the (exponentiated) logit scales, numbers or 0-d tensors;
+            student_scale gets a gradient when it requires one.
+        reduction: "batchmean" (KL sums / n over rows, / m over columns; the mathematically
+            correct KL, torch's recommendation), "sum", or "mean" (/ (n * m)).
+        backend: None (auto: "triton" on CUDA, "cpp" on CPU), "triton", "cpp" or "torch".
+    All four features share dtype (float32, float64, bfloat16, float16) and device. Returns the loss
+    in that dtype; the fused backends never store an n x m matrix.
+    """
+    names = ("student_video", "student_text", "teacher_video", "teacher_text")
+    feats = (student_video, student_text, teacher_video, teacher_text)
+    for name, x in zip(names, feats):
+        _validate.features(name, x)
+    for name, x in zip(names[1:], feats[1:]):
+        _validate.same_device_dtype(("student_video", name), student_video, x)
+    if student_video.shape[1] != student_text.shape[1]:
+        raise ValueError(f"student_video and student_text must have the same feature size D, got "
+                         f"{student_video.shape[1]} and {student_text.shape[1]}")
+    if teacher_video.shape[1] != teacher_text.shape[1]:
+        raise ValueError(f"teacher_video and teacher_text must have the same feature size D, got "
+                         f"{teacher_video.shape[1]} and {teacher_text.shape[1]}")
+    if teacher_video.shape[0] != student_video.shape[0]:
+        raise ValueError(f"teacher_video must score the student's {student_video.shape[0]} videos, got shape "
+                         f"{tuple(teacher_video.shape)}")
+    if teacher_text.shape[0] != student_text.shape[0]:
+        raise ValueError(f"teacher_text must score the student's {student_text.shape[0]} captions, got shape "
+                         f"{tuple(teacher_text.shape)}")
+    _frozen("teacher_video", teacher_video)
+    _frozen("teacher_text", teacher_text)
+    _frozen("teacher_scale", teacher_scale)
+    dev = student_video.device
+    s_scale = _validate.scale("student_scale", student_scale, dev)
+    t_scale = _validate.scale("teacher_scale", teacher_scale, dev)
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+    backend = _backend.resolve(backend, dev)
+    if backend == "torch":
+        loss = distillation_loss_reference(student_video, student_text, teacher_video, teacher_text,
+                                           s_scale.to(dev), t_scale.to(dev), reduction=reduction)
+        return loss.to(student_video.dtype)  # the 0-d float64 scales would promote it
+    return _Distill.apply(student_video, student_text, teacher_video, teacher_text, s_scale, t_scale, reduction,
+                          backend)

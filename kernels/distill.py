@@ -1,0 +1,221 @@
+"""Triton kernels of the chunked distillation loss (`fitclip_ext.distillation_loss` on CUDA).
+
+Statistics (`_stats_kernel`, grid over row blocks): streams the tiles of the student logits
+Y = s * A @ B^T and the teacher logits X = t * C @ E^T (two tile products per tile) and keeps per
+row, online, the max and sum of exp of both, and the sum of p ((x - mx) - (y - my)) relative to
+the running maxima (p = exp(x - mx)); a row's KL is that sum / a - log a + log c, exact 0 when
+the two rows agree. Run once for the rows and once, with the operands swapped, for the columns:
+exact, deterministic (no atomics), 2 * 2 * n * m * (D + Dt) FLOPs.
+
+Backward (`_grad_kernel`, grid over output row blocks x output D chunks): recomputes both tiles,
+forms G = w_a (q - p) + w_b (q' - p') in registers and accumulates s * G @ B; run once for the
+student videos and once for the student captions. The student scale's gradient sum G * (A B^T)
+is summed per row in the first pass.
+
+Kernels assume valid inputs (the public op validates). Offsets are int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .infonce import _small, input_precision
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """A[rows] @ B[cols]^T, float32 accumulate."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        dk = d0 + offs_k
+        a = tl.load(a_ptr + rows[:, None] * stride_an + dk[None, :] * stride_ad,
+                    mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * stride_bn + dk[:, None] * stride_bd,
+                    mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _stats_kernel(
+    a_ptr, b_ptr, c_ptr, e_ptr, s_scale_ptr, t_scale_ptr, lse_s_ptr, lse_t_ptr, kl_ptr,
+    n, m, D, Dt,
+    stride_an, stride_ad, stride_bn, stride_bd, stride_cn, stride_cd, stride_en, stride_ed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    ss2 = tl.load(s_scale_ptr).to(tl.float32) * LOG2E  # base-2 logits: exp2 is the fast path
+    ts2 = tl.load(t_scale_ptr).to(tl.float32) * LOG2E
+    mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    my = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    ax = tl.zeros((BLOCK_M,), tl.float32)
+    bx = tl.zeros((BLOCK_M,), tl.float32)
+    cy = tl.zeros((BLOCK_M,), tl.float32)
+    for c0 in range(0, m, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < m
+        y = _tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * ss2
+        x = _tile(c_ptr, e_ptr, rows, cols, row_ok, col_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
+                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * ts2
+        x = tl.where(col_ok[None, :], x, float("-inf"))
+        y = tl.where(col_ok[None, :], y, float("-inf"))
+        nx = tl.maximum(mx, tl.max(x, 1))
+        ny = tl.maximum(my, tl.max(y, 1))
+        started = mx > float("-inf")  # the first tile has at least one valid column
+        fx = tl.where(started, tl.exp2(mx - nx), 0.0)
+        shift = tl.where(started, (ny - my) - (nx - mx), 0.0)
+        bx = fx * (bx + ax * shift)
+        ax = fx * ax
+        cy = tl.where(started, cy * tl.exp2(my - ny), 0.0)
+        mx = nx
+        my = ny
+        p = tl.exp2(x - mx[:, None])
+        d = tl.where(col_ok[None, :], (x - mx[:, None]) - (y - my[:, None]), 0.0)
+        ax += tl.sum(p, 1)
+        bx += tl.sum(p * d, 1)
+        cy += tl.sum(tl.exp2(y - my[:, None]), 1)
+    tl.store(lse_s_ptr + rows, (my + tl.log2(cy)) * LN2, mask=row_ok)
+    tl.store(lse_t_ptr + rows, (mx + tl.log2(ax)) * LN2, mask=row_ok)
+    tl.store(kl_ptr + rows, (bx / ax - tl.log2(ax) + tl.log2(cy)) * LN2, mask=row_ok)
+
+
+@triton.jit
+def _grad_kernel(
+    a_ptr, b_ptr, c_ptr, e_ptr, out_ptr, ds_part_ptr, s_scale_ptr, t_scale_ptr,
+    a_lse_s_ptr, a_lse_t_ptr, a_w_ptr, b_lse_s_ptr, b_lse_t_ptr, b_w_ptr,
+    n_a, n_b, D, Dt,
+    stride_an, stride_ad, stride_bn, stride_bd, stride_cn, stride_cd, stride_en, stride_ed,
+    stride_on, stride_od,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+    WITH_DS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """out[a, dchunk] = s * sum_b G[a, b] B[b, dchunk] with
+    G[a, b] = w_a (q_ab - p_ab) + w_b (q'_ab - p'_ab), from the saved log-sum-exps."""
+    pid_a = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    ra = pid_a * BLOCK_M + tl.arange(0, BLOCK_M)
+    a_ok = ra < n_a
+    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_ok = do < D
+    s_scale = tl.load(s_scale_ptr).to(tl.float32)
+    ss2 = s_scale * LOG2E
+    ts2 = tl.load(t_scale_ptr).to(tl.float32) * LOG2E
+    lys = tl.load(a_lse_s_ptr + ra, mask=a_ok, other=0.0) * LOG2E
+    lxs = tl.load(a_lse_t_ptr + ra, mask=a_ok, other=0.0) * LOG2E
+    w_a = tl.load(a_w_ptr + ra, mask=a_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+    ds_acc = tl.zeros((BLOCK_M,), tl.float32)
+    for c0 in range(0, n_b, BLOCK_N):
+        rb = c0 + tl.arange(0, BLOCK_N)
+        b_ok = rb < n_b
+        s = _tile(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        x = _tile(c_ptr, e_ptr, ra, rb, a_ok, b_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
+                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * ts2
+        y = s * ss2
+        lyb = tl.load(b_lse_s_ptr + rb, mask=b_ok, other=0.0) * LOG2E
+        lxb = tl.load(b_lse_t_ptr + rb, mask=b_ok, other=0.0) * LOG2E
+        w_b = tl.load(b_w_ptr + rb, mask=b_ok, other=0.0)
+        g = w_a[:, None] * (tl.exp2(y - lys[:, None]) - tl.exp2(x - lxs[:, None]))
+        g += w_b[None, :] * (tl.exp2(y - lyb[None, :]) - tl.exp2(x - lxb[None, :]))
+        g = tl.where(a_ok[:, None] & b_ok[None, :], g, 0.0)
+        if WITH_DS:
+            ds_acc += tl.sum(g * s, 1)
+        yb = tl.load(b_ptr + rb[:, None] * stride_bn + do[None, :] * stride_bd,
+                     mask=b_ok[:, None] & do_ok[None, :], other=0.0)
+        acc = tl.dot(g.to(yb.dtype), yb, acc, input_precision=INPUT_PRECISION)
+    if WITH_DS:
+        tl.store(ds_part_ptr + ra, ds_acc, mask=a_ok & (pid_d == 0))
+    tl.store(out_ptr + ra[:, None] * stride_on + do[None, :] * stride_od, (acc * s_scale).to(out_ptr.dtype.element_ty),
+             mask=a_ok[:, None] & do_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- configurations
+
+def stats_config(dtype: torch.dtype, small: bool | None = None, precision: str | None = None) -> dict:
+    """Known-good blocks (no spills on sm_80/sm_90: `python -m fitclip_ext.kernels.aot`); two
+    [BLOCK_M, BLOCK_N] fp32 tiles live at once."""
+    if _small(small):
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def grad_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
+    if _small(small):
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=1, num_stages=1)
+    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_DO=64, num_warps=4, num_stages=2)
+    block_do = 256 if D > 128 else 128
+    if dtype == torch.float32:  # tf32: the 256-wide accumulator spills on sm_80
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=128, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=block_do, num_warps=8, num_stages=2)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _scalar(x: torch.Tensor, device) -> torch.Tensor:
+    return x.detach().to(device=device, dtype=torch.float32).reshape(1)
+
+
+def _row_stats(a, b, c, e, ss, ts):
+    n, D = a.shape
+    m, Dt = b.shape[0], c.shape[1]
+    out = [torch.empty(n, device=a.device, dtype=torch.float32) for _ in range(3)]
+    prec = input_precision(a.dtype)
+    cfg = stats_config(a.dtype, precision=prec)
+    _stats_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
+        a, b, c, e, ss, ts, *out, n, m, D, Dt,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
+        INPUT_PRECISION=prec, **cfg,
+    )
+    return out
+
+
+def stats(sv, st, tv, tt, s_scale, t_scale):
+    """(row_lse_student, row_lse_teacher, row_kl [n], col_lse_student, col_lse_teacher, col_kl [m]), float32."""
+    dev = sv.device
+    ss, ts = _scalar(s_scale, dev), _scalar(t_scale, dev)
+    rows = _row_stats(sv, st, tv, tt, ss, ts)
+    cols = _row_stats(st, sv, tt, tv, ss, ts)
+    return (*rows, *cols)
+
+
+def _grad_pass(a, b, c, e, out, ds_part, ss, ts, a_stats, b_stats, with_ds):
+    n_a, D = a.shape
+    n_b, Dt = b.shape[0], c.shape[1]
+    prec = input_precision(a.dtype)
+    cfg = grad_config(a.dtype, D, precision=prec)
+    grid = (triton.cdiv(n_a, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]))
+    _grad_kernel[grid](
+        a, b, c, e, out, ds_part, ss, ts, *a_stats, *b_stats, n_a, n_b, D, Dt,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
+        out.stride(0), out.stride(1), WITH_DS=with_ds, INPUT_PRECISION=prec, **cfg,
+    )
+
+
+def grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, rw, cls, clt, cw):
+    """(d student_video, d student_text in their dtype, d student_scale as a 0-d float32 tensor)
+    of sum_i w_i KL_i + sum_j v_j KL'_j."""
+    dev = sv.device
+    ss, ts = _scalar(s_scale, dev), _scalar(t_scale, dev)
+    row = (rls.float().contiguous(), rlt.float().contiguous(), rw.float().contiguous())
+    col = (cls.float().contiguous(), clt.float().contiguous(), cw.float().contiguous())
+    dv = torch.empty_like(sv, memory_format=torch.contiguous_format)
+    dt = torch.empty_like(st, memory_format=torch.contiguous_format)
+    ds_part = torch.empty(sv.shape[0], device=dev, dtype=torch.float32)
+    _grad_pass(sv, st, tv, tt, dv, ds_part, ss, ts, row, col, True)
+    _grad_pass(st, sv, tt, tv, dt, ds_part, ss, ts, col, row, False)
+    return dv, dt, ds_part.sum()
