@@ -1,5 +1,6 @@
 """Child process: peak extra memory of one forward+backward.
 usage: python -m benchmarks.memprobe contrastive <impl> <B> <D>
+       python -m benchmarks.memprobe distill <impl> <B> <D>
        python -m benchmarks.memprobe topk_frame_similarity|video_contrastive_loss <impl> <C> <V> <T> <D> <k>"""
 import json
 import sys
@@ -17,6 +18,10 @@ def main(argv):
 
         inputs = make_inputs(B, D)
         fn = fwd_bwd(loss_fn(impl), inputs)
+    elif op == "distill":
+        from .distill_cases import fwd_bwd, loss_fn, make_inputs
+
+        fn = fwd_bwd(loss_fn(impl), make_inputs(int(argv[2]), int(argv[3])))
     elif op in ("topk_frame_similarity", "video_contrastive_loss"):
         from .frame_cases import fwd_bwd_topk
 

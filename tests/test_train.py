@@ -132,3 +132,48 @@ def test_train_options_val_best_topk_loss_class_prompts_workers(video_set, tmp_p
     assert len(vals) == 2 and all(r["val_loss"] > 0 for r in vals)
     assert (tmp_path / "run" / "best.safetensors").exists()
     assert all(r["unlabeled_loss"] > -1e-5 for r in log if "loss" in r)  # a KL, up to rounding
+
+
+def _torchrun(nproc, argv, tmp_path):
+    """`torchrun --standalone --nproc_per_node N -m fitclip_ext.cli train ...` on the CPU (gloo)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "fitclip_ext.cli", "train", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("options", [
+    ["--candidate-frames", "4"],  # mean pooling (ClipLoss, local loss) + temporal sampling + distillation
+    ["--loss-pooling", "topk", "--pool-k", "1", "--class-prompts", "classes.txt"],  # fused top-k loss, prompts
+], ids=["mean-clip-loss", "topk-prompts"])
+def test_torchrun_two_processes_equal_full_batch_gradients(video_set, tmp_path, options):
+    """2 gloo processes with 2 + 2 clips per step give the gradients of one process with 4."""
+    rows = [r for r in (video_set / "train.csv").read_text().splitlines() if "broken" not in r]
+    (tmp_path / "good.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "classes.txt").write_text("RedSquare\nGreenSquare\nBlueSquare\nYellowSquare\n")
+    opts = [str(tmp_path / o) if o == "classes.txt" else o for o in options]
+
+    def args(out, per_rank):
+        return ["--train-csv", str(tmp_path / "good.csv"), "--video-root", str(video_set), "--out-dir", str(out),
+                "--model", "fitclip-tiny", "--pretrained", "none", "--num-frames", "2", "--batch-size", str(per_rank),
+                "--unlabeled-csv", str(tmp_path / "good.csv"), "--unlabeled-batch-size", str(per_rank),
+                "--max-steps", "1", "--seed", "5", "--dump-grads", str(out / "grads.pt"), *opts]
+
+    train_main(args(tmp_path / "single", 4))
+    _torchrun(2, args(tmp_path / "ddp", 2), tmp_path)
+    single = torch.load(tmp_path / "single" / "grads.pt")
+    ddp = torch.load(tmp_path / "ddp" / "grads.pt")
+    assert single.keys() == ddp.keys() and len(single) > 10
+    for name in single:
+        scale = single[name].abs().max().item() + 1e-12
+        torch.testing.assert_close(ddp[name] / scale, single[name] / scale, rtol=0, atol=1e-4, msg=name)
+    s_log = [json.loads(x) for x in open(tmp_path / "single" / "log.jsonl") if '"loss"' in x]
+    d_log = [json.loads(x) for x in open(tmp_path / "ddp" / "log.jsonl") if '"loss"' in x]
+    assert abs(s_log[0]["loss"] - d_log[0]["loss"]) < 1e-4 * max(1.0, abs(s_log[0]["loss"]))
