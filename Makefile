@@ -13,7 +13,8 @@ PIP    := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-benchmark>=4" \
         "pybind11>=2.12" "ninja" "cmake>=3.25" "setuptools>=64" "wheel" "numpy" "tqdm" \
-        "safetensors" "matplotlib"
+        "safetensors" "matplotlib" \
+        "pandas" "webdataset" "braceexpand"  # open_clip_train's data loading (fitclip_ext.open_clip_train)
 PYTEST_ARGS ?=
 
 .PHONY: setup deps ffmpeg build test demo bench aot gpu-check clean
