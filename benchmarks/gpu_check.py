@@ -313,6 +313,89 @@ def frame_ops(tflops, copy_gbps):
     return corr, cases
 
 
+def distill_ops(tflops):
+    """Correctness (float64 truth, each dtype) and benchmarks of distillation_loss against the
+    torch composition (log_softmax + kl_div both ways) and torch.compile of it."""
+    from fitclip_ext.reference import distillation_loss_reference
+
+    corr, cases = [], []
+    norm = torch.nn.functional.normalize
+
+    def inputs(n, m, D, dtype, seed):
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        tv, tt = norm(torch.randn(n, D, generator=g, device=DEV), dim=-1), norm(torch.randn(m, D, generator=g, device=DEV), dim=-1)
+        sv = norm(tv + 0.5 * torch.randn(n, D, generator=g, device=DEV) / D**0.5, dim=-1)
+        st = norm(tt + 0.5 * torch.randn(m, D, generator=g, device=DEV) / D**0.5, dim=-1)
+        s = torch.tensor(30.0, device=DEV)
+        return [x.to(dtype) for x in (sv, st, tv, tt)] + [s]
+
+    dtypes = [torch.float32, torch.float16] if ARGS.tiny else [torch.bfloat16, torch.float16, torch.float32]
+    for dtype in dtypes:
+        for n, m, D in ([(9, 7, 16), (33, 40, 24)] if ARGS.tiny else [(1, 1, 8), (127, 65, 65), (1000, 17, 512), (4097, 4097, 512)]):
+            try:
+                sv, st, tv, tt, s = inputs(n, m, D, dtype, n + m)
+                t_scale = 66.7 if dtype == torch.float32 else 8.0
+                res = {}
+                for name, fn, up in (("ours", lambda *a: fitclip_ext.distillation_loss(*a, backend="triton"), False),
+                                     ("naive", distillation_loss_reference, False),
+                                     ("truth", distillation_loss_reference, True)):
+                    a = [x.detach().clone().double() if up else x.detach().clone() for x in (sv, st)]
+                    sc = s.detach().clone().double() if up else s.detach().clone()
+                    for x in a + [sc]:
+                        x.requires_grad_()
+                    tvv, ttv = (tv.double(), tt.double()) if up else (tv, tt)
+                    out = fn(a[0], a[1], tvv, ttv, sc, t_scale)
+                    res[name] = [out] + list(torch.autograd.grad(out, a + [sc]))
+                tol = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+                for i, what in enumerate(["distill_loss", "d_student_video", "d_student_text", "d_student_scale"]):
+                    e, ne = rel(res["ours"][i], res["truth"][i]), rel(res["naive"][i], res["truth"][i])
+                    corr.append({"op": "distillation_loss", "what": what, "n": n, "m": m, "D": D,
+                                 "dtype": str(dtype).replace("torch.", ""), "rel_err": e, "naive_rel_err": ne,
+                                 "ok": bool(e <= 2 * ne + tol)})
+            except Exception as err:
+                corr.append({"op": "distillation_loss", "n": n, "m": m, "D": D, "dtype": str(dtype), "ok": False,
+                             "error": repr(err)[:300]})
+    compiled = torch.compile(distillation_loss_reference) if DEV == "cuda" else None
+    for B, D in ([(64, 32)] if ARGS.tiny else [(8192, 512), (32768, 512)]):
+        if time.time() - T0 > ARGS.max_seconds:
+            cases.append({"op": "distillation_loss", "B": B, "D": D, "skipped": "time budget of the check ran out"})
+            continue
+        case = {"op": "distillation_loss", "pass": "fwd+bwd", "B": B, "D": D, "dtype": "float32" if ARGS.tiny else "bfloat16"}
+        try:
+            sv, st, tv, tt, s = inputs(B, B, D, torch.float32 if ARGS.tiny else torch.bfloat16, 0)
+            sv.requires_grad_()
+            st.requires_grad_()
+            s.requires_grad_()
+
+            def runner(fn):
+                def run():
+                    torch.autograd.grad(fn(sv, st, tv, tt, s, 66.7), (sv, st, s))
+                return run
+
+            ours = runner(lambda *a: fitclip_ext.distillation_loss(*a, backend="triton"))
+            time_against_torch(case, ours, runner(distillation_loss_reference), B >= 32768,
+                               12 * B * B * D, tflops)  # 6 GEMMs of B x B x D
+            if compiled is not None:
+                try:
+                    run = runner(compiled)
+                    ms = bench_ms(run, B >= 32768)
+                    case["baselines"]["torch_compile"] = {"median_ms": ms, "speedup": ms / case["median_ms"],
+                                                          "peak_mb": peak_mb(run)}
+                except torch.OutOfMemoryError:
+                    case["baselines"]["torch_compile"] = {"error": "out of memory"}
+        except torch.OutOfMemoryError:
+            case["error"] = "out of memory"
+        except Exception as err:
+            case["error"] = repr(err)[:300]
+            traceback.print_exc()
+        finally:
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        log(json.dumps(case))
+        cases.append(case)
+    return corr, cases
+
+
 def main():
     out_dir = ARGS.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -420,6 +503,11 @@ def main():
     doc["correctness"] += frame_corr
     bad += [c for c in frame_corr if not c.get("ok")]
     cases += frame_cases
+    dist_corr, dist_cases = distill_ops(tflops)
+    doc["correctness"] += dist_corr
+    bad += [c for c in dist_corr if not c.get("ok")]
+    log(f"distillation correctness: {sum(c.get('ok', False) for c in dist_corr)}/{len(dist_corr)} ok")
+    cases += dist_cases
     doc["cases"] = cases
     slug = "tiny-cpu" if ARGS.tiny else "".join(c if c.isalnum() else "-" for c in doc["device"]).strip("-").lower()
     path = out_dir / f"{slug}-{doc['date']}.json"

@@ -16,8 +16,10 @@ export PYTHONPATH=.:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 FITCLIP_ALLOW_NO_CPP=1
 rc=0
 if [ "${1:-}" != "--tiny" ]; then
-  # The float64-truth tests of the Triton path, now on CUDA with every dtype (bf16 included).
-  $PY -m pytest tests/test_contrastive.py -q -x -k triton -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT_DIR/gpu_tests.log" || rc=1
+  # The float64-truth tests of the Triton path, now on CUDA with every dtype (bf16 included),
+  # and the Triton custom ops (opcheck, torch.compile fullgraph with Inductor).
+  $PY -m pytest tests/test_contrastive.py tests/test_distill.py tests/test_custom_ops.py tests/test_frames.py \
+    -q -x -k triton -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT_DIR/gpu_tests.log" || rc=1
 fi
 $PY benchmarks/gpu_check.py "$@" --out "$OUT_DIR" || rc=1
 exit $rc

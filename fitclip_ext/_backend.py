@@ -42,6 +42,16 @@ def cpp_unavailable_message() -> str:
     )
 
 
+def load_triton() -> None:
+    """Imports the Triton kernels, which registers their custom ops (torch.ops.fitclip_ext.triton_*),
+    before any code that torch.compile traces calls them."""
+    if torch.compiler.is_compiling():
+        return
+    importlib.import_module("fitclip_ext.kernels.infonce")
+    importlib.import_module("fitclip_ext.kernels.frames")
+    importlib.import_module("fitclip_ext.kernels.distill")
+
+
 def interpreting_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -53,6 +63,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend is None:
         if device.type == "cuda":
+            load_triton()
             return "triton"
         if device.type == "cpu":
             if load_cpp():
@@ -77,4 +88,5 @@ def resolve(backend: str | None, device: torch.device) -> str:
             raise ValueError(
                 f"backend='triton' takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
             )
+        load_triton()
     return backend

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._op import launch, triton_op
 from .infonce import _small, input_precision
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -170,40 +171,50 @@ def _scalar(x: torch.Tensor, device) -> torch.Tensor:
     return x.detach().to(device=device, dtype=torch.float32).reshape(1)
 
 
-def _row_stats(a, b, c, e, ss, ts):
+@triton_op("triton_distill_row_stats")
+def _row_stats(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
+               ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse of the student rows, lse of the teacher rows, KL per row) of A @ B^T and C @ E^T."""
     n, D = a.shape
     m, Dt = b.shape[0], c.shape[1]
-    out = [torch.empty(n, device=a.device, dtype=torch.float32) for _ in range(3)]
+    lse_s, lse_t, kl = (torch.empty(n, device=a.device, dtype=torch.float32) for _ in range(3))
     prec = input_precision(a.dtype)
     cfg = stats_config(a.dtype, precision=prec)
-    _stats_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
-        a, b, c, e, ss, ts, *out, n, m, D, Dt,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
-        INPUT_PRECISION=prec, **cfg,
-    )
-    return out
+    launch(_stats_kernel, (triton.cdiv(n, cfg["BLOCK_M"]),),
+           a, b, c, e, ss, ts, lse_s, lse_t, kl, n, m, D, Dt,
+           a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
+           INPUT_PRECISION=prec, **cfg)
+    return lse_s, lse_t, kl
 
 
 def stats(sv, st, tv, tt, s_scale, t_scale):
     """(row_lse_student, row_lse_teacher, row_kl [n], col_lse_student, col_lse_teacher, col_kl [m]), float32."""
     dev = sv.device
     ss, ts = _scalar(s_scale, dev), _scalar(t_scale, dev)
-    rows = _row_stats(sv, st, tv, tt, ss, ts)
-    cols = _row_stats(st, sv, tt, tv, ss, ts)
+    rows = torch.ops.fitclip_ext.triton_distill_row_stats(sv, st, tv, tt, ss, ts)
+    cols = torch.ops.fitclip_ext.triton_distill_row_stats(st, sv, tt, tv, ss, ts)
     return (*rows, *cols)
 
 
-def _grad_pass(a, b, c, e, out, ds_part, ss, ts, a_stats, b_stats, with_ds):
+@triton_op("triton_distill_grad_pass")
+def _grad_pass(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
+               ts: torch.Tensor, a_lse_s: torch.Tensor, a_lse_t: torch.Tensor, a_w: torch.Tensor,
+               b_lse_s: torch.Tensor, b_lse_t: torch.Tensor, b_w: torch.Tensor, with_ds: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s * G @ B in A's dtype, per-row parts of sum G * (A B^T) [n_a] float32)."""
     n_a, D = a.shape
     n_b, Dt = b.shape[0], c.shape[1]
+    out = torch.empty_like(a, memory_format=torch.contiguous_format)
+    ds_part = torch.zeros(n_a, device=a.device, dtype=torch.float32)
     prec = input_precision(a.dtype)
     cfg = grad_config(a.dtype, D, precision=prec)
     grid = (triton.cdiv(n_a, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]))
-    _grad_kernel[grid](
-        a, b, c, e, out, ds_part, ss, ts, *a_stats, *b_stats, n_a, n_b, D, Dt,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
-        out.stride(0), out.stride(1), WITH_DS=with_ds, INPUT_PRECISION=prec, **cfg,
-    )
+    stat = [x.float().contiguous() for x in (a_lse_s, a_lse_t, a_w, b_lse_s, b_lse_t, b_w)]
+    launch(_grad_kernel, grid,
+           a, b, c, e, out, ds_part, ss, ts, *stat, n_a, n_b, D, Dt,
+           a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
+           out.stride(0), out.stride(1), WITH_DS=with_ds, INPUT_PRECISION=prec, **cfg)
+    return out, ds_part
 
 
 def grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, rw, cls, clt, cw):
@@ -211,11 +222,7 @@ def grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, rw, cls, clt, cw):
     of sum_i w_i KL_i + sum_j v_j KL'_j."""
     dev = sv.device
     ss, ts = _scalar(s_scale, dev), _scalar(t_scale, dev)
-    row = (rls.float().contiguous(), rlt.float().contiguous(), rw.float().contiguous())
-    col = (cls.float().contiguous(), clt.float().contiguous(), cw.float().contiguous())
-    dv = torch.empty_like(sv, memory_format=torch.contiguous_format)
-    dt = torch.empty_like(st, memory_format=torch.contiguous_format)
-    ds_part = torch.empty(sv.shape[0], device=dev, dtype=torch.float32)
-    _grad_pass(sv, st, tv, tt, dv, ds_part, ss, ts, row, col, True)
-    _grad_pass(st, sv, tt, tv, dt, ds_part, ss, ts, col, row, False)
+    op = torch.ops.fitclip_ext.triton_distill_grad_pass
+    dv, ds_part = op(sv, st, tv, tt, ss, ts, rls, rlt, rw, cls, clt, cw, True)
+    dt, _ = op(st, sv, tt, tv, ss, ts, cls, clt, cw, rls, rlt, rw, False)
     return dv, dt, ds_part.sum()

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._op import launch, triton_op
+
 
 @triton.jit
 def _topk_insert(best, best_idx, x, t, slot_ok):
@@ -243,58 +245,95 @@ def _mask_arg(mask, fallback):
     return (mask.to(torch.int8).contiguous(), True) if mask is not None else (fallback, False)
 
 
-def topk_sim(text_n, frames_n, k, mask):
-    """(sim [C, V] float32, chosen frames as bit sets [C, V, ceil(T / 32)] int32)."""
+@triton_op("triton_topk_sim")
+def _topk_sim_op(text_n: torch.Tensor, frames_n: torch.Tensor, k: int, mask: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     C, D = text_n.shape
     V, T, _ = frames_n.shape
-    cfg = sim_config(text_n.dtype, k, T, precision=_precision(text_n.dtype))
+    prec = _precision(text_n.dtype)
+    cfg = sim_config(text_n.dtype, k, T, precision=prec)
     sim = torch.empty((C, V), device=text_n.device, dtype=torch.float32)
     bits = torch.empty((C, V, cfg["N_WORDS"]), device=text_n.device, dtype=torch.int32)
     m, has_mask = _mask_arg(mask, sim)
     grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(V, cfg["BLOCK_V"]))
-    _topk_sim_fwd_kernel[grid](
-        text_n, frames_n, m, sim, bits, C, V, T, D, k,
-        text_n.stride(0), text_n.stride(1), frames_n.stride(0), frames_n.stride(1), frames_n.stride(2),
-        HAS_MASK=has_mask, INPUT_PRECISION=_precision(text_n.dtype), **cfg,
-    )
+    launch(_topk_sim_fwd_kernel, grid,
+           text_n, frames_n, m, sim, bits, C, V, T, D, k,
+           text_n.stride(0), text_n.stride(1), frames_n.stride(0), frames_n.stride(1), frames_n.stride(2),
+           HAS_MASK=has_mask, INPUT_PRECISION=prec, **cfg)
     return sim, bits
+
+
+def topk_sim(text_n, frames_n, k, mask):
+    """(sim [C, V] float32, chosen frames as bit sets [C, V, ceil(T / 32)] int32)."""
+    return torch.ops.fitclip_ext.triton_topk_sim(text_n, frames_n, k, mask)
+
+
+def _launch_dtext(text_n, frames_n, bits, grad, k, dtext):
+    C, D = text_n.shape
+    V, T, _ = frames_n.shape
+    prec = _precision(text_n.dtype)
+    cfg = grad_config(text_n.dtype, T, precision=prec)
+    launch(_topk_sim_dtext_kernel, (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"])),
+           grad, bits, frames_n, dtext, C, V, T, D, k,
+           frames_n.stride(0), frames_n.stride(1), frames_n.stride(2), INPUT_PRECISION=prec, **cfg)
+
+
+def _launch_dframes(text_n, frames_n, bits, grad, k, dframes, accumulate):
+    C, D = text_n.shape
+    V, T, _ = frames_n.shape
+    prec = _precision(text_n.dtype)
+    cfg = grad_config(text_n.dtype, T, precision=prec)
+    launch(_topk_sim_dframes_kernel, (triton.cdiv(V, cfg["BLOCK_V"]), T, triton.cdiv(D, cfg["BLOCK_DO"])),
+           grad, bits, text_n, dframes, C, V, T, D, k,
+           text_n.stride(0), text_n.stride(1), ACCUMULATE=accumulate, INPUT_PRECISION=prec, **cfg)
+
+
+@triton_op("triton_topk_sim_bwd")
+def _topk_sim_bwd_op(text_n: torch.Tensor, frames_n: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    grad = grad.float().contiguous()
+    dtext = torch.empty(text_n.shape, device=text_n.device, dtype=torch.float32)
+    dframes = torch.empty(frames_n.shape, device=text_n.device, dtype=torch.float32)
+    _launch_dtext(text_n, frames_n, bits, grad, k, dtext)
+    _launch_dframes(text_n, frames_n, bits, grad, k, dframes, False)
+    return dtext, dframes
+
+
+@triton_op("triton_topk_sim_bwd_acc", mutates_args=("dframes_acc",))
+def _topk_sim_bwd_acc_op(text_n: torch.Tensor, frames_n: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
+                         dframes_acc: torch.Tensor) -> torch.Tensor:
+    grad = grad.float().contiguous()
+    dtext = torch.empty(text_n.shape, device=text_n.device, dtype=torch.float32)
+    _launch_dtext(text_n, frames_n, bits, grad, k, dtext)
+    _launch_dframes(text_n, frames_n, bits, grad, k, dframes_acc, True)
+    return dtext
 
 
 def topk_sim_bwd(text_n, frames_n, bits, grad, k, dframes_acc=None):
     """(d text_n [C, D], d frames_n [V, T, D]) in float32 from grad = dLoss/dsim [C, V]; with
     dframes_acc the frames' gradient is added into that float32 [V, T, D] buffer (and returned)."""
-    C, D = text_n.shape
-    V, T, _ = frames_n.shape
-    grad = grad.float().contiguous()
-    prec = _precision(text_n.dtype)
-    cfg = grad_config(text_n.dtype, T, precision=prec)
-    dtext = torch.empty((C, D), device=text_n.device, dtype=torch.float32)
-    accumulate = dframes_acc is not None
-    dframes = dframes_acc if accumulate else torch.empty((V, T, D), device=text_n.device, dtype=torch.float32)
-    n_d = triton.cdiv(D, cfg["BLOCK_DO"])
-    _topk_sim_dtext_kernel[(triton.cdiv(C, cfg["BLOCK_C"]), n_d)](
-        grad, bits, frames_n, dtext, C, V, T, D, k,
-        frames_n.stride(0), frames_n.stride(1), frames_n.stride(2), INPUT_PRECISION=prec, **cfg,
-    )
-    _topk_sim_dframes_kernel[(triton.cdiv(V, cfg["BLOCK_V"]), T, n_d)](
-        grad, bits, text_n, dframes, C, V, T, D, k,
-        text_n.stride(0), text_n.stride(1), ACCUMULATE=accumulate, INPUT_PRECISION=prec, **cfg,
-    )
-    return dtext, dframes
+    if dframes_acc is None:
+        return torch.ops.fitclip_ext.triton_topk_sim_bwd(text_n, frames_n, bits, grad, k)
+    dtext = torch.ops.fitclip_ext.triton_topk_sim_bwd_acc(text_n, frames_n, bits, grad, k, dframes_acc)
+    return dtext, dframes_acc
 
 
-def select(frames, text_n, k, mask):
-    """Chosen frames [B, k] int64, ascending time order."""
+@triton_op("triton_select_frames")
+def _select_op(frames: torch.Tensor, text_n: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.Tensor:
     B, T, D = frames.shape
     idx = torch.empty((B, k), device=frames.device, dtype=torch.int64)
     m, has_mask = _mask_arg(mask, idx)
     cfg = select_config(D, k)
-    _select_frames_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
-        frames, text_n, m, idx, B, T, D, k,
-        frames.stride(0), frames.stride(1), frames.stride(2), text_n.stride(0), text_n.stride(1),
-        HAS_MASK=has_mask, **cfg,
-    )
+    launch(_select_frames_kernel, (triton.cdiv(B, cfg["BLOCK_B"]),),
+           frames, text_n, m, idx, B, T, D, k,
+           frames.stride(0), frames.stride(1), frames.stride(2), text_n.stride(0), text_n.stride(1),
+           HAS_MASK=has_mask, **cfg)
     return idx.sort(dim=1).values
+
+
+def select(frames, text_n, k, mask):
+    """Chosen frames [B, k] int64, ascending time order."""
+    return torch.ops.fitclip_ext.triton_select_frames(frames, text_n, k, mask)
 
 
 # ----------------------------------------------------------------------------- video InfoNCE

@@ -6,7 +6,7 @@ exp(L - c_j) into a per-column fp32 buffer with atomics. The column shift c_j is
 positive logit L[j, j], so every column sum holds a term equal to 1 and never underflows; the
 tile's column max goes into a second buffer with atomic max, and the few columns whose max lies
 so far above their positive that the shifted sum could overflow are recomputed exactly
-(`_fix_columns`). 2 * n * m * D FLOPs.
+(`triton_infonce_fix_columns`). 2 * n * m * D FLOPs.
 
 Backward (`_grad_kernel`, grid over output row blocks x output D chunks): recomputes each tile,
 builds the full logit gradient G in registers (softmax terms, one-hot positives, label smoothing)
@@ -22,6 +22,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ._op import launch, triton_op
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
 # Columns whose max logit exceeds their positive logit by more than this are recomputed exactly:
@@ -178,27 +180,19 @@ def grad_config(dtype: torch.dtype, D: int, small: bool | None = None, precision
 
 
 # ----------------------------------------------------------------------------- launchers
+# Each launcher is a torch custom op (kernels/_op.py): fitclip_ext::triton_infonce_lse and
+# fitclip_ext::triton_infonce_grad; the exact column fix-up is data dependent and stays opaque
+# (fitclip_ext::triton_infonce_fix_columns).
 
 def _scale_tensor(scale: torch.Tensor, device) -> torch.Tensor:
     return scale.detach().to(device=device, dtype=torch.float32).reshape(1)
 
 
-def _fix_columns(query, keys, scale, col_lse, bad: torch.Tensor) -> None:
-    """Exact column log-sum-exp for the (rare) columns flagged by the forward kernel."""
-    idx = bad.nonzero().squeeze(1)
-    s = scale.to(torch.float32)
-    for c0 in range(0, idx.numel(), 1024):
-        cols = idx[c0:c0 + 1024]
-        kc = keys[cols].float()
-        acc = None
-        for r0 in range(0, query.shape[0], 8192):
-            part = torch.logsumexp(s * (query[r0:r0 + 8192].float() @ kc.T), dim=0)
-            acc = part if acc is None else torch.logaddexp(acc, part)
-        col_lse[cols] = acc
-
-
-def lse(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool):
-    """(row_lse [n], col_lse [m] or None) of L = scale * query @ keys^T, float32."""
+@triton_op("triton_infonce_lse")
+def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_lse [n], col_lse [m] from the shifted sums, col_max - col_shift [m]) (empty when not
+    with_col), float32."""
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
@@ -210,22 +204,51 @@ def lse(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: 
         col_max = torch.full((m,), float("-inf"), device=dev, dtype=torch.float32)
     else:
         col_shift = col_sum = col_max = row_lse  # unused pointers
-    cfg = fwd_config(query.dtype, D, precision=input_precision(query.dtype))
+    prec = input_precision(query.dtype)
+    cfg = fwd_config(query.dtype, D, precision=prec)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
-    _lse_fwd_kernel[grid](
-        query, keys, s, row_lse, col_shift, col_sum, col_max, n, m, D,
-        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
-        WITH_COL=with_col, INPUT_PRECISION=input_precision(query.dtype), **cfg,
-    )
+    launch(_lse_fwd_kernel, grid,
+           query, keys, s, row_lse, col_shift, col_sum, col_max, n, m, D,
+           query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+           WITH_COL=with_col, INPUT_PRECISION=prec, **cfg)
+    if not with_col:
+        empty = row_lse.new_empty(0)
+        return row_lse, empty, empty.clone()
+    return row_lse, col_shift + torch.log(col_sum), col_max - col_shift
+
+
+@torch.library.custom_op("fitclip_ext::triton_infonce_fix_columns", mutates_args=())
+def _fix_columns_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, col_lse: torch.Tensor,
+                    gap: torch.Tensor) -> torch.Tensor:
+    """col_lse with the columns the forward kernel flags recomputed exactly: a non-finite shifted
+    sum, or a max more than _COL_SHIFT_LIMIT above the shift (NaN features stay NaN, as in torch)."""
+    out = col_lse.clone()
+    bad = (~torch.isfinite(col_lse) | (gap > _COL_SHIFT_LIMIT)) & torch.isfinite(gap)
+    if bool(bad.any()):
+        idx = bad.nonzero().squeeze(1)
+        s = _scale_tensor(scale, query.device)
+        for c0 in range(0, idx.numel(), 1024):
+            cols = idx[c0:c0 + 1024]
+            kc = keys[cols].float()
+            acc = None
+            for r0 in range(0, query.shape[0], 8192):
+                part = torch.logsumexp(s * (query[r0:r0 + 8192].float() @ kc.T), dim=0)
+                acc = part if acc is None else torch.logaddexp(acc, part)
+            out[cols] = acc
+    return out
+
+
+@_fix_columns_op.register_fake
+def _(query, keys, scale, col_lse, gap):
+    return torch.empty_like(col_lse)
+
+
+def lse(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool):
+    """(row_lse [n], col_lse [m] or None) of L = scale * query @ keys^T, float32."""
+    row_lse, col_lse, gap = torch.ops.fitclip_ext.triton_infonce_lse(query, keys, scale, with_col)
     if not with_col:
         return row_lse, None
-    col_lse = col_shift + torch.log(col_sum)
-    bad = ~torch.isfinite(col_lse) | (col_max - col_shift > _COL_SHIFT_LIMIT)
-    # NaN features make NaN losses, as in torch; only finite columns are worth fixing.
-    bad &= torch.isfinite(col_max)
-    if bool(bad.any()):
-        _fix_columns(query, keys, s, col_lse, bad)
-    return row_lse, col_lse
+    return row_lse, torch.ops.fitclip_ext.triton_infonce_fix_columns(query, keys, scale, col_lse, gap)
 
 
 def _positive_logits(query, keys, s):
@@ -236,9 +259,11 @@ def _positive_logits(query, keys, s):
     return out * s
 
 
-def grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight, *, offset: int, eps: float):
-    """Full gradients (dQ, dK in the inputs' dtype, d scale as a 0-d float32 tensor) of
-    sum_i w_i CE_row_i (+ sum_j v_j CE_col_j when col_lse is given)."""
+@triton_op("triton_infonce_grad")
+def _grad_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor,
+             row_weight: torch.Tensor, col_lse: torch.Tensor | None, col_weight: torch.Tensor | None,
+             offset: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK in the inputs' dtype, per-row parts of d scale [n] float32)."""
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
@@ -254,17 +279,23 @@ def grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight, *, offset
     col_w = col_weight.float().contiguous() if sym else row_w
     col_l = col_lse if sym else row_lse
     # dQ: A = queries (row stats), B = keys (column stats)
-    _grad_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), n_dchunks)](
-        query, keys, dq, ds_part, s, row_lse, row_w, col_l, col_w,
-        n, m, D, offset, 0, eps / m, eps / n if sym else 0.0, 1.0 - eps,
-        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
-        HAS_A=True, HAS_B=sym, WITH_DS=True, INPUT_PRECISION=prec, **cfg,
-    )
+    launch(_grad_kernel, (triton.cdiv(n, cfg["BLOCK_M"]), n_dchunks),
+           query, keys, dq, ds_part, s, row_lse, row_w, col_l, col_w,
+           n, m, D, offset, 0, eps / m, eps / n if sym else 0.0, 1.0 - eps,
+           query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
+           HAS_A=True, HAS_B=sym, WITH_DS=True, INPUT_PRECISION=prec, **cfg)
     # dK: A = keys (column stats), B = queries (row stats)
-    _grad_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), n_dchunks)](
-        keys, query, dk, ds_part, s, col_l, col_w, row_lse, row_w,
-        m, n, D, 0, offset, eps / n if sym else 0.0, eps / m, 1.0 - eps,
-        keys.stride(0), keys.stride(1), query.stride(0), query.stride(1), dk.stride(0), dk.stride(1),
-        HAS_A=sym, HAS_B=True, WITH_DS=False, INPUT_PRECISION=prec, **cfg,
-    )
+    launch(_grad_kernel, (triton.cdiv(m, cfg["BLOCK_M"]), n_dchunks),
+           keys, query, dk, ds_part, s, col_l, col_w, row_lse, row_w,
+           m, n, D, 0, offset, eps / n if sym else 0.0, eps / m, 1.0 - eps,
+           keys.stride(0), keys.stride(1), query.stride(0), query.stride(1), dk.stride(0), dk.stride(1),
+           HAS_A=sym, HAS_B=True, WITH_DS=False, INPUT_PRECISION=prec, **cfg)
+    return dq, dk, ds_part
+
+
+def grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight, *, offset: int, eps: float):
+    """Full gradients (dQ, dK in the inputs' dtype, d scale as a 0-d float32 tensor) of
+    sum_i w_i CE_row_i (+ sum_j v_j CE_col_j when col_lse is given)."""
+    dq, dk, ds_part = torch.ops.fitclip_ext.triton_infonce_grad(query, keys, scale, row_lse, row_weight, col_lse,
+                                                                col_weight, offset, float(eps))
     return dq, dk, ds_part.sum()

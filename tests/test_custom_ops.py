@@ -102,3 +102,105 @@ def test_compile_fullgraph_distillation_loss():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Triton ops
+# On CUDA these are triton_op/wrap_triton ops (torch.compile sees the kernels); under the
+# interpreter (no GPU) the same launchers are opaque custom ops with the same schemas and fakes
+# (kernels/_op.py), so opcheck and fullgraph tracing are exercised here too.
+
+TDEV = "cuda" if torch.cuda.is_available() else "cpu"
+COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"  # Inductor cannot run interpreted kernels
+
+
+def _triton_samples():
+    _backend.load_triton()
+    t = torch.ops.fitclip_ext
+    g = torch.Generator().manual_seed(4)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(TDEV)
+
+    s = torch.tensor([3.0], device=TDEV)
+    q, k = r(5, 16), r(7, 16)
+    qs, ks = r(6, 16), r(6, 16)
+    rl, cl, _ = t.triton_infonce_lse(qs, ks, s, True)
+    w = torch.full((6,), 0.1, device=TDEV)
+    text = torch.nn.functional.normalize(r(6, 16), dim=-1)
+    frames = torch.nn.functional.normalize(r(6, 5, 16), dim=-1)
+    mask = torch.ones(6, 5, dtype=torch.bool, device=TDEV)
+    mask[0, 4] = False
+    sim, bits = t.triton_topk_sim(text, frames, 2, mask)
+    sv, st, tv, tt = r(6, 16), r(4, 16), r(6, 16), r(4, 16)
+    a = t.triton_distill_row_stats(sv, st, tv, tt, s, s)
+    b = t.triton_distill_row_stats(st, sv, tt, tv, s, s)
+    return [
+        (t.triton_infonce_lse, (q, k, s, False)),
+        (t.triton_infonce_lse, (qs, ks, s, True)),
+        (t.triton_infonce_fix_columns, (qs, ks, s, cl, torch.full((6,), 100.0, device=TDEV))),
+        (t.triton_infonce_grad, (qs, ks, s, rl, w, cl, w, 0, 0.1)),
+        (t.triton_infonce_grad, (q, k, s, t.triton_infonce_lse(q, k, s, False)[0], torch.full((5,), 0.2, device=TDEV),
+                                 None, None, 1, 0.0)),
+        (t.triton_topk_sim, (text, frames, 2, mask)),
+        (t.triton_topk_sim_bwd, (text, frames, bits, r(6, 6), 2)),
+        (t.triton_topk_sim_bwd_acc, (text, frames, bits, r(6, 6), 2, torch.zeros(6, 5, 16, device=TDEV))),
+        (t.triton_select_frames, (frames, text, 3, mask)),
+        (t.triton_distill_row_stats, (sv, st, tv, tt, s, s)),
+        (t.triton_distill_grad_pass, (sv, st, tv, tt, s, s, a[0], a[1], w, b[0], b[1], torch.full((4,), 0.2, device=TDEV),
+                                       True)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(11))
+def test_triton_opcheck(i):
+    op, args = _triton_samples()[i]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_triton_fix_columns_recomputes_flagged_columns_exactly():
+    _backend.load_triton()
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(9, 8, generator=g).to(TDEV), torch.randn(9, 8, generator=g).to(TDEV)
+    s = torch.tensor([2.0], device=TDEV)
+    truth = torch.logsumexp(s * (q @ k.T), 0)
+    gap = torch.zeros(9, device=TDEV)
+    gap[[2, 5]] = 1000.0  # flagged: max far above the shift
+    wrong = torch.zeros(9, device=TDEV)
+    out = torch.ops.fitclip_ext.triton_infonce_fix_columns(q, k, s, wrong, gap)
+    torch.testing.assert_close(out[[2, 5]], truth[[2, 5]])
+    assert (out[[0, 1, 3, 4, 6, 7, 8]] == 0).all()
+
+
+@pytest.mark.parametrize("op", ["contrastive_loss", "video_contrastive_loss", "distillation_loss"])
+def test_triton_compile_fullgraph(op):
+    g = torch.Generator().manual_seed(6)
+    B, T, D = 9, 4, 16
+    img = torch.randn(B, D, generator=g).to(TDEV).requires_grad_()
+    txt = torch.randn(B, D, generator=g).to(TDEV).requires_grad_()
+    frames = torch.randn(B, T, D, generator=g).to(TDEV).requires_grad_()
+    tv, tt = torch.randn(B, D, generator=g).to(TDEV), torch.randn(B, D, generator=g).to(TDEV)
+    scale = torch.tensor(10.0, device=TDEV, requires_grad=True)
+    if op == "contrastive_loss":
+        inputs = (img, txt, scale)
+
+        def step(i, t, s, backend):
+            return fitclip_ext.contrastive_loss(i, t, s, label_smoothing=0.1, backend=backend)
+    elif op == "video_contrastive_loss":
+        inputs = (frames, txt, scale)
+
+        def step(f, t, s, backend):
+            return fitclip_ext.video_contrastive_loss(f, t, s, k=2, backend=backend)
+    else:
+        inputs = (img, txt, scale)
+
+        def step(a, b, s, backend):
+            return fitclip_ext.distillation_loss(a, b, tv, tt, s, 5.0, backend=backend)
+
+    out = torch.compile(lambda *x: step(*x, "triton"), fullgraph=True, backend=COMPILE_BACKEND)(*inputs)
+    grads = torch.autograd.grad(out, inputs)
+    ref = step(*inputs, "torch")
+    ref_grads = torch.autograd.grad(ref, inputs)
+    tol = dict(rtol=1e-4, atol=1e-5) if TDEV == "cpu" else dict(rtol=2e-3, atol=2e-4)  # tf32 on GPUs
+    torch.testing.assert_close(out, ref, **tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
