@@ -1,6 +1,11 @@
 // Frame-caption cosine similarity fused with top-k selection, for CPU tensors.
 //
-// Inputs are already L2-normalised (the Python layer normalises with autograd). For a block of
+// With normalize=true (what the public ops use) the inputs are raw embeddings and the cosine
+// normalisation is folded in, as torch.nn.functional.normalize does it (norms clamped at 1e-12):
+// a unit copy of the captions (C x D, small), the frames used as given with their inverse norms
+// applied to the similarities, and the backward returns gradients of the raw inputs, so no
+// normalised copy of the V x T x D frames (nor its autograd temporaries) is ever made.
+// With normalize=false the inputs are taken as already unit length. For a block of
 // captions, one GEMM gives the similarities to every frame of every video ([rows, V*T], the
 // block only), a top-k per (caption, video) reduces them to [rows, V] and remembers the chosen
 // frames (int16). The backward applies the pooled gradient to the chosen frames only (sparse,
@@ -162,30 +167,43 @@ FITCLIP_INLINE void axpy(int64_t n, T a, const T* x, T* y) {
 // The backward only touches the k chosen of every T frames, so it runs sparse: k/T of the
 // dense GEMMs' FLOPs, in blocks whose accumulators stay in L2 while the other operand streams.
 // dtext[c] = sum_v grad[c, v] / k * sum_j frames[v, idx[c, v, j]] for captions [c0, c1)
+// (fscale: per-frame factors [V * T], the frames' inverse norms when normalising, or null.)
 template <typename T>
-FITCLIP_INLINE void dtext_block(const T* grad, const int16_t* idx, const T* frames, int64_t c0, int64_t c1,
-                                int64_t V, int64_t nt, int64_t D, int64_t k, T* dtext) {
+FITCLIP_INLINE void dtext_block(const T* grad, const int16_t* idx, const T* frames, const T* fscale, int64_t c0,
+                                int64_t c1, int64_t V, int64_t nt, int64_t D, int64_t k, T* dtext) {
   std::fill(dtext + c0 * D, dtext + c1 * D, T(0));
   const T inv_k = T(1) / static_cast<T>(k);
   for (int64_t v = 0; v < V; ++v) {
     const T* fv = frames + v * nt * D;
+    const T* sv = fscale ? fscale + v * nt : nullptr;
     for (int64_t c = c0; c < c1; ++c) {
       const T w = grad[c * V + v] * inv_k;
       if (w == T(0)) continue;
       const int16_t* id = idx + (c * V + v) * k;
-      for (int64_t j = 0; j < k; ++j) axpy<T>(D, w, fv + id[j] * D, dtext + c * D);
+      T* y = dtext + c * D;
+      if (k == 4 && !sv) {  // FitCLIP's k: one pass over the accumulator row instead of four
+        const T *x0 = fv + id[0] * D, *x1 = fv + id[1] * D, *x2 = fv + id[2] * D, *x3 = fv + id[3] * D;
+        for (int64_t i = 0; i < D; ++i) y[i] += w * ((x0[i] + x1[i]) + (x2[i] + x3[i]));
+      } else if (k == 4) {
+        const T *x0 = fv + id[0] * D, *x1 = fv + id[1] * D, *x2 = fv + id[2] * D, *x3 = fv + id[3] * D;
+        const T w0 = w * sv[id[0]], w1 = w * sv[id[1]], w2 = w * sv[id[2]], w3 = w * sv[id[3]];
+        for (int64_t i = 0; i < D; ++i) y[i] += (w0 * x0[i] + w1 * x1[i]) + (w2 * x2[i] + w3 * x3[i]);
+      } else {
+        for (int64_t j = 0; j < k; ++j) axpy<T>(D, sv ? w * sv[id[j]] : w, fv + id[j] * D, y);
+      }
     }
   }
 }
-static FITCLIP_CLONES void dtext_block_f(const float* grad, const int16_t* idx, const float* frames, int64_t c0,
-                                         int64_t c1, int64_t V, int64_t nt, int64_t D, int64_t k, float* dtext) {
-  dtext_block<float>(grad, idx, frames, c0, c1, V, nt, D, k, dtext);
+static FITCLIP_CLONES void dtext_block_f(const float* grad, const int16_t* idx, const float* frames,
+                                         const float* fscale, int64_t c0, int64_t c1, int64_t V, int64_t nt,
+                                         int64_t D, int64_t k, float* dtext) {
+  dtext_block<float>(grad, idx, frames, fscale, c0, c1, V, nt, D, k, dtext);
 }
 
 // dframes[v, idx[c, v, j]] += grad[c, v] / k * text[c] for videos [v0, v1) (accumulates)
 template <typename T>
-FITCLIP_INLINE void dframes_block(const T* grad, const int16_t* idx, const T* text, int64_t C, int64_t v0,
-                                  int64_t v1, int64_t V, int64_t nt, int64_t D, int64_t k, T* dframes) {
+FITCLIP_INLINE void dframes_block(const T* grad, const int16_t* idx, const T* text, const T* fscale, int64_t C,
+                                  int64_t v0, int64_t v1, int64_t V, int64_t nt, int64_t D, int64_t k, T* dframes) {
   const T inv_k = T(1) / static_cast<T>(k);
   for (int64_t c = 0; c < C; ++c) {
     const T* tc = text + c * D;
@@ -193,38 +211,39 @@ FITCLIP_INLINE void dframes_block(const T* grad, const int16_t* idx, const T* te
       const T w = grad[c * V + v] * inv_k;
       if (w == T(0)) continue;
       const int16_t* id = idx + (c * V + v) * k;
-      for (int64_t j = 0; j < k; ++j) axpy<T>(D, w, tc, dframes + (v * nt + id[j]) * D);
+      for (int64_t j = 0; j < k; ++j)
+        axpy<T>(D, fscale ? w * fscale[v * nt + id[j]] : w, tc, dframes + (v * nt + id[j]) * D);
     }
   }
 }
-static FITCLIP_CLONES void dframes_block_f(const float* grad, const int16_t* idx, const float* text, int64_t C,
-                                           int64_t v0, int64_t v1, int64_t V, int64_t nt, int64_t D, int64_t k,
-                                           float* dframes) {
-  dframes_block<float>(grad, idx, text, C, v0, v1, V, nt, D, k, dframes);
+static FITCLIP_CLONES void dframes_block_f(const float* grad, const int16_t* idx, const float* text,
+                                           const float* fscale, int64_t C, int64_t v0, int64_t v1, int64_t V,
+                                           int64_t nt, int64_t D, int64_t k, float* dframes) {
+  dframes_block<float>(grad, idx, text, fscale, C, v0, v1, V, nt, D, k, dframes);
 }
 
 template <typename T>
-void sparse_dtext(const T* grad, const int16_t* idx, const T* frames, int64_t C, int64_t V, int64_t nt,
-                  int64_t D, int64_t k, T* dtext) {
+void sparse_dtext(const T* grad, const int16_t* idx, const T* frames, const T* fscale, int64_t C, int64_t V,
+                  int64_t nt, int64_t D, int64_t k, T* dtext) {
   constexpr int64_t kCaptions = 32;  // 32 rows of D accumulators; video v's T x D frames stay hot
   at::parallel_for(0, (C + kCaptions - 1) / kCaptions, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kCaptions, c1 = std::min(C, c0 + kCaptions);
-      if constexpr (std::is_same_v<T, float>) dtext_block_f(grad, idx, frames, c0, c1, V, nt, D, k, dtext);
-      else dtext_block<T>(grad, idx, frames, c0, c1, V, nt, D, k, dtext);
+      if constexpr (std::is_same_v<T, float>) dtext_block_f(grad, idx, frames, fscale, c0, c1, V, nt, D, k, dtext);
+      else dtext_block<T>(grad, idx, frames, fscale, c0, c1, V, nt, D, k, dtext);
     }
   });
 }
 
 template <typename T>
-void sparse_dframes(const T* grad, const int16_t* idx, const T* text, int64_t C, int64_t V, int64_t nt,
-                    int64_t D, int64_t k, T* dframes) {
+void sparse_dframes(const T* grad, const int16_t* idx, const T* text, const T* fscale, int64_t C, int64_t V,
+                    int64_t nt, int64_t D, int64_t k, T* dframes) {
   constexpr int64_t kVideos = 8;  // 8 videos' T x D gradients stay in L2 while captions stream
   at::parallel_for(0, (V + kVideos - 1) / kVideos, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * kVideos, v1 = std::min(V, v0 + kVideos);
-      if constexpr (std::is_same_v<T, float>) dframes_block_f(grad, idx, text, C, v0, v1, V, nt, D, k, dframes);
-      else dframes_block<T>(grad, idx, text, C, v0, v1, V, nt, D, k, dframes);
+      if constexpr (std::is_same_v<T, float>) dframes_block_f(grad, idx, text, fscale, C, v0, v1, V, nt, D, k, dframes);
+      else dframes_block<T>(grad, idx, text, fscale, C, v0, v1, V, nt, D, k, dframes);
     }
   });
 }
@@ -237,13 +256,22 @@ at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+constexpr double kNormEps = 1e-12;  // torch.nn.functional.normalize's clamp of the norm
+
 struct FrameInputs {
-  at::Tensor text, frames, mask_tm;  // frames: [V, T, D] contiguous; mask_tm: [T, V]
+  at::Tensor text, frames, mask_tm;  // text: unit rows; frames: [V, T, D] contiguous; mask_tm: [T, V]
+  // normalize: the raw text's norms [C], the frames' norms [V * T] and inverse norms [V * T]
+  // (video-major) and [T * V] (time-major)
+  bool normalize = false;
+  at::Tensor norm_t, norm_f, inv_f, inv_f_tm;
   int64_t C, V, nt, D;
   int64_t row(int64_t v, int64_t t) const { return t * V + v; }
+  template <typename T>
+  const T* fscale() const { return normalize ? inv_f.data_ptr<T>() : nullptr; }
 };
 
-FrameInputs prepare(const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask) {
+FrameInputs prepare(const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask,
+                    bool normalize = false) {
   TORCH_CHECK(text.device().is_cpu() && frames.device().is_cpu(), "fitclip_ext C++ ops take CPU tensors");
   TORCH_CHECK(text.dim() == 2 && frames.dim() == 3, "text must be [C, D] and frames [V, T, D]");
   TORCH_CHECK(text.size(1) == frames.size(2), "text and frames must have the same D");
@@ -257,6 +285,14 @@ FrameInputs prepare(const at::Tensor& text, const at::Tensor& frames, int64_t k,
   in.D = frames.size(2);
   in.text = text.to(ct).contiguous();
   in.frames = frames.to(ct).contiguous();
+  in.normalize = normalize;
+  if (normalize) {
+    in.norm_t = at::linalg_vector_norm(in.text, 2, {1});
+    in.text = in.text / in.norm_t.clamp_min(kNormEps).unsqueeze(1);  // C x D: a small copy
+    in.norm_f = at::linalg_vector_norm(in.frames, 2, {2}).reshape({-1});
+    in.inv_f = in.norm_f.clamp_min(kNormEps).reciprocal();
+    in.inv_f_tm = in.inv_f.view({in.V, in.nt}).t().contiguous().view({-1});
+  }
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == in.V && mask->size(1) == in.nt,
                 "mask must be a bool [V, T] tensor");
@@ -275,7 +311,50 @@ void similarity_block(const FrameInputs& in, int64_t r0, int64_t rows, at::Tenso
   for (int64_t t = 0; t < in.nt; ++t) {
     auto out = S.select(0, t).narrow(0, 0, rows);
     at::mm_out(out, text, in.frames.select(1, t).t());
+    if (in.normalize) {  // cosine: divide by the frames' norms (the captions are unit already)
+      T* o = out.data_ptr<T>();
+      const T* sc = in.inv_f_tm.data_ptr<T>() + t * in.V;
+      const int64_t V = in.V;
+      at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r)
+          for (int64_t v = 0; v < V; ++v) o[r * V + v] *= sc[v];
+      });
+    }
   }
+}
+
+// Gradients of the unit rows y = x / max(|x|, eps) -> gradients of the raw rows x, in place.
+// pre_scaled: g holds dL/dy already multiplied by 1 / max(|x|, eps) (the frames' accumulation).
+template <typename T>
+void unnormalize_grad(const T* x, const T* norms, int64_t n, int64_t D, bool pre_scaled, T* g) {
+  at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T nrm = norms[i];
+      T* gi = g + i * D;
+      const T* xi = x + i * D;
+      const bool clamped = !(nrm > T(kNormEps));
+      const T inv = clamped ? T(1) / T(kNormEps) : T(1) / nrm;
+      if (clamped) {  // y = x / eps: no projection
+        if (!pre_scaled)
+          for (int64_t d = 0; d < D; ++d) gi[d] *= inv;
+        continue;
+      }
+      T dot = 0;
+      for (int64_t d = 0; d < D; ++d) dot += xi[d] * gi[d];
+      // (g - y (y . g)) / |x| with y = x / |x|; for pre-scaled g the outer 1 / |x| is in g
+      const T a = pre_scaled ? T(1) : inv;
+      const T b = dot * inv * inv * a;
+      for (int64_t d = 0; d < D; ++d) gi[d] = a * gi[d] - b * xi[d];
+    }
+  });
+}
+
+template <typename T>
+void finish_raw_grads(const FrameInputs& in, const at::Tensor& text_raw, at::Tensor& dtext, at::Tensor& dframes_flat) {
+  if (!in.normalize) return;
+  unnormalize_grad<T>(text_raw.data_ptr<T>(), in.norm_t.data_ptr<T>(), in.C, in.D, false, dtext.data_ptr<T>());
+  unnormalize_grad<T>(in.frames.data_ptr<T>(), in.norm_f.data_ptr<T>(), in.V * in.nt, in.D, true,
+                      dframes_flat.data_ptr<T>());
 }
 
 // Applies dLoss/dsim of captions [r0, r0 + rows) (grad [rows, V], chosen frames idx [rows, V, k]):
@@ -284,9 +363,10 @@ template <typename T>
 void backward_block(const FrameInputs& in, int64_t k, int64_t r0, int64_t rows, const T* grad, const int16_t* idx,
                     at::Tensor& dtext, at::Tensor& dframes, at::Tensor& scratch) {
   const int64_t V = in.V, nt = in.nt, D = in.D;
+  const T* fs = in.fscale<T>();
   if (!use_dense_backward(k, nt)) {
-    sparse_dtext<T>(grad, idx, in.frames.data_ptr<T>(), rows, V, nt, D, k, dtext.data_ptr<T>() + r0 * D);
-    sparse_dframes<T>(grad, idx, in.text.data_ptr<T>() + r0 * D, rows, V, nt, D, k, dframes.data_ptr<T>());
+    sparse_dtext<T>(grad, idx, in.frames.data_ptr<T>(), fs, rows, V, nt, D, k, dtext.data_ptr<T>() + r0 * D);
+    sparse_dframes<T>(grad, idx, in.text.data_ptr<T>() + r0 * D, fs, rows, V, nt, D, k, dframes.data_ptr<T>());
     return;
   }
   auto W = scratch.view({-1}).narrow(0, 0, rows * V * nt).view({rows, V * nt});
@@ -298,7 +378,7 @@ void backward_block(const FrameInputs& in, int64_t k, int64_t r0, int64_t rows, 
       for (int64_t v = 0; v < V; ++v) {
         const T g = grad[r * V + v] / static_cast<T>(k);
         const int16_t* id = idx + (r * V + v) * k;
-        for (int64_t j = 0; j < k; ++j) wr[v * nt + id[j]] += g;
+        for (int64_t j = 0; j < k; ++j) wr[v * nt + id[j]] += fs ? g * fs[v * nt + id[j]] : g;
       }
     }
   });
@@ -420,8 +500,8 @@ T video_grad_impl(const FrameInputs& in, int64_t k, T scale, const at::Tensor& c
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> topk_sim_fwd_cpu(const at::Tensor& text, const at::Tensor& frames, int64_t k,
-                                                    const std::optional<at::Tensor>& mask) {
-  auto in = prepare(text, frames, k, mask);
+                                                    const std::optional<at::Tensor>& mask, bool normalize) {
+  auto in = prepare(text, frames, k, mask, normalize);
   auto sim = at::empty({in.C, in.V}, in.text.options());
   auto idx = at::empty({in.C, in.V, k}, in.text.options().dtype(at::kShort));
   if (in.text.scalar_type() == at::kDouble) topk_sim_fwd_impl<double>(in, k, sim, idx);
@@ -430,24 +510,29 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_fwd_cpu(const at::Tensor& text, cons
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_sim_bwd_cpu(const at::Tensor& text, const at::Tensor& frames,
-                                                    const at::Tensor& idx, const at::Tensor& grad) {
+                                                    const at::Tensor& idx, const at::Tensor& grad, bool normalize) {
   const int64_t k = idx.size(2);
-  auto in = prepare(text, frames, k, std::nullopt);
+  auto in = prepare(text, frames, k, std::nullopt, normalize);
   TORCH_CHECK(idx.scalar_type() == at::kShort && idx.size(0) == in.C && idx.size(1) == in.V, "idx must be int16 [C, V, k]");
   auto g = grad.to(in.text.scalar_type()).contiguous();
   TORCH_CHECK(g.size(0) == in.C && g.size(1) == in.V, "grad must be [C, V]");
   auto dtext = at::empty_like(in.text);
   auto dframes = at::zeros({in.V * in.nt, in.D}, in.text.options());
   auto id = idx.contiguous();
-  if (in.text.scalar_type() == at::kDouble) topk_sim_bwd_impl<double>(in, k, id, g, dtext, dframes);
-  else topk_sim_bwd_impl<float>(in, k, id, g, dtext, dframes);
+  if (in.text.scalar_type() == at::kDouble) {
+    topk_sim_bwd_impl<double>(in, k, id, g, dtext, dframes);
+    finish_raw_grads<double>(in, text.to(at::kDouble).contiguous(), dtext, dframes);
+  } else {
+    topk_sim_bwd_impl<float>(in, k, id, g, dtext, dframes);
+    finish_raw_grads<float>(in, text.to(at::kFloat).contiguous(), dtext, dframes);
+  }
   return {dtext, dframes.view({in.V, in.nt, in.D})};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> video_infonce_lse_cpu(
     const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask,
-    const at::Tensor& scale) {
-  auto in = prepare(text, frames, k, mask);
+    const at::Tensor& scale, bool normalize) {
+  auto in = prepare(text, frames, k, mask, normalize);
   TORCH_CHECK(in.C == in.V, "video InfoNCE needs as many captions as videos");
   auto o = in.text.options();
   auto cap_lse = at::empty({in.C}, o), vid_lse = at::empty({in.V}, o), cap_sum = at::empty({in.C}, o),
@@ -461,8 +546,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> video_inf
 std::tuple<at::Tensor, at::Tensor, at::Tensor> video_infonce_grad_cpu(
     const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask,
     const at::Tensor& scale, const at::Tensor& cap_lse, const at::Tensor& vid_lse, const at::Tensor& cap_w,
-    const at::Tensor& vid_w, double eps) {
-  auto in = prepare(text, frames, k, mask);
+    const at::Tensor& vid_w, double eps, bool normalize) {
+  auto in = prepare(text, frames, k, mask, normalize);
   TORCH_CHECK(in.C == in.V, "video InfoNCE needs as many captions as videos");
   const auto ct = in.text.scalar_type();
   auto c = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
@@ -470,11 +555,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> video_infonce_grad_cpu(
   auto dframes = at::zeros({in.V * in.nt, in.D}, in.text.options());
   const double s = scale.item<double>();
   double ds;
-  if (ct == at::kDouble)
+  if (ct == at::kDouble) {
     ds = video_grad_impl<double>(in, k, s, c(cap_lse), c(vid_lse), c(cap_w), c(vid_w), eps, dtext, dframes);
-  else
+    finish_raw_grads<double>(in, c(text), dtext, dframes);
+  } else {
     ds = video_grad_impl<float>(in, k, static_cast<float>(s), c(cap_lse), c(vid_lse), c(cap_w), c(vid_w),
                                 static_cast<float>(eps), dtext, dframes);
+    finish_raw_grads<float>(in, c(text), dtext, dframes);
+  }
   return {dtext, dframes.view({in.V, in.nt, in.D}), at::scalar_tensor(ds, in.text.options())};
 }
 
@@ -517,12 +605,14 @@ at::Tensor select_frames_cpu(const at::Tensor& frames, const at::Tensor& text, i
 }  // namespace fitclip
 
 TORCH_LIBRARY_FRAGMENT(fitclip_ext, m) {
-  m.def("topk_sim_fwd(Tensor text, Tensor frames, int k, Tensor? mask) -> (Tensor, Tensor)");
-  m.def("topk_sim_bwd(Tensor text, Tensor frames, Tensor idx, Tensor grad) -> (Tensor, Tensor)");
-  m.def("video_infonce_lse(Tensor text, Tensor frames, int k, Tensor? mask, Tensor scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("topk_sim_fwd(Tensor text, Tensor frames, int k, Tensor? mask, bool normalize=False) -> (Tensor, Tensor)");
+  m.def("topk_sim_bwd(Tensor text, Tensor frames, Tensor idx, Tensor grad, bool normalize=False) -> (Tensor, Tensor)");
+  m.def(
+      "video_infonce_lse(Tensor text, Tensor frames, int k, Tensor? mask, Tensor scale, bool normalize=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "video_infonce_grad(Tensor text, Tensor frames, int k, Tensor? mask, Tensor scale, Tensor cap_lse, "
-      "Tensor vid_lse, Tensor cap_w, Tensor vid_w, float eps) -> (Tensor, Tensor, Tensor)");
+      "Tensor vid_lse, Tensor cap_w, Tensor vid_w, float eps, bool normalize=False) -> (Tensor, Tensor, Tensor)");
   m.def("select_frames(Tensor frames, Tensor text, int k, Tensor? mask) -> Tensor");
 }
 

@@ -23,23 +23,23 @@ def register() -> None:
         return query.new_empty(query.shape, dtype=ct), keys.new_empty(keys.shape, dtype=ct)
 
     @torch.library.register_fake(lib + "topk_sim_fwd")
-    def _(text, frames, k, mask):
+    def _(text, frames, k, mask, normalize=False):
         ct = _ct(text)
         C, V = text.shape[0], frames.shape[0]
         return text.new_empty((C, V), dtype=ct), text.new_empty((C, V, k), dtype=torch.int16)
 
     @torch.library.register_fake(lib + "topk_sim_bwd")
-    def _(text, frames, idx, grad):
+    def _(text, frames, idx, grad, normalize=False):
         ct = _ct(text)
         return text.new_empty(text.shape, dtype=ct), frames.new_empty(frames.shape, dtype=ct)
 
     @torch.library.register_fake(lib + "video_infonce_lse")
-    def _(text, frames, k, mask, scale):
+    def _(text, frames, k, mask, scale, normalize=False):
         ct = _ct(text)
         return tuple(text.new_empty(text.shape[0], dtype=ct) for _ in range(5))
 
     @torch.library.register_fake(lib + "video_infonce_grad")
-    def _(text, frames, k, mask, scale, cap_lse, vid_lse, cap_w, vid_w, eps):
+    def _(text, frames, k, mask, scale, cap_lse, vid_lse, cap_w, vid_w, eps, normalize=False):
         ct = _ct(text)
         return (text.new_empty(text.shape, dtype=ct), frames.new_empty(frames.shape, dtype=ct),
                 text.new_empty((), dtype=ct))

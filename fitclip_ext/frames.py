@@ -82,23 +82,29 @@ def _pair(text_name, text, frames_name, frames, same_count: bool):
 # ----------------------------------------------------------------------------- backends
 
 class _CppFrames:
-    @staticmethod
-    def topk_sim(text_n, frames_n, k, mask):
-        return torch.ops.fitclip_ext.topk_sim_fwd(text_n, frames_n, k, mask)
+    """The C++ kernels take the raw embeddings and fold the cosine normalisation in (forward and
+    backward, as F.normalize does it), so no normalised copy of the V x T x D frames is made."""
+
+    normalizes = True
 
     @staticmethod
-    def topk_sim_bwd(text_n, frames_n, idx, grad, k):
-        return torch.ops.fitclip_ext.topk_sim_bwd(text_n, frames_n, idx, grad)
+    def topk_sim(text, frames, k, mask):
+        return torch.ops.fitclip_ext.topk_sim_fwd(text, frames, k, mask, True)
 
     @staticmethod
-    def video_lse(text_n, frames_n, k, mask, scale):
+    def topk_sim_bwd(text, frames, idx, grad, k):
+        return torch.ops.fitclip_ext.topk_sim_bwd(text, frames, idx, grad, True)
+
+    @staticmethod
+    def video_lse(text, frames, k, mask, scale):
         s = scale.detach().to(device="cpu", dtype=torch.float64)
-        return torch.ops.fitclip_ext.video_infonce_lse(text_n, frames_n, k, mask, s)
+        return torch.ops.fitclip_ext.video_infonce_lse(text, frames, k, mask, s, True)
 
     @staticmethod
-    def video_grad(text_n, frames_n, k, mask, scale, cap_lse, vid_lse, cap_w, vid_w, eps):
+    def video_grad(text, frames, k, mask, scale, cap_lse, vid_lse, cap_w, vid_w, eps):
         s = scale.detach().to(device="cpu", dtype=torch.float64)
-        return torch.ops.fitclip_ext.video_infonce_grad(text_n, frames_n, k, mask, s, cap_lse, vid_lse, cap_w, vid_w, eps)
+        return torch.ops.fitclip_ext.video_infonce_grad(text, frames, k, mask, s, cap_lse, vid_lse, cap_w, vid_w, eps,
+                                                        True)
 
     @staticmethod
     def select(frames, text_n, k, mask):
@@ -113,6 +119,13 @@ def _ops(backend: str):
 
         return triton_frames
     raise AssertionError(backend)
+
+
+def _normalized_for(backend, text, frames):
+    """The inputs a backend's kernels take: raw (they normalise inside) or unit rows (autograd)."""
+    if getattr(_ops(backend), "normalizes", False):
+        return text, frames
+    return F.normalize(text, dim=-1), F.normalize(frames, dim=-1)
 
 
 class _TopkSimilarity(torch.autograd.Function):
@@ -225,9 +238,8 @@ def topk_frame_similarity(text_features, frame_features, k, *, mask=None, backen
     backend = _backend.resolve(backend, frame_features.device)
     if backend == "torch":
         return topk_frame_similarity_reference(text_features, frame_features, k, mask=mask)
-    text_n = F.normalize(text_features, dim=-1)
-    frames_n = F.normalize(frame_features, dim=-1)
-    return _TopkSimilarity.apply(text_n, frames_n, k, mask, backend)
+    text_in, frames_in = _normalized_for(backend, text_features, frame_features)
+    return _TopkSimilarity.apply(text_in, frames_in, k, mask, backend)
 
 
 def video_contrastive_loss(frame_features, text_features, logit_scale, logit_bias=None, *, k, mask=None,
@@ -251,7 +263,6 @@ def video_contrastive_loss(frame_features, text_features, logit_scale, logit_bia
         return video_contrastive_loss_reference(frame_features, text_features, scale.to(dev),
                                                 None if bias is None else bias.to(dev), k=k, mask=mask,
                                                 label_smoothing=eps, reduction=reduction)
-    text_n = F.normalize(text_features, dim=-1)
-    frames_n = F.normalize(frame_features, dim=-1)
-    loss = _VideoInfoNCE.apply(text_n, frames_n, scale, k, mask, eps, reduction, backend)
+    text_in, frames_in = _normalized_for(backend, text_features, frame_features)
+    loss = _VideoInfoNCE.apply(text_in, frames_in, scale, k, mask, eps, reduction, backend)
     return _zero_bias_term(loss, bias)

@@ -38,13 +38,16 @@ def _samples():
         (ops.video_infonce_lse, (text, frames, 2, mask, s)),
         (ops.video_infonce_grad, (text, frames, 2, None, s, cap_lse, vid_lse, w, w, 0.1)),
         (ops.select_frames, (frames, text, 3, mask)),
+        (ops.topk_sim_fwd, (text, frames, 2, mask, True)),  # normalisation folded in
+        (ops.topk_sim_bwd, (text, frames, idx, torch.randn(6, 6, generator=g), True)),
+        (ops.video_infonce_grad, (text, frames, 2, None, s, cap_lse, vid_lse, w, w, 0.1, True)),
         (ops.distill_stats, (sv, st, tv, tt, s, s)),
         (ops.distill_grad, (sv, st, tv, tt, s, s, dstats[0], dstats[1], torch.full((6,), 0.3), dstats[3], dstats[4],
                             torch.full((4,), 0.2))),
     ]
 
 
-@pytest.mark.parametrize("i", range(11))
+@pytest.mark.parametrize("i", range(14))
 def test_opcheck(i):
     op, args = _samples()[i]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

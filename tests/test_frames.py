@@ -192,3 +192,30 @@ def test_video_contrastive_loss_gradcheck():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 6])  # sparse (2k < T) and dense backward of the C++ kernels
+def test_cpp_folded_normalisation_matches_f_normalize(k):
+    """The C++ kernels normalise inside (no normalised copy of the frames): values and raw-input
+    gradients equal F.normalize's, including its clamp of tiny norms (a zero frame, a zero caption,
+    large and tiny scales)."""
+    g = torch.Generator().manual_seed(11)
+    text = torch.randn(7, 16, generator=g, dtype=torch.float64) * torch.tensor([1, 1e3, 1e-3, 1, 1, 2, 1.0])[:, None].double()
+    frames = torch.randn(5, 6, 16, generator=g, dtype=torch.float64) * 7.0
+    frames[1, 2] = 0.0  # zero frame: F.normalize leaves it 0, its gradient is g / eps
+    frames[3, 0] *= 1e-14  # norm below the 1e-12 clamp
+    text[4] = 0.0
+    w = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        t, f = text.to(dtype).requires_grad_(), frames.to(dtype).requires_grad_()
+        out = fitclip_ext.topk_frame_similarity(t, f, k, backend="cpp")
+        gt, gf = torch.autograd.grad((out * w.to(dtype)).sum(), (t, f))
+        t2, f2 = text.clone().requires_grad_(), frames.clone().requires_grad_()
+        ref = topk_frame_similarity_reference(t2, f2, k)
+        rt, rf = torch.autograd.grad((ref * w).sum(), (t2, f2))
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-4)
+        torch.testing.assert_close(out.double(), ref, **tol)
+        # compare the gradients relative to their size (the clamped rows' are ~1e12)
+        for a, b in ((gt, rt), (gf, rf)):
+            scale = b.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+            torch.testing.assert_close(a.double() / scale, b / scale, **tol)
