@@ -42,10 +42,10 @@ def test_contrastive_loss_cuda(benchmark, results, B, D):
     benchmark.pedantic(ours, rounds=5, iterations=1)
 
 
-@pytest.mark.parametrize("op", ["topk_frame_similarity", "video_contrastive_loss"])
+@pytest.mark.parametrize("op", ["topk_frame_similarity", "video_contrastive_loss", "select_frames"])
 def test_frame_ops_cuda(benchmark, results, op):
     C = V = 4096
-    T, D, k = 16, 512, 4
+    T, D, k = (32 if op == "select_frames" else 16), 512, 4
     text, frames = frame_make(op, C, V, T, D, device="cuda", dtype=torch.bfloat16)
     ours = frame_fwd_bwd(op, "fitclip", text, frames, k, backend="triton")
     base = frame_fwd_bwd(op, "torch", text, frames, k)

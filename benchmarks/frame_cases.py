@@ -20,6 +20,13 @@ def torch_video_loss(frames, text, scale, k):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def torch_select_frames(frames, text, k):
+    """What users write: cosine similarities of each caption with its video's frames, topk, sort."""
+    sims = torch.einsum("btd,bd->bt", F.normalize(frames, dim=-1), F.normalize(text, dim=-1))
+    idx = sims.topk(k, dim=-1).indices.sort(dim=-1).values
+    return idx, sims.gather(1, idx)
+
+
 def make(op: str, C: int, V: int, T: int, D: int, seed: int = 0, device="cpu", dtype=torch.float32):
     g = torch.Generator(device=device).manual_seed(seed)
     text = torch.randn(C, D, generator=g, device=device).to(dtype).requires_grad_()
@@ -42,6 +49,14 @@ def fwd_bwd(op: str, impl: str, text, frames, k: int, backend="cpp"):
 
         def run():
             torch.autograd.grad(fn(), (text, frames, scale))
+    elif op == "select_frames":  # selection, then the chosen frames' scores with gradient
+        fn = (lambda: fitclip_ext.select_frames(frames, text, k, backend=backend)) if impl == "fitclip" \
+            else (lambda: torch_select_frames(frames, text, k))
+        w = torch.randn(text.shape[0], k, device=text.device)
+
+        def run():
+            _, scores = fn()
+            torch.autograd.grad((scores * w).sum(), (text, frames))
     else:
         raise ValueError(op)
     return run

@@ -1,7 +1,7 @@
 """Child process: peak extra memory of one forward+backward.
 usage: python -m benchmarks.memprobe contrastive <impl> <B> <D>
        python -m benchmarks.memprobe distill <impl> <B> <D>
-       python -m benchmarks.memprobe topk_frame_similarity|video_contrastive_loss <impl> <C> <V> <T> <D> <k>"""
+       python -m benchmarks.memprobe topk_frame_similarity|video_contrastive_loss|select_frames <impl> <C> <V> <T> <D> <k>"""
 import json
 import sys
 
@@ -22,7 +22,7 @@ def main(argv):
         from .distill_cases import fwd_bwd, loss_fn, make_inputs
 
         fn = fwd_bwd(loss_fn(impl), make_inputs(int(argv[2]), int(argv[3])))
-    elif op in ("topk_frame_similarity", "video_contrastive_loss"):
+    elif op in ("topk_frame_similarity", "video_contrastive_loss", "select_frames"):
         from .frame_cases import fwd_bwd_topk
 
         fn = fwd_bwd_topk(impl, *map(int, argv[2:7]), op=op)

@@ -41,7 +41,7 @@ def contrastive_table(doc) -> list[str]:
 
 
 def frames_table(doc) -> list[str]:
-    rows = [c for c in doc["cases"] if c.get("op") in ("topk_frame_similarity", "video_contrastive_loss")]
+    rows = [c for c in doc["cases"] if c.get("op") in ("topk_frame_similarity", "video_contrastive_loss", "select_frames")]
     if not rows:
         return []
     out = ["| op | C x V x T x D, k | fitclip ms | torch ms | speedup | fitclip extra MB | torch extra MB |",
@@ -51,6 +51,20 @@ def frames_table(doc) -> list[str]:
         out.append(f"| {c['op']} | {shape} | {_fmt(c.get('median_ms'))} | {_fmt(_base(c, 'torch', 'median_ms'))} | "
                    f"{_fmt(_base(c, 'torch', 'speedup'), '.2f')}x | {_fmt(c.get('peak_mb'))} | "
                    f"{_fmt(_base(c, 'torch', 'peak_extra_mb'))} |")
+    return out
+
+
+def distill_table(doc) -> list[str]:
+    rows = [c for c in doc["cases"] if c.get("op") == "distillation_loss" and c.get("median_ms")]
+    if not rows:
+        return []
+    out = ["| B | D | fitclip ms | torch ms (x) | torch.compile ms (x) | fitclip extra MB | torch / compile extra MB | rel. err |",
+           "|---|---|---|---|---|---|---|---|"]
+    for c in sorted(rows, key=lambda c: c["B"]):
+        cells = [f"{_fmt(_base(c, n, 'median_ms'))} ({_fmt(_base(c, n, 'speedup'), '.2f')}x)" for n in ("torch", "torch_compile")]
+        mems = " / ".join(_fmt(_base(c, n, "peak_extra_mb")) for n in ("torch", "torch_compile"))
+        out.append(f"| {c['B']} | {c['D']} | {_fmt(c.get('median_ms'))} | {cells[0]} | {cells[1]} | "
+                   f"{_fmt(c.get('peak_mb'))} | {mems} | {_fmt(c.get('rel_err'), '.1e')} |")
     return out
 
 
@@ -110,7 +124,12 @@ def main():
                 lines += [f"![contrastive_loss]({png.relative_to(HERE).as_posix()})", ""]
         t = frames_table(doc)
         if t:
-            lines += ["### frame ops, forward + backward, fp32", ""] + t + [""]
+            lines += ["### frame ops, forward + backward, fp32", "",
+                      "select_frames: B = C = V videos, each with its own caption; forward is the selection, "
+                      "backward the chosen frames' scores.", ""] + t + [""]
+        t = distill_table(doc)
+        if t:
+            lines += ["### distillation_loss, forward + backward, fp32 (teacher scale 66.7)", ""] + t + [""]
     (HERE / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
