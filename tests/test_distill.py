@@ -157,3 +157,14 @@ def test_bad_input():
         f(sv, st, tv, tt, 1.0, "66")
     with pytest.raises(ValueError, match="student_text must have a non-empty batch"):
         f(sv, st[:0], tv, tt[:0], 1.0, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_nan_in_student_or_teacher_gives_nan(backend):
+    """NaN in the features is data: the loss is NaN, as with the torch composition."""
+    sv, st, tv, tt = _inputs(5, 4, 8, 8, torch.float32, seed=12)
+    bad_s, bad_t = sv.clone(), tt.clone()
+    bad_s[2, 3] = float("nan")
+    bad_t[1, 0] = float("nan")
+    assert torch.isnan(fitclip_ext.distillation_loss(bad_s, st, tv, tt, 10.0, 10.0, backend=backend))
+    assert torch.isnan(fitclip_ext.distillation_loss(sv, st, tv, bad_t, 10.0, 10.0, backend=backend))
