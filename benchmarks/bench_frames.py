@@ -17,6 +17,7 @@ CASES = [
     ("topk_frame_similarity", 2048, 2048, 16, 512, 4, 4),
     ("topk_frame_similarity", 2048, 2048, 16, 512, 16, 3),
     ("video_contrastive_loss", 2048, 2048, 16, 512, 4, 3),
+    ("video_contrastive_loss", 2048, 2048, 16, 512, 16, 3),  # mean pooling, FitCLIP's
     ("select_frames", 4096, 4096, 32, 512, 4, 5),  # B = C = V videos with their own captions
 ]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _validate
-from .contrastive import _compute_dtype, _zero_bias_term
+from .contrastive import _compute_dtype, _zero_bias_term, contrastive_loss
 from .reference import (select_frames_reference, topk_frame_similarity_reference,
                         video_contrastive_loss_reference)
 
@@ -119,6 +119,14 @@ def _ops(backend: str):
 
         return triton_frames
     raise AssertionError(backend)
+
+
+def _mean_unit_frames(frames):
+    """k = T (every frame real, which k = T implies): the mean of a video's T cosine similarities
+    to a caption is the caption's similarity to the mean of the unit frames, so the pooled scores
+    are one [C, D] x [D, V] product instead of T of them (computed in float32 for half types)."""
+    ct = _compute_dtype(frames)
+    return F.normalize(frames.to(ct), dim=-1).mean(1)
 
 
 def _normalized_for(backend, text, frames):
@@ -226,7 +234,8 @@ def gather_frames(x, indices):
 def topk_frame_similarity(text_features, frame_features, k, *, mask=None, backend=None):
     """For every caption c and video v, the mean of the k largest cosine similarities between
     caption c and the frames of video v: [C, V] in the features' dtype. With k = T it is mean
-    pooling of frame similarities (FitCLIP's video-text score). Never materialises C x V x T.
+    pooling of frame similarities (FitCLIP's video-text score), computed as one [C, D] x [D, V]
+    product with the mean unit frame of each video. Never materialises C x V x T.
 
     Args:
         text_features: [C, D]; frame_features: [V, T, D] (same dtype and device).
@@ -238,6 +247,9 @@ def topk_frame_similarity(text_features, frame_features, k, *, mask=None, backen
     backend = _backend.resolve(backend, frame_features.device)
     if backend == "torch":
         return topk_frame_similarity_reference(text_features, frame_features, k, mask=mask)
+    if k == frame_features.shape[1]:  # mean pooling (FitCLIP's): one GEMM
+        text_n = F.normalize(text_features.to(_compute_dtype(text_features)), dim=-1)
+        return (text_n @ _mean_unit_frames(frame_features).T).to(text_features.dtype)
     text_in, frames_in = _normalized_for(backend, text_features, frame_features)
     return _TopkSimilarity.apply(text_in, frames_in, k, mask, backend)
 
@@ -263,6 +275,11 @@ def video_contrastive_loss(frame_features, text_features, logit_scale, logit_bia
         return video_contrastive_loss_reference(frame_features, text_features, scale.to(dev),
                                                 None if bias is None else bias.to(dev), k=k, mask=mask,
                                                 label_smoothing=eps, reduction=reduction)
+    if k == frame_features.shape[1]:  # mean pooling: the fused InfoNCE over mean unit frames
+        text_n = F.normalize(text_features.to(_compute_dtype(text_features)), dim=-1)
+        loss = contrastive_loss(_mean_unit_frames(frame_features), text_n, scale, bias, label_smoothing=eps,
+                                reduction=reduction, backend=backend)
+        return loss.to(frame_features.dtype)
     text_in, frames_in = _normalized_for(backend, text_features, frame_features)
     loss = _VideoInfoNCE.apply(text_in, frames_in, scale, k, mask, eps, reduction, backend)
     return _zero_bias_term(loss, bias)

@@ -219,3 +219,21 @@ def test_cpp_folded_normalisation_matches_f_normalize(k):
         for a, b in ((gt, rt), (gf, rf)):
             scale = b.abs().amax(-1, keepdim=True).clamp_min(1e-30)
             torch.testing.assert_close(a.double() / scale, b / scale, **tol)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_mean_pooling_shortcut_equals_the_topk_kernels(backend):
+    """k = T runs as one product with the mean unit frame; the top-k kernels at k = T agree."""
+    from fitclip_ext import frames as fr
+
+    text = _rand((9, 16), torch.float32, 21, "cpu").requires_grad_()
+    frames = _rand((7, 5, 16), torch.float32, 22, "cpu").requires_grad_()
+    fast = fitclip_ext.topk_frame_similarity(text, frames, 5, backend=backend)
+    t_in, f_in = fr._normalized_for(backend, text, frames)
+    kernel = fr._TopkSimilarity.apply(t_in, f_in, 5, None, backend)
+    w = _rand((9, 7), torch.float32, 23, "cpu")
+    g_fast = torch.autograd.grad((fast * w).sum(), (text, frames))
+    g_kernel = torch.autograd.grad((kernel * w).sum(), (text, frames))
+    torch.testing.assert_close(fast, kernel, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_fast, g_kernel):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
