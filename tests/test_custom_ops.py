@@ -207,3 +207,22 @@ def test_triton_compile_fullgraph(op):
     torch.testing.assert_close(out, ref, **tol)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_forward_ops_are_differentiable_on_their_own():
+    """infonce_lse and topk_sim_fwd carry autograd formulas (through their gradient ops):
+    gradcheck in float64 and opcheck with inputs that require grad."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    for with_col in (False, True):
+        f = (lambda a, b, c: ops.infonce_lse(a, b, c, True)) if with_col else \
+            (lambda a, b, c: ops.infonce_lse(a, b, c, False)[0])
+        assert torch.autograd.gradcheck(f, (q, k, s))
+        torch.library.opcheck(ops.infonce_lse, (q, k, s, with_col))
+    text = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    frames = torch.randn(4, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    for normalize in (False, True):
+        assert torch.autograd.gradcheck(lambda t, fr: ops.topk_sim_fwd(t, fr, 2, None, normalize)[0], (text, frames))
+        torch.library.opcheck(ops.topk_sim_fwd, (text, frames, 2, None, normalize))
