@@ -12,6 +12,7 @@ Each baseline that cannot run (missing, out of memory) is recorded as such, neve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -50,6 +51,24 @@ T0 = time.time()
 
 def log(*a):
     print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
+
+
+@contextlib.contextmanager
+def recorded(case: dict, cases: list):
+    """Runs one benchmark case's body: an out-of-memory or any other error is recorded in the case
+    (never dropped), the CUDA cache is emptied, and the case is logged and kept."""
+    try:
+        yield case
+    except torch.OutOfMemoryError:
+        case["error"] = "out of memory"
+    except Exception as err:
+        case["error"] = repr(err)[:300]
+        traceback.print_exc()
+    finally:
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+        log(json.dumps(case))
+        cases.append(case)
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -249,7 +268,7 @@ def frame_ops(tflops, copy_gbps):
             continue
         case = {"op": "topk_frame_similarity", "pass": "fwd+bwd", "C": C, "V": V, "T": T, "D": D, "k": k,
                 "dtype": str(dtype).replace("torch.", "")}
-        try:
+        with recorded(case, cases):
             g = torch.Generator(device=DEV).manual_seed(1)
             text = torch.randn(C, D, device=DEV, generator=g).to(dtype).requires_grad_()
             frames = torch.randn(V, T, D, device=DEV, generator=g).to(dtype).requires_grad_()
@@ -261,20 +280,12 @@ def frame_ops(tflops, copy_gbps):
             ours = mk(lambda: fitclip_ext.topk_frame_similarity(text, frames, k, backend="triton"))
             base = mk(lambda: torch_topk_similarity(text, frames, k))
             time_against_torch(case, ours, base, False, 3 * 2 * C * V * T * D, tflops)
-        except Exception as err:
-            case["error"] = repr(err)[:300]
-            traceback.print_exc()
-        finally:
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
-        log(json.dumps(case))
-        cases.append(case)
 
     grid = [(32, 8, 32, 4)] if ARGS.tiny else [(4096, 16, 512, 4), (16384, 16, 512, 4)]
     for B, T, D, k in grid:
         case = {"op": "video_contrastive_loss", "pass": "fwd+bwd", "B": B, "T": T, "D": D, "k": k,
                 "dtype": str(dtype).replace("torch.", "")}
-        try:
+        with recorded(case, cases):
             g = torch.Generator(device=DEV).manual_seed(2)
             text = torch.randn(B, D, device=DEV, generator=g).to(dtype).requires_grad_()
             frames = torch.randn(B, T, D, device=DEV, generator=g).to(dtype).requires_grad_()
@@ -283,18 +294,10 @@ def frame_ops(tflops, copy_gbps):
                                                (frames, text, sc))
             base = lambda: torch.autograd.grad(torch_video_loss(frames, text, sc, k), (frames, text, sc))
             time_against_torch(case, ours, base, B >= 16384, 8 * B * B * T * D, tflops)
-        except Exception as err:
-            case["error"] = repr(err)[:300]
-            traceback.print_exc()
-        finally:
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
-        log(json.dumps(case))
-        cases.append(case)
 
     B, T, D, k = (64, 8, 32, 4) if ARGS.tiny else (65536, 32, 512, 4)
     case = {"op": "select_frames", "B": B, "T": T, "D": D, "k": k, "dtype": str(dtype).replace("torch.", "")}
-    try:
+    with recorded(case, cases):
         frames = torch.randn(B, T, D, device=DEV).to(dtype)
         text = torch.randn(B, D, device=DEV).to(dtype)
         ours = lambda: fitclip_ext.select_frames(frames, text, k, backend="triton")
@@ -305,11 +308,6 @@ def frame_ops(tflops, copy_gbps):
         base = lambda: select_frames_reference(frames, text, k)
         ms = bench_ms(base, False)
         case["baselines"] = {"torch": {"median_ms": ms, "speedup": ms / case["median_ms"]}}
-    except Exception as err:
-        case["error"] = repr(err)[:300]
-        traceback.print_exc()
-    log(json.dumps(case))
-    cases.append(case)
     return corr, cases
 
 
@@ -361,7 +359,7 @@ def distill_ops(tflops):
             cases.append({"op": "distillation_loss", "B": B, "D": D, "skipped": "time budget of the check ran out"})
             continue
         case = {"op": "distillation_loss", "pass": "fwd+bwd", "B": B, "D": D, "dtype": "float32" if ARGS.tiny else "bfloat16"}
-        try:
+        with recorded(case, cases):
             sv, st, tv, tt, s = inputs(B, B, D, torch.float32 if ARGS.tiny else torch.bfloat16, 0)
             sv.requires_grad_()
             st.requires_grad_()
@@ -383,16 +381,6 @@ def distill_ops(tflops):
                                                           "peak_mb": peak_mb(run)}
                 except torch.OutOfMemoryError:
                     case["baselines"]["torch_compile"] = {"error": "out of memory"}
-        except torch.OutOfMemoryError:
-            case["error"] = "out of memory"
-        except Exception as err:
-            case["error"] = repr(err)[:300]
-            traceback.print_exc()
-        finally:
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
-        log(json.dumps(case))
-        cases.append(case)
     return corr, cases
 
 
@@ -456,7 +444,7 @@ def main():
             cases.append({"op": "contrastive_loss", "B": B, "D": D, "skipped": "time budget of the check ran out"})
             continue
         case = {"op": "contrastive_loss", "pass": "fwd+bwd", "B": B, "D": D, "dtype": str(dtype).replace("torch.", "")}
-        try:
+        with recorded(case, cases):
             inputs = make_inputs(B, D, dtype)
             ours = fwd_bwd(lambda i, t, s: fitclip_ext.contrastive_loss(i, t, s, backend="triton"), inputs)
             big = B >= 262144
@@ -489,16 +477,6 @@ def main():
                     if DEV == "cuda":
                         torch.cuda.empty_cache()
             # the same positive logits as the dense loss, if it fits (bf16 reference at B <= 32768)
-        except torch.OutOfMemoryError:
-            case["error"] = "out of memory"
-        except Exception as err:
-            case["error"] = repr(err)[:300]
-            traceback.print_exc()
-        finally:
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
-        log(json.dumps(case))
-        cases.append(case)
     frame_corr, frame_cases = frame_ops(tflops, doc["ceilings"].get("copy_gbps"))
     doc["correctness"] += frame_corr
     bad += [c for c in frame_corr if not c.get("ok")]

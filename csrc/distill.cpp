@@ -27,14 +27,7 @@ namespace fitclip {
 namespace {
 
 // Rows per block: two block buffers (student and teacher) of about 2^23 elements each.
-int64_t distill_block_rows(int64_t n, int64_t m) {
-  int64_t target = int64_t(1) << 23;
-  if (const char* env = std::getenv("FITCLIP_CPU_BLOCK_ELEMS")) {
-    const long long v = std::atoll(env);
-    if (v > 0) target = v;
-  }
-  return std::min(std::clamp<int64_t>(target / std::max<int64_t>(m, 1), 16, 1024), n);
-}
+int64_t distill_block_rows(int64_t n, int64_t m) { return rows_per_block(n, m, int64_t(1) << 23, 16); }
 
 // One full row: x = t * X (teacher), y = s * Y (student). Writes lse_y, lse_x and KL.
 template <typename T>

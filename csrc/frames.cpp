@@ -28,10 +28,7 @@ namespace fitclip {
 namespace {
 
 // Rows of a caption block: about 2^22 similarities (16 MB of fp32) per block.
-int64_t frame_block_rows(int64_t n, int64_t cols) {
-  const int64_t rows = std::clamp<int64_t>((int64_t(1) << 22) / std::max<int64_t>(cols, 1), 16, 1024);
-  return std::min(rows, n);
-}
+int64_t frame_block_rows(int64_t n, int64_t cols) { return rows_per_block(n, cols, int64_t(1) << 22, 16); }
 
 // Sum of the k largest of x[0..T) among unmasked entries, ties to the earlier index; the chosen
 // indices go to idx (in order of decreasing value). NaN anywhere makes the sum NaN, as a sort

@@ -25,15 +25,7 @@ namespace {
 // Fewer, larger GEMMs are faster: fwd+bwd at B=16384, D=512 on 2 cores took 6.1-6.4 s with
 // 1024-row blocks, 6.6 s with 512, 6.9 s with 256, 8.0 s with 128. The 1024 cap keeps the
 // block a fraction of B x B from B = 2048 up. FITCLIP_CPU_BLOCK_ELEMS overrides the target.
-int64_t block_rows(int64_t n, int64_t m) {
-  int64_t target = int64_t(1) << 24;
-  if (const char* env = std::getenv("FITCLIP_CPU_BLOCK_ELEMS")) {
-    const long long v = std::atoll(env);
-    if (v > 0) target = v;
-  }
-  const int64_t rows = std::clamp<int64_t>(target / std::max<int64_t>(m, 1), 32, 1024);
-  return std::min(rows, n);
-}
+int64_t block_rows(int64_t n, int64_t m) { return rows_per_block(n, m, int64_t(1) << 24, 32); }
 
 at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

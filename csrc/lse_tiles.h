@@ -6,12 +6,23 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
 #include "fast_math.h"
 
 namespace fitclip {
+
+// Rows per block of an n x m product streamed in row blocks: about `target` elements per block
+// buffer (FITCLIP_CPU_BLOCK_ELEMS overrides it), clamped to [min_rows, 1024] and to n.
+inline int64_t rows_per_block(int64_t n, int64_t m, int64_t target, int64_t min_rows) {
+  if (const char* env = std::getenv("FITCLIP_CPU_BLOCK_ELEMS")) {
+    const long long v = std::atoll(env);
+    if (v > 0) target = v;
+  }
+  return std::min(std::clamp<int64_t>(target / std::max<int64_t>(m, 1), min_rows, 1024), n);
+}
 
 // Multiversioned hot loops: GCC emits AVX-512, AVX2+FMA and baseline clones and picks one
 // at load time, so the extension runs on any x86-64 yet vectorises the exp.

@@ -120,18 +120,14 @@ def distillation_loss(student_video, student_text, teacher_video, teacher_text, 
         _validate.features(name, x)
     for name, x in zip(names[1:], feats[1:]):
         _validate.same_device_dtype(("student_video", name), student_video, x)
-    if student_video.shape[1] != student_text.shape[1]:
-        raise ValueError(f"student_video and student_text must have the same feature size D, got "
-                         f"{student_video.shape[1]} and {student_text.shape[1]}")
-    if teacher_video.shape[1] != teacher_text.shape[1]:
-        raise ValueError(f"teacher_video and teacher_text must have the same feature size D, got "
-                         f"{teacher_video.shape[1]} and {teacher_text.shape[1]}")
-    if teacher_video.shape[0] != student_video.shape[0]:
-        raise ValueError(f"teacher_video must score the student's {student_video.shape[0]} videos, got shape "
-                         f"{tuple(teacher_video.shape)}")
-    if teacher_text.shape[0] != student_text.shape[0]:
-        raise ValueError(f"teacher_text must score the student's {student_text.shape[0]} captions, got shape "
-                         f"{tuple(teacher_text.shape)}")
+    for who, video, text in (("student", student_video, student_text), ("teacher", teacher_video, teacher_text)):
+        if video.shape[1] != text.shape[1]:
+            raise ValueError(f"{who}_video and {who}_text must have the same feature size D, got "
+                             f"{video.shape[1]} and {text.shape[1]}")
+    for name, t, s, what in (("teacher_video", teacher_video, student_video, "videos"),
+                             ("teacher_text", teacher_text, student_text, "captions")):
+        if t.shape[0] != s.shape[0]:
+            raise ValueError(f"{name} must score the student's {s.shape[0]} {what}, got shape {tuple(t.shape)}")
     _frozen("teacher_video", teacher_video)
     _frozen("teacher_text", teacher_text)
     _frozen("teacher_scale", teacher_scale)

@@ -21,26 +21,10 @@ import triton
 import triton.language as tl
 
 from ._op import launch, triton_op
-from .infonce import _small, input_precision
+from .infonce import _small, _tile, input_precision
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """A[rows] @ B[cols]^T, float32 accumulate."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for d0 in range(0, D, BLOCK_K):
-        dk = d0 + offs_k
-        a = tl.load(a_ptr + rows[:, None] * stride_an + dk[None, :] * stride_ad,
-                    mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * stride_bn + dk[:, None] * stride_bd,
-                    mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return acc
 
 
 @triton.jit

@@ -32,6 +32,22 @@ _COL_SHIFT_LIMIT = 60.0
 
 
 @triton.jit
+def _tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """A[rows] @ B[cols]^T, float32 accumulate."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        dk = d0 + offs_k
+        a = tl.load(a_ptr + rows[:, None] * stride_an + dk[None, :] * stride_ad,
+                    mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * stride_bn + dk[:, None] * stride_bd,
+                    mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _lse_fwd_kernel(
     q_ptr, k_ptr, scale_ptr, row_lse_ptr, col_shift_ptr, col_sum_ptr, col_max_ptr,
     n, m, D,
@@ -42,21 +58,14 @@ def _lse_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
-    offs_k = tl.arange(0, BLOCK_K)
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E  # work in base 2: exp2 is the fast path
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < m
-        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for d0 in range(0, D, BLOCK_K):
-            dk = d0 + offs_k
-            a = tl.load(q_ptr + rows[:, None] * stride_qn + dk[None, :] * stride_qd,
-                        mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
-            b = tl.load(k_ptr + cols[None, :] * stride_kn + dk[:, None] * stride_kd,
-                        mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
-            s = tl.dot(a, b, s, input_precision=INPUT_PRECISION)
+        s = _tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn, stride_kd,
+                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         x = s * scale2  # logits in log2 units
         x_rows = tl.where(col_ok[None, :], x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x_rows, 1))
@@ -89,7 +98,6 @@ def _grad_kernel(
     pid_d = tl.program_id(1).to(tl.int64)
     ra = pid_a * BLOCK_M + tl.arange(0, BLOCK_M)
     a_ok = ra < n_a
-    offs_k = tl.arange(0, BLOCK_K)
     do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = do < D
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -102,14 +110,8 @@ def _grad_kernel(
     for c0 in range(0, n_b, BLOCK_N):
         rb = c0 + tl.arange(0, BLOCK_N)
         b_ok = rb < n_b
-        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for d0 in range(0, D, BLOCK_K):
-            dk = d0 + offs_k
-            x = tl.load(a_ptr + ra[:, None] * stride_an + dk[None, :] * stride_ad,
-                        mask=a_ok[:, None] & (dk[None, :] < D), other=0.0)
-            y = tl.load(b_ptr + rb[None, :] * stride_bn + dk[:, None] * stride_bd,
-                        mask=b_ok[None, :] & (dk[:, None] < D), other=0.0)
-            s = tl.dot(x, y, s, input_precision=INPUT_PRECISION)
+        s = _tile(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         x2 = s * scale2
         diff = rb[None, :] - ra[:, None]
         g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)

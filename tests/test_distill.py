@@ -8,26 +8,12 @@ import fitclip_ext
 from fitclip_ext.reference import distillation_loss_reference
 
 from ._numerics import assert_within_rule
-from .test_contrastive import _device
+from .test_contrastive import _backend_cases, _device
 
 # (n videos, m captions, D student, D teacher)
 SHAPES = [(1, 1, 1, 1), (2, 3, 8, 8), (7, 7, 3, 5), (64, 64, 32, 32), (127, 65, 65, 33), (256, 256, 512, 512),
           (1000, 17, 17, 9)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
-def _cases():
-    cases = []
-    for dtype in DTYPES:
-        for shape in SHAPES:
-            cases.append(pytest.param("cpp", dtype, shape, id=f"cpp-{dtype}-{shape}"))
-            on_gpu = torch.cuda.is_available()
-            # Interpreter: no float64 kernels, bf16 tl.dot is wrong there (see test_contrastive)
-            if dtype == torch.float64 or (dtype == torch.bfloat16 and not on_gpu):
-                continue
-            if on_gpu or max(shape) <= 130:
-                cases.append(pytest.param("triton", dtype, shape, id=f"triton-{dtype}-{shape}"))
-    return cases
 
 
 def _inputs(n, m, d, dt, dtype, seed=0, noise=0.5):
@@ -49,7 +35,7 @@ def _run(fn, sv, st, tv, tt, s_scale):
     return out, torch.autograd.grad(out, (a, b, s))
 
 
-@pytest.mark.parametrize("backend,dtype,shape", _cases())
+@pytest.mark.parametrize("backend,dtype,shape", _backend_cases(SHAPES, DTYPES))
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
 def test_distillation_loss_matches_float64(backend, dtype, shape, reduction):
     n, m, d, dt = shape
