@@ -17,13 +17,10 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _validate
+from .contrastive import _compute_dtype
 from .reference import distillation_loss_reference
 
 KL_REDUCTIONS = ("batchmean", "sum", "mean")
-
-
-def _ct(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class _CppOps:
@@ -33,7 +30,7 @@ class _CppOps:
 
     @staticmethod
     def grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, rw, cls, clt, cw):
-        ct = _ct(sv)
+        ct = _compute_dtype(sv)
         ga, gb = torch.ops.fitclip_ext.distill_grad(sv, st, tv, tt, _cpu64(s_scale), _cpu64(t_scale),
                                                     rls, rlt, rw, cls, clt, cw)
         grad_scale = (sv.to(ct) * ga).sum()  # sum_ij G_ij (V_s T_s^T)_ij = sum_i V_s,i . (G T_s)_i
@@ -62,7 +59,7 @@ def _divisors(reduction: str, n: int, m: int) -> tuple[int, int]:
 class _Distill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sv, st, tv, tt, s_scale, t_scale, reduction, backend):
-        ct = _ct(sv)
+        ct = _compute_dtype(sv)
         n, m = sv.shape[0], st.shape[0]
         rls, rlt, rkl, cls, clt, ckl = _ops(backend).stats(sv, st, tv, tt, s_scale, t_scale)
         dr, dc = _divisors(reduction, n, m)
@@ -76,7 +73,7 @@ class _Distill(torch.autograd.Function):
     def backward(ctx, grad_out):
         sv, st, tv, tt, s_scale, t_scale, rls, rlt, cls, clt = ctx.saved_tensors
         reduction, backend = ctx.config
-        ct = _ct(sv)
+        ct = _compute_dtype(sv)
         n, m = sv.shape[0], st.shape[0]
         dr, dc = _divisors(reduction, n, m)
         g = grad_out.to(ct) * t_scale.detach().to(device=sv.device, dtype=ct) ** 2 / 2

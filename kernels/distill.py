@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._op import launch, triton_op
-from .infonce import _small, _tile, input_precision
+from .infonce import _scale_tensor, _small, _tile, input_precision
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -151,10 +151,6 @@ def grad_config(dtype: torch.dtype, D: int, small: bool | None = None, precision
 
 # ----------------------------------------------------------------------------- launchers
 
-def _scalar(x: torch.Tensor, device) -> torch.Tensor:
-    return x.detach().to(device=device, dtype=torch.float32).reshape(1)
-
-
 @triton_op("triton_distill_row_stats")
 def _row_stats(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
                ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -174,7 +170,7 @@ def _row_stats(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tenso
 def stats(sv, st, tv, tt, s_scale, t_scale):
     """(row_lse_student, row_lse_teacher, row_kl [n], col_lse_student, col_lse_teacher, col_kl [m]), float32."""
     dev = sv.device
-    ss, ts = _scalar(s_scale, dev), _scalar(t_scale, dev)
+    ss, ts = _scale_tensor(s_scale, dev), _scale_tensor(t_scale, dev)
     rows = torch.ops.fitclip_ext.triton_distill_row_stats(sv, st, tv, tt, ss, ts)
     cols = torch.ops.fitclip_ext.triton_distill_row_stats(st, sv, tt, tv, ss, ts)
     return (*rows, *cols)
@@ -205,7 +201,7 @@ def grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, rw, cls, clt, cw):
     """(d student_video, d student_text in their dtype, d student_scale as a 0-d float32 tensor)
     of sum_i w_i KL_i + sum_j v_j KL'_j."""
     dev = sv.device
-    ss, ts = _scalar(s_scale, dev), _scalar(t_scale, dev)
+    ss, ts = _scale_tensor(s_scale, dev), _scale_tensor(t_scale, dev)
     op = torch.ops.fitclip_ext.triton_distill_grad_pass
     dv, ds_part = op(sv, st, tv, tt, ss, ts, rls, rlt, rw, cls, clt, cw, True)
     dt, _ = op(st, sv, tt, tv, ss, ts, cls, clt, cw, rls, rlt, rw, False)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._op import launch, triton_op
+from ._op import interpreting, launch, triton_op
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
 # Columns whose max logit exceeds their positive logit by more than this are recomputed exactly:
@@ -138,13 +138,9 @@ def _grad_kernel(
 
 # ----------------------------------------------------------------------------- configurations
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's float32 matmul setting; half types run on tensor cores anyway."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
         return "tf32"
     return "ieee"
 
@@ -152,7 +148,7 @@ def input_precision(dtype: torch.dtype) -> str:
 def _small(small: bool | None) -> bool:
     if small is not None:
         return small
-    return _interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small"
+    return interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small"
 
 
 def fwd_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
