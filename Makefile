@@ -3,6 +3,7 @@
 #   make test   - the same set-up, then the test suite
 #   make bench  - the CPU benchmarks (pytest-benchmark), results under benchmarks/results/
 #   make aot    - compile every shipped Triton kernel for sm_80/sm_90 without a GPU
+#   make aot-triton36 - the same with Triton 3.6 (the GPU test machine's) in .triton36/
 #   make gpu-check - on a CUDA machine: the GPU correctness check and benchmarks
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-be
         "pandas" "webdataset" "braceexpand"  # open_clip_train's data loading (fitclip_ext.open_clip_train)
 PYTEST_ARGS ?=
 
-.PHONY: setup deps ffmpeg build test demo bench aot gpu-check clean
+.PHONY: setup deps ffmpeg build test demo bench aot aot-triton36 gpu-check clean
 
 setup: $(VENV)/.deps-stamp ffmpeg build
 
@@ -56,6 +57,12 @@ bench: setup
 
 aot: setup
 	env -u TRITON_INTERPRET $(PY) -m fitclip_ext.kernels.aot
+
+# Register budgets differ between Triton versions: the shipped configurations must not spill
+# with the GPU machine's Triton 3.6 either (installed beside the venv's, no torch needed).
+aot-triton36: setup
+	test -d .triton36/triton || $(PIP) install -q --no-deps --target .triton36 triton==3.6.0
+	env -u TRITON_INTERPRET PYTHONPATH=.triton36 $(PY) -m fitclip_ext.kernels.aot
 
 # On a CUDA machine: Triton kernels vs float64 on the GPU, then the GPU benchmarks.
 gpu-check:

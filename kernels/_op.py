@@ -9,6 +9,12 @@ wrap_triton cannot trace interpreted kernels, so the launchers become plain opaq
 `torch.library.custom_op`s instead, with the same schema; their fake implementation runs the
 launcher with kernel launches skipped. opcheck and torch.compile(fullgraph=True) then exercise
 the same schemas, fake implementations and autograd plumbing on the CPU.
+
+Block configurations: each launcher has a list of candidates, known good first. By default the
+first is launched (no timing, no device query). With FITCLIP_TRITON_AUTOTUNE=1 the launcher goes
+through a `triton.autotune` over all candidates instead: each distinct shape key is timed once
+per process and the fastest kept (outputs that kernels accumulate into are restored between
+timings). Graphs traced by torch.compile always use the default.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import threading
 import torch
 
 _state = threading.local()
+_TUNERS: dict = {}
 
 
 def interpreting() -> bool:
@@ -54,3 +61,44 @@ def triton_op(name: str, mutates_args=()):
         return op
 
     return dec
+
+
+def autotuning() -> bool:
+    return os.environ.get("FITCLIP_TRITON_AUTOTUNE", "0") not in ("", "0")
+
+
+def _do_bench(kernel_call, quantiles):
+    """The autotuner's timer: CUDA events on a GPU; the wall clock under the interpreter."""
+    if interpreting():
+        import time
+
+        t0 = time.perf_counter()
+        kernel_call()
+        ms = (time.perf_counter() - t0) * 1e3
+        return [ms] * len(quantiles)
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+
+
+def configured(kernel, candidates: list[dict], key: list[str], restore_value: tuple[str, ...] = ()):
+    """(kernel to launch, its block configuration as launch keywords) for a candidate list whose
+    first entry is the default: the plain kernel and the default, or under
+    FITCLIP_TRITON_AUTOTUNE=1 a triton.autotune over every candidate (keyed on `key` and the
+    tensor dtypes) and no keywords. Grids must then be functions of the configuration."""
+    if len(candidates) == 1 or not autotuning() or _tracing():
+        return kernel, dict(candidates[0])
+    ident = (kernel, tuple(tuple(sorted(c.items())) for c in candidates), tuple(key), tuple(restore_value))
+    tuner = _TUNERS.get(ident)
+    if tuner is None:
+        import triton
+
+        configs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                 num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates]
+        tuner = triton.autotune(configs, key=list(key), restore_value=list(restore_value), do_bench=_do_bench)(kernel)
+        _TUNERS[ident] = tuner
+    return tuner, {}

@@ -44,9 +44,10 @@ def _cases(quick: bool):
             "col_sum_ptr": "*fp32", "col_max_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
             "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32",
         }
-        for with_col in (True, False):
-            cfg = infonce.fwd_config(dtype, 512, small=False, precision=prec)
-            yield ("infonce_lse_fwd", "infonce._lse_fwd_kernel", dtype, prec, "col" if with_col else "-",
+        # every candidate (FITCLIP_TRITON_AUTOTUNE=1 may pick any); c0 is the default
+        fwd_cands = infonce.fwd_candidates(dtype, 512, small=False, precision=prec)
+        for (i, cfg), with_col in itertools.product(enumerate(fwd_cands[:1] if quick else fwd_cands), (True, False)):
+            yield ("infonce_lse_fwd", "infonce._lse_fwd_kernel", dtype, prec, f"c{i} " + ("col" if with_col else "-"),
                    fwd_sig, {"WITH_COL": with_col}, cfg)
         grad_sig = {
             "a_ptr": t, "b_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32", "scale_ptr": "*fp32",
@@ -56,13 +57,15 @@ def _cases(quick: bool):
             "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
             "stride_on": "i32", "stride_od": "i32",
         }
-        # grad_config depends on D only through D > 128
+        # grad_candidates depends on D only through D > 128 and D > 256
         for D in ((512,) if quick else (128, 512)):
-            cfg = infonce.grad_config(dtype, D, small=False, precision=prec)
-            for has_a, has_b, with_ds in ((True, True, True), (True, False, True), (True, True, False), (False, True, False)):
-                flags = {"HAS_A": has_a, "HAS_B": has_b, "WITH_DS": with_ds}
-                label = f"D{D} " + ",".join(k for k, v in flags.items() if v)
-                yield ("infonce_grad", "infonce._grad_kernel", dtype, prec, label, grad_sig, flags, cfg)
+            cands = infonce.grad_candidates(dtype, D, small=False, precision=prec)
+            for i, cfg in enumerate(cands[:1] if quick else cands):
+                for has_a, has_b, with_ds in ((True, True, True), (True, False, True), (True, True, False),
+                                              (False, True, False)):
+                    flags = {"HAS_A": has_a, "HAS_B": has_b, "WITH_DS": with_ds}
+                    label = f"c{i} D{D} " + ",".join(k for k, v in flags.items() if v)
+                    yield ("infonce_grad", "infonce._grad_kernel", dtype, prec, label, grad_sig, flags, cfg)
         dst_sig = {
             "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32",
             "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "kl_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
@@ -210,12 +213,12 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(compile_one, [c for c, _ in jobs], [a for _, a in jobs]))
     failed = 0
-    print(f"{'kernel':17} {'arch':6} {'dtype':9} {'prec':5} {'case':24} {'regs':>4} {'spill':>5} {'smem':>7} mma")
+    print(f"{'kernel':17} {'arch':6} {'dtype':9} {'prec':5} {'case':27} {'regs':>4} {'spill':>5} {'smem':>7} mma")
     for row in rows:
         probs = _problems(row)
         failed += bool(probs)
         mma = "-" if row.get("matrix_instr") is None else (row["matrix_instr"] if row.get("matrix_instr_found") else "MISSING")
-        print(f"{row['kernel']:17} {row['arch']:6} {row['dtype']:9} {row['precision']:5} {row['label']:24} "
+        print(f"{row['kernel']:17} {row['arch']:6} {row['dtype']:9} {row['precision']:5} {row['label']:27} "
               f"{row.get('registers') or '-':>4} {row.get('spill_bytes', '-'):>5} {row.get('shared_bytes', '-'):>7} {mma}"
               + ("   <-- " + "; ".join(probs) if probs else ""))
     if args.json:

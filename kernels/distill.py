@@ -45,7 +45,7 @@ def _stats_kernel(
     bx = tl.zeros((BLOCK_M,), tl.float32)
     cy = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, m, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         col_ok = cols < m
         y = _tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * ss2
@@ -100,7 +100,7 @@ def _grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     ds_acc = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, n_b, BLOCK_N):
-        rb = c0 + tl.arange(0, BLOCK_N)
+        rb = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         b_ok = rb < n_b
         s = _tile(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
@@ -132,7 +132,7 @@ def stats_config(dtype: torch.dtype, small: bool | None = None, precision: str |
     if _small(small):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)

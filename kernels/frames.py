@@ -101,7 +101,7 @@ def _topk_sim_dtext_kernel(
     do_ok = do < D
     acc = tl.zeros((BLOCK_C, BLOCK_DO), tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        rv = v0 + tl.arange(0, BLOCK_V)
+        rv = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: row * stride may pass 2^31
         v_ok = rv < V
         ok = c_ok[:, None] & v_ok[None, :]
         g = tl.load(grad_ptr + rc[:, None] * V + rv[None, :], mask=ok, other=0.0) / k
@@ -132,7 +132,7 @@ def _topk_sim_dframes_kernel(
     do_ok = do < D
     acc = tl.zeros((BLOCK_V, BLOCK_DO), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        rc = c0 + tl.arange(0, BLOCK_C)
+        rc = c0 + tl.arange(0, BLOCK_C).to(tl.int64)  # int64: C * V may pass 2^31
         c_ok = rc < C
         ok = v_ok[:, None] & c_ok[None, :]  # [BV, BC]: transposed tiles
         g = tl.load(grad_ptr + rc[None, :] * V + rv[:, None], mask=ok, other=0.0) / k
@@ -201,7 +201,8 @@ def n_words(T: int) -> int:
 
 def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision: str | None = None) -> dict:
     """The running top-k holds 2 * BLOCK_C * BLOCK_V * K_PAD values per program in registers:
-    tiles shrink as k grows so it stays near 64 registers a thread (no spills, see aot)."""
+    tiles shrink as k grows so it stays near 64 registers a thread (no spills with Triton 3.6 or
+    3.8, see aot)."""
     k_pad = triton.next_power_of_2(k)
     block_k = 64 if dtype != torch.float32 else 32
     if _small() if small is None else small:
@@ -210,12 +211,10 @@ def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision:
     fma = fp32 and (precision or _precision(dtype)) == "ieee"  # CUDA-core dot: registers are tighter
     if fma:
         bc, bv, warps = (16, 16, 4) if k_pad <= 16 else (16, 16, 8)
-    elif k_pad <= 2 and fp32:
-        bc, bv, warps = 32, 16, 4
-    elif k_pad <= 2:
-        bc, bv, warps = 64, 32, 4
+    elif k_pad <= 2 and not fp32:
+        bc, bv, warps = 64, 32, 8
     elif k_pad <= 4:
-        bc, bv, warps = 32, 32, 4
+        bc, bv, warps = 32, 32, 8
     elif k_pad <= 8:
         bc, bv, warps = 32, 16, 4
     elif k_pad <= 16:
@@ -238,7 +237,8 @@ def select_config(D: int, k: int, small: bool | None = None) -> dict:
     k_pad = triton.next_power_of_2(k)
     if _small() if small is None else small:
         return dict(BLOCK_B=16, BLOCK_D=16, K_PAD=k_pad, num_warps=1, num_stages=1)
-    return dict(BLOCK_B=32, BLOCK_D=min(128, triton.next_power_of_2(D)), K_PAD=k_pad, num_warps=4, num_stages=2)
+    block_d = 64 if k_pad <= 8 else 128  # (no spills with Triton 3.6 or 3.8, see aot)
+    return dict(BLOCK_B=32, BLOCK_D=min(block_d, triton.next_power_of_2(D)), K_PAD=k_pad, num_warps=4, num_stages=2)
 
 
 def _mask_arg(mask, fallback):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._op import interpreting, launch, triton_op
+from ._op import configured, interpreting, launch, triton_op
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
 # Columns whose max logit exceeds their positive logit by more than this are recomputed exactly:
@@ -62,7 +62,7 @@ def _lse_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, m, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         col_ok = cols < m
         s = _tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn, stride_kd,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
@@ -108,7 +108,7 @@ def _grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     ds_acc = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, n_b, BLOCK_N):
-        rb = c0 + tl.arange(0, BLOCK_N)
+        rb = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         b_ok = rb < n_b
         s = _tile(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
@@ -151,30 +151,51 @@ def _small(small: bool | None) -> bool:
     return interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small"
 
 
-def fwd_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
-    """Known-good forward blocks (no spills on sm_80/sm_90: `python -m fitclip_ext.kernels.aot`).
-    small (default: under the interpreter, or FITCLIP_TRITON_CONFIG=small) gives the minimum
-    tl.dot tiles."""
+def _cfg(bm, bn, bk, warps, stages, **extra) -> dict:
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra, num_warps=warps, num_stages=stages)
+
+
+def fwd_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
+    """The forward's block configurations, known good first (the default); the others are timed
+    only under FITCLIP_TRITON_AUTOTUNE=1. All compile without spills for sm_80 and sm_90
+    (`python -m fitclip_ext.kernels.aot`). small (default: under the interpreter, or
+    FITCLIP_TRITON_CONFIG=small) gives the minimum tl.dot tiles."""
     if _small(small):
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+        return [_cfg(16, 16, 16, 1, 1), _cfg(32, 16, 16, 1, 1)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        return [_cfg(32, 64, 16, 4, 2)]
+    if dtype == torch.float32:  # TF32
+        return [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)]
+    return [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(128, 64, 64, 8, 3)]
+
+
+def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
+    """The backward's block configurations, known good first. The accumulator [BLOCK_M, BLOCK_DO]
+    lives in registers and each output D chunk recomputes the tile, so a wider chunk saves tile
+    products (at D = 512: 2 * 2 + 2 = 6 units of n*m*D per pass with BLOCK_DO = 256, 4 with 512)
+    at the price of smaller tiles (register budget: no spills with Triton 3.6 and 3.8)."""
+    if _small(small):
+        return [_cfg(16, 16, 16, 1, 1, BLOCK_DO=32), _cfg(32, 16, 16, 1, 1, BLOCK_DO=16)]
+    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
+        return [_cfg(32, 32, 16, 4, 2, BLOCK_DO=64)]
+    block_do = 256 if D > 128 else 128
+    if dtype == torch.float32:  # TF32
+        return [_cfg(64, 32, 32, 8, 2, BLOCK_DO=block_do), _cfg(64, 64, 32, 8, 2, BLOCK_DO=128)]
+    out = [_cfg(64, 64, 64, 8, 2, BLOCK_DO=block_do), _cfg(64, 64, 64, 8, 3, BLOCK_DO=block_do),
+           _cfg(64, 32, 64, 8, 2, BLOCK_DO=block_do)]
+    if D > 256:
+        out.append(_cfg(64, 16, 64, 8, 2, BLOCK_DO=512))  # one chunk up to D = 512: no recomputed tiles
+    return out
+
+
+def fwd_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
+    """The forward's default (known-good) blocks."""
+    return fwd_candidates(dtype, D, small, precision)[0]
 
 
 def grad_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
-    """Known-good backward blocks: the accumulator [BLOCK_M, BLOCK_DO] lives in registers, so the
-    output D is split in chunks of at most 256 (each chunk recomputes the tile)."""
-    if _small(small):
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=1, num_stages=1)
-    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_DO=64, num_warps=4, num_stages=2)
-    block_do = 256 if D > 128 else 128
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=block_do, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=block_do, num_warps=8, num_stages=2)
+    """The backward's default (known-good) blocks."""
+    return grad_candidates(dtype, D, small, precision)[0]
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -203,9 +224,10 @@ def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_c
     else:
         col_shift = col_sum = col_max = row_lse  # unused pointers
     prec = input_precision(query.dtype)
-    cfg = fwd_config(query.dtype, D, precision=prec)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
-    launch(_lse_fwd_kernel, grid,
+    kernel, cfg = configured(_lse_fwd_kernel, fwd_candidates(query.dtype, D, precision=prec),
+                             key=["n", "m", "D", "WITH_COL", "INPUT_PRECISION"],
+                             restore_value=("col_sum_ptr", "col_max_ptr"))
+    launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]),),
            query, keys, s, row_lse, col_shift, col_sum, col_max, n, m, D,
            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
            WITH_COL=with_col, INPUT_PRECISION=prec, **cfg)
@@ -268,8 +290,8 @@ def _grad_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_l
     s = _scale_tensor(scale, dev)
     sym = col_lse is not None
     prec = input_precision(query.dtype)
-    cfg = grad_config(query.dtype, D, precision=prec)
-    n_dchunks = triton.cdiv(D, cfg["BLOCK_DO"])
+    cands = grad_candidates(query.dtype, D, precision=prec)
+    key = ["n_a", "n_b", "D", "HAS_A", "HAS_B", "WITH_DS", "INPUT_PRECISION"]
     dq = torch.empty_like(query, memory_format=torch.contiguous_format)
     dk = torch.empty_like(keys, memory_format=torch.contiguous_format)
     ds_part = torch.empty(n, device=dev, dtype=torch.float32)
@@ -277,13 +299,14 @@ def _grad_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_l
     col_w = col_weight.float().contiguous() if sym else row_w
     col_l = col_lse if sym else row_lse
     # dQ: A = queries (row stats), B = keys (column stats)
-    launch(_grad_kernel, (triton.cdiv(n, cfg["BLOCK_M"]), n_dchunks),
+    kernel, cfg = configured(_grad_kernel, cands, key)
+    launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
            query, keys, dq, ds_part, s, row_lse, row_w, col_l, col_w,
            n, m, D, offset, 0, eps / m, eps / n if sym else 0.0, 1.0 - eps,
            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
            HAS_A=True, HAS_B=sym, WITH_DS=True, INPUT_PRECISION=prec, **cfg)
     # dK: A = keys (column stats), B = queries (row stats)
-    launch(_grad_kernel, (triton.cdiv(m, cfg["BLOCK_M"]), n_dchunks),
+    launch(kernel, lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
            keys, query, dk, ds_part, s, col_l, col_w, row_lse, row_w,
            m, n, D, 0, offset, eps / n if sym else 0.0, eps / m, 1.0 - eps,
            keys.stride(0), keys.stride(1), query.stride(0), query.stride(1), dk.stride(0), dk.stride(1),

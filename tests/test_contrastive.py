@@ -204,3 +204,43 @@ def test_column_far_above_its_positive(backend):
     assert torch.isfinite(out).all() and rel_err(out, truth) < 1e-5
     for g, tg in zip(grads, tgrads):
         assert rel_err(g, tg) < 1e-4
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_triton_autotuning_on_request_matches_float64(monkeypatch, symmetric):
+    """FITCLIP_TRITON_AUTOTUNE=1: every candidate configuration is timed (the forward's column
+    sums are accumulated with atomics, so the autotuner must restore them between timings) and
+    the result still matches float64; without it no tuner is made."""
+    pytest.importorskip("triton")
+    from fitclip_ext.kernels import _op
+
+    dev = _device("triton")
+    n, m, d = (45, 45, 40) if symmetric else (21, 50, 40)
+    x = _features(n, d, torch.float32, 11).to(dev)
+    y = _features(m, d, torch.float32, 12).to(dev)
+    scale = torch.tensor(9.0, dtype=torch.float64)
+
+    def fn(a, b, s, _bias):
+        if symmetric:
+            return fitclip_ext.contrastive_loss(a, b, s, label_smoothing=0.1, backend="triton")
+        return fitclip_ext.infonce(a, b, s, positive_offset=7, label_smoothing=0.1, backend="triton")
+
+    def ref(a, b, s, _bias):
+        if symmetric:
+            return contrastive_loss_reference(a, b, s, label_smoothing=0.1)
+        return infonce_reference(a, b, s, positive_offset=7, label_smoothing=0.1)
+
+    monkeypatch.setattr(_op, "_TUNERS", {})
+    monkeypatch.delenv("FITCLIP_TRITON_AUTOTUNE", raising=False)
+    _run(fn, [x, y], scale.float(), None, True)
+    assert not _op._TUNERS
+    monkeypatch.setenv("FITCLIP_TRITON_AUTOTUNE", "1")
+    out, grads = _run(fn, [x, y], scale.float(), None, True)
+    truth, truth_grads = _run(ref, [x.double(), y.double()], scale, None, True)
+    assert rel_err(out, truth) < 1e-5
+    for g, t in zip(grads, truth_grads):
+        assert rel_err(g, t) < 1e-5
+    tuned = {t.base_fn.__name__: t for t in _op._TUNERS.values()}
+    assert set(tuned) == {"_lse_fwd_kernel", "_grad_kernel"}
+    for t in tuned.values():
+        assert len(t.configs_timings) == len(t.configs) > 1
