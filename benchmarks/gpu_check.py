@@ -53,6 +53,14 @@ def log(*a):
     print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
 
 
+_SAVE = []  # main() registers the results writer: every recorded case rewrites the JSON
+
+
+def save():
+    for fn in _SAVE:
+        fn()
+
+
 @contextlib.contextmanager
 def recorded(case: dict, cases: list):
     """Runs one benchmark case's body: an out-of-memory or any other error is recorded in the case
@@ -69,6 +77,7 @@ def recorded(case: dict, cases: list):
             torch.cuda.empty_cache()
         log(json.dumps(case))
         cases.append(case)
+        save()  # a run cut short by its time limit still leaves every finished case on disk
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -208,8 +217,8 @@ def time_against_torch(case: dict, ours, base, big: bool, floor_flops: float | N
         case["baselines"] = {"torch": {"error": "out of memory"}}
 
 
-def frame_ops(tflops, copy_gbps):
-    """Correctness (float64 truth, each dtype) and benchmarks of the frame ops."""
+def frame_ops(tflops, copy_gbps, cases: list):
+    """Correctness (float64 truth, each dtype) and benchmarks of the frame ops (into cases)."""
     corr = []
     dtypes = [torch.float32, torch.float16] if ARGS.tiny else [torch.bfloat16, torch.float16, torch.float32]
     for dtype in dtypes:
@@ -259,7 +268,6 @@ def frame_ops(tflops, copy_gbps):
 
     from benchmarks.frame_cases import torch_topk_similarity, torch_video_loss
 
-    cases = []
     dtype = torch.float32 if ARGS.tiny else torch.bfloat16
     grid = [(64, 64, 8, 32, 4)] if ARGS.tiny else [(2048, 2048, 16, 512, 4), (8192, 8192, 16, 512, 4), (8192, 8192, 32, 512, 8)]
     for C, V, T, D, k in grid:
@@ -308,15 +316,15 @@ def frame_ops(tflops, copy_gbps):
         base = lambda: select_frames_reference(frames, text, k)
         ms = bench_ms(base, False)
         case["baselines"] = {"torch": {"median_ms": ms, "speedup": ms / case["median_ms"]}}
-    return corr, cases
+    return corr
 
 
-def distill_ops(tflops):
+def distill_ops(tflops, cases: list):
     """Correctness (float64 truth, each dtype) and benchmarks of distillation_loss against the
-    torch composition (log_softmax + kl_div both ways) and torch.compile of it."""
+    torch composition (log_softmax + kl_div both ways) and torch.compile of it (into cases)."""
     from fitclip_ext.reference import distillation_loss_reference
 
-    corr, cases = [], []
+    corr = []
     norm = torch.nn.functional.normalize
 
     def inputs(n, m, D, dtype, seed):
@@ -381,7 +389,96 @@ def distill_ops(tflops):
                                                           "peak_mb": peak_mb(run)}
                 except torch.OutOfMemoryError:
                     case["baselines"]["torch_compile"] = {"error": "out of memory"}
-    return corr, cases
+    return corr
+
+
+def tuning(cases: list):
+    """FITCLIP_TRITON_AUTOTUNE=1 on the headline shapes: every candidate block configuration of
+    the InfoNCE kernels timed by triton.autotune (the data for choosing the defaults), and the
+    tuned fwd+bwd against the defaults."""
+    from fitclip_ext.kernels import _op
+
+    grid = [(64, 32)] if ARGS.tiny else [(32768, 512), (32768, 768)]
+    dtype = torch.float32 if ARGS.tiny else torch.bfloat16
+    for B, D in grid:
+        if time.time() - T0 > ARGS.max_seconds:
+            cases.append({"op": "contrastive_loss autotune", "B": B, "D": D, "skipped": "time budget"})
+            continue
+        case = {"op": "contrastive_loss autotune", "pass": "fwd+bwd", "B": B, "D": D,
+                "dtype": str(dtype).replace("torch.", "")}
+        with recorded(case, cases):
+            inputs = make_inputs(B, D, dtype, seed=7)
+            run = fwd_bwd(lambda i, t, s: fitclip_ext.contrastive_loss(i, t, s, backend="triton"), inputs)
+            case["default_ms"] = bench_ms(run, False)
+            _op._TUNERS.clear()
+            os.environ["FITCLIP_TRITON_AUTOTUNE"] = "1"
+            try:
+                run()  # tunes every kernel launch of this shape
+                case["tuned_ms"] = bench_ms(run, False)
+            finally:
+                os.environ.pop("FITCLIP_TRITON_AUTOTUNE", None)
+            case["speedup_over_default"] = case["default_ms"] / case["tuned_ms"]
+            case["kernels"] = []
+            for ident, tuner in _op._TUNERS.items():
+                for key, best in tuner.cache.items():  # one key per site: one shape tuned
+                    case["kernels"].append({
+                        "kernel": tuner.base_fn.__name__ + (f" ({ident[1]})" if ident[1] else ""),
+                        "key": [str(k) for k in key], "best": str(best),
+                        "default": str(tuner.configs[0]),
+                        "timings_ms": {str(c): t[0] for c, t in tuner.configs_timings.items()}
+                        if getattr(tuner, "configs_timings", None) else None})
+
+
+def large_index(cases: list):
+    """Keys with more than 2^31 elements (row * stride overflows int32): rectangular infonce with
+    the positives in the far tail, loss and both gradients against float64 computed in chunks."""
+    n, m, D = (8, 300, 16) if ARGS.tiny else (256, (2**31) // 512 + 100_000, 512)
+    off = m - n - 3
+    dtype = torch.float32 if ARGS.tiny else torch.bfloat16
+    case = {"op": "infonce large index", "n": n, "m": m, "D": D, "keys_numel": m * D, "positive_offset": off,
+            "dtype": str(dtype).replace("torch.", "")}
+    with recorded(case, cases):
+        g = torch.Generator(device=DEV).manual_seed(3)
+        q = torch.nn.functional.normalize(torch.randn(n, D, device=DEV, generator=g), dim=-1).to(dtype).requires_grad_()
+        keys = torch.empty(m, D, device=DEV, dtype=dtype)
+        for r0 in range(0, m, 1 << 20):  # random rows without a float32 copy of all of them
+            r1 = min(m, r0 + (1 << 20))
+            keys[r0:r1] = torch.nn.functional.normalize(torch.randn(r1 - r0, D, device=DEV, generator=g), dim=-1)
+        keys.requires_grad_()
+        s = torch.tensor(20.0, device=DEV)
+        t0 = time.perf_counter()
+        loss = fitclip_ext.infonce(q, keys, s, positive_offset=off, backend="triton")
+        dq, dk = torch.autograd.grad(loss, (q, keys))
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        case["seconds"] = time.perf_counter() - t0
+        # float64 truth in chunks of keys: lse, then softmax rows for the gradients
+        q64 = q.detach().double()
+        chunk = 1 << 18
+        lse = torch.full((n,), float("-inf"), device=DEV, dtype=torch.float64)
+        for r0 in range(0, m, chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(20.0 * q64 @ keys[r0:r0 + chunk].detach().double().T, 1))
+        pos = 20.0 * (q64 * keys[off:off + n].detach().double()).sum(1)
+        truth = (lse - pos).mean()
+        dq_t = torch.zeros_like(q64)
+        err_dk_num = err_dk_den = 0.0
+        for r0 in range(0, m, chunk):
+            kc = keys[r0:r0 + chunk].detach().double()
+            p = torch.exp(20.0 * q64 @ kc.T - lse[:, None])
+            rows = torch.arange(n, device=DEV)
+            hit = (rows + off >= r0) & (rows + off < r0 + kc.shape[0])
+            p[rows[hit], (rows[hit] + off - r0)] -= 1.0
+            p *= 20.0 / n
+            dq_t += p @ kc
+            dk_t = p.T @ q64
+            err_dk_num += (dk[r0:r0 + chunk].double() - dk_t).norm().item() ** 2
+            err_dk_den += dk_t.norm().item() ** 2
+        case["rel_err"] = {"loss": rel(loss, truth), "d_query": rel(dq, dq_t),
+                           "d_keys": (err_dk_num / max(err_dk_den, 1e-300)) ** 0.5}
+        tol = 1e-5 if ARGS.tiny else 8e-3
+        case["ok"] = all(v <= tol for v in case["rel_err"].values())
+        if not case["ok"]:
+            case["error"] = f"relative error above {tol}"
 
 
 def main():
@@ -394,6 +491,9 @@ def main():
         "date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
         "commit": os.environ.get("FITCLIP_COMMIT", "unknown"), "tiny": ARGS.tiny,
     }
+    slug = "tiny-cpu" if ARGS.tiny else "".join(c if c.isalnum() else "-" for c in doc["device"]).strip("-").lower()
+    path = out_dir / f"{slug}-{doc['date']}.json"
+    _SAVE.append(lambda: path.write_text(json.dumps(doc, indent=2, default=str) + "\n"))
     doc["ceilings"] = ceilings()
     log("ceilings", doc["ceilings"])
 
@@ -412,6 +512,8 @@ def main():
     bad = [c for c in corr if not c.get("ok")]
     log(f"correctness: {len(corr) - len(bad)}/{len(corr)} ok", *(f"\n  FAIL {c}" for c in bad))
     doc["correctness"] = corr
+    cases = doc["cases"] = []
+    large_index(cases)
 
     # 2. benchmarks (bf16 on the GPU; fp32 in the interpreter)
     ClipLoss = load_open_clip_loss()
@@ -437,7 +539,6 @@ def main():
                 (262144, 512, ()),
                 (1048576, 512, ())]
         dtype = torch.bfloat16
-    cases = []
     tflops = doc["ceilings"].get("bf16_matmul_tflops")
     for B, D, names in grid:
         if time.time() - T0 > ARGS.max_seconds:
@@ -449,11 +550,14 @@ def main():
             ours = fwd_bwd(lambda i, t, s: fitclip_ext.contrastive_loss(i, t, s, backend="triton"), inputs)
             big = B >= 262144
             case["median_ms"] = bench_ms(ours, big)
+            with torch.no_grad():
+                case["forward_ms"] = bench_ms(lambda: fitclip_ext.contrastive_loss(*inputs, backend="triton"), big)
             case["peak_mb"] = peak_mb(ours)
             case["inputs_and_grads_mb"] = 4 * B * D * inputs[0].element_size() / 2**20
             if tflops:
                 case["floor_ms"] = 8 * B * B * D / (tflops * 1e12) * 1e3
                 case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
+                case["forward_fraction_of_floor"] = case["floor_ms"] / 4 / case["forward_ms"]  # 2 of the 8
             if B <= 16384 or ARGS.tiny:
                 with torch.no_grad():
                     i, t, s = (x.detach() for x in inputs)
@@ -476,20 +580,16 @@ def main():
                 finally:
                     if DEV == "cuda":
                         torch.cuda.empty_cache()
-            # the same positive logits as the dense loss, if it fits (bf16 reference at B <= 32768)
-    frame_corr, frame_cases = frame_ops(tflops, doc["ceilings"].get("copy_gbps"))
+    tuning(cases)
+    frame_corr = frame_ops(tflops, doc["ceilings"].get("copy_gbps"), cases)
     doc["correctness"] += frame_corr
     bad += [c for c in frame_corr if not c.get("ok")]
-    cases += frame_cases
-    dist_corr, dist_cases = distill_ops(tflops)
+    dist_corr = distill_ops(tflops, cases)
     doc["correctness"] += dist_corr
     bad += [c for c in dist_corr if not c.get("ok")]
     log(f"distillation correctness: {sum(c.get('ok', False) for c in dist_corr)}/{len(dist_corr)} ok")
-    cases += dist_cases
-    doc["cases"] = cases
-    slug = "tiny-cpu" if ARGS.tiny else "".join(c if c.isalnum() else "-" for c in doc["device"]).strip("-").lower()
-    path = out_dir / f"{slug}-{doc['date']}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    doc["finished"] = True
+    save()
     log("wrote", path)
     return 0 if not bad and not any("error" in c for c in cases) else 1
 

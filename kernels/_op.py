@@ -85,14 +85,15 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
 
 
-def configured(kernel, candidates: list[dict], key: list[str], restore_value: tuple[str, ...] = ()):
+def configured(kernel, candidates: list[dict], key: list[str], restore_value: tuple[str, ...] = (), site: str = ""):
     """(kernel to launch, its block configuration as launch keywords) for a candidate list whose
     first entry is the default: the plain kernel and the default, or under
     FITCLIP_TRITON_AUTOTUNE=1 a triton.autotune over every candidate (keyed on `key` and the
-    tensor dtypes) and no keywords. Grids must then be functions of the configuration."""
+    tensor dtypes) and no keywords, one per launch site (its configs_timings then belong to that
+    site's latest shape). Grids must then be functions of the configuration."""
     if len(candidates) == 1 or not autotuning() or _tracing():
         return kernel, dict(candidates[0])
-    ident = (kernel, tuple(tuple(sorted(c.items())) for c in candidates), tuple(key), tuple(restore_value))
+    ident = (kernel, site, tuple(tuple(sorted(c.items())) for c in candidates), tuple(key), tuple(restore_value))
     tuner = _TUNERS.get(ident)
     if tuner is None:
         import triton

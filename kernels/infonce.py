@@ -299,13 +299,14 @@ def _grad_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_l
     col_w = col_weight.float().contiguous() if sym else row_w
     col_l = col_lse if sym else row_lse
     # dQ: A = queries (row stats), B = keys (column stats)
-    kernel, cfg = configured(_grad_kernel, cands, key)
+    kernel, cfg = configured(_grad_kernel, cands, key, site="dq")
     launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
            query, keys, dq, ds_part, s, row_lse, row_w, col_l, col_w,
            n, m, D, offset, 0, eps / m, eps / n if sym else 0.0, 1.0 - eps,
            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
            HAS_A=True, HAS_B=sym, WITH_DS=True, INPUT_PRECISION=prec, **cfg)
     # dK: A = keys (column stats), B = queries (row stats)
+    kernel, cfg = configured(_grad_kernel, cands, key, site="dk")
     launch(kernel, lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
            keys, query, dk, ds_part, s, col_l, col_w, row_lse, row_w,
            m, n, D, 0, offset, eps / n if sym else 0.0, eps / m, 1.0 - eps,
