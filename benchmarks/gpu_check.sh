@@ -18,8 +18,14 @@ rc=0
 if [ "${1:-}" != "--tiny" ]; then
   # The float64-truth tests of the Triton path, now on CUDA with every dtype (bf16 included),
   # and the Triton custom ops (opcheck, torch.compile fullgraph with Inductor).
-  $PY -m pytest tests/test_contrastive.py tests/test_distill.py tests/test_custom_ops.py tests/test_frames.py \
-    -q -x -k triton -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT_DIR/gpu_tests.log" || rc=1
+  # Capped (GPU_TEST_SECONDS, default 240) so the benchmarks below always get their turn.
+  timeout "${GPU_TEST_SECONDS:-240}" $PY -m pytest tests/test_contrastive.py tests/test_distill.py \
+    tests/test_custom_ops.py tests/test_frames.py -q -x -k triton -p no:cacheprovider --durations=15 \
+    > "$OUT_DIR/gpu_tests.log" 2>&1
+  trc=$?
+  tail -n 40 "$OUT_DIR/gpu_tests.log"
+  if [ $trc -eq 124 ]; then echo "GPU tests stopped after ${GPU_TEST_SECONDS:-240} s" | tee -a "$OUT_DIR/gpu_tests.log"; fi
+  [ $trc -eq 0 ] || rc=1
 fi
 $PY benchmarks/gpu_check.py "$@" --out "$OUT_DIR" || rc=1
 exit $rc

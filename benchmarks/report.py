@@ -50,7 +50,7 @@ def frames_table(doc) -> list[str]:
         shape = f"{c.get('C', c.get('B'))} x {c.get('V', c.get('B'))} x {c['T']} x {c['D']}, k={c['k']}"
         out.append(f"| {c['op']} | {shape} | {_fmt(c.get('median_ms'))} | {_fmt(_base(c, 'torch', 'median_ms'))} | "
                    f"{_fmt(_base(c, 'torch', 'speedup'), '.2f')}x | {_fmt(c.get('peak_mb'))} | "
-                   f"{_fmt(_base(c, 'torch', 'peak_extra_mb'))} |")
+                   f"{_fmt(_base(c, 'torch', 'peak_extra_mb') or _base(c, 'torch', 'peak_mb'))} |")
     return out
 
 
@@ -65,6 +65,60 @@ def distill_table(doc) -> list[str]:
         mems = " / ".join(_fmt(_base(c, n, "peak_extra_mb")) for n in ("torch", "torch_compile"))
         out.append(f"| {c['B']} | {c['D']} | {_fmt(c.get('median_ms'))} | {cells[0]} | {cells[1]} | "
                    f"{_fmt(c.get('peak_mb'))} | {mems} | {_fmt(c.get('rel_err'), '.1e')} |")
+    return out
+
+
+def gpu_tables(doc) -> list[str]:
+    """The GPU check's results (benchmarks/gpu_check.py): ceilings, the fused InfoNCE against its
+    floor and baselines, the autotune sweep, the large-index check, the frame and distillation ops."""
+    if "ceilings" not in doc:
+        return []
+    ceil = doc["ceilings"]
+    out = [f"Measured ceilings: bf16 matmul {_fmt(ceil.get('bf16_matmul_tflops'))} TFLOP/s, "
+           f"copy {_fmt(ceil.get('copy_gbps'))} GB/s (read + write).", ""]
+    corr = doc.get("correctness", [])
+    bad = [c for c in corr if not c.get("ok")]
+    out += [f"Correctness against float64 on the device: {len(corr) - len(bad)}/{len(corr)} checks within the "
+            "tolerance rule" + (" (failures: " + "; ".join(json.dumps(c) for c in bad[:5]) + ")" if bad else "") + ".", ""]
+    rows = sorted((c for c in doc["cases"] if c.get("op") == "contrastive_loss"), key=lambda c: (c["D"], c["B"]))
+    if rows:
+        out += ["### contrastive_loss, forward + backward", "",
+                "| B | D | dtype | fitclip ms | forward ms | floor ms (fraction) | open_clip ms (x) | inf_cl ms (x) | "
+                "torch ms (x) | torch.compile ms (x) | peak MB | rel. err |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in rows:
+            if c.get("skipped") or c.get("error"):
+                out.append(f"| {c['B']} | {c['D']} | {c.get('dtype', '-')} | {c.get('skipped') or c.get('error')} "
+                           "| | | | | | | | |")
+                continue
+            cells = []
+            for n in ("open_clip", "inf_cl", "torch", "torch_compile"):
+                ms, sp, err = _base(c, n, "median_ms"), _base(c, n, "speedup"), _base(c, n, "error")
+                cells.append(f"{_fmt(ms, '.2f')} ({_fmt(sp, '.2f')}x)" if ms else (err or "-"))
+            out.append(f"| {c['B']} | {c['D']} | {c['dtype']} | {_fmt(c.get('median_ms'), '.2f')} | "
+                       f"{_fmt(c.get('forward_ms'), '.2f')} | {_fmt(c.get('floor_ms'), '.2f')} "
+                       f"({_fmt(c.get('fraction_of_floor'), '.2f')}) | " + " | ".join(cells) +
+                       f" | {_fmt(c.get('peak_mb'))} | {_fmt(c.get('rel_err'), '.1e')} |")
+        out.append("")
+    for c in doc["cases"]:
+        if c.get("op") == "contrastive_loss autotune" and c.get("kernels"):
+            out += [f"Autotune at B={c['B']}, D={c['D']}: default {_fmt(c.get('default_ms'), '.2f')} ms, "
+                    f"tuned {_fmt(c.get('tuned_ms'), '.2f')} ms.", ""]
+            for k in c["kernels"]:
+                timings = ", ".join(f"{cfg.split(', num_ctas')[0]}: {_fmt(ms, '.3f')} ms"
+                                    for cfg, ms in (k.get("timings_ms") or {}).items())
+                out.append(f"- {k['kernel']}: {timings}")
+            out.append("")
+        if c.get("op") == "infonce large index":
+            out += [f"infonce with {c['keys_numel']:,} key elements (int32 offsets end at 2,147,483,647): "
+                    + (f"relative errors {json.dumps(c.get('rel_err'))}" if c.get("rel_err") else c.get("error", "-"))
+                    + ".", ""]
+    t = frames_table(doc)
+    if t:
+        out += ["### frame ops", ""] + t + [""]
+    t = distill_table(doc)
+    if t:
+        out += ["### distillation_loss, forward + backward", ""] + t + [""]
     return out
 
 
@@ -114,6 +168,9 @@ def main():
         lines += [f"## {doc['device']} ({path.name})", "",
                   f"torch {doc.get('torch')}, triton {doc.get('triton', '-')}, commit {doc.get('commit')}, "
                   f"{doc.get('threads', '-')} threads", ""]
+        if "ceilings" in doc:  # the GPU check's format
+            lines += gpu_tables(doc)
+            continue
         t = contrastive_table(doc)
         if t:
             lines += ["### contrastive_loss, forward + backward, fp32", ""] + t + [

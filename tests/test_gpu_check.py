@@ -1,0 +1,36 @@
+"""The GPU check script (benchmarks/gpu_check.py) runs end to end on tiny sizes (CPU tensors
+through the Triton interpreter), so the one short run on a lent GPU cannot fail on a script bug:
+every correctness check passes, no case errors, the JSON is complete, and the report renders it."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_tiny_runs_and_renders(tmp_path):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("tiny-cpu-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["finished"]
+    assert doc["correctness"] and all(c["ok"] for c in doc["correctness"])
+    ops = {c["op"] for c in doc["cases"]}
+    assert {"contrastive_loss", "contrastive_loss autotune", "infonce large index", "topk_frame_similarity",
+            "video_contrastive_loss", "select_frames", "distillation_loss"} <= ops
+    assert not [c for c in doc["cases"] if "error" in c]
+    tune = next(c for c in doc["cases"] if c["op"] == "contrastive_loss autotune")
+    assert len(tune["kernels"]) == 3 and all(len(k["timings_ms"]) > 1 for k in tune["kernels"])
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import report
+
+    text = "\n".join(report.gpu_tables(doc))
+    assert "### contrastive_loss" in text and "Autotune at B=64" in text and "relative errors" in text
