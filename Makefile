@@ -4,6 +4,7 @@
 #   make bench  - the CPU benchmarks (pytest-benchmark), results under benchmarks/results/
 #   make aot    - compile every shipped Triton kernel for sm_80/sm_90 without a GPU
 #   make aot-triton36 - the same with Triton 3.6 (the GPU test machine's) in .triton36/
+#   make test-gpu-stack - the Triton tests (interpreter) on the GPU machine's torch 2.11 + Triton 3.6
 #   make gpu-check - on a CUDA machine: the GPU correctness check and benchmarks
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-be
         "pandas" "webdataset" "braceexpand"  # open_clip_train's data loading (fitclip_ext.open_clip_train)
 PYTEST_ARGS ?=
 
-.PHONY: setup deps ffmpeg build test demo bench aot aot-triton36 gpu-check clean
+.PHONY: setup deps ffmpeg build test demo bench aot aot-triton36 test-gpu-stack gpu-check clean
 
 setup: $(VENV)/.deps-stamp ffmpeg build
 
@@ -63,6 +64,19 @@ aot: setup
 aot-triton36: setup
 	test -d .triton36/triton || $(PIP) install -q --no-deps --target .triton36 triton==3.6.0
 	env -u TRITON_INTERPRET PYTHONPATH=.triton36 $(PY) -m fitclip_ext.kernels.aot
+
+# The GPU test machine runs torch 2.11 and Triton 3.6: the Triton tests through the interpreter
+# on that stack, in .venv-gpu-stack (about 4 GB), from a clean export of HEAD (no C++ extension
+# built for another torch). numpy < 2.4: Triton 3.6's interpreter converts 1-element arrays to
+# Python ints, which numpy 2.4 refuses.
+GPU_STACK := .venv-gpu-stack
+test-gpu-stack:
+	test -x $(GPU_STACK)/bin/python || ($(PYTHON) -m venv $(GPU_STACK) && \
+	  $(GPU_STACK)/bin/pip install -q torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest pytest-benchmark)
+	rm -rf $(GPU_STACK)/src && mkdir -p $(GPU_STACK)/src && git archive HEAD | tar -x -C $(GPU_STACK)/src
+	cd $(GPU_STACK)/src && PYTHONPATH=. FITCLIP_ALLOW_NO_CPP=1 TRITON_INTERPRET=1 ../bin/python -m pytest \
+	  tests/test_contrastive.py tests/test_distill.py tests/test_custom_ops.py tests/test_frames.py \
+	  -q -k triton -p no:cacheprovider -W ignore::DeprecationWarning $(PYTEST_ARGS)
 
 # On a CUDA machine: Triton kernels vs float64 on the GPU, then the GPU benchmarks.
 gpu-check:
