@@ -5,8 +5,9 @@
 - `topk_frame_similarity`: caption x video scores, the mean of the k best frame similarities.
 - `video_contrastive_loss`: symmetric InfoNCE over those scores, chunked (no B x B, no B x B x T).
 
-Cosine similarity normalises both sides with torch (autograd flows through it); the backends see
-unit vectors. Ties between equal similarities go to the earlier frame.
+The C++ and Triton kernels take the raw embeddings and fold the cosine normalisation in (values and
+gradients as F.normalize's, its clamp of tiny norms included), so no normalised copy of the
+V x T x D frames is made. Ties between equal similarities go to the earlier frame.
 """
 from __future__ import annotations
 

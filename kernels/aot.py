@@ -89,25 +89,31 @@ def _cases(quick: bool):
         # frame kernels: configurations change with K_PAD (the running top-k's width)
         sim_sig = {
             "text_ptr": t, "frames_ptr": t, "mask_ptr": "*i8", "sim_ptr": "*fp32", "bits_ptr": "*i32",
-            "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
+            "text_norm_ptr": "*fp32", "frames_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
             "stride_tc": "i32", "stride_td": "i32", "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
         }
         dtext_sig = {
-            "grad_ptr": "*fp32", "bits_ptr": "*i32", "frames_ptr": t, "out_ptr": "*fp32",
+            "grad_ptr": "*fp32", "bits_ptr": "*i32", "frames_ptr": t, "out_ptr": "*fp32", "frames_norm_ptr": "*fp32",
             "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
             "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
         }
         dframes_sig = {
-            "grad_ptr": "*fp32", "bits_ptr": "*i32", "text_ptr": t, "out_ptr": "*fp32",
+            "grad_ptr": "*fp32", "bits_ptr": "*i32", "text_ptr": t, "out_ptr": "*fp32", "text_norm_ptr": "*fp32",
             "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32", "stride_tc": "i32", "stride_td": "i32",
         }
         for k in ((4,) if quick else (1, 2, 4, 8, 16, 32)):
             cfg = frames.sim_config(dtype, k, T=32, small=False, precision=prec)
-            yield ("topk_sim_fwd", "frames._topk_sim_fwd_kernel", dtype, prec, f"k{k} mask", sim_sig, {"HAS_MASK": True}, cfg)
+            yield ("topk_sim_fwd", "frames._topk_sim_fwd_kernel", dtype, prec, f"k{k} mask norm", sim_sig,
+                   {"HAS_MASK": True, "NORMALIZE": True}, cfg)
         gcfg = frames.grad_config(dtype, T=32, small=False, precision=prec)
-        yield ("topk_sim_dtext", "frames._topk_sim_dtext_kernel", dtype, prec, "T<=32", dtext_sig, {}, gcfg)
-        yield ("topk_sim_dframes", "frames._topk_sim_dframes_kernel", dtype, prec, "T<=32 acc", dframes_sig,
-               {"ACCUMULATE": True}, gcfg)
+        yield ("topk_sim_dtext", "frames._topk_sim_dtext_kernel", dtype, prec, "T<=32 norm", dtext_sig,
+               {"NORMALIZE": True}, gcfg)
+        yield ("topk_sim_dframes", "frames._topk_sim_dframes_kernel", dtype, prec, "T<=32 acc norm", dframes_sig,
+               {"ACCUMULATE": True, "NORMALIZE": True}, gcfg)
+        if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
+            unit_sig = {"g_ptr": "*fp32", "x_ptr": t, "norm_ptr": "*fp32", "R": "i32", "D": "i32", "T": "i32",
+                        "stride_xo": "i32", "stride_xi": "i32", "stride_xd": "i32"}
+            yield ("unit_grad", "frames._unit_grad_kernel", dtype, "-", "-", unit_sig, {}, frames._unit_config(512))
         sel_sig = {
             "frames_ptr": t, "text_ptr": t, "mask_ptr": "*i8", "idx_ptr": "*i64", "B": "i32", "T": "i32", "D": "i32",
             "k": "i32", "stride_fb": "i32", "stride_ft": "i32", "stride_fd": "i32", "stride_tb": "i32", "stride_td": "i32",

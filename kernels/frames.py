@@ -13,7 +13,10 @@ frame t, W_t @ frames[v-block, t, D chunk] with W_t[c, v] = grad[c, v] / k * [t 
 
 `_select_frames_kernel` (grid: batch blocks): cosine of each caption with its own T frames (one
 read of the frames), the same running top-k, chosen frame indices out (sorted by the launcher).
-Inputs of the similarity kernels are unit vectors (the Python layer normalises).
+The similarity kernels take the raw embeddings and their row norms and divide each tile by them
+(F.normalize's clamp included); the gradient kernels give the gradients with respect to the unit
+vectors and `_unit_grad_kernel` turns them into the raw inputs' ones, in place: no normalised copy
+of the V x T x D frames is made.
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ import triton
 import triton.language as tl
 
 from ._op import launch, triton_op
+
+EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm
+normalizes = True  # the similarity ops take raw embeddings (fitclip_ext.frames passes them as they are)
 
 
 @triton.jit
@@ -41,11 +47,11 @@ def _topk_insert(best, best_idx, x, t, slot_ok):
 
 @triton.jit
 def _topk_sim_fwd_kernel(
-    text_ptr, frames_ptr, mask_ptr, sim_ptr, bits_ptr,
+    text_ptr, frames_ptr, mask_ptr, sim_ptr, bits_ptr, text_norm_ptr, frames_norm_ptr,
     C, V, T, D, k,
     stride_tc, stride_td, stride_fv, stride_ft, stride_fd,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr,
-    N_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    N_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_c = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
@@ -60,6 +66,8 @@ def _topk_sim_fwd_kernel(
     best = tl.full((BLOCK_C, BLOCK_V, K_PAD), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_C, BLOCK_V, K_PAD), tl.int32) - 1 - slots[None, None, :]
     nan_seen = tl.zeros((BLOCK_C, BLOCK_V), tl.int32)
+    if NORMALIZE:  # cosine of the raw rows: divide by max(norm, eps) as F.normalize does
+        inv_c = 1.0 / tl.maximum(tl.load(text_norm_ptr + rc, mask=c_ok, other=1.0), EPS)
     for t in range(0, T):
         s = tl.zeros((BLOCK_C, BLOCK_V), tl.float32)
         for d0 in range(0, D, BLOCK_K):
@@ -69,6 +77,9 @@ def _topk_sim_fwd_kernel(
             b = tl.load(frames_ptr + rv[None, :] * stride_fv + t * stride_ft + dk[:, None] * stride_fd,
                         mask=v_ok[None, :] & (dk[:, None] < D), other=0.0)
             s = tl.dot(a, b, s, input_precision=INPUT_PRECISION)
+        if NORMALIZE:
+            inv_v = 1.0 / tl.maximum(tl.load(frames_norm_ptr + rv * T + t, mask=v_ok, other=1.0), EPS)
+            s = s * inv_c[:, None] * inv_v[None, :]
         if HAS_MASK:
             real = tl.load(mask_ptr + rv * T + t, mask=v_ok, other=0).to(tl.int1)
             s = tl.where(real[None, :], s, float("-inf"))
@@ -87,11 +98,11 @@ def _topk_sim_fwd_kernel(
 
 @triton.jit
 def _topk_sim_dtext_kernel(
-    grad_ptr, bits_ptr, frames_ptr, out_ptr,
+    grad_ptr, bits_ptr, frames_ptr, out_ptr, frames_norm_ptr,
     C, V, T, D, k,
     stride_fv, stride_ft, stride_fd,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr, N_WORDS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_c = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
@@ -109,6 +120,8 @@ def _topk_sim_dtext_kernel(
         for t in range(0, T):
             word = tl.load(bits_ptr + pair + t // 32, mask=ok, other=0)
             w = tl.where(((word >> (t % 32)) & 1) != 0, g, 0.0)
+            if NORMALIZE:  # W @ unit frames = (W / frame norms) @ raw frames
+                w = w / tl.maximum(tl.load(frames_norm_ptr + rv * T + t, mask=v_ok, other=1.0), EPS)[None, :]
             f = tl.load(frames_ptr + rv[:, None] * stride_fv + t * stride_ft + do[None, :] * stride_fd,
                         mask=v_ok[:, None] & do_ok[None, :], other=0.0)
             acc = tl.dot(w.to(f.dtype), f, acc, input_precision=INPUT_PRECISION)
@@ -117,11 +130,11 @@ def _topk_sim_dtext_kernel(
 
 @triton.jit
 def _topk_sim_dframes_kernel(
-    grad_ptr, bits_ptr, text_ptr, out_ptr,
+    grad_ptr, bits_ptr, text_ptr, out_ptr, text_norm_ptr,
     C, V, T, D, k,
     stride_tc, stride_td,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr, N_WORDS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_v = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
@@ -138,6 +151,8 @@ def _topk_sim_dframes_kernel(
         g = tl.load(grad_ptr + rc[None, :] * V + rv[:, None], mask=ok, other=0.0) / k
         word = tl.load(bits_ptr + (rc[None, :] * V + rv[:, None]) * N_WORDS + t // 32, mask=ok, other=0)
         w = tl.where(((word >> (t % 32)) & 1) != 0, g, 0.0)
+        if NORMALIZE:  # W^T @ unit captions = (W / caption norms)^T @ raw captions
+            w = w / tl.maximum(tl.load(text_norm_ptr + rc, mask=c_ok, other=1.0), EPS)[None, :]
         x = tl.load(text_ptr + rc[:, None] * stride_tc + do[None, :] * stride_td,
                     mask=c_ok[:, None] & do_ok[None, :], other=0.0)
         acc = tl.dot(w.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
@@ -146,6 +161,37 @@ def _topk_sim_dframes_kernel(
     if ACCUMULATE:  # one program owns each output element: a plain read-add-write
         acc += tl.load(out_ptr + out_off, mask=out_ok, other=0.0)
     tl.store(out_ptr + out_off, acc, mask=out_ok)
+
+
+@triton.jit
+def _unit_grad_kernel(
+    g_ptr, x_ptr, norm_ptr, R, D, T, stride_xo, stride_xi, stride_xd,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """In place, for each row r: g <- d/dx of <g, x / max(|x|, eps)> = (g - <g, x> x / |x|^2) / |x|,
+    or g / eps where the clamp holds (F.normalize's backward). g: float32 [R, D] contiguous; row r
+    of x lies at (r // T) * stride_xo + (r % T) * stride_xi (frames [V, T, D] of any strides)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rr = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    x_row = (rr // T) * stride_xo + (rr % T) * stride_xi
+    offs = tl.arange(0, BLOCK_D)
+    nrm = tl.load(norm_ptr + rr, mask=r_ok, other=1.0)
+    inv = 1.0 / tl.maximum(nrm, EPS)
+    dot = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs
+        m2 = r_ok[:, None] & (dd[None, :] < D)
+        g = tl.load(g_ptr + rr[:, None] * D + dd[None, :], mask=m2, other=0.0)
+        x = tl.load(x_ptr + x_row[:, None] + dd[None, :] * stride_xd, mask=m2, other=0.0).to(tl.float32)
+        dot += tl.sum(g * x, 1)
+    coef = tl.where(nrm > EPS, dot * inv * inv, 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs
+        m2 = r_ok[:, None] & (dd[None, :] < D)
+        g = tl.load(g_ptr + rr[:, None] * D + dd[None, :], mask=m2, other=0.0)
+        x = tl.load(x_ptr + x_row[:, None] + dd[None, :] * stride_xd, mask=m2, other=0.0).to(tl.float32)
+        tl.store(g_ptr + rr[:, None] * D + dd[None, :], (g - coef[:, None] * x) * inv[:, None], mask=m2)
 
 
 @triton.jit
@@ -245,77 +291,124 @@ def _mask_arg(mask, fallback):
     return (mask.to(torch.int8).contiguous(), True) if mask is not None else (fallback, False)
 
 
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """float32 Euclidean norms of x's last-dimension rows (x [..., D] -> [...]), in slices of the
+    leading dimension so no float32 copy of a half-precision x is made."""
+    out = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
+    step = max(1, (1 << 24) // max(1, x[0].numel()))
+    for r0 in range(0, x.shape[0], step):
+        out[r0:r0 + step] = torch.linalg.vector_norm(x[r0:r0 + step], dim=-1, dtype=torch.float32)
+    return out
+
+
+# The similarity ops take the raw embeddings and their row norms (text_norm [C], frames_norm
+# [V, T], float32), or None for inputs that are already unit vectors; the gradient ops return the
+# gradients with respect to the unit vectors, which `unit_grad` turns into the raw inputs' ones.
+
 @triton_op("triton_topk_sim")
-def _topk_sim_op(text_n: torch.Tensor, frames_n: torch.Tensor, k: int, mask: torch.Tensor | None
+def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.Tensor | None,
+                 text_norm: torch.Tensor | None = None, frames_norm: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    C, D = text_n.shape
-    V, T, _ = frames_n.shape
-    prec = _precision(text_n.dtype)
-    cfg = sim_config(text_n.dtype, k, T, precision=prec)
-    sim = torch.empty((C, V), device=text_n.device, dtype=torch.float32)
-    bits = torch.empty((C, V, cfg["N_WORDS"]), device=text_n.device, dtype=torch.int32)
+    C, D = text.shape
+    V, T, _ = frames.shape
+    prec = _precision(text.dtype)
+    cfg = sim_config(text.dtype, k, T, precision=prec)
+    sim = torch.empty((C, V), device=text.device, dtype=torch.float32)
+    bits = torch.empty((C, V, cfg["N_WORDS"]), device=text.device, dtype=torch.int32)
     m, has_mask = _mask_arg(mask, sim)
+    normalize = text_norm is not None
     grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(V, cfg["BLOCK_V"]))
     launch(_topk_sim_fwd_kernel, grid,
-           text_n, frames_n, m, sim, bits, C, V, T, D, k,
-           text_n.stride(0), text_n.stride(1), frames_n.stride(0), frames_n.stride(1), frames_n.stride(2),
-           HAS_MASK=has_mask, INPUT_PRECISION=prec, **cfg)
+           text, frames, m, sim, bits, text_norm if normalize else sim, frames_norm if normalize else sim,
+           C, V, T, D, k,
+           text.stride(0), text.stride(1), frames.stride(0), frames.stride(1), frames.stride(2),
+           HAS_MASK=has_mask, NORMALIZE=normalize, INPUT_PRECISION=prec, **cfg)
     return sim, bits
 
 
-def topk_sim(text_n, frames_n, k, mask):
-    """(sim [C, V] float32, chosen frames as bit sets [C, V, ceil(T / 32)] int32)."""
-    return torch.ops.fitclip_ext.triton_topk_sim(text_n, frames_n, k, mask)
+def topk_sim(text, frames, k, mask, norms=None):
+    """(sim [C, V] float32, chosen frames as bit sets [C, V, ceil(T / 32)] int32) of the raw
+    embeddings (their norms computed here unless given as (text_norm, frames_norm))."""
+    text_norm, frames_norm = norms if norms is not None else (row_norms(text), row_norms(frames))
+    return torch.ops.fitclip_ext.triton_topk_sim(text, frames, k, mask, text_norm, frames_norm)
 
 
-def _launch_dtext(text_n, frames_n, bits, grad, k, dtext):
-    C, D = text_n.shape
-    V, T, _ = frames_n.shape
-    prec = _precision(text_n.dtype)
-    cfg = grad_config(text_n.dtype, T, precision=prec)
+def _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm):
+    C, D = text.shape
+    V, T, _ = frames.shape
+    prec = _precision(text.dtype)
+    cfg = grad_config(text.dtype, T, precision=prec)
     launch(_topk_sim_dtext_kernel, (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"])),
-           grad, bits, frames_n, dtext, C, V, T, D, k,
-           frames_n.stride(0), frames_n.stride(1), frames_n.stride(2), INPUT_PRECISION=prec, **cfg)
+           grad, bits, frames, dtext, frames_norm if frames_norm is not None else grad, C, V, T, D, k,
+           frames.stride(0), frames.stride(1), frames.stride(2), NORMALIZE=frames_norm is not None,
+           INPUT_PRECISION=prec, **cfg)
 
 
-def _launch_dframes(text_n, frames_n, bits, grad, k, dframes, accumulate):
-    C, D = text_n.shape
-    V, T, _ = frames_n.shape
-    prec = _precision(text_n.dtype)
-    cfg = grad_config(text_n.dtype, T, precision=prec)
+def _launch_dframes(text, frames, bits, grad, k, dframes, accumulate, text_norm):
+    C, D = text.shape
+    V, T, _ = frames.shape
+    prec = _precision(text.dtype)
+    cfg = grad_config(text.dtype, T, precision=prec)
     launch(_topk_sim_dframes_kernel, (triton.cdiv(V, cfg["BLOCK_V"]), T, triton.cdiv(D, cfg["BLOCK_DO"])),
-           grad, bits, text_n, dframes, C, V, T, D, k,
-           text_n.stride(0), text_n.stride(1), ACCUMULATE=accumulate, INPUT_PRECISION=prec, **cfg)
+           grad, bits, text, dframes, text_norm if text_norm is not None else grad, C, V, T, D, k,
+           text.stride(0), text.stride(1), ACCUMULATE=accumulate, NORMALIZE=text_norm is not None,
+           INPUT_PRECISION=prec, **cfg)
 
 
 @triton_op("triton_topk_sim_bwd")
-def _topk_sim_bwd_op(text_n: torch.Tensor, frames_n: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int
+def _topk_sim_bwd_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
+                     text_norm: torch.Tensor | None = None, frames_norm: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     grad = grad.float().contiguous()
-    dtext = torch.empty(text_n.shape, device=text_n.device, dtype=torch.float32)
-    dframes = torch.empty(frames_n.shape, device=text_n.device, dtype=torch.float32)
-    _launch_dtext(text_n, frames_n, bits, grad, k, dtext)
-    _launch_dframes(text_n, frames_n, bits, grad, k, dframes, False)
+    dtext = torch.empty(text.shape, device=text.device, dtype=torch.float32)
+    dframes = torch.empty(frames.shape, device=text.device, dtype=torch.float32)
+    _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm)
+    _launch_dframes(text, frames, bits, grad, k, dframes, False, text_norm)
     return dtext, dframes
 
 
 @triton_op("triton_topk_sim_bwd_acc", mutates_args=("dframes_acc",))
-def _topk_sim_bwd_acc_op(text_n: torch.Tensor, frames_n: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
-                         dframes_acc: torch.Tensor) -> torch.Tensor:
+def _topk_sim_bwd_acc_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
+                         dframes_acc: torch.Tensor, text_norm: torch.Tensor | None = None,
+                         frames_norm: torch.Tensor | None = None) -> torch.Tensor:
     grad = grad.float().contiguous()
-    dtext = torch.empty(text_n.shape, device=text_n.device, dtype=torch.float32)
-    _launch_dtext(text_n, frames_n, bits, grad, k, dtext)
-    _launch_dframes(text_n, frames_n, bits, grad, k, dframes_acc, True)
+    dtext = torch.empty(text.shape, device=text.device, dtype=torch.float32)
+    _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm)
+    _launch_dframes(text, frames, bits, grad, k, dframes_acc, True, text_norm)
     return dtext
 
 
-def topk_sim_bwd(text_n, frames_n, bits, grad, k, dframes_acc=None):
-    """(d text_n [C, D], d frames_n [V, T, D]) in float32 from grad = dLoss/dsim [C, V]; with
-    dframes_acc the frames' gradient is added into that float32 [V, T, D] buffer (and returned)."""
-    if dframes_acc is None:
-        return torch.ops.fitclip_ext.triton_topk_sim_bwd(text_n, frames_n, bits, grad, k)
-    dtext = torch.ops.fitclip_ext.triton_topk_sim_bwd_acc(text_n, frames_n, bits, grad, k, dframes_acc)
-    return dtext, dframes_acc
+def _unit_config(D: int) -> dict:
+    if _small():
+        return dict(BLOCK_R=16, BLOCK_D=16, num_warps=1, num_stages=1)
+    return dict(BLOCK_R=16, BLOCK_D=min(128, triton.next_power_of_2(D)), num_warps=4, num_stages=2)
+
+
+@triton_op("triton_unit_grad", mutates_args=("grad",))
+def _unit_grad_op(grad: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> None:
+    """grad (float32, contiguous, x's shape) <- the gradient with respect to the raw x of a loss
+    whose gradient with respect to x / max(|x|, eps) is grad; x is [R, D] or [V, T, D]."""
+    D = x.shape[-1]
+    if x.dim() == 2:
+        R, T, so, si, sd = x.shape[0], 1, x.stride(0), 0, x.stride(1)
+    else:
+        R, T, so, si, sd = x.shape[0] * x.shape[1], x.shape[1], x.stride(0), x.stride(1), x.stride(2)
+    cfg = _unit_config(D)
+    launch(_unit_grad_kernel, (triton.cdiv(R, cfg["BLOCK_R"]),), grad, x, norm, R, D, T, so, si, sd, **cfg)
+
+
+def unit_grad(grad, x, norm):
+    """In place on the float32 grad; returns it."""
+    torch.ops.fitclip_ext.triton_unit_grad(grad, x, norm)
+    return grad
+
+
+def topk_sim_bwd(text, frames, bits, grad, k):
+    """(d text [C, D], d frames [V, T, D]) in float32 of the raw embeddings, from grad = dLoss/dsim
+    [C, V] (through the cosine normalisation, as F.normalize's backward)."""
+    text_norm, frames_norm = row_norms(text), row_norms(frames)
+    dtext, dframes = torch.ops.fitclip_ext.triton_topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm)
+    return unit_grad(dtext, text, text_norm), unit_grad(dframes, frames, frames_norm)
 
 
 @triton_op("triton_select_frames")
@@ -347,11 +440,12 @@ def _video_block_rows(B: int) -> int:
     return max(1, min(B, 1024, (1 << 24) // max(B, 1)))
 
 
-def video_lse(text_n, frames_n, k, mask, scale):
+def video_lse(text, frames, k, mask, scale):
     """(caption_lse, video_lse, caption_sum, video_sum, diag) of L = scale * sim, float32."""
-    B = text_n.shape[0]
-    dev = text_n.device
+    B = text.shape[0]
+    dev = text.device
     s = scale.detach().to(device=dev, dtype=torch.float32)
+    text_norm, frames_norm = row_norms(text), row_norms(frames)
     cap_lse = torch.empty(B, device=dev)
     cap_sum = torch.empty(B, device=dev)
     diag = torch.empty(B, device=dev)
@@ -361,7 +455,7 @@ def video_lse(text_n, frames_n, k, mask, scale):
     rows = _video_block_rows(B)
     for r0 in range(0, B, rows):
         r1 = min(B, r0 + rows)
-        sim, _ = topk_sim(text_n[r0:r1], frames_n, k, mask)
+        sim, _ = topk_sim(text[r0:r1], frames, k, mask, (text_norm[r0:r1], frames_norm))
         logits = s * sim
         cap_lse[r0:r1] = torch.logsumexp(logits, 1)
         cap_sum[r0:r1] = sim.sum(1)
@@ -374,25 +468,28 @@ def video_lse(text_n, frames_n, k, mask, scale):
     return cap_lse, vid_max + torch.log(vid_sumexp), cap_sum, vid_sum, diag
 
 
-def video_grad(text_n, frames_n, k, mask, scale, cap_lse, vid_lse, cap_w, vid_w, eps):
-    """(d text_n, d frames_n, d scale) of sum_c w_c CE_caption_c + sum_v u_v CE_video_v."""
-    B = text_n.shape[0]
-    dev = text_n.device
+def video_grad(text, frames, k, mask, scale, cap_lse, vid_lse, cap_w, vid_w, eps):
+    """(d text, d frames, d scale) of sum_c w_c CE_caption_c + sum_v u_v CE_video_v, for the raw
+    embeddings (the frames' gradient is accumulated over caption blocks, then projected once)."""
+    B = text.shape[0]
+    dev = text.device
     s = scale.detach().to(device=dev, dtype=torch.float32)
+    text_norm, frames_norm = row_norms(text), row_norms(frames)
     cap_w, vid_w = cap_w.float(), vid_w.float()
-    dtext = torch.empty((B, text_n.shape[1]), device=dev, dtype=torch.float32)
-    dframes = torch.zeros(frames_n.shape, device=dev, dtype=torch.float32)
+    dtext = torch.empty((B, text.shape[1]), device=dev, dtype=torch.float32)
+    dframes = torch.zeros(frames.shape, device=dev, dtype=torch.float32)
     ds = torch.zeros((), device=dev, dtype=torch.float32)
     rows = _video_block_rows(B)
     for r0 in range(0, B, rows):
         r1 = min(B, r0 + rows)
-        sim, bits = topk_sim(text_n[r0:r1], frames_n, k, mask)
+        norms = (text_norm[r0:r1], frames_norm)
+        sim, bits = topk_sim(text[r0:r1], frames, k, mask, norms)
         logits = s * sim
         positive = torch.zeros_like(sim)
         positive.diagonal(offset=r0).fill_(1.0 - eps)
         g = cap_w[r0:r1, None] * (torch.exp(logits - cap_lse[r0:r1, None]) - positive - eps / B)
         g += vid_w[None, :] * (torch.exp(logits - vid_lse[None, :]) - positive - eps / B)
         ds += (g * sim).sum()
-        dt, _ = topk_sim_bwd(text_n[r0:r1], frames_n, bits, s * g, k, dframes_acc=dframes)
-        dtext[r0:r1] = dt
-    return dtext, dframes, ds
+        dtext[r0:r1] = torch.ops.fitclip_ext.triton_topk_sim_bwd_acc(text[r0:r1], frames, bits, s * g, k, dframes,
+                                                                     *norms)
+    return unit_grad(dtext, text, text_norm), unit_grad(dframes, frames, frames_norm), ds

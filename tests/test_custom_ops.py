@@ -134,6 +134,7 @@ def _triton_samples():
     mask = torch.ones(6, 5, dtype=torch.bool, device=TDEV)
     mask[0, 4] = False
     sim, bits = t.triton_topk_sim(text, frames, 2, mask)
+    raw_t, raw_f = 3.0 * r(6, 16), r(6, 5, 16)
     sv, st, tv, tt = r(6, 16), r(4, 16), r(6, 16), r(4, 16)
     a = t.triton_distill_row_stats(sv, st, tv, tt, s, s)
     b = t.triton_distill_row_stats(st, sv, tt, tv, s, s)
@@ -145,8 +146,11 @@ def _triton_samples():
         (t.triton_infonce_grad, (q, k, s, t.triton_infonce_lse(q, k, s, False)[0], torch.full((5,), 0.2, device=TDEV),
                                  None, None, 1, 0.0)),
         (t.triton_topk_sim, (text, frames, 2, mask)),
+        (t.triton_topk_sim, (raw_t, raw_f, 2, mask, raw_t.norm(dim=-1), raw_f.norm(dim=-1))),  # normalisation folded in
         (t.triton_topk_sim_bwd, (text, frames, bits, r(6, 6), 2)),
+        (t.triton_topk_sim_bwd, (raw_t, raw_f, bits, r(6, 6), 2, raw_t.norm(dim=-1), raw_f.norm(dim=-1))),
         (t.triton_topk_sim_bwd_acc, (text, frames, bits, r(6, 6), 2, torch.zeros(6, 5, 16, device=TDEV))),
+        (t.triton_unit_grad, (r(6, 5, 16), raw_f, raw_f.norm(dim=-1))),
         (t.triton_select_frames, (frames, text, 3, mask)),
         (t.triton_distill_row_stats, (sv, st, tv, tt, s, s)),
         (t.triton_distill_grad_pass, (sv, st, tv, tt, s, s, a[0], a[1], w, b[0], b[1], torch.full((4,), 0.2, device=TDEV),
@@ -154,7 +158,7 @@ def _triton_samples():
     ]
 
 
-@pytest.mark.parametrize("i", range(11))
+@pytest.mark.parametrize("i", range(14))
 def test_triton_opcheck(i):
     op, args = _triton_samples()[i]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

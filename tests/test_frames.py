@@ -194,11 +194,12 @@ def test_bad_input(call, exc, match):
         call()
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, 6])  # sparse (2k < T) and dense backward of the C++ kernels
-def test_cpp_folded_normalisation_matches_f_normalize(k):
-    """The C++ kernels normalise inside (no normalised copy of the frames): values and raw-input
-    gradients equal F.normalize's, including its clamp of tiny norms (a zero frame, a zero caption,
-    large and tiny scales)."""
+@pytest.mark.parametrize("backend,k", [("cpp", 1), ("cpp", 2), ("cpp", 4), ("cpp", 6),  # sparse (2k < T) and dense C++ backward
+                                       ("triton", 1), ("triton", 4)])
+def test_folded_normalisation_matches_f_normalize(backend, k):
+    """The C++ and Triton kernels normalise inside (no normalised copy of the frames): values and
+    raw-input gradients equal F.normalize's, including its clamp of tiny norms (a zero frame, a
+    zero caption, large and tiny scales), for the similarity and the video loss."""
     g = torch.Generator().manual_seed(11)
     text = torch.randn(7, 16, generator=g, dtype=torch.float64) * torch.tensor([1, 1e3, 1e-3, 1, 1, 2, 1.0])[:, None].double()
     frames = torch.randn(5, 6, 16, generator=g, dtype=torch.float64) * 7.0
@@ -206,19 +207,32 @@ def test_cpp_folded_normalisation_matches_f_normalize(k):
     frames[3, 0] *= 1e-14  # norm below the 1e-12 clamp
     text[4] = 0.0
     w = torch.randn(7, 5, generator=g, dtype=torch.float64)
-    for dtype in (torch.float64, torch.float32):
-        t, f = text.to(dtype).requires_grad_(), frames.to(dtype).requires_grad_()
-        out = fitclip_ext.topk_frame_similarity(t, f, k, backend="cpp")
-        gt, gf = torch.autograd.grad((out * w.to(dtype)).sum(), (t, f))
+    dev = _device(backend)
+    dtypes = (torch.float64, torch.float32) if backend == "cpp" else (torch.float32,)
+    for dtype in dtypes:
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-4)
+        t, f = text.to(dtype).to(dev).requires_grad_(), frames.to(dtype).to(dev).requires_grad_()
+        out = fitclip_ext.topk_frame_similarity(t, f, k, backend=backend)
+        gt, gf = torch.autograd.grad((out * w.to(dtype).to(dev)).sum(), (t, f))
         t2, f2 = text.clone().requires_grad_(), frames.clone().requires_grad_()
         ref = topk_frame_similarity_reference(t2, f2, k)
         rt, rf = torch.autograd.grad((ref * w).sum(), (t2, f2))
-        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-4)
-        torch.testing.assert_close(out.double(), ref, **tol)
+        torch.testing.assert_close(out.double().cpu(), ref, **tol)
         # compare the gradients relative to their size (the clamped rows' are ~1e12)
         for a, b in ((gt, rt), (gf, rf)):
             scale = b.abs().amax(-1, keepdim=True).clamp_min(1e-30)
-            torch.testing.assert_close(a.double() / scale, b / scale, **tol)
+            torch.testing.assert_close(a.double().cpu() / scale, b / scale, **tol)
+        # the video loss (B = 5 pairs): same inputs, its own accumulation of the frames' gradient
+        tv, fv = t.detach()[:5].clone().requires_grad_(), f.detach().clone().requires_grad_()
+        loss = fitclip_ext.video_contrastive_loss(fv, tv, 3.0, k=k, label_smoothing=0.1, backend=backend)
+        lt, lf = torch.autograd.grad(loss, (tv, fv))
+        t3, f3 = text[:5].clone().requires_grad_(), frames.clone().requires_grad_()
+        ref = video_contrastive_loss_reference(f3, t3, torch.tensor(3.0, dtype=torch.float64), k=k, label_smoothing=0.1)
+        rt, rf = torch.autograd.grad(ref, (t3, f3))
+        torch.testing.assert_close(loss.double().cpu(), ref, **tol)
+        for a, b in ((lt, rt), (lf, rf)):
+            scale = b.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+            torch.testing.assert_close(a.double().cpu() / scale, b / scale, **tol)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

@@ -129,9 +129,9 @@ def test_train_options_val_best_topk_loss_class_prompts_workers(video_set, tmp_p
     assert res["steps"] == 2  # 2 batches per epoch, 2 per step, 2 epochs
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     vals = [r for r in log if "val_loss" in r]
-    assert len(vals) == 2 and all(r["val_loss"] > 0 for r in vals)
-    assert (tmp_path / "run" / "best.safetensors").exists()
-    assert all(r["unlabeled_loss"] > -1e-5 for r in log if "loss" in r)  # a KL, up to rounding
+    assert len(vals) == 2 and all(r["val_loss"] > 0 for r in vals), log
+    assert (tmp_path / "run" / "best.safetensors").exists(), sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert all(r["unlabeled_loss"] > -1e-5 for r in log if "loss" in r), log  # a KL, up to rounding
 
 
 def _torchrun(nproc, argv, tmp_path):
