@@ -101,10 +101,11 @@ def load_open_clip_loss():
 
 
 def load_inf_cl():
+    """inf-cl's symmetric loss (benchmarks/contrastive_cases.py: the scale goes in detached)."""
     try:
-        from inf_cl import cal_inf_loss
+        from benchmarks.contrastive_cases import loss_fn
 
-        return cal_inf_loss
+        return loss_fn("inf_cl")
     except Exception:
         return None
 
@@ -524,7 +525,7 @@ def main():
         "open_clip": (lambda i, t, s: clip_loss(i, t, s)) if clip_loss else None,
         "torch": contrastive_loss_reference,
         "torch_compile": compiled,
-        "inf_cl": (lambda i, t, s: (inf_cl(i, t, scale=s) + inf_cl(t, i, scale=s)) / 2) if inf_cl else None,
+        "inf_cl": inf_cl,
     }
     # (B, D, which baselines to try): naive ones hold several B x B matrices (17 GB each in fp32 at 65536)
     if ARGS.tiny:
