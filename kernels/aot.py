@@ -3,7 +3,8 @@
     python -m fitclip_ext.kernels.aot [--arch 80 90] [--quick] [--json out.json]
 
 For each kernel, each dtype and each block configuration the dispatcher can pick, compiles for
-sm_80 and sm_90, runs ptxas -v on the PTX (registers, spill bytes), reads the shared memory from
+sm_80 and sm_90, in the two specialisations the JIT makes (sizes divisible by 16, as for D = 512,
+and odd sizes), runs ptxas -v on the PTX (registers, spill bytes), reads the shared memory from
 the metadata and checks the SASS for the matrix instructions expected (HGMMA on sm_90, HMMA on
 sm_80, for bf16/fp16/tf32 dots). Exits non-zero on a compile failure, a spill or a missing
 matrix instruction. Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
@@ -131,7 +132,10 @@ def _bin(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_one(case, arch: int) -> dict:
+def compile_one(case, arch: int, div16: bool = True) -> dict:
+    """One build. div16: the integer arguments (sizes, strides) divisible by 16, as the JIT
+    specialises them for D = 512 and batch sizes that are multiples of 16 (vectorised loads,
+    cp.async pipelining); else only the pointers and leading strides are (odd sizes)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -155,9 +159,9 @@ def compile_one(case, arch: int) -> dict:
         sig[name] = "constexpr"
     names = fn.arg_names
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-             if v.startswith("*") or (k.startswith("stride_") and v == "i32")}
-    row = {"kernel": kernel_name, "dtype": str(dtype).replace("torch.", ""), "precision": prec, "label": label,
-           "config": cfg, "arch": f"sm_{arch}"}
+             if v.startswith("*") or (v == "i32" and (div16 or k.startswith("stride_")))}
+    row = {"kernel": kernel_name, "dtype": str(dtype).replace("torch.", ""), "precision": prec,
+           "label": label + (" /16" if div16 else " odd"), "config": cfg, "arch": f"sm_{arch}"}
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch)
@@ -215,16 +219,16 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    jobs = list(itertools.product(_cases(args.quick), args.arch))
+    jobs = list(itertools.product(_cases(args.quick), args.arch, (True, False)))
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(compile_one, [c for c, _ in jobs], [a for _, a in jobs]))
+        rows = list(pool.map(compile_one, *zip(*jobs)))
     failed = 0
-    print(f"{'kernel':17} {'arch':6} {'dtype':9} {'prec':5} {'case':27} {'regs':>4} {'spill':>5} {'smem':>7} mma")
+    print(f"{'kernel':17} {'arch':6} {'dtype':9} {'prec':5} {'case':31} {'regs':>4} {'spill':>5} {'smem':>7} mma")
     for row in rows:
         probs = _problems(row)
         failed += bool(probs)
         mma = "-" if row.get("matrix_instr") is None else (row["matrix_instr"] if row.get("matrix_instr_found") else "MISSING")
-        print(f"{row['kernel']:17} {row['arch']:6} {row['dtype']:9} {row['precision']:5} {row['label']:27} "
+        print(f"{row['kernel']:17} {row['arch']:6} {row['dtype']:9} {row['precision']:5} {row['label']:31} "
               f"{row.get('registers') or '-':>4} {row.get('spill_bytes', '-'):>5} {row.get('shared_bytes', '-'):>7} {mma}"
               + ("   <-- " + "; ".join(probs) if probs else ""))
     if args.json:

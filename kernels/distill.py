@@ -132,7 +132,7 @@ def stats_config(dtype: torch.dtype, small: bool | None = None, precision: str |
     if _small(small):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=8, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
@@ -142,7 +142,7 @@ def grad_config(dtype: torch.dtype, D: int, small: bool | None = None, precision
     if _small(small):
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=1, num_stages=1)
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_DO=64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_DO=64, num_warps=8, num_stages=2)
     block_do = 256 if D > 128 else 128
     if dtype == torch.float32:  # tf32: the 256-wide accumulator spills on sm_80
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=128, num_warps=8, num_stages=2)

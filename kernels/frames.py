@@ -262,9 +262,9 @@ def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision:
     elif k_pad <= 4:
         bc, bv, warps = 32, 32, 8
     elif k_pad <= 8:
-        bc, bv, warps = 32, 16, 4
+        bc, bv, warps = 32, 16, 8
     elif k_pad <= 16:
-        bc, bv, warps = 16, 16, 4
+        bc, bv, warps = 16, 16, 8
     else:
         bc, bv, warps = 16, 16, 8
     return dict(BLOCK_C=bc, BLOCK_V=bv, BLOCK_K=block_k, K_PAD=k_pad, N_WORDS=n_words(T), num_warps=warps,
@@ -275,7 +275,7 @@ def grad_config(dtype, T: int = 32, small: bool | None = None, precision: str | 
     if _small() if small is None else small:
         return dict(BLOCK_C=16, BLOCK_V=16, BLOCK_DO=16, N_WORDS=n_words(T), num_warps=1, num_stages=1)
     if dtype == torch.float32 and (precision or _precision(dtype)) == "ieee":
-        return dict(BLOCK_C=32, BLOCK_V=32, BLOCK_DO=64, N_WORDS=n_words(T), num_warps=4, num_stages=2)
+        return dict(BLOCK_C=32, BLOCK_V=16, BLOCK_DO=64, N_WORDS=n_words(T), num_warps=4, num_stages=2)
     return dict(BLOCK_C=64, BLOCK_V=32, BLOCK_DO=128, N_WORDS=n_words(T), num_warps=8, num_stages=2)
 
 
