@@ -7,7 +7,8 @@ sm_80 and sm_90, in the two specialisations the JIT makes (sizes divisible by 16
 and odd sizes), runs ptxas -v on the PTX (registers, spill bytes), reads the shared memory from
 the metadata and checks the SASS for the matrix instructions expected (HGMMA on sm_90, HMMA on
 sm_80, for bf16/fp16/tf32 dots). Exits non-zero on a compile failure, a spill or a missing
-matrix instruction. Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+matrix instruction, or more shared memory than the architecture gives a block. Must run
+without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 """
 from __future__ import annotations
 
@@ -197,6 +198,11 @@ def compile_one(case, arch: int, div16: bool = True) -> dict:
     return row
 
 
+# Shared memory a block may use (opt-in maximum): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB; a
+# configuration above it fails at launch with OutOfResources.
+SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+
+
 def _problems(row) -> list[str]:
     out = []
     if "error" in row:
@@ -204,6 +210,9 @@ def _problems(row) -> list[str]:
     else:
         if row.get("spill_bytes"):
             out.append(f"{row['spill_bytes']} bytes of spills")
+        limit = SMEM_LIMIT.get(row["arch"])
+        if limit and (row.get("shared_bytes") or 0) > limit:
+            out.append(f"{row['shared_bytes']} bytes of shared memory (limit {limit})")
         if row.get("matrix_instr_found") is False:
             out.append(f"no {row['matrix_instr']} in SASS")
     return out
