@@ -229,8 +229,10 @@ def main(argv=None) -> int:
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
     jobs = list(itertools.product(_cases(args.quick), args.arch, (True, False)))
+    from tqdm import tqdm
+
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(compile_one, *zip(*jobs)))
+        rows = list(tqdm(pool.map(compile_one, *zip(*jobs)), total=len(jobs), desc="compiling", unit="build"))
     failed = 0
     print(f"{'kernel':17} {'arch':6} {'dtype':9} {'prec':5} {'case':31} {'regs':>4} {'spill':>5} {'smem':>7} mma")
     for row in rows:
