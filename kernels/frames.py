@@ -20,13 +20,12 @@ of the V x T x D frames is made.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ._op import launch, triton_op
+from .infonce import _small, input_precision
 
 EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm
 normalizes = True  # the similarity ops take raw embeddings (fitclip_ext.frames passes them as they are)
@@ -231,16 +230,6 @@ def _select_frames_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _small() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or os.environ.get("FITCLIP_TRITON_CONFIG") == "small"
-
-
-def _precision(dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _small():
-        return "tf32"
-    return "ieee"
-
-
 def n_words(T: int) -> int:
     return triton.cdiv(T, 32)
 
@@ -251,10 +240,10 @@ def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision:
     3.8, see aot)."""
     k_pad = triton.next_power_of_2(k)
     block_k = 64 if dtype != torch.float32 else 32
-    if _small() if small is None else small:
+    if _small(small):
         return dict(BLOCK_C=16, BLOCK_V=16, BLOCK_K=16, K_PAD=k_pad, N_WORDS=n_words(T), num_warps=1, num_stages=1)
     fp32 = dtype == torch.float32
-    fma = fp32 and (precision or _precision(dtype)) == "ieee"  # CUDA-core dot: registers are tighter
+    fma = fp32 and (precision or input_precision(dtype)) == "ieee"  # CUDA-core dot: registers are tighter
     if fma:
         bc, bv, warps = (16, 16, 4) if k_pad <= 16 else (16, 16, 8)
     elif k_pad <= 2 and not fp32:
@@ -272,16 +261,16 @@ def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision:
 
 
 def grad_config(dtype, T: int = 32, small: bool | None = None, precision: str | None = None) -> dict:
-    if _small() if small is None else small:
+    if _small(small):
         return dict(BLOCK_C=16, BLOCK_V=16, BLOCK_DO=16, N_WORDS=n_words(T), num_warps=1, num_stages=1)
-    if dtype == torch.float32 and (precision or _precision(dtype)) == "ieee":
+    if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee":
         return dict(BLOCK_C=32, BLOCK_V=16, BLOCK_DO=64, N_WORDS=n_words(T), num_warps=4, num_stages=2)
     return dict(BLOCK_C=64, BLOCK_V=32, BLOCK_DO=128, N_WORDS=n_words(T), num_warps=8, num_stages=2)
 
 
 def select_config(D: int, k: int, small: bool | None = None) -> dict:
     k_pad = triton.next_power_of_2(k)
-    if _small() if small is None else small:
+    if _small(small):
         return dict(BLOCK_B=16, BLOCK_D=16, K_PAD=k_pad, num_warps=1, num_stages=1)
     block_d = 64 if k_pad <= 8 else 128  # (no spills with Triton 3.6 or 3.8, see aot)
     return dict(BLOCK_B=32, BLOCK_D=min(block_d, triton.next_power_of_2(D)), K_PAD=k_pad, num_warps=4, num_stages=2)
@@ -311,7 +300,7 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     C, D = text.shape
     V, T, _ = frames.shape
-    prec = _precision(text.dtype)
+    prec = input_precision(text.dtype)
     cfg = sim_config(text.dtype, k, T, precision=prec)
     sim = torch.empty((C, V), device=text.device, dtype=torch.float32)
     bits = torch.empty((C, V, cfg["N_WORDS"]), device=text.device, dtype=torch.int32)
@@ -336,7 +325,7 @@ def topk_sim(text, frames, k, mask, norms=None):
 def _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm):
     C, D = text.shape
     V, T, _ = frames.shape
-    prec = _precision(text.dtype)
+    prec = input_precision(text.dtype)
     cfg = grad_config(text.dtype, T, precision=prec)
     launch(_topk_sim_dtext_kernel, (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"])),
            grad, bits, frames, dtext, frames_norm if frames_norm is not None else grad, C, V, T, D, k,
@@ -347,7 +336,7 @@ def _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm):
 def _launch_dframes(text, frames, bits, grad, k, dframes, accumulate, text_norm):
     C, D = text.shape
     V, T, _ = frames.shape
-    prec = _precision(text.dtype)
+    prec = input_precision(text.dtype)
     cfg = grad_config(text.dtype, T, precision=prec)
     launch(_topk_sim_dframes_kernel, (triton.cdiv(V, cfg["BLOCK_V"]), T, triton.cdiv(D, cfg["BLOCK_DO"])),
            grad, bits, text, dframes, text_norm if text_norm is not None else grad, C, V, T, D, k,
@@ -379,7 +368,7 @@ def _topk_sim_bwd_acc_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.T
 
 
 def _unit_config(D: int) -> dict:
-    if _small():
+    if _small(None):
         return dict(BLOCK_R=16, BLOCK_D=16, num_warps=1, num_stages=1)
     return dict(BLOCK_R=16, BLOCK_D=min(128, triton.next_power_of_2(D)), num_warps=4, num_stages=2)
 
