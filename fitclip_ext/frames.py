@@ -86,8 +86,6 @@ class _CppFrames:
     """The C++ kernels take the raw embeddings and fold the cosine normalisation in (forward and
     backward, as F.normalize does it), so no normalised copy of the V x T x D frames is made."""
 
-    normalizes = True
-
     @staticmethod
     def topk_sim(text, frames, k, mask):
         return torch.ops.fitclip_ext.topk_sim_fwd(text, frames, k, mask, True)
@@ -130,60 +128,53 @@ def _mean_unit_frames(frames):
     return F.normalize(frames.to(ct), dim=-1).mean(1)
 
 
-def _normalized_for(backend, text, frames):
-    """The inputs a backend's kernels take: raw (they normalise inside) or unit rows (autograd)."""
-    if getattr(_ops(backend), "normalizes", False):
-        return text, frames
-    return F.normalize(text, dim=-1), F.normalize(frames, dim=-1)
-
-
 class _TopkSimilarity(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, text_n, frames_n, k, mask, backend):
+    def forward(ctx, text, frames, k, mask, backend):
         # `chosen` is backend-specific: frame indices [C, V, k] (C++) or bit sets (Triton).
-        sim, chosen = _ops(backend).topk_sim(text_n, frames_n, k, mask)
-        ctx.save_for_backward(text_n, frames_n, chosen)
+        sim, chosen = _ops(backend).topk_sim(text, frames, k, mask)
+        ctx.save_for_backward(text, frames, chosen)
         ctx.backend, ctx.k = backend, k
-        return sim.to(text_n.dtype)
+        return sim.to(text.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        text_n, frames_n, chosen = ctx.saved_tensors
-        dt, df = _ops(ctx.backend).topk_sim_bwd(text_n, frames_n, chosen, grad.to(_compute_dtype(text_n)).contiguous(),
+        text, frames, chosen = ctx.saved_tensors
+        dt, df = _ops(ctx.backend).topk_sim_bwd(text, frames, chosen, grad.to(_compute_dtype(text)).contiguous(),
                                                 ctx.k)
-        return dt.to(text_n.dtype), df.to(frames_n.dtype), None, None, None
+        return dt.to(text.dtype), df.to(frames.dtype), None, None, None
 
 
 class _VideoInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, text_n, frames_n, scale, k, mask, eps, reduction, backend):
-        ct = _compute_dtype(text_n)
-        B = text_n.shape[0]
-        cap_lse, vid_lse, cap_sum, vid_sum, diag = _ops(backend).video_lse(text_n, frames_n, k, mask, scale)
-        s = scale.detach().to(device=text_n.device, dtype=ct)
+    def forward(ctx, text, frames, scale, k, mask, eps, reduction, backend):
+        ct = _compute_dtype(text)
+        B = text.shape[0]
+        cap_lse, vid_lse, cap_sum, vid_sum, diag = _ops(backend).video_lse(text, frames, k, mask, scale)
+        s = scale.detach().to(device=text.device, dtype=ct)
         pos = s * diag
         cap_ce = cap_lse - (1 - eps) * pos - eps / B * s * cap_sum
         vid_ce = vid_lse - (1 - eps) * pos - eps / B * s * vid_sum
         per_item = (vid_ce + cap_ce) / 2
         loss = per_item if reduction == "none" else per_item.sum() if reduction == "sum" else per_item.mean()
-        ctx.save_for_backward(text_n, frames_n, scale, cap_lse, vid_lse, mask)
+        ctx.save_for_backward(text, frames, scale, cap_lse, vid_lse, mask)
         ctx.config = (k, eps, reduction, backend)
-        return loss.to(text_n.dtype)
+        return loss.to(text.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        text_n, frames_n, scale, cap_lse, vid_lse, mask = ctx.saved_tensors
+        text, frames, scale, cap_lse, vid_lse, mask = ctx.saved_tensors
         k, eps, reduction, backend = ctx.config
-        ct = _compute_dtype(text_n)
-        B = text_n.shape[0]
+        ct = _compute_dtype(text)
+        B = text.shape[0]
         g = grad_out.to(ct)
         if reduction == "none":
             w = (g * 0.5).contiguous()
         else:
             w = (g * (0.5 / B if reduction == "mean" else 0.5)).expand(B).contiguous()
-        dt, df, ds = _ops(backend).video_grad(text_n, frames_n, k, mask, scale, cap_lse, vid_lse, w, w, eps)
+        dt, df, ds = _ops(backend).video_grad(text, frames, k, mask, scale, cap_lse, vid_lse, w, w, eps)
         grad_scale = ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
-        return dt.to(text_n.dtype), df.to(frames_n.dtype), grad_scale, None, None, None, None, None
+        return dt.to(text.dtype), df.to(frames.dtype), grad_scale, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -251,8 +242,7 @@ def topk_frame_similarity(text_features, frame_features, k, *, mask=None, backen
     if k == frame_features.shape[1]:  # mean pooling (FitCLIP's): one GEMM
         text_n = F.normalize(text_features.to(_compute_dtype(text_features)), dim=-1)
         return (text_n @ _mean_unit_frames(frame_features).T).to(text_features.dtype)
-    text_in, frames_in = _normalized_for(backend, text_features, frame_features)
-    return _TopkSimilarity.apply(text_in, frames_in, k, mask, backend)
+    return _TopkSimilarity.apply(text_features, frame_features, k, mask, backend)
 
 
 def video_contrastive_loss(frame_features, text_features, logit_scale, logit_bias=None, *, k, mask=None,
@@ -281,6 +271,5 @@ def video_contrastive_loss(frame_features, text_features, logit_scale, logit_bia
         loss = contrastive_loss(_mean_unit_frames(frame_features), text_n, scale, bias, label_smoothing=eps,
                                 reduction=reduction, backend=backend)
         return loss.to(frame_features.dtype)
-    text_in, frames_in = _normalized_for(backend, text_features, frame_features)
-    loss = _VideoInfoNCE.apply(text_in, frames_in, scale, k, mask, eps, reduction, backend)
+    loss = _VideoInfoNCE.apply(text_features, frame_features, scale, k, mask, eps, reduction, backend)
     return _zero_bias_term(loss, bias)

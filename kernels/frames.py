@@ -28,7 +28,6 @@ from ._op import launch, triton_op
 from .infonce import _small, input_precision
 
 EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm
-normalizes = True  # the similarity ops take raw embeddings (fitclip_ext.frames passes them as they are)
 
 
 @triton.jit
