@@ -23,7 +23,15 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.deps-stamp ffmpeg build
 
+# torch's CUDA build and its libraries take about 6 GB in the venv: say so before pip runs out of
+# space half-way (a warning, not a refusal: pip may still fit).
+NEED_GB := 7
 $(VENV)/.deps-stamp:
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ -n "$$free" ] && [ "$$free" -lt $(NEED_GB) ]; then \
+	  echo "WARNING: $$free GB free on the disk holding $(VENV); the set-up needs about $(NEED_GB) GB" \
+	       "(torch 2.14.1 with its CUDA libraries). pip will fail with 'No space left on device' if it runs out."; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
