@@ -318,6 +318,28 @@ def frame_ops(tflops, copy_gbps, cases: list):
         base = lambda: select_frames_reference(frames, text, k)
         ms = bench_ms(base, False)
         case["baselines"] = {"torch": {"median_ms": ms, "speedup": ms / case["median_ms"]}}
+
+    # the frame kernels' candidate blocks (lowest priority: last, and only with time left)
+    C, V, T, D, k = (64, 64, 8, 32, 4) if ARGS.tiny else (4096, 4096, 16, 512, 4)
+    case = {"op": "topk_frame_similarity + video_contrastive_loss + select_frames autotune", "pass": "fwd+bwd",
+            "C": C, "V": V, "T": T, "D": D, "k": k, "dtype": str(dtype).replace("torch.", "")}
+    if time.time() - T0 > ARGS.max_seconds:
+        cases.append({**case, "skipped": "time budget"})
+        return corr
+    with recorded(case, cases):
+        g = torch.Generator(device=DEV).manual_seed(4)
+        text = torch.randn(C, D, device=DEV, generator=g).to(dtype).requires_grad_()
+        frames = torch.randn(V, T, D, device=DEV, generator=g).to(dtype).requires_grad_()
+        sc = torch.tensor(30.0, device=DEV)
+
+        def run():
+            sim = fitclip_ext.topk_frame_similarity(text, frames, k, backend="triton")
+            torch.autograd.grad(sim.sum(), (text, frames))
+            loss = fitclip_ext.video_contrastive_loss(frames, text, sc, k=k, backend="triton")
+            torch.autograd.grad(loss, (frames, text))
+            fitclip_ext.select_frames(frames.detach(), text.detach(), k, backend="triton")
+
+        _tuned(case, run)
     return corr
 
 
@@ -391,15 +413,50 @@ def distill_ops(tflops, cases: list):
                                                           "peak_mb": peak_mb(run)}
                 except torch.OutOfMemoryError:
                     case["baselines"]["torch_compile"] = {"error": "out of memory"}
+    B, D = (64, 32) if ARGS.tiny else (16384, 512)
+    case = {"op": "distillation_loss autotune", "pass": "fwd+bwd", "B": B, "D": D,
+            "dtype": "float32" if ARGS.tiny else "bfloat16"}
+    if time.time() - T0 > ARGS.max_seconds:
+        cases.append({**case, "skipped": "time budget"})
+        return corr
+    with recorded(case, cases):
+        sv, st, tv, tt, s = inputs(B, B, D, torch.float32 if ARGS.tiny else torch.bfloat16, 1)
+        for x in (sv, st, s):
+            x.requires_grad_()
+        _tuned(case, lambda: torch.autograd.grad(fitclip_ext.distillation_loss(sv, st, tv, tt, s, 66.7, backend="triton"),
+                                                 (sv, st, s)))
     return corr
 
 
-def tuning(cases: list):
-    """FITCLIP_TRITON_AUTOTUNE=1 on the headline shapes: every candidate block configuration of
-    the InfoNCE kernels timed by triton.autotune (the data for choosing the defaults), and the
-    tuned fwd+bwd against the defaults."""
+def _tuned(case: dict, run) -> None:
+    """Fills case with run's time under the default blocks, then under FITCLIP_TRITON_AUTOTUNE=1
+    (every candidate of every kernel it launches timed by triton.autotune), and each kernel's
+    candidate timings (the data for choosing the defaults)."""
     from fitclip_ext.kernels import _op
 
+    case["default_ms"] = bench_ms(run, False)
+    _op._TUNERS.clear()
+    os.environ["FITCLIP_TRITON_AUTOTUNE"] = "1"
+    try:
+        run()  # tunes every kernel launch of this shape
+        case["tuned_ms"] = bench_ms(run, False)
+    finally:
+        os.environ.pop("FITCLIP_TRITON_AUTOTUNE", None)
+    case["speedup_over_default"] = case["default_ms"] / case["tuned_ms"]
+    case["kernels"] = []
+    for ident, tuner in _op._TUNERS.items():
+        keys = list(tuner.cache.items())
+        for i, (key, best) in enumerate(keys):  # configs_timings holds the last key's timings only
+            timings = getattr(tuner, "configs_timings", None) if i == len(keys) - 1 else None
+            case["kernels"].append({
+                "kernel": tuner.base_fn.__name__ + (f" ({ident[1]})" if ident[1] else ""),
+                "key": [str(k) for k in key], "best": str(best), "default": str(tuner.configs[0]),
+                "timings_ms": {str(c): t[0] for c, t in timings.items()} if timings else None})
+    _op._TUNERS.clear()
+
+
+def tuning(cases: list):
+    """FITCLIP_TRITON_AUTOTUNE=1 on the headline InfoNCE shapes: tuned fwd+bwd against the defaults."""
     grid = [(64, 32)] if ARGS.tiny else [(32768, 512), (32768, 768)]
     dtype = torch.float32 if ARGS.tiny else torch.bfloat16
     for B, D in grid:
@@ -410,25 +467,7 @@ def tuning(cases: list):
                 "dtype": str(dtype).replace("torch.", "")}
         with recorded(case, cases):
             inputs = make_inputs(B, D, dtype, seed=7)
-            run = fwd_bwd(lambda i, t, s: fitclip_ext.contrastive_loss(i, t, s, backend="triton"), inputs)
-            case["default_ms"] = bench_ms(run, False)
-            _op._TUNERS.clear()
-            os.environ["FITCLIP_TRITON_AUTOTUNE"] = "1"
-            try:
-                run()  # tunes every kernel launch of this shape
-                case["tuned_ms"] = bench_ms(run, False)
-            finally:
-                os.environ.pop("FITCLIP_TRITON_AUTOTUNE", None)
-            case["speedup_over_default"] = case["default_ms"] / case["tuned_ms"]
-            case["kernels"] = []
-            for ident, tuner in _op._TUNERS.items():
-                for key, best in tuner.cache.items():  # one key per site: one shape tuned
-                    case["kernels"].append({
-                        "kernel": tuner.base_fn.__name__ + (f" ({ident[1]})" if ident[1] else ""),
-                        "key": [str(k) for k in key], "best": str(best),
-                        "default": str(tuner.configs[0]),
-                        "timings_ms": {str(c): t[0] for c, t in tuner.configs_timings.items()}
-                        if getattr(tuner, "configs_timings", None) else None})
+            _tuned(case, fwd_bwd(lambda i, t, s: fitclip_ext.contrastive_loss(i, t, s, backend="triton"), inputs))
 
 
 def large_index(cases: list):

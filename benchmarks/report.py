@@ -101,13 +101,14 @@ def gpu_tables(doc) -> list[str]:
                        f" | {_fmt(c.get('peak_mb'))} | {_fmt(c.get('rel_err'), '.1e')} |")
         out.append("")
     for c in doc["cases"]:
-        if c.get("op") == "contrastive_loss autotune" and c.get("kernels"):
-            out += [f"Autotune at B={c['B']}, D={c['D']}: default {_fmt(c.get('default_ms'), '.2f')} ms, "
-                    f"tuned {_fmt(c.get('tuned_ms'), '.2f')} ms.", ""]
+        if str(c.get("op", "")).endswith(" autotune") and c.get("kernels"):
+            shape = ", ".join(f"{k}={c[k]}" for k in ("B", "C", "V", "T", "D", "k") if k in c)
+            out += [f"Autotune of {c['op'][:-len(' autotune')]} at {shape}: default {_fmt(c.get('default_ms'), '.2f')} "
+                    f"ms, tuned {_fmt(c.get('tuned_ms'), '.2f')} ms.", ""]
             for k in c["kernels"]:
                 timings = ", ".join(f"{cfg.split(', num_ctas')[0]}: {_fmt(ms, '.3f')} ms"
                                     for cfg, ms in (k.get("timings_ms") or {}).items())
-                out.append(f"- {k['kernel']}: {timings}")
+                out.append(f"- {k['kernel']}: " + (timings or f"best {k['best'].split(', num_ctas')[0]}"))
             out.append("")
         if c.get("op") == "infonce large index":
             out += [f"infonce with {c['keys_numel']:,} key elements (int32 offsets end at 2,147,483,647): "

@@ -74,8 +74,9 @@ def _cases(quick: bool):
             "Dt": "i32", "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
             "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32", "stride_ed": "i32",
         }
-        yield ("distill_stats", "distill._stats_kernel", dtype, prec, "-", dst_sig, {},
-               distill.stats_config(dtype, small=False, precision=prec))
+        stats_cands = distill.stats_candidates(dtype, small=False, precision=prec)
+        for i, cfg in enumerate(stats_cands[:1] if quick else stats_cands):
+            yield ("distill_stats", "distill._stats_kernel", dtype, prec, f"c{i}", dst_sig, {}, cfg)
         dgr_sig = {
             "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32",
             "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "a_lse_s_ptr": "*fp32", "a_lse_t_ptr": "*fp32",
@@ -85,9 +86,10 @@ def _cases(quick: bool):
             "stride_ed": "i32", "stride_on": "i32", "stride_od": "i32",
         }
         for D in ((512,) if quick else (128, 512)):
-            for with_ds in (True, False):
-                yield ("distill_grad", "distill._grad_kernel", dtype, prec, f"D{D}" + (" ds" if with_ds else ""),
-                       dgr_sig, {"WITH_DS": with_ds}, distill.grad_config(dtype, D, small=False, precision=prec))
+            cands = distill.grad_candidates(dtype, D, small=False, precision=prec)
+            for (i, cfg), with_ds in itertools.product(enumerate(cands[:1] if quick else cands), (True, False)):
+                yield ("distill_grad", "distill._grad_kernel", dtype, prec, f"c{i} D{D}" + (" ds" if with_ds else ""),
+                       dgr_sig, {"WITH_DS": with_ds}, cfg)
         # frame kernels: configurations change with K_PAD (the running top-k's width)
         sim_sig = {
             "text_ptr": t, "frames_ptr": t, "mask_ptr": "*i8", "sim_ptr": "*fp32", "bits_ptr": "*i32",
@@ -104,14 +106,16 @@ def _cases(quick: bool):
             "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32", "stride_tc": "i32", "stride_td": "i32",
         }
         for k in ((4,) if quick else (1, 2, 4, 8, 16, 32)):
-            cfg = frames.sim_config(dtype, k, T=32, small=False, precision=prec)
-            yield ("topk_sim_fwd", "frames._topk_sim_fwd_kernel", dtype, prec, f"k{k} mask norm", sim_sig,
-                   {"HAS_MASK": True, "NORMALIZE": True}, cfg)
-        gcfg = frames.grad_config(dtype, T=32, small=False, precision=prec)
-        yield ("topk_sim_dtext", "frames._topk_sim_dtext_kernel", dtype, prec, "T<=32 norm", dtext_sig,
-               {"NORMALIZE": True}, gcfg)
-        yield ("topk_sim_dframes", "frames._topk_sim_dframes_kernel", dtype, prec, "T<=32 acc norm", dframes_sig,
-               {"ACCUMULATE": True, "NORMALIZE": True}, gcfg)
+            cands = frames.sim_candidates(dtype, k, T=32, small=False, precision=prec)
+            for i, cfg in enumerate(cands[:1] if quick else cands):
+                yield ("topk_sim_fwd", "frames._topk_sim_fwd_kernel", dtype, prec, f"c{i} k{k} mask norm", sim_sig,
+                       {"HAS_MASK": True, "NORMALIZE": True}, cfg)
+        gcands = frames.grad_candidates(dtype, T=32, small=False, precision=prec)
+        for i, gcfg in enumerate(gcands[:1] if quick else gcands):
+            yield ("topk_sim_dtext", "frames._topk_sim_dtext_kernel", dtype, prec, f"c{i} T<=32 norm", dtext_sig,
+                   {"NORMALIZE": True}, gcfg)
+            yield ("topk_sim_dframes", "frames._topk_sim_dframes_kernel", dtype, prec, f"c{i} T<=32 acc norm",
+                   dframes_sig, {"ACCUMULATE": True, "NORMALIZE": True}, gcfg)
         if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
             unit_sig = {"g_ptr": "*fp32", "x_ptr": t, "norm_ptr": "*fp32", "R": "i32", "D": "i32", "T": "i32",
                         "stride_xo": "i32", "stride_xi": "i32", "stride_xd": "i32"}
@@ -122,9 +126,10 @@ def _cases(quick: bool):
         }
         if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
             for k in ((4,) if quick else (1, 4, 32)):
-                cfg = frames.select_config(512, k, small=False)
-                yield ("select_frames", "frames._select_frames_kernel", dtype, "-", f"k{k} mask", sel_sig,
-                       {"HAS_MASK": True}, cfg)
+                cands = frames.select_candidates(512, k, small=False)
+                for i, cfg in enumerate(cands[:1] if quick else cands):
+                    yield ("select_frames", "frames._select_frames_kernel", dtype, "-", f"c{i} k{k} mask", sel_sig,
+                           {"HAS_MASK": True}, cfg)
 
 
 def _bin(name: str) -> str:
@@ -224,11 +229,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="bf16 and tf32 at D=512 only")
     parser.add_argument("--json", type=Path, help="write the table as JSON")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--kernels", nargs="+", help="only these kernels (names as in the table, e.g. topk_sim_fwd)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    jobs = list(itertools.product(_cases(args.quick), args.arch, (True, False)))
+    cases = [c for c in _cases(args.quick) if not args.kernels or c[0] in args.kernels]
+    jobs = list(itertools.product(cases, args.arch, (True, False)))
     from tqdm import tqdm
 
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

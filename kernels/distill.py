@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._op import launch, triton_op
+from ._op import configured, launch, triton_op
 from .infonce import _scale_tensor, _small, _tile, input_precision
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -126,27 +126,48 @@ def _grad_kernel(
 
 # ----------------------------------------------------------------------------- configurations
 
-def stats_config(dtype: torch.dtype, small: bool | None = None, precision: str | None = None) -> dict:
-    """Known-good blocks (no spills on sm_80/sm_90: `python -m fitclip_ext.kernels.aot`); two
-    [BLOCK_M, BLOCK_N] fp32 tiles live at once."""
+def _cfg(bm, bn, bk, warps, stages, **extra) -> dict:
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra, num_warps=warps, num_stages=stages)
+
+
+def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: str | None = None) -> list[dict]:
+    """The statistics kernel's block configurations, known good first (the default; the others
+    are timed only under FITCLIP_TRITON_AUTOTUNE=1). Two [BLOCK_M, BLOCK_N] fp32 tiles live at
+    once. All compile without spills on sm_80/sm_90 (`python -m fitclip_ext.kernels.aot`)."""
     if _small(small):
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
+        return [_cfg(16, 16, 16, 1, 1), _cfg(32, 16, 16, 1, 1)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=8, num_stages=1)
+        return [_cfg(32, 16, 16, 8, 1)]
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+        return [_cfg(64, 64, 32, 8, 3), _cfg(64, 64, 32, 8, 4), _cfg(64, 32, 32, 8, 3)]
+    return [_cfg(128, 64, 64, 8, 3), _cfg(128, 64, 64, 8, 4), _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 64, 8, 3)]
+
+
+def stats_config(dtype: torch.dtype, small: bool | None = None, precision: str | None = None) -> dict:
+    """The statistics kernel's default (known-good) blocks."""
+    return stats_candidates(dtype, small, precision)[0]
+
+
+def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
+    """The gradient kernel's block configurations, known good first: the [BLOCK_M, BLOCK_DO]
+    accumulator lives in registers and each D chunk recomputes both tiles."""
+    if _small(small):
+        return [_cfg(16, 16, 16, 1, 1, BLOCK_DO=32), _cfg(32, 16, 16, 1, 1, BLOCK_DO=16)]
+    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
+        return [_cfg(32, 32, 16, 8, 2, BLOCK_DO=64)]
+    block_do = 256 if D > 128 else 128
+    if dtype == torch.float32:  # tf32: the 256-wide accumulator spills on sm_80
+        return [_cfg(64, 64, 32, 8, 2, BLOCK_DO=128), _cfg(64, 32, 32, 8, 2, BLOCK_DO=128)]
+    out = [_cfg(64, 64, 64, 8, 2, BLOCK_DO=block_do), _cfg(64, 64, 64, 8, 3, BLOCK_DO=block_do),
+           _cfg(64, 32, 64, 8, 2, BLOCK_DO=block_do)]
+    if D > 256:
+        out.append(_cfg(64, 16, 64, 8, 2, BLOCK_DO=512))  # one chunk up to D = 512: no recomputed tiles
+    return out
 
 
 def grad_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
-    if _small(small):
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=1, num_stages=1)
-    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_DO=64, num_warps=8, num_stages=2)
-    block_do = 256 if D > 128 else 128
-    if dtype == torch.float32:  # tf32: the 256-wide accumulator spills on sm_80
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_DO=128, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_DO=block_do, num_warps=8, num_stages=2)
+    """The gradient kernel's default (known-good) blocks."""
+    return grad_candidates(dtype, D, small, precision)[0]
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -159,8 +180,9 @@ def _row_stats(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tenso
     m, Dt = b.shape[0], c.shape[1]
     lse_s, lse_t, kl = (torch.empty(n, device=a.device, dtype=torch.float32) for _ in range(3))
     prec = input_precision(a.dtype)
-    cfg = stats_config(a.dtype, precision=prec)
-    launch(_stats_kernel, (triton.cdiv(n, cfg["BLOCK_M"]),),
+    kernel, cfg = configured(_stats_kernel, stats_candidates(a.dtype, precision=prec),
+                             ["n", "m", "D", "Dt", "INPUT_PRECISION"])
+    launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]),),
            a, b, c, e, ss, ts, lse_s, lse_t, kl, n, m, D, Dt,
            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
            INPUT_PRECISION=prec, **cfg)
@@ -187,10 +209,10 @@ def _grad_pass(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tenso
     out = torch.empty_like(a, memory_format=torch.contiguous_format)
     ds_part = torch.zeros(n_a, device=a.device, dtype=torch.float32)
     prec = input_precision(a.dtype)
-    cfg = grad_config(a.dtype, D, precision=prec)
-    grid = (triton.cdiv(n_a, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_DO"]))
+    kernel, cfg = configured(_grad_kernel, grad_candidates(a.dtype, D, precision=prec),
+                             ["n_a", "n_b", "D", "Dt", "WITH_DS", "INPUT_PRECISION"])
     stat = [x.float().contiguous() for x in (a_lse_s, a_lse_t, a_w, b_lse_s, b_lse_t, b_w)]
-    launch(_grad_kernel, grid,
+    launch(kernel, lambda c: (triton.cdiv(n_a, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
            a, b, c, e, out, ds_part, ss, ts, *stat, n_a, n_b, D, Dt,
            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
            out.stride(0), out.stride(1), WITH_DS=with_ds, INPUT_PRECISION=prec, **cfg)

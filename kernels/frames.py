@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._op import launch, triton_op
+from ._op import configured, launch, triton_op
 from .infonce import _small, input_precision
 
 EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm
@@ -233,14 +233,29 @@ def n_words(T: int) -> int:
     return triton.cdiv(T, 32)
 
 
-def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision: str | None = None) -> dict:
-    """The running top-k holds 2 * BLOCK_C * BLOCK_V * K_PAD values per program in registers:
-    tiles shrink as k grows so it stays near 64 registers a thread (no spills with Triton 3.6 or
-    3.8, see aot)."""
+_SIM_KEY = ["C", "V", "T", "D", "k", "HAS_MASK", "NORMALIZE", "INPUT_PRECISION"]
+
+
+def _dedup(cands: list[dict]) -> list[dict]:  # (order kept)
+    out = []
+    for c in cands:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def sim_candidates(dtype, k: int, T: int = 32, small: bool | None = None, precision: str | None = None) -> list[dict]:
+    """The similarity forward's block configurations, known good first (the default; the others
+    are timed only under FITCLIP_TRITON_AUTOTUNE=1). The running top-k holds
+    2 * BLOCK_C * BLOCK_V * K_PAD values per program in registers: tiles shrink as k grows so it
+    stays near 64 registers a thread. Every candidate compiles without spills with Triton 3.6
+    and 3.8 (see aot)."""
     k_pad = triton.next_power_of_2(k)
     block_k = 64 if dtype != torch.float32 else 32
+    words = n_words(T)
     if _small(small):
-        return dict(BLOCK_C=16, BLOCK_V=16, BLOCK_K=16, K_PAD=k_pad, N_WORDS=n_words(T), num_warps=1, num_stages=1)
+        return [dict(BLOCK_C=16, BLOCK_V=16, BLOCK_K=16, K_PAD=k_pad, N_WORDS=words, num_warps=1, num_stages=1),
+                dict(BLOCK_C=16, BLOCK_V=32, BLOCK_K=16, K_PAD=k_pad, N_WORDS=words, num_warps=1, num_stages=1)]
     fp32 = dtype == torch.float32
     fma = fp32 and (precision or input_precision(dtype)) == "ieee"  # CUDA-core dot: registers are tighter
     if fma:
@@ -251,28 +266,74 @@ def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision:
         bc, bv, warps = 32, 32, 8
     elif k_pad <= 8:
         bc, bv, warps = 32, 16, 8
-    elif k_pad <= 16:
-        bc, bv, warps = 16, 16, 8
     else:
         bc, bv, warps = 16, 16, 8
-    return dict(BLOCK_C=bc, BLOCK_V=bv, BLOCK_K=block_k, K_PAD=k_pad, N_WORDS=n_words(T), num_warps=warps,
-                num_stages=2)
+
+    def cfg(c, v, w, st, bk=block_k):
+        return dict(BLOCK_C=c, BLOCK_V=v, BLOCK_K=bk, K_PAD=k_pad, N_WORDS=words, num_warps=w, num_stages=st)
+
+    out = [cfg(bc, bv, warps, 2)]
+    if fma:
+        return out
+    # the variants that spill somewhere (sm_80 or sm_90, Triton 3.6 or 3.8) are left out
+    if k_pad != 4:
+        out.append(cfg(bc, bv, warps, 3))
+    if k_pad != 8 and not fp32:
+        out.append(cfg(bc, bv, warps, 2, 2 * block_k))
+    if bv >= 32:
+        out.append(cfg(bc, bv // 2, 4, 3))
+    if bc >= 32 and k_pad >= 4:
+        out.append(cfg(bc // 2, bv, 4, 3))
+    return _dedup(out)
+
+
+def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision: str | None = None) -> dict:
+    """The similarity forward's default (known-good) blocks."""
+    return sim_candidates(dtype, k, T, small, precision)[0]
+
+
+def grad_candidates(dtype, T: int = 32, small: bool | None = None, precision: str | None = None) -> list[dict]:
+    """The similarity backward's block configurations (d text and d frames kernels), default first."""
+    words = n_words(T)
+
+    def cfg(c, v, do, w, st):
+        return dict(BLOCK_C=c, BLOCK_V=v, BLOCK_DO=do, N_WORDS=words, num_warps=w, num_stages=st)
+
+    if _small(small):
+        return [cfg(16, 16, 16, 1, 1), cfg(16, 32, 32, 1, 1)]
+    if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee":
+        return [cfg(32, 16, 64, 4, 2)]
+    out = [cfg(64, 32, 128, 8, 2), cfg(64, 32, 128, 8, 3), cfg(64, 32, 64, 8, 3)]
+    if dtype != torch.float32:  # (the TF32 build of this one spills)
+        out.append(cfg(64, 32, 64, 4, 3))
+    return out
 
 
 def grad_config(dtype, T: int = 32, small: bool | None = None, precision: str | None = None) -> dict:
+    """The similarity backward's default (known-good) blocks."""
+    return grad_candidates(dtype, T, small, precision)[0]
+
+
+def select_candidates(D: int, k: int, small: bool | None = None) -> list[dict]:
+    """select_frames' block configurations (memory-bound: one read of the frames), default first."""
+    k_pad = triton.next_power_of_2(k)
     if _small(small):
-        return dict(BLOCK_C=16, BLOCK_V=16, BLOCK_DO=16, N_WORDS=n_words(T), num_warps=1, num_stages=1)
-    if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee":
-        return dict(BLOCK_C=32, BLOCK_V=16, BLOCK_DO=64, N_WORDS=n_words(T), num_warps=4, num_stages=2)
-    return dict(BLOCK_C=64, BLOCK_V=32, BLOCK_DO=128, N_WORDS=n_words(T), num_warps=8, num_stages=2)
+        return [dict(BLOCK_B=16, BLOCK_D=16, K_PAD=k_pad, num_warps=1, num_stages=1),
+                dict(BLOCK_B=32, BLOCK_D=16, K_PAD=k_pad, num_warps=1, num_stages=1)]
+    block_d = min(64 if k_pad <= 8 else 128, triton.next_power_of_2(D))  # (no spills with Triton 3.6 or 3.8, see aot)
+
+    def cfg(b, d, w, st):
+        return dict(BLOCK_B=b, BLOCK_D=d, K_PAD=k_pad, num_warps=w, num_stages=st)
+
+    out = [cfg(32, block_d, 4, 2), cfg(32, block_d, 4, 3), cfg(16, block_d, 2, 2)]
+    if k_pad <= 8:  # (spills at k = 32 on sm_80)
+        out.append(cfg(16, block_d, 4, 2))
+    return out
 
 
 def select_config(D: int, k: int, small: bool | None = None) -> dict:
-    k_pad = triton.next_power_of_2(k)
-    if _small(small):
-        return dict(BLOCK_B=16, BLOCK_D=16, K_PAD=k_pad, num_warps=1, num_stages=1)
-    block_d = 64 if k_pad <= 8 else 128  # (no spills with Triton 3.6 or 3.8, see aot)
-    return dict(BLOCK_B=32, BLOCK_D=min(block_d, triton.next_power_of_2(D)), K_PAD=k_pad, num_warps=4, num_stages=2)
+    """select_frames' default (known-good) blocks."""
+    return select_candidates(D, k, small)[0]
 
 
 def _mask_arg(mask, fallback):
@@ -300,13 +361,12 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
     C, D = text.shape
     V, T, _ = frames.shape
     prec = input_precision(text.dtype)
-    cfg = sim_config(text.dtype, k, T, precision=prec)
+    kernel, cfg = configured(_topk_sim_fwd_kernel, sim_candidates(text.dtype, k, T, precision=prec), _SIM_KEY)
     sim = torch.empty((C, V), device=text.device, dtype=torch.float32)
-    bits = torch.empty((C, V, cfg["N_WORDS"]), device=text.device, dtype=torch.int32)
+    bits = torch.empty((C, V, n_words(T)), device=text.device, dtype=torch.int32)
     m, has_mask = _mask_arg(mask, sim)
     normalize = text_norm is not None
-    grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(V, cfg["BLOCK_V"]))
-    launch(_topk_sim_fwd_kernel, grid,
+    launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), triton.cdiv(V, c["BLOCK_V"])),
            text, frames, m, sim, bits, text_norm if normalize else sim, frames_norm if normalize else sim,
            C, V, T, D, k,
            text.stride(0), text.stride(1), frames.stride(0), frames.stride(1), frames.stride(2),
@@ -325,8 +385,9 @@ def _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm):
     C, D = text.shape
     V, T, _ = frames.shape
     prec = input_precision(text.dtype)
-    cfg = grad_config(text.dtype, T, precision=prec)
-    launch(_topk_sim_dtext_kernel, (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"])),
+    kernel, cfg = configured(_topk_sim_dtext_kernel, grad_candidates(text.dtype, T, precision=prec),
+                             ["C", "V", "T", "D", "k", "NORMALIZE", "INPUT_PRECISION"])
+    launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), triton.cdiv(D, c["BLOCK_DO"])),
            grad, bits, frames, dtext, frames_norm if frames_norm is not None else grad, C, V, T, D, k,
            frames.stride(0), frames.stride(1), frames.stride(2), NORMALIZE=frames_norm is not None,
            INPUT_PRECISION=prec, **cfg)
@@ -336,8 +397,11 @@ def _launch_dframes(text, frames, bits, grad, k, dframes, accumulate, text_norm)
     C, D = text.shape
     V, T, _ = frames.shape
     prec = input_precision(text.dtype)
-    cfg = grad_config(text.dtype, T, precision=prec)
-    launch(_topk_sim_dframes_kernel, (triton.cdiv(V, cfg["BLOCK_V"]), T, triton.cdiv(D, cfg["BLOCK_DO"])),
+    # accumulating into dframes (the video loss's caption blocks): restored between timings
+    kernel, cfg = configured(_topk_sim_dframes_kernel, grad_candidates(text.dtype, T, precision=prec),
+                             ["C", "V", "T", "D", "k", "ACCUMULATE", "NORMALIZE", "INPUT_PRECISION"],
+                             restore_value=("out_ptr",) if accumulate else (), site="acc" if accumulate else "")
+    launch(kernel, lambda c: (triton.cdiv(V, c["BLOCK_V"]), T, triton.cdiv(D, c["BLOCK_DO"])),
            grad, bits, text, dframes, text_norm if text_norm is not None else grad, C, V, T, D, k,
            text.stride(0), text.stride(1), ACCUMULATE=accumulate, NORMALIZE=text_norm is not None,
            INPUT_PRECISION=prec, **cfg)
@@ -404,8 +468,8 @@ def _select_op(frames: torch.Tensor, text_n: torch.Tensor, k: int, mask: torch.T
     B, T, D = frames.shape
     idx = torch.empty((B, k), device=frames.device, dtype=torch.int64)
     m, has_mask = _mask_arg(mask, idx)
-    cfg = select_config(D, k)
-    launch(_select_frames_kernel, (triton.cdiv(B, cfg["BLOCK_B"]),),
+    kernel, cfg = configured(_select_frames_kernel, select_candidates(D, k), ["B", "T", "D", "k", "HAS_MASK"])
+    launch(kernel, lambda c: (triton.cdiv(B, c["BLOCK_B"]),),
            frames, text_n, m, idx, B, T, D, k,
            frames.stride(0), frames.stride(1), frames.stride(2), text_n.stride(0), text_n.stride(1),
            HAS_MASK=has_mask, **cfg)

@@ -154,3 +154,32 @@ def test_nan_in_student_or_teacher_gives_nan(backend):
     bad_t[1, 0] = float("nan")
     assert torch.isnan(fitclip_ext.distillation_loss(bad_s, st, tv, tt, 10.0, 10.0, backend=backend))
     assert torch.isnan(fitclip_ext.distillation_loss(sv, st, tv, bad_t, 10.0, 10.0, backend=backend))
+
+
+def test_triton_autotuning_on_request_matches_float64(monkeypatch):
+    """FITCLIP_TRITON_AUTOTUNE=1: every candidate of the statistics and gradient kernels is timed
+    and the loss and gradients still match float64; without it no tuner is made."""
+    pytest.importorskip("triton")
+    from fitclip_ext.kernels import _op
+
+    dev = _device("triton")
+    sv, st, tv, tt = (x.to(dev) for x in _inputs(37, 29, 24, 16, torch.float32, seed=5))
+    s_scale = torch.tensor(30.0)
+
+    def ours(a, b, c, e, s):
+        return fitclip_ext.distillation_loss(a, b, c, e, s, 66.7, backend="triton")
+
+    monkeypatch.setattr(_op, "_TUNERS", {})
+    monkeypatch.delenv("FITCLIP_TRITON_AUTOTUNE", raising=False)
+    _run(ours, sv, st, tv, tt, s_scale)
+    assert not _op._TUNERS
+    monkeypatch.setenv("FITCLIP_TRITON_AUTOTUNE", "1")
+    out, grads = _run(ours, sv, st, tv, tt, s_scale)
+    truth, tgrads = _run(lambda a, b, c, e, s: distillation_loss_reference(a, b, c, e, s.double(), 66.7, upcast=True),
+                         sv, st, tv, tt, s_scale)
+    assert abs(out.item() - truth.item()) <= 1e-5 * max(1.0, abs(truth.item()))
+    for g, t in zip(grads, tgrads):
+        assert ((g.double() - t).norm() / t.norm()).item() < 1e-5
+    assert sorted(t.base_fn.__name__ for t in _op._TUNERS.values()) == ["_grad_kernel", "_stats_kernel"]
+    for t in _op._TUNERS.values():
+        assert len(t.configs_timings) == len(t.configs) > 1

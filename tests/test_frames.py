@@ -250,3 +250,46 @@ def test_mean_pooling_shortcut_equals_the_topk_kernels(backend):
     torch.testing.assert_close(fast, kernel, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_fast, g_kernel):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_triton_autotuning_on_request_matches_float64(monkeypatch):
+    """FITCLIP_TRITON_AUTOTUNE=1 for the frame kernels: every candidate of the similarity forward,
+    both gradient kernels (the video loss's accumulating d frames restored between timings) and
+    select_frames is timed, and the results still match float64; without it no tuner is made."""
+    pytest.importorskip("triton")
+    from fitclip_ext.kernels import _op
+
+    dev = _device("triton")
+    text, frames = _rand((21, 24), torch.float32, 31, dev), _rand((19, 9, 24), torch.float32, 32, dev)
+    scale = torch.tensor(20.0, dtype=torch.float64, device=dev)
+    k = 3
+
+    def run():
+        sim, (dt, df) = _grads(lambda x, f: fitclip_ext.topk_frame_similarity(x, f, k, backend="triton"), [text, frames])
+        loss, lg = _grads(lambda f, x, s: fitclip_ext.video_contrastive_loss(f, x, s, k=k, label_smoothing=0.1,
+                                                                              backend="triton"),
+                          [frames[:19], text[:19], scale.float()])
+        idx, _ = fitclip_ext.select_frames(frames, text[:19], k, backend="triton")
+        return [sim, dt, df, loss, *lg[:2]], idx
+
+    monkeypatch.setattr(_op, "_TUNERS", {})
+    monkeypatch.delenv("FITCLIP_TRITON_AUTOTUNE", raising=False)
+    default, default_idx = run()
+    assert not _op._TUNERS
+    monkeypatch.setenv("FITCLIP_TRITON_AUTOTUNE", "1")
+    tuned, tuned_idx = run()
+    sim_t, (dt_t, df_t) = _grads(lambda x, f: topk_frame_similarity_reference(x, f, k, upcast=True),
+                                 [text.double(), frames.double()])
+    loss_t, lg_t = _grads(lambda f, x, s: video_contrastive_loss_reference(f, x, s, k=k, label_smoothing=0.1, upcast=True),
+                          [frames[:19].double(), text[:19].double(), scale])
+    for name, out, ref, truth in zip(["sim", "d_text", "d_frames", "loss", "loss d_frames", "loss d_text"], tuned,
+                                     default, [sim_t, dt_t, df_t, loss_t, *lg_t[:2]]):
+        assert rel_err(out, truth) < 1e-5, name
+        assert rel_err(out, ref) < 1e-5, name  # the accumulated d frames were not counted twice
+    assert torch.equal(tuned_idx, default_idx)
+    assert torch.equal(tuned_idx.cpu(), select_frames_reference(frames.double(), text[:19].double(), k)[0].cpu())
+    names = sorted(t.base_fn.__name__ + (f" ({ident[1]})" if ident[1] else "") for ident, t in _op._TUNERS.items())
+    assert names == ["_select_frames_kernel", "_topk_sim_dframes_kernel", "_topk_sim_dframes_kernel (acc)",
+                     "_topk_sim_dtext_kernel", "_topk_sim_fwd_kernel"], names
+    for t in _op._TUNERS.values():
+        assert len(t.configs_timings) == len(t.configs) > 1

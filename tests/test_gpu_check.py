@@ -26,11 +26,14 @@ def test_gpu_check_tiny_runs_and_renders(tmp_path):
     assert {"contrastive_loss", "contrastive_loss autotune", "infonce large index", "topk_frame_similarity",
             "video_contrastive_loss", "select_frames", "distillation_loss"} <= ops
     assert not [c for c in doc["cases"] if "error" in c]
-    tune = next(c for c in doc["cases"] if c["op"] == "contrastive_loss autotune")
-    assert len(tune["kernels"]) == 3 and all(len(k["timings_ms"]) > 1 for k in tune["kernels"])
+    for op, n_kernels in (("contrastive_loss autotune", 3), ("distillation_loss autotune", 2),
+                          ("topk_frame_similarity + video_contrastive_loss + select_frames autotune", 5)):
+        tune = next(c for c in doc["cases"] if c["op"] == op)
+        assert len(tune["kernels"]) >= n_kernels and tune["tuned_ms"] > 0, op
+        assert all(len(k["timings_ms"] or {}) > 1 for k in tune["kernels"][-1:]), op
 
     sys.path.insert(0, str(ROOT))
     from benchmarks import report
 
     text = "\n".join(report.gpu_tables(doc))
-    assert "### contrastive_loss" in text and "Autotune at B=64" in text and "relative errors" in text
+    assert "### contrastive_loss" in text and "Autotune of contrastive_loss at B=64" in text and "relative errors" in text
