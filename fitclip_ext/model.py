@@ -3,6 +3,7 @@ offline tests and the demo), frame encoding, atomic safetensors checkpoints and 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -42,11 +43,25 @@ def create(model_name: str, pretrained: str | None = None, device="cpu"):
 
     register_tiny_configs()
     local = pretrained is not None and os.path.isfile(pretrained)
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-        model_name, pretrained=None if local else pretrained, device=device)
+    # open_clip warns "No pretrained weights loaded ... initialized randomly" whenever it loads
+    # no tag itself, which is untrue when the local checkpoint is loaded right after
+    quiet = _DropRandomInitWarning() if local else None
+    if quiet:
+        logging.getLogger().addFilter(quiet)
+    try:
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+            model_name, pretrained=None if local else pretrained, device=device)
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
     if local:
         model.load_state_dict(load_state_dict(pretrained), strict=True)
     return model, train_tf, eval_tf, open_clip.get_tokenizer(model_name)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
 
 
 def encode_frames(model, frames: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,21 @@ def test_checkpoint_round_trip_through_create(tmp_path):
     assert torch.equal(loaded2.visual.conv1.weight, model.visual.conv1.weight)
 
 
+def test_loading_a_local_checkpoint_does_not_claim_random_weights(tmp_path, caplog):
+    """open_clip warns "initialized randomly" when it loads no tag itself; with a local checkpoint
+    loaded right after, that warning is false and is dropped (kept for pretrained=None)."""
+    model, *_ = fm.create("fitclip-tiny")
+    path = tmp_path / "model.safetensors"
+    fm.save_checkpoint(model.state_dict(), path)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        fm.create("fitclip-tiny", pretrained=str(path))
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        fm.create("fitclip-tiny")
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
 def test_atomic_save_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
     fm.save_checkpoint({"w": torch.ones(3)}, path)
