@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._op import configured, launch, triton_op
-from .infonce import _scale_tensor, _small, _tile, input_precision
+from .infonce import _cfg, _scale_tensor, _small, _tile, input_precision
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -125,10 +125,6 @@ def _grad_kernel(
 
 
 # ----------------------------------------------------------------------------- configurations
-
-def _cfg(bm, bn, bk, warps, stages, **extra) -> dict:
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra, num_warps=warps, num_stages=stages)
-
 
 def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: str | None = None) -> list[dict]:
     """The statistics kernel's block configurations, known good first (the default; the others
