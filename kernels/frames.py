@@ -233,17 +233,6 @@ def n_words(T: int) -> int:
     return triton.cdiv(T, 32)
 
 
-_SIM_KEY = ["C", "V", "T", "D", "k", "HAS_MASK", "NORMALIZE", "INPUT_PRECISION"]
-
-
-def _dedup(cands: list[dict]) -> list[dict]:  # (order kept)
-    out = []
-    for c in cands:
-        if c not in out:
-            out.append(c)
-    return out
-
-
 def sim_candidates(dtype, k: int, T: int = 32, small: bool | None = None, precision: str | None = None) -> list[dict]:
     """The similarity forward's block configurations, known good first (the default; the others
     are timed only under FITCLIP_TRITON_AUTOTUNE=1). The running top-k holds
@@ -284,7 +273,7 @@ def sim_candidates(dtype, k: int, T: int = 32, small: bool | None = None, precis
         out.append(cfg(bc, bv // 2, 4, 3))
     if bc >= 32 and k_pad >= 4:
         out.append(cfg(bc // 2, bv, 4, 3))
-    return _dedup(out)
+    return out
 
 
 def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision: str | None = None) -> dict:
@@ -361,7 +350,8 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
     C, D = text.shape
     V, T, _ = frames.shape
     prec = input_precision(text.dtype)
-    kernel, cfg = configured(_topk_sim_fwd_kernel, sim_candidates(text.dtype, k, T, precision=prec), _SIM_KEY)
+    kernel, cfg = configured(_topk_sim_fwd_kernel, sim_candidates(text.dtype, k, T, precision=prec),
+                             ["C", "V", "T", "D", "k", "HAS_MASK", "NORMALIZE", "INPUT_PRECISION"])
     sim = torch.empty((C, V), device=text.device, dtype=torch.float32)
     bits = torch.empty((C, V, n_words(T)), device=text.device, dtype=torch.int32)
     m, has_mask = _mask_arg(mask, sim)
