@@ -2,7 +2,7 @@
 #   make demo   - create .venv, install pins + FFmpeg, build the C++ extension, run the FitCLIP demo
 #   make test   - the same set-up, then the test suite
 #   make bench  - the CPU benchmarks (pytest-benchmark), results under benchmarks/results/
-#   make aot    - compile every shipped Triton kernel for sm_80/sm_90 without a GPU
+#   make aot    - compile every candidate Triton kernel configuration for sm_80/sm_90 without a GPU (make test compiles the defaults)
 #   make aot-triton36 - the same with Triton 3.6 (the GPU test machine's) in .triton36/
 #   make test-gpu-stack - the Triton tests (interpreter) on the GPU machine's torch 2.11 + Triton 3.6
 #   make gpu-check - on a CUDA machine: the GPU correctness check and benchmarks
@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # Pins verified on the development machine (see README "Install").
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-benchmark>=4" \
+DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-benchmark>=4" "pytest-xdist>=3" \
         "pybind11>=2.12" "ninja" "cmake>=3.25" "setuptools>=64" "wheel" "numpy" "tqdm" \
         "safetensors" "matplotlib" \
         "pandas" "webdataset" "braceexpand"  # open_clip_train's data loading (fitclip_ext.open_clip_train)
@@ -54,7 +54,7 @@ build: $(VENV)/.deps-stamp
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 test: setup
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -n auto $(PYTEST_ARGS)
 
 # The main job: FitCLIP on a synthetic video world, offline on a CPU (about 2-3 minutes).
 demo: setup
@@ -65,13 +65,13 @@ bench: setup
 	$(PY) -m benchmarks.report > /dev/null && echo "tables: benchmarks/README.md"
 
 aot: setup
-	env -u TRITON_INTERPRET $(PY) -m fitclip_ext.kernels.aot
+	env -u TRITON_INTERPRET $(PY) -m fitclip_ext.kernels.aot --scope all
 
 # Register budgets differ between Triton versions: the shipped configurations must not spill
 # with the GPU machine's Triton 3.6 either (installed beside the venv's, no torch needed).
 aot-triton36: setup
 	test -d .triton36/triton || $(PIP) install -q --no-deps --target .triton36 triton==3.6.0
-	env -u TRITON_INTERPRET PYTHONPATH=.triton36 $(PY) -m fitclip_ext.kernels.aot
+	env -u TRITON_INTERPRET PYTHONPATH=.triton36 $(PY) -m fitclip_ext.kernels.aot --scope all
 
 # The GPU test machine runs torch 2.11 and Triton 3.6: the Triton tests through the interpreter
 # on that stack, in .venv-gpu-stack (about 4 GB), from a clean export of HEAD (no C++ extension

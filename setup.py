@@ -76,6 +76,6 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "video": ["torchcodec>=0.14", "open_clip_torch>=3.0", "safetensors", "tqdm", "matplotlib"],
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3"],
     },
 )

@@ -6,7 +6,13 @@
 // computed with both logits shifted by their maxima (mx, my), so that 0 comes out as 0:
 //   KL_i = sum_j e^(X_ij - mx) ((X_ij - mx) - (Y_ij - my)) / a - log a + log c,
 // so the forward only needs, per row and per column, the two log-sum-exps and the p-weighted
-// mean of X - Y. The forward streams row blocks of both products once (two GEMMs per block),
+// mean of X - Y. Each log-sum-exp is kept as its two parts, (max, log of the sum of exp relative
+// to it), the max taken on the unscaled products (see Scale): the backward's exponent
+// scale * (raw - max) - log_sum is then exactly -log_sum for the dominant entry of a peaked row,
+// as in torch's log_softmax. One rounded lse = max + log_sum carries an error of the logits'
+// magnitude (4e-6 at FitCLIP's teacher scale 66.7) that every probability of the row shares and
+// that the difference q - p does not cancel (30x the naive scale-gradient error at n = 2, m = 3).
+// The forward streams row blocks of both products once (two GEMMs per block),
 // row statistics exactly, column statistics merged online across blocks. The backward
 // recomputes the blocks, turns the student block in place into
 //   G_ij = w_i (q_ij - p_ij) + v_j (q'_ij - p'_ij)   (q: student softmax, ' : over columns),
@@ -29,38 +35,54 @@ namespace {
 // Rows per block: two block buffers (student and teacher) of about 2^23 elements each.
 int64_t distill_block_rows(int64_t n, int64_t m) { return rows_per_block(n, m, int64_t(1) << 23, 16); }
 
-// One full row: x = t * X (teacher), y = s * Y (student). Writes lse_y, lse_x and KL.
+// A logit scale as sign and magnitude: logit = mag * (sign * raw), with sign * raw ("oriented":
+// larger means a larger logit) the quantity whose maxima are kept. Differences are taken before
+// scaling, mag * (u - u_max), so that the dominant entry's exponent is exactly 0 however the
+// compiler contracts the arithmetic (a product folded into an FMA with the subtraction would
+// otherwise leave the product's rounding, 4e-6 at logits of 66.7).
 template <typename T>
-FITCLIP_INLINE void kl_row(const T* X, const T* Y, int64_t m, T ts, T ss, T* lse_y, T* lse_x, T* kl) {
+struct Scale {
+  T sign, mag;
+  explicit Scale(double s) : sign(s < 0 ? T(-1) : T(1)), mag(static_cast<T>(s < 0 ? -s : s)) {}
+};
+
+// One full row of raw products X (teacher) and Y (student). Writes (max, log-sum) of the oriented
+// student and teacher rows, and KL.
+template <typename T>
+FITCLIP_INLINE void kl_row(const T* X, const T* Y, int64_t m, Scale<T> ts, Scale<T> ss, T* max_y, T* lsum_y, T* max_x,
+                           T* lsum_x, T* kl) {
   T mx = -std::numeric_limits<T>::infinity(), my = mx;
   for (int64_t j = 0; j < m; ++j) {
-    const T x = ts * X[j], y = ss * Y[j];
+    const T x = ts.sign * X[j], y = ss.sign * Y[j];
     mx = x > mx ? x : mx;
     my = y > my ? y : my;
   }
   T a = 0, b = 0, c = 0;
   for (int64_t j = 0; j < m; ++j) {
-    const T x = ts * X[j], y = ss * Y[j];
-    const T p = fast_exp(x - mx);
+    const T dx = ts.mag * (ts.sign * X[j] - mx), dy = ss.mag * (ss.sign * Y[j] - my);
+    const T p = fast_exp(dx);
     a += p;
-    b += p * ((x - mx) - (y - my));  // shifted: the dominant terms are differences of small numbers
-    c += fast_exp(y - my);
+    b += p * (dx - dy);  // shifted: the dominant terms are differences of small numbers
+    c += fast_exp(dy);
   }
-  *lse_x = mx + std::log(a);
-  *lse_y = my + std::log(c);
+  *max_x = mx;
+  *lsum_x = std::log(a);
+  *max_y = my;
+  *lsum_y = std::log(c);
   *kl = b / a - std::log(a) + std::log(c);
 }
 
-static FITCLIP_CLONES void kl_row_f(const float* X, const float* Y, int64_t m, float ts, float ss, float* lse_y,
-                                    float* lse_x, float* kl) {
-  kl_row<float>(X, Y, m, ts, ss, lse_y, lse_x, kl);
+static FITCLIP_CLONES void kl_row_f(const float* X, const float* Y, int64_t m, Scale<float> ts, Scale<float> ss,
+                                    float* max_y, float* lsum_y, float* max_x, float* lsum_x, float* kl) {
+  kl_row<float>(X, Y, m, ts, ss, max_y, lsum_y, max_x, lsum_x, kl);
 }
 
-// Running column statistics: max and sum of exp for both logits, and sum p ((x - mx) - (y - my))
-// with p = exp(x - mx), all relative to the running maxima. Merges rows [0, rows) of a block for columns [c0, c1).
+// Running column statistics: max of the oriented products and sum of exp for both logits, and
+// sum p (dx - dy) with p = exp(dx), all relative to the running maxima. Merges rows [0, rows) of
+// a block for columns [c0, c1).
 template <typename T>
-FITCLIP_INLINE void kl_cols(const T* X, const T* Y, int64_t rows, int64_t ld, int64_t c0, int64_t c1, T ts, T ss,
-                            T* mx, T* ax, T* bx, T* my, T* cy, T* tx, T* ty) {
+FITCLIP_INLINE void kl_cols(const T* X, const T* Y, int64_t rows, int64_t ld, int64_t c0, int64_t c1, Scale<T> ts,
+                            Scale<T> ss, T* mx, T* ax, T* bx, T* my, T* cy, T* tx, T* ty) {
   const int64_t w = c1 - c0;
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t c = 0; c < w; ++c) tx[c] = ty[c] = ninf;
@@ -68,7 +90,7 @@ FITCLIP_INLINE void kl_cols(const T* X, const T* Y, int64_t rows, int64_t ld, in
     const T* xr = X + r * ld + c0;
     const T* yr = Y + r * ld + c0;
     for (int64_t c = 0; c < w; ++c) {
-      const T x = ts * xr[c], y = ss * yr[c];
+      const T x = ts.sign * xr[c], y = ss.sign * yr[c];
       tx[c] = x > tx[c] ? x : tx[c];
       ty[c] = y > ty[c] ? y : ty[c];
     }
@@ -80,11 +102,11 @@ FITCLIP_INLINE void kl_cols(const T* X, const T* Y, int64_t rows, int64_t ld, in
     if (mx[j] == ninf || my[j] == ninf) {  // nothing merged yet
       ax[j] = bx[j] = cy[j] = 0;
     } else {
-      // bx holds sum p ((x - mx) - (y - my)): moving the maxima shifts every term by dy - dx.
-      const T fx = fast_exp(mx[j] - nx);
-      bx[j] = fx * (bx[j] + ax[j] * ((ny - my[j]) - (nx - mx[j])));
+      // bx holds sum p (dx - dy): moving the maxima shifts every term by the change of dy - dx.
+      const T fx = fast_exp(ts.mag * (mx[j] - nx));
+      bx[j] = fx * (bx[j] + ax[j] * (ss.mag * (ny - my[j]) - ts.mag * (nx - mx[j])));
       ax[j] *= fx;
-      cy[j] *= fast_exp(my[j] - ny);
+      cy[j] *= fast_exp(ss.mag * (my[j] - ny));
     }
     mx[j] = nx;
     my[j] = ny;
@@ -94,54 +116,64 @@ FITCLIP_INLINE void kl_cols(const T* X, const T* Y, int64_t rows, int64_t ld, in
     const T* yr = Y + r * ld + c0;
     for (int64_t c = 0; c < w; ++c) {
       const int64_t j = c0 + c;
-      const T x = ts * xr[c], y = ss * yr[c];
-      const T p = fast_exp(x - mx[j]);
+      const T dx = ts.mag * (ts.sign * xr[c] - mx[j]), dy = ss.mag * (ss.sign * yr[c] - my[j]);
+      const T p = fast_exp(dx);
       ax[j] += p;
-      bx[j] += p * ((x - mx[j]) - (y - my[j]));
-      cy[j] += fast_exp(y - my[j]);
+      bx[j] += p * (dx - dy);
+      cy[j] += fast_exp(dy);
     }
   }
 }
 
 static FITCLIP_CLONES void kl_cols_f(const float* X, const float* Y, int64_t rows, int64_t ld, int64_t c0,
-                                     int64_t c1, float ts, float ss, float* mx, float* ax, float* bx, float* my,
-                                     float* cy, float* tx, float* ty) {
+                                     int64_t c1, Scale<float> ts, Scale<float> ss, float* mx, float* ax, float* bx,
+                                     float* my, float* cy, float* tx, float* ty) {
   kl_cols<float>(X, Y, rows, ld, c0, c1, ts, ss, mx, ax, bx, my, cy, tx, ty);
 }
 
-// In place: Y[j] <- w (q_j - p_j) + v_j (q'_j - p'_j) for one row.
+// A log-sum-exp in its two parts, for one row (max[0], lsum[0]) or for every column (max[j], lsum[j]).
 template <typename T>
-FITCLIP_INLINE void kl_grad_row(T* Y, const T* X, int64_t m, T ts, T ss, T w, T lse_y, T lse_x, const T* clse_y,
-                                const T* clse_x, const T* v) {
+struct Lse {
+  const T* max;
+  const T* lsum;
+};
+
+// In place: Y[j] <- w (q_j - p_j) + v_j (q'_j - p'_j) for one row; r: the row's statistics, c: the columns'.
+template <typename T>
+FITCLIP_INLINE void kl_grad_row(T* Y, const T* X, int64_t m, Scale<T> ts, Scale<T> ss, T w, Lse<T> ry, Lse<T> rx,
+                                Lse<T> cy, Lse<T> cx, const T* v) {
+  const T rmy = *ry.max, rly = *ry.lsum, rmx = *rx.max, rlx = *rx.lsum;
   for (int64_t j = 0; j < m; ++j) {
-    const T x = ts * X[j], y = ss * Y[j];
-    Y[j] = w * (fast_exp(y - lse_y) - fast_exp(x - lse_x)) + v[j] * (fast_exp(y - clse_y[j]) - fast_exp(x - clse_x[j]));
+    const T x = ts.sign * X[j], y = ss.sign * Y[j];
+    Y[j] = w * (fast_exp(ss.mag * (y - rmy) - rly) - fast_exp(ts.mag * (x - rmx) - rlx)) +
+           v[j] * (fast_exp(ss.mag * (y - cy.max[j]) - cy.lsum[j]) - fast_exp(ts.mag * (x - cx.max[j]) - cx.lsum[j]));
   }
 }
 
-static FITCLIP_CLONES void kl_grad_row_f(float* Y, const float* X, int64_t m, float ts, float ss, float w,
-                                         float lse_y, float lse_x, const float* clse_y, const float* clse_x,
+static FITCLIP_CLONES void kl_grad_row_f(float* Y, const float* X, int64_t m, Scale<float> ts, Scale<float> ss,
+                                         float w, Lse<float> ry, Lse<float> rx, Lse<float> cy, Lse<float> cx,
                                          const float* v) {
-  kl_grad_row<float>(Y, X, m, ts, ss, w, lse_y, lse_x, clse_y, clse_x, v);
+  kl_grad_row<float>(Y, X, m, ts, ss, w, ry, rx, cy, cx, v);
 }
 
 template <typename T>
-inline void klrow(const T* X, const T* Y, int64_t m, T ts, T ss, T* ly, T* lx, T* kl) {
-  if constexpr (std::is_same_v<T, float>) kl_row_f(X, Y, m, ts, ss, ly, lx, kl);
-  else kl_row<T>(X, Y, m, ts, ss, ly, lx, kl);
+inline void klrow(const T* X, const T* Y, int64_t m, Scale<T> ts, Scale<T> ss, T* my, T* ly, T* mx, T* lx, T* kl) {
+  if constexpr (std::is_same_v<T, float>) kl_row_f(X, Y, m, ts, ss, my, ly, mx, lx, kl);
+  else kl_row<T>(X, Y, m, ts, ss, my, ly, mx, lx, kl);
 }
 
 template <typename T>
-inline void klcols(const T* X, const T* Y, int64_t rows, int64_t ld, int64_t c0, int64_t c1, T ts, T ss, T* mx,
+inline void klcols(const T* X, const T* Y, int64_t rows, int64_t ld, int64_t c0, int64_t c1, Scale<T> ts, Scale<T> ss, T* mx,
                    T* ax, T* bx, T* my, T* cy, T* tx, T* ty) {
   if constexpr (std::is_same_v<T, float>) kl_cols_f(X, Y, rows, ld, c0, c1, ts, ss, mx, ax, bx, my, cy, tx, ty);
   else kl_cols<T>(X, Y, rows, ld, c0, c1, ts, ss, mx, ax, bx, my, cy, tx, ty);
 }
 
 template <typename T>
-inline void klgrad(T* Y, const T* X, int64_t m, T ts, T ss, T w, T ly, T lx, const T* cly, const T* clx, const T* v) {
-  if constexpr (std::is_same_v<T, float>) kl_grad_row_f(Y, X, m, ts, ss, w, ly, lx, cly, clx, v);
-  else kl_grad_row<T>(Y, X, m, ts, ss, w, ly, lx, cly, clx, v);
+inline void klgrad(T* Y, const T* X, int64_t m, Scale<T> ts, Scale<T> ss, T w, Lse<T> ry, Lse<T> rx, Lse<T> cy, Lse<T> cx,
+                   const T* v) {
+  if constexpr (std::is_same_v<T, float>) kl_grad_row_f(Y, X, m, ts, ss, w, ry, rx, cy, cx, v);
+  else kl_grad_row<T>(Y, X, m, ts, ss, w, ry, rx, cy, cx, v);
 }
 
 struct Inputs {
@@ -165,13 +197,16 @@ Inputs prepare(const at::Tensor& sv, const at::Tensor& st, const at::Tensor& tv,
 }
 
 template <typename T>
-void stats_impl(const Inputs& in, T ss, T ts, std::vector<at::Tensor>& out) {
+void stats_impl(const Inputs& in, Scale<T> ss, Scale<T> ts, std::vector<at::Tensor>& out) {
   const int64_t n = in.A.size(0), m = in.B.size(0);
   const int64_t bm = distill_block_rows(n, m);
   auto Yb = at::empty({bm, m}, in.A.options());
   auto Xb = at::empty({bm, m}, in.A.options());
-  T* rly = out[0].data_ptr<T>();
-  T* rlx = out[1].data_ptr<T>();
+  // out[0], out[1]: [2, n] (max, log-sum) of the student and teacher rows
+  T* rmy = out[0].data_ptr<T>();
+  T* rly = rmy + n;
+  T* rmx = out[1].data_ptr<T>();
+  T* rlx = rmx + n;
   T* rkl = out[2].data_ptr<T>();
   const T ninf = -std::numeric_limits<T>::infinity();
   at::Tensor mx = at::full({m}, ninf, in.A.options()), my = at::full({m}, ninf, in.A.options());
@@ -187,7 +222,10 @@ void stats_impl(const Inputs& in, T ss, T ts, std::vector<at::Tensor>& out) {
     const T* yp = Y.data_ptr<T>();
     const T* xp = X.data_ptr<T>();
     at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) klrow<T>(xp + r * m, yp + r * m, m, ts, ss, rly + r0 + r, rlx + r0 + r, rkl + r0 + r);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t i = r0 + r;
+        klrow<T>(xp + r * m, yp + r * m, m, ts, ss, rmy + i, rly + i, rmx + i, rlx + i, rkl + i);
+      }
     });
     const int64_t nchunks = (m + kColChunk - 1) / kColChunk;
     at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
@@ -198,20 +236,21 @@ void stats_impl(const Inputs& in, T ss, T ts, std::vector<at::Tensor>& out) {
       }
     });
   }
-  out[3] = my + cy.log();
-  out[4] = mx + ax.log();
+  out[3] = at::stack({my, cy.log()});
+  out[4] = at::stack({mx, ax.log()});
   out[5] = bx / ax - ax.log() + cy.log();
 }
 
 template <typename T>
-void grad_impl(const Inputs& in, T ss, T ts, const at::Tensor& rly, const at::Tensor& rlx, const at::Tensor& rw,
-               const at::Tensor& cly, const at::Tensor& clx, const at::Tensor& cw, at::Tensor& dA, at::Tensor& dB) {
+void grad_impl(const Inputs& in, Scale<T> ss, Scale<T> ts, const at::Tensor& rsy, const at::Tensor& rsx, const at::Tensor& rw,
+               const at::Tensor& csy, const at::Tensor& csx, const at::Tensor& cw, at::Tensor& dA, at::Tensor& dB) {
   const int64_t n = in.A.size(0), m = in.B.size(0);
   const int64_t bm = distill_block_rows(n, m);
   auto Yb = at::empty({bm, m}, in.A.options());
   auto Xb = at::empty({bm, m}, in.A.options());
-  const T *ly = rly.data_ptr<T>(), *lx = rlx.data_ptr<T>(), *w = rw.data_ptr<T>();
-  const T *cy = cly.data_ptr<T>(), *cx = clx.data_ptr<T>(), *v = cw.data_ptr<T>();
+  auto parts = [](const at::Tensor& s) { return Lse<T>{s.data_ptr<T>(), s.data_ptr<T>() + s.size(1)}; };
+  const Lse<T> ry = parts(rsy), rx = parts(rsx), cy = parts(csy), cx = parts(csx);
+  const T *w = rw.data_ptr<T>(), *v = cw.data_ptr<T>();
   const at::Tensor Bt = in.B.t(), Et = in.E.t();
   for (int64_t r0 = 0; r0 < n; r0 += bm) {
     const int64_t rows = std::min(bm, n - r0);
@@ -222,8 +261,11 @@ void grad_impl(const Inputs& in, T ss, T ts, const at::Tensor& rly, const at::Te
     T* yp = Y.data_ptr<T>();
     const T* xp = X.data_ptr<T>();
     at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r)
-        klgrad<T>(yp + r * m, xp + r * m, m, ts, ss, w[r0 + r], ly[r0 + r], lx[r0 + r], cy, cx, v);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t i = r0 + r;
+        klgrad<T>(yp + r * m, xp + r * m, m, ts, ss, w[i], {ry.max + i, ry.lsum + i}, {rx.max + i, rx.lsum + i}, cy,
+                  cx, v);
+      }
     });
     auto dAb = dA.narrow(0, r0, rows);
     at::mm_out(dAb, Y, in.B);
@@ -233,19 +275,21 @@ void grad_impl(const Inputs& in, T ss, T ts, const at::Tensor& rly, const at::Te
 
 }  // namespace
 
-// (row_lse_student, row_lse_teacher, row_kl [n], col_lse_student, col_lse_teacher, col_kl [m])
-// in the compute dtype (float64 for float64 inputs, else float32).
+// (row_stats_student, row_stats_teacher [2, n], row_kl [n], col_stats_student, col_stats_teacher
+// [2, m], col_kl [m]) in the compute dtype (float64 for float64 inputs, else float32); a stats
+// tensor holds each log-sum-exp as (max of sign(scale) * raw product, log of the sum of exp of the
+// logits relative to their max), natural log.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_stats_cpu(
     const at::Tensor& sv, const at::Tensor& st, const at::Tensor& tv, const at::Tensor& tt, const at::Tensor& s_scale,
     const at::Tensor& t_scale) {
   const Inputs in = prepare(sv, st, tv, tt, s_scale, t_scale);
   const int64_t n = in.A.size(0), m = in.B.size(0);
   TORCH_CHECK(n > 0 && m > 0, "distillation needs at least one video and one caption");
-  std::vector<at::Tensor> out = {at::empty({n}, in.A.options()), at::empty({n}, in.A.options()),
+  std::vector<at::Tensor> out = {at::empty({2, n}, in.A.options()), at::empty({2, n}, in.A.options()),
                                  at::empty({n}, in.A.options()), at::Tensor(), at::Tensor(), at::Tensor()};
   const double ss = s_scale.item<double>(), ts = t_scale.item<double>();
-  if (in.A.scalar_type() == at::kDouble) stats_impl<double>(in, ss, ts, out);
-  else stats_impl<float>(in, static_cast<float>(ss), static_cast<float>(ts), out);
+  if (in.A.scalar_type() == at::kDouble) stats_impl<double>(in, Scale<double>(ss), Scale<double>(ts), out);
+  else stats_impl<float>(in, Scale<float>(ss), Scale<float>(ts), out);
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
@@ -253,25 +297,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // sum_i w_i KL_i + sum_j v_j KL'_j with respect to the student logits.
 std::tuple<at::Tensor, at::Tensor> distill_grad_cpu(const at::Tensor& sv, const at::Tensor& st, const at::Tensor& tv,
                                                     const at::Tensor& tt, const at::Tensor& s_scale,
-                                                    const at::Tensor& t_scale, const at::Tensor& row_lse_s,
-                                                    const at::Tensor& row_lse_t, const at::Tensor& row_w,
-                                                    const at::Tensor& col_lse_s, const at::Tensor& col_lse_t,
+                                                    const at::Tensor& t_scale, const at::Tensor& row_stats_s,
+                                                    const at::Tensor& row_stats_t, const at::Tensor& row_w,
+                                                    const at::Tensor& col_stats_s, const at::Tensor& col_stats_t,
                                                     const at::Tensor& col_w) {
   const Inputs in = prepare(sv, st, tv, tt, s_scale, t_scale);
   const int64_t n = in.A.size(0), m = in.B.size(0);
   TORCH_CHECK(n > 0 && m > 0, "distillation needs at least one video and one caption");
   const auto ct = in.A.scalar_type();
-  for (const auto* t : {&row_lse_s, &row_lse_t, &row_w}) TORCH_CHECK(t->numel() == n, "row statistics must have ", n, " elements");
-  for (const auto* t : {&col_lse_s, &col_lse_t, &col_w}) TORCH_CHECK(t->numel() == m, "column statistics must have ", m, " elements");
+  for (const auto* t : {&row_stats_s, &row_stats_t})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == 2 && t->size(1) == n, "row statistics must have shape [2, ", n, "]");
+  for (const auto* t : {&col_stats_s, &col_stats_t})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == 2 && t->size(1) == m, "column statistics must have shape [2, ", m, "]");
+  TORCH_CHECK(row_w.numel() == n, "row weights must have ", n, " elements");
+  TORCH_CHECK(col_w.numel() == m, "column weights must have ", m, " elements");
   auto c = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
   auto dA = at::empty_like(in.A);
   auto dB = at::zeros_like(in.B);
   const double ss = s_scale.item<double>(), ts = t_scale.item<double>();
   if (ct == at::kDouble)
-    grad_impl<double>(in, ss, ts, c(row_lse_s), c(row_lse_t), c(row_w), c(col_lse_s), c(col_lse_t), c(col_w), dA, dB);
+    grad_impl<double>(in, Scale<double>(ss), Scale<double>(ts), c(row_stats_s), c(row_stats_t), c(row_w), c(col_stats_s), c(col_stats_t), c(col_w), dA,
+                      dB);
   else
-    grad_impl<float>(in, static_cast<float>(ss), static_cast<float>(ts), c(row_lse_s), c(row_lse_t), c(row_w),
-                     c(col_lse_s), c(col_lse_t), c(col_w), dA, dB);
+    grad_impl<float>(in, Scale<float>(ss), Scale<float>(ts), c(row_stats_s), c(row_stats_t), c(row_w),
+                     c(col_stats_s), c(col_stats_t), c(col_w), dA, dB);
   return {dA, dB};
 }
 
@@ -283,8 +332,8 @@ TORCH_LIBRARY_FRAGMENT(fitclip_ext, m) {
       "Tensor student_scale, Tensor teacher_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "distill_grad(Tensor student_video, Tensor student_text, Tensor teacher_video, Tensor teacher_text, "
-      "Tensor student_scale, Tensor teacher_scale, Tensor row_lse_s, Tensor row_lse_t, Tensor row_weight, "
-      "Tensor col_lse_s, Tensor col_lse_t, Tensor col_weight) -> (Tensor, Tensor)");
+      "Tensor student_scale, Tensor teacher_scale, Tensor row_stats_s, Tensor row_stats_t, Tensor row_weight, "
+      "Tensor col_stats_s, Tensor col_stats_t, Tensor col_weight) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fitclip_ext, CPU, m) {

@@ -55,11 +55,11 @@ def register() -> None:
     def _(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale):
         ct = _ct(student_video)
         n, m = student_video.shape[0], student_text.shape[0]
-        return tuple(student_video.new_empty(size, dtype=ct) for size in (n, n, n, m, m, m))
+        return tuple(student_video.new_empty(size, dtype=ct) for size in ((2, n), (2, n), n, (2, m), (2, m), m))
 
     @torch.library.register_fake(lib + "distill_grad")
-    def _(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale, row_lse_s,
-          row_lse_t, row_weight, col_lse_s, col_lse_t, col_weight):
+    def _(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale, row_stats_s,
+          row_stats_t, row_weight, col_stats_s, col_stats_t, col_weight):
         ct = _ct(student_video)
         return student_video.new_empty(student_video.shape, dtype=ct), student_text.new_empty(student_text.shape, dtype=ct)
 

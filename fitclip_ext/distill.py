@@ -11,6 +11,13 @@ d = 1, "mean" d = n * m). Each row's KL is sum_j p_ij (X_ij - Y_ij) - lseX_i + l
 backends only return, per row and per column, the two log-sum-exps and the KL; the gradient with
 respect to the student logits is w_i (q_ij - p_ij) + v_j (q'_ij - p'_ij) (q: the student's
 softmax, ': over columns), formed tile by tile.
+
+Each log-sum-exp travels as a [2, n] statistics tensor, (max of the scaled logits, log of the sum
+of exp relative to it), in the backend's own units (natural for C++, base 2 for Triton, whose
+kernels work in exp2), read only by the same backend's gradient. Kept apart, the exponent
+(y - max) - log_sum of a row's dominant entry is exact up to the small log-sum, as in torch's
+log_softmax; one rounded lse = max + log_sum carries an error of the logits' magnitude (4e-6 at
+the teacher's scale 66.7) that every probability of the row shares and that q - p does not cancel.
 """
 from __future__ import annotations
 

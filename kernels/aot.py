@@ -1,14 +1,18 @@
 """Ahead-of-time compile of every shipped Triton kernel configuration, without a GPU.
 
-    python -m fitclip_ext.kernels.aot [--arch 80 90] [--quick] [--json out.json]
+    python -m fitclip_ext.kernels.aot [--arch 80 90] [--scope all|defaults|quick] [--no-sass] [--json out.json]
 
-For each kernel, each dtype and each block configuration the dispatcher can pick, compiles for
-sm_80 and sm_90, in the two specialisations the JIT makes (sizes divisible by 16, as for D = 512,
-and odd sizes), runs ptxas -v on the PTX (registers, spill bytes), reads the shared memory from
-the metadata and checks the SASS for the matrix instructions expected (HGMMA on sm_90, HMMA on
-sm_80, for bf16/fp16/tf32 dots). Exits non-zero on a compile failure, a spill or a missing
-matrix instruction, or more shared memory than the architecture gives a block. Must run
-without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+For each kernel, each dtype and each block configuration the dispatcher can pick (--scope
+defaults: only those it launches without FITCLIP_TRITON_AUTOTUNE), compiles for sm_80 and
+sm_90, in the two specialisations the JIT makes (sizes divisible by 16, as for D = 512, and odd
+sizes), reads the registers and the stack frame (spills) of the cubin Triton built
+(cuobjdump --dump-resource-usage) and the shared memory from the metadata, and checks for the
+matrix instructions expected (HGMMA on sm_90, HMMA on sm_80, for bf16/fp16/tf32 dots) in the
+SASS (or, with --no-sass, the PTX instructions ptxas turns into them). Exits non-zero on a
+compile failure, a spill, a missing matrix instruction, or more shared memory than the
+architecture gives a block. Must run without TRITON_INTERPRET (interpreted kernels cannot be
+compiled). `make test` runs --scope defaults --no-sass (every launch the dispatcher makes by
+default, about 2 minutes on 2 cores with a cold cache); `make aot` runs everything.
 """
 from __future__ import annotations
 
@@ -32,9 +36,21 @@ def _ptr(dtype):
     return "*" + _TY[dtype]
 
 
-def _cases(quick: bool):
-    """Everything the launchers can launch: (kernel, dtype, precision, label, signature, constexprs, cfg)."""
+SCOPES = ("defaults", "all", "quick")
+
+
+def _cases(scope: str = "all"):
+    """What the launchers can launch: (kernel, dtype, precision, label, signature, constexprs, cfg).
+    scope "all": every candidate configuration (FITCLIP_TRITON_AUTOTUNE=1 may pick any);
+    "defaults": for every kernel, dtype, flag combination and size bucket, the configuration the
+    dispatcher launches without autotuning (the first candidate); "quick": defaults for bf16 and
+    tf32 at D = 512, k = 4 only."""
     from . import distill, frames, infonce
+
+    quick = scope == "quick"
+
+    def pick(cands):  # the default is each candidate list's first entry
+        return cands if scope == "all" else cands[:1]
 
     dtypes = [(torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")]
     if quick:
@@ -48,7 +64,7 @@ def _cases(quick: bool):
         }
         # every candidate (FITCLIP_TRITON_AUTOTUNE=1 may pick any); c0 is the default
         fwd_cands = infonce.fwd_candidates(dtype, 512, small=False, precision=prec)
-        for (i, cfg), with_col in itertools.product(enumerate(fwd_cands[:1] if quick else fwd_cands), (True, False)):
+        for (i, cfg), with_col in itertools.product(enumerate(pick(fwd_cands)), (True, False)):
             yield ("infonce_lse_fwd", "infonce._lse_fwd_kernel", dtype, prec, f"c{i} " + ("col" if with_col else "-"),
                    fwd_sig, {"WITH_COL": with_col}, cfg)
         grad_sig = {
@@ -62,7 +78,7 @@ def _cases(quick: bool):
         # grad_candidates depends on D only through D > 128 and D > 256
         for D in ((512,) if quick else (128, 512)):
             cands = infonce.grad_candidates(dtype, D, small=False, precision=prec)
-            for i, cfg in enumerate(cands[:1] if quick else cands):
+            for i, cfg in enumerate(pick(cands)):
                 for has_a, has_b, with_ds in ((True, True, True), (True, False, True), (True, True, False),
                                               (False, True, False)):
                     flags = {"HAS_A": has_a, "HAS_B": has_b, "WITH_DS": with_ds}
@@ -70,24 +86,24 @@ def _cases(quick: bool):
                     yield ("infonce_grad", "infonce._grad_kernel", dtype, prec, label, grad_sig, flags, cfg)
         dst_sig = {
             "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32",
-            "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32", "kl_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
+            "stats_s_ptr": "*fp32", "stats_t_ptr": "*fp32", "kl_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
             "Dt": "i32", "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
             "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32", "stride_ed": "i32",
         }
         stats_cands = distill.stats_candidates(dtype, small=False, precision=prec)
-        for i, cfg in enumerate(stats_cands[:1] if quick else stats_cands):
+        for i, cfg in enumerate(pick(stats_cands)):
             yield ("distill_stats", "distill._stats_kernel", dtype, prec, f"c{i}", dst_sig, {}, cfg)
         dgr_sig = {
             "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32",
-            "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "a_lse_s_ptr": "*fp32", "a_lse_t_ptr": "*fp32",
-            "a_w_ptr": "*fp32", "b_lse_s_ptr": "*fp32", "b_lse_t_ptr": "*fp32", "b_w_ptr": "*fp32",
+            "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "a_stats_s_ptr": "*fp32", "a_stats_t_ptr": "*fp32",
+            "a_w_ptr": "*fp32", "b_stats_s_ptr": "*fp32", "b_stats_t_ptr": "*fp32", "b_w_ptr": "*fp32",
             "n_a": "i32", "n_b": "i32", "D": "i32", "Dt": "i32", "stride_an": "i32", "stride_ad": "i32",
             "stride_bn": "i32", "stride_bd": "i32", "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32",
             "stride_ed": "i32", "stride_on": "i32", "stride_od": "i32",
         }
         for D in ((512,) if quick else (128, 512)):
             cands = distill.grad_candidates(dtype, D, small=False, precision=prec)
-            for (i, cfg), with_ds in itertools.product(enumerate(cands[:1] if quick else cands), (True, False)):
+            for (i, cfg), with_ds in itertools.product(enumerate(pick(cands)), (True, False)):
                 yield ("distill_grad", "distill._grad_kernel", dtype, prec, f"c{i} D{D}" + (" ds" if with_ds else ""),
                        dgr_sig, {"WITH_DS": with_ds}, cfg)
         # frame kernels: configurations change with K_PAD (the running top-k's width)
@@ -107,11 +123,11 @@ def _cases(quick: bool):
         }
         for k in ((4,) if quick else (1, 2, 4, 8, 16, 32)):
             cands = frames.sim_candidates(dtype, k, T=32, small=False, precision=prec)
-            for i, cfg in enumerate(cands[:1] if quick else cands):
+            for i, cfg in enumerate(pick(cands)):
                 yield ("topk_sim_fwd", "frames._topk_sim_fwd_kernel", dtype, prec, f"c{i} k{k} mask norm", sim_sig,
                        {"HAS_MASK": True, "NORMALIZE": True}, cfg)
         gcands = frames.grad_candidates(dtype, T=32, small=False, precision=prec)
-        for i, gcfg in enumerate(gcands[:1] if quick else gcands):
+        for i, gcfg in enumerate(pick(gcands)):
             yield ("topk_sim_dtext", "frames._topk_sim_dtext_kernel", dtype, prec, f"c{i} T<=32 norm", dtext_sig,
                    {"NORMALIZE": True}, gcfg)
             yield ("topk_sim_dframes", "frames._topk_sim_dframes_kernel", dtype, prec, f"c{i} T<=32 acc norm",
@@ -127,7 +143,7 @@ def _cases(quick: bool):
         if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
             for k in ((4,) if quick else (1, 4, 32)):
                 cands = frames.select_candidates(512, k, small=False)
-                for i, cfg in enumerate(cands[:1] if quick else cands):
+                for i, cfg in enumerate(pick(cands)):
                     yield ("select_frames", "frames._select_frames_kernel", dtype, "-", f"c{i} k{k} mask", sel_sig,
                            {"HAS_MASK": True}, cfg)
 
@@ -138,10 +154,12 @@ def _bin(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_one(case, arch: int, div16: bool = True) -> dict:
+def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) -> dict:
     """One build. div16: the integer arguments (sizes, strides) divisible by 16, as the JIT
     specialises them for D = 512 and batch sizes that are multiples of 16 (vectorised loads,
-    cp.async pipelining); else only the pointers and leading strides are (odd sizes)."""
+    cp.async pipelining); else only the pointers and leading strides are (odd sizes).
+    sass_check: look for the matrix instruction in the disassembled SASS (0.4 s a build), else
+    in the PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -176,21 +194,20 @@ def compile_one(case, arch: int, div16: bool = True) -> dict:
         row["error"] = f"{type(err).__name__}: {lines[-1][:300] if lines else ''}"
         return row
     row["shared_bytes"] = ck.metadata.shared
-    ptx_arch = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "k.ptx"
-        ptx.write_text(ck.asm["ptx"])
-        res = subprocess.run([_bin("ptxas"), f"-arch={ptx_arch}", "-v", str(ptx), "-o", str(Path(tmp) / "k.o")],
-                             capture_output=True, text=True)
-        info = res.stdout + res.stderr
-        regs = re.search(r"Used (\d+) registers", info)
-        spill_st = re.search(r"(\d+) bytes spill stores", info)
-        spill_ld = re.search(r"(\d+) bytes spill loads", info)
-        row["registers"] = int(regs.group(1)) if regs else None
-        row["spill_bytes"] = (int(spill_st.group(1)) if spill_st else 0) + (int(spill_ld.group(1)) if spill_ld else 0)
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(ck.asm["cubin"])
-        sass = subprocess.run([_bin("cuobjdump"), "--dump-sass", str(cubin)], capture_output=True, text=True).stdout
+        # Resource usage of the cubin Triton built (its own ptxas flags): registers, and the stack
+        # frame, where spills go (a kernel without local arrays has none otherwise).
+        usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True).stdout
+        regs = re.search(r"REG:(\d+)", usage)
+        stack = re.search(r"STACK:(\d+)", usage)
+        local = re.search(r"LOCAL:(\d+)", usage)
+        row["registers"] = int(regs.group(1)) if regs else None
+        row["spill_bytes"] = (int(stack.group(1)) if stack else 0) + (int(local.group(1)) if local else 0)
+        sass = subprocess.run([_bin("cuobjdump"), "--dump-sass", str(cubin)], capture_output=True,
+                              text=True).stdout if sass_check else None
     want = None
     if prec != "-" and (dtype != torch.float32 or prec == "tf32"):
         # Hopper's warpgroup MMA needs 64 rows per warpgroup; smaller tiles (the top-k kernels,
@@ -198,9 +215,17 @@ def compile_one(case, arch: int, div16: bool = True) -> dict:
         m_block = cfg.get("BLOCK_M", cfg.get("BLOCK_C" if kernel_name != "topk_sim_dframes" else "BLOCK_V", 0))
         want = "HGMMA" if arch >= 90 and m_block >= 64 else "HMMA"
     row["matrix_instr"] = want
-    row["matrix_instr_found"] = (want in sass) if want else None
-    row["local_memory_ops"] = len(re.findall(r"\b(LDL|STL)\b", sass))
+    if want:
+        # The PTX instruction ptxas turns into that SASS one (wgmma.mma_async -> HGMMA,
+        # mma.sync -> HMMA); with sass_check, the SASS itself.
+        row["matrix_instr_found"] = (want in sass) if sass is not None else (PTX_MMA[want] in ck.asm["ptx"])
+    else:
+        row["matrix_instr_found"] = None
+    row["local_memory_ops"] = len(re.findall(r"\b(LDL|STL)\b", sass)) if sass is not None else None
     return row
+
+
+PTX_MMA = {"HGMMA": "wgmma.mma_async", "HMMA": "mma.sync"}
 
 
 # Shared memory a block may use (opt-in maximum): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB; a
@@ -226,16 +251,21 @@ def _problems(row) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    parser.add_argument("--quick", action="store_true", help="bf16 and tf32 at D=512 only")
+    parser.add_argument("--scope", choices=SCOPES, default="all",
+                        help="all: every candidate configuration (make aot); defaults: the configuration "
+                             "launched without autotuning for every kernel, dtype and size bucket (make test); "
+                             "quick: defaults for bf16 and tf32 at D=512 only")
     parser.add_argument("--json", type=Path, help="write the table as JSON")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-sass", action="store_true",
+                        help="check the matrix instructions in the PTX instead of the disassembled SASS (faster)")
     parser.add_argument("--kernels", nargs="+", help="only these kernels (names as in the table, e.g. topk_sim_fwd)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    cases = [c for c in _cases(args.quick) if not args.kernels or c[0] in args.kernels]
-    jobs = list(itertools.product(cases, args.arch, (True, False)))
+    cases = [c for c in _cases(args.scope) if not args.kernels or c[0] in args.kernels]
+    jobs = list(itertools.product(cases, args.arch, (True, False), (not args.no_sass,)))
     from tqdm import tqdm
 
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -4,7 +4,10 @@ Statistics (`_stats_kernel`, grid over row blocks): streams the tiles of the stu
 Y = s * A @ B^T and the teacher logits X = t * C @ E^T (two tile products per tile) and keeps per
 row, online, the max and sum of exp of both, and the sum of p ((x - mx) - (y - my)) relative to
 the running maxima (p = exp(x - mx)); a row's KL is that sum / a - log a + log c, exact 0 when
-the two rows agree. Run once for the rows and once, with the operands swapped, for the columns:
+the two rows agree. Each log-sum-exp is stored as a [2, n] pair: the max of the oriented
+products sign(scale) * raw and log2 of the sum of exp2 relative to it; the backward's exponent
+|scale| * log2(e) * (raw - max) - log_sum is then exact for a row's dominant entry, even where the
+compiler fuses the product into an FMA (see fitclip_ext/distill.py). Run once for the rows and once, with the operands swapped, for the columns:
 exact, deterministic (no atomics), 2 * 2 * n * m * (D + Dt) FLOPs.
 
 Backward (`_grad_kernel`, grid over output row blocks x output D chunks): recomputes both tiles,
@@ -29,7 +32,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _stats_kernel(
-    a_ptr, b_ptr, c_ptr, e_ptr, s_scale_ptr, t_scale_ptr, lse_s_ptr, lse_t_ptr, kl_ptr,
+    a_ptr, b_ptr, c_ptr, e_ptr, s_scale_ptr, t_scale_ptr, stats_s_ptr, stats_t_ptr, kl_ptr,
     n, m, D, Dt,
     stride_an, stride_ad, stride_bn, stride_bd, stride_cn, stride_cd, stride_en, stride_ed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -37,8 +40,14 @@ def _stats_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
-    ss2 = tl.load(s_scale_ptr).to(tl.float32) * LOG2E  # base-2 logits: exp2 is the fast path
-    ts2 = tl.load(t_scale_ptr).to(tl.float32) * LOG2E
+    # Logits as magnitude * oriented product (sign(scale) * raw: larger is a larger logit), base 2
+    # (exp2 is the fast path); maxima of the oriented products, differences taken before scaling.
+    ss = tl.load(s_scale_ptr).to(tl.float32)
+    ts = tl.load(t_scale_ptr).to(tl.float32)
+    s_sign = tl.where(ss < 0, -1.0, 1.0)
+    t_sign = tl.where(ts < 0, -1.0, 1.0)
+    s_mag = tl.abs(ss) * LOG2E
+    t_mag = tl.abs(ts) * LOG2E
     mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     my = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     ax = tl.zeros((BLOCK_M,), tl.float32)
@@ -48,35 +57,39 @@ def _stats_kernel(
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         col_ok = cols < m
         y = _tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
-                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * ss2
+                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * s_sign
         x = _tile(c_ptr, e_ptr, rows, cols, row_ok, col_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
-                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * ts2
+                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * t_sign
         x = tl.where(col_ok[None, :], x, float("-inf"))
         y = tl.where(col_ok[None, :], y, float("-inf"))
         nx = tl.maximum(mx, tl.max(x, 1))
         ny = tl.maximum(my, tl.max(y, 1))
         started = mx > float("-inf")  # the first tile has at least one valid column
-        fx = tl.where(started, tl.exp2(mx - nx), 0.0)
-        shift = tl.where(started, (ny - my) - (nx - mx), 0.0)
+        fx = tl.where(started, tl.exp2(t_mag * (mx - nx)), 0.0)
+        shift = tl.where(started, s_mag * (ny - my) - t_mag * (nx - mx), 0.0)
         bx = fx * (bx + ax * shift)
         ax = fx * ax
-        cy = tl.where(started, cy * tl.exp2(my - ny), 0.0)
+        cy = tl.where(started, cy * tl.exp2(s_mag * (my - ny)), 0.0)
         mx = nx
         my = ny
-        p = tl.exp2(x - mx[:, None])
-        d = tl.where(col_ok[None, :], (x - mx[:, None]) - (y - my[:, None]), 0.0)
+        dx = tl.where(col_ok[None, :], t_mag * (x - mx[:, None]), float("-inf"))
+        dy = tl.where(col_ok[None, :], s_mag * (y - my[:, None]), float("-inf"))
+        p = tl.exp2(dx)
         ax += tl.sum(p, 1)
-        bx += tl.sum(p * d, 1)
-        cy += tl.sum(tl.exp2(y - my[:, None]), 1)
-    tl.store(lse_s_ptr + rows, (my + tl.log2(cy)) * LN2, mask=row_ok)
-    tl.store(lse_t_ptr + rows, (mx + tl.log2(ax)) * LN2, mask=row_ok)
+        bx += tl.sum(tl.where(col_ok[None, :], p * (dx - dy), 0.0), 1)
+        cy += tl.sum(tl.exp2(dy), 1)
+    # [2, n] statistics: (max of the oriented products, log2 of the sum of exp2 relative to it)
+    tl.store(stats_s_ptr + rows, my, mask=row_ok)
+    tl.store(stats_s_ptr + n + rows, tl.log2(cy), mask=row_ok)
+    tl.store(stats_t_ptr + rows, mx, mask=row_ok)
+    tl.store(stats_t_ptr + n + rows, tl.log2(ax), mask=row_ok)
     tl.store(kl_ptr + rows, (bx / ax - tl.log2(ax) + tl.log2(cy)) * LN2, mask=row_ok)
 
 
 @triton.jit
 def _grad_kernel(
     a_ptr, b_ptr, c_ptr, e_ptr, out_ptr, ds_part_ptr, s_scale_ptr, t_scale_ptr,
-    a_lse_s_ptr, a_lse_t_ptr, a_w_ptr, b_lse_s_ptr, b_lse_t_ptr, b_w_ptr,
+    a_stats_s_ptr, a_stats_t_ptr, a_w_ptr, b_stats_s_ptr, b_stats_t_ptr, b_w_ptr,
     n_a, n_b, D, Dt,
     stride_an, stride_ad, stride_bn, stride_bd, stride_cn, stride_cd, stride_en, stride_ed,
     stride_on, stride_od,
@@ -84,7 +97,7 @@ def _grad_kernel(
     WITH_DS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """out[a, dchunk] = s * sum_b G[a, b] B[b, dchunk] with
-    G[a, b] = w_a (q_ab - p_ab) + w_b (q'_ab - p'_ab), from the saved log-sum-exps."""
+    G[a, b] = w_a (q_ab - p_ab) + w_b (q'_ab - p'_ab), from the saved (max, log2 sum) pairs."""
     pid_a = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     ra = pid_a * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -92,10 +105,15 @@ def _grad_kernel(
     do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = do < D
     s_scale = tl.load(s_scale_ptr).to(tl.float32)
-    ss2 = s_scale * LOG2E
-    ts2 = tl.load(t_scale_ptr).to(tl.float32) * LOG2E
-    lys = tl.load(a_lse_s_ptr + ra, mask=a_ok, other=0.0) * LOG2E
-    lxs = tl.load(a_lse_t_ptr + ra, mask=a_ok, other=0.0) * LOG2E
+    ts = tl.load(t_scale_ptr).to(tl.float32)
+    s_sign = tl.where(s_scale < 0, -1.0, 1.0)  # as in _stats_kernel
+    t_sign = tl.where(ts < 0, -1.0, 1.0)
+    s_mag = tl.abs(s_scale) * LOG2E
+    t_mag = tl.abs(ts) * LOG2E
+    mys = tl.load(a_stats_s_ptr + ra, mask=a_ok, other=0.0)
+    lys = tl.load(a_stats_s_ptr + n_a + ra, mask=a_ok, other=0.0)
+    mxs = tl.load(a_stats_t_ptr + ra, mask=a_ok, other=0.0)
+    lxs = tl.load(a_stats_t_ptr + n_a + ra, mask=a_ok, other=0.0)
     w_a = tl.load(a_w_ptr + ra, mask=a_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
     ds_acc = tl.zeros((BLOCK_M,), tl.float32)
@@ -105,13 +123,17 @@ def _grad_kernel(
         s = _tile(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         x = _tile(c_ptr, e_ptr, ra, rb, a_ok, b_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
-                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * ts2
-        y = s * ss2
-        lyb = tl.load(b_lse_s_ptr + rb, mask=b_ok, other=0.0) * LOG2E
-        lxb = tl.load(b_lse_t_ptr + rb, mask=b_ok, other=0.0) * LOG2E
+                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * t_sign
+        y = s * s_sign
+        myb = tl.load(b_stats_s_ptr + rb, mask=b_ok, other=0.0)
+        lyb = tl.load(b_stats_s_ptr + n_b + rb, mask=b_ok, other=0.0)
+        mxb = tl.load(b_stats_t_ptr + rb, mask=b_ok, other=0.0)
+        lxb = tl.load(b_stats_t_ptr + n_b + rb, mask=b_ok, other=0.0)
         w_b = tl.load(b_w_ptr + rb, mask=b_ok, other=0.0)
-        g = w_a[:, None] * (tl.exp2(y - lys[:, None]) - tl.exp2(x - lxs[:, None]))
-        g += w_b[None, :] * (tl.exp2(y - lyb[None, :]) - tl.exp2(x - lxb[None, :]))
+        g = w_a[:, None] * (tl.exp2(s_mag * (y - mys[:, None]) - lys[:, None])
+                            - tl.exp2(t_mag * (x - mxs[:, None]) - lxs[:, None]))
+        g += w_b[None, :] * (tl.exp2(s_mag * (y - myb[None, :]) - lyb[None, :])
+                             - tl.exp2(t_mag * (x - mxb[None, :]) - lxb[None, :]))
         g = tl.where(a_ok[:, None] & b_ok[None, :], g, 0.0)
         if WITH_DS:
             ds_acc += tl.sum(g * s, 1)
@@ -150,7 +172,7 @@ def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, preci
     if _small(small):
         return [_cfg(16, 16, 16, 1, 1, BLOCK_DO=32), _cfg(32, 16, 16, 1, 1, BLOCK_DO=16)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return [_cfg(32, 32, 16, 8, 2, BLOCK_DO=64)]
+        return [_cfg(32, 16, 16, 4, 2, BLOCK_DO=64)]  # (32 columns spill with the (max, log-sum) pairs)
     block_do = 256 if D > 128 else 128
     if dtype == torch.float32:  # tf32: the 256-wide accumulator spills on sm_80
         return [_cfg(64, 64, 32, 8, 2, BLOCK_DO=128), _cfg(64, 32, 32, 8, 2, BLOCK_DO=128)]
@@ -171,22 +193,25 @@ def grad_config(dtype: torch.dtype, D: int, small: bool | None = None, precision
 @triton_op("triton_distill_row_stats")
 def _row_stats(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
                ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse of the student rows, lse of the teacher rows, KL per row) of A @ B^T and C @ E^T."""
+    """([2, n] (max, log2 sum) of the student rows and of the teacher rows, in base-2 units, and
+    the KL per row [n]) of A @ B^T and C @ E^T."""
     n, D = a.shape
     m, Dt = b.shape[0], c.shape[1]
-    lse_s, lse_t, kl = (torch.empty(n, device=a.device, dtype=torch.float32) for _ in range(3))
+    stats_s, stats_t = (torch.empty(2, n, device=a.device, dtype=torch.float32) for _ in range(2))
+    kl = torch.empty(n, device=a.device, dtype=torch.float32)
     prec = input_precision(a.dtype)
     kernel, cfg = configured(_stats_kernel, stats_candidates(a.dtype, precision=prec),
                              ["n", "m", "D", "Dt", "INPUT_PRECISION"])
     launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]),),
-           a, b, c, e, ss, ts, lse_s, lse_t, kl, n, m, D, Dt,
+           a, b, c, e, ss, ts, stats_s, stats_t, kl, n, m, D, Dt,
            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
            INPUT_PRECISION=prec, **cfg)
-    return lse_s, lse_t, kl
+    return stats_s, stats_t, kl
 
 
 def stats(sv, st, tv, tt, s_scale, t_scale):
-    """(row_lse_student, row_lse_teacher, row_kl [n], col_lse_student, col_lse_teacher, col_kl [m]), float32."""
+    """(row_stats_student, row_stats_teacher [2, n], row_kl [n], col_stats_student,
+    col_stats_teacher [2, m], col_kl [m]), float32; stats as `_row_stats` returns them."""
     dev = sv.device
     ss, ts = _scale_tensor(s_scale, dev), _scale_tensor(t_scale, dev)
     rows = torch.ops.fitclip_ext.triton_distill_row_stats(sv, st, tv, tt, ss, ts)
@@ -196,8 +221,8 @@ def stats(sv, st, tv, tt, s_scale, t_scale):
 
 @triton_op("triton_distill_grad_pass")
 def _grad_pass(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
-               ts: torch.Tensor, a_lse_s: torch.Tensor, a_lse_t: torch.Tensor, a_w: torch.Tensor,
-               b_lse_s: torch.Tensor, b_lse_t: torch.Tensor, b_w: torch.Tensor, with_ds: bool
+               ts: torch.Tensor, a_stats_s: torch.Tensor, a_stats_t: torch.Tensor, a_w: torch.Tensor,
+               b_stats_s: torch.Tensor, b_stats_t: torch.Tensor, b_w: torch.Tensor, with_ds: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s * G @ B in A's dtype, per-row parts of sum G * (A B^T) [n_a] float32)."""
     n_a, D = a.shape
@@ -207,7 +232,7 @@ def _grad_pass(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tenso
     prec = input_precision(a.dtype)
     kernel, cfg = configured(_grad_kernel, grad_candidates(a.dtype, D, precision=prec),
                              ["n_a", "n_b", "D", "Dt", "WITH_DS", "INPUT_PRECISION"])
-    stat = [x.float().contiguous() for x in (a_lse_s, a_lse_t, a_w, b_lse_s, b_lse_t, b_w)]
+    stat = [x.float().contiguous() for x in (a_stats_s, a_stats_t, a_w, b_stats_s, b_stats_t, b_w)]
     launch(kernel, lambda c: (triton.cdiv(n_a, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
            a, b, c, e, out, ds_part, ss, ts, *stat, n_a, n_b, D, Dt,
            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),

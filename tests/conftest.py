@@ -1,3 +1,5 @@
+import json
+import math
 import os
 
 import torch
@@ -24,3 +26,36 @@ def _skip_cpp_cases_without_extension(request):
             # only under FITCLIP_ALLOW_NO_CPP=1 (the GPU machine, which runs the Triton cases from
             # the source tree); make test builds the extension and a missing one fails there
             pytest.skip("C++ extension fitclip_ext._C not built")
+
+
+def pytest_collection_modifyitems(items):
+    # The few long tests (marked slow) first, so that under pytest-xdist (make test runs -n auto)
+    # they overlap with the many short ones instead of running alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_sessionfinish(session):
+    # Under pytest-xdist each worker hands its margins to the controller (pytest_testnodedown).
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        from ._numerics import MARGINS
+
+        workeroutput["fitclip_margins"] = json.dumps(MARGINS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    from ._numerics import MARGINS
+
+    MARGINS.extend(tuple(r) for r in json.loads(getattr(node, "workeroutput", {}).get("fitclip_margins", "[]")))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The tightest tolerance margins of the float64-rule checks (error / bound; above 1 fails)."""
+    from ._numerics import MARGINS
+
+    if not MARGINS:
+        return
+    terminalreporter.section("tightest float64-rule margins (error / bound)")
+    for test, name, ratio in sorted(MARGINS, key=lambda r: -r[2] if r[2] == r[2] else -math.inf)[:12]:  # NaN first
+        terminalreporter.write_line(f"{ratio:7.3f}  {name:24} {test}")

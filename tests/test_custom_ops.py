@@ -8,6 +8,9 @@ from fitclip_ext import _backend
 from fitclip_ext.reference import (contrastive_loss_reference, distillation_loss_reference,
                                    video_contrastive_loss_reference)
 
+from ._numerics import assert_within_rule
+from .test_distill import _inputs as _distill_inputs
+
 pytestmark = pytest.mark.skipif(not _backend.load_cpp(), reason="C++ extension not built")
 
 ops = torch.ops.fitclip_ext if _backend.load_cpp() else None
@@ -53,58 +56,63 @@ def test_opcheck(i):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-def test_compile_fullgraph_contrastive_loss():
-    g = torch.Generator().manual_seed(1)
-    img = torch.randn(33, 16, generator=g).requires_grad_()
-    txt = torch.randn(33, 16, generator=g).requires_grad_()
-    scale = torch.tensor(10.0, requires_grad=True)
+def _compile_case(op: str, dev: str, seed: int):
+    """(loss(backend, *inputs), reference(*inputs, upcast), inputs) on inputs like the real ones:
+    unit-norm embeddings and the logit scales the recipes use (open_clip's 100, FitCLIP's 66.7)."""
+    g = torch.Generator().manual_seed(seed)
 
-    def step(i, t, s):
-        return fitclip_ext.contrastive_loss(i, t, s, label_smoothing=0.1, backend="cpp")
+    def unit(*shape):
+        return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1).to(dev).requires_grad_()
 
-    compiled = torch.compile(step, fullgraph=True)  # inductor, as users run it
-    out = compiled(img, txt, scale)
-    grads = torch.autograd.grad(out, (img, txt, scale))
-    ref = contrastive_loss_reference(img, txt, scale, label_smoothing=0.1)
-    ref_grads = torch.autograd.grad(ref, (img, txt, scale))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if op == "contrastive_loss":
+        inputs = (unit(33, 16), unit(33, 16), torch.tensor(100.0, device=dev, requires_grad=True))
+
+        def loss(backend, i, t, s):
+            return fitclip_ext.contrastive_loss(i, t, s, label_smoothing=0.1, backend=backend)
+
+        def ref(i, t, s, upcast):
+            return contrastive_loss_reference(i, t, s.double() if upcast else s, label_smoothing=0.1, upcast=upcast)
+    elif op == "video_contrastive_loss":
+        inputs = (unit(9, 6, 16), unit(9, 16), torch.tensor(66.7, device=dev, requires_grad=True))
+
+        def loss(backend, f, t, s):
+            return fitclip_ext.video_contrastive_loss(f, t, s, k=3, backend=backend)
+
+        def ref(f, t, s, upcast):
+            return video_contrastive_loss_reference(f, t, s.double() if upcast else s, k=3, upcast=upcast)
+    else:
+        sv, st, tv, tt = (x.to(dev) for x in _distill_inputs(10, 7, 16, 8, torch.float32, seed=seed))
+        inputs = (sv.requires_grad_(), st.requires_grad_(), torch.tensor(50.0, device=dev, requires_grad=True))
+
+        def loss(backend, a, b, s):
+            return fitclip_ext.distillation_loss(a, b, tv, tt, s, 66.7, backend=backend)
+
+        def ref(a, b, s, upcast):
+            return distillation_loss_reference(a, b, tv, tt, s.double() if upcast else s, 66.7, upcast=upcast)
+    return loss, ref, inputs
 
 
-def test_compile_fullgraph_video_contrastive_loss():
-    g = torch.Generator().manual_seed(2)
-    frames = torch.randn(9, 6, 16, generator=g).requires_grad_()
-    text = torch.randn(9, 16, generator=g).requires_grad_()
-
-    def step(f, t):
-        return fitclip_ext.video_contrastive_loss(f, t, 20.0, k=3, backend="cpp")
-
-    out = torch.compile(step, fullgraph=True, backend="aot_eager")(frames, text)
-    grads = torch.autograd.grad(out, (frames, text))
-    ref = video_contrastive_loss_reference(frames, text, 20.0, k=3)
-    ref_grads = torch.autograd.grad(ref, (frames, text))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+def _check_compiled(op: str, backend: str, dev: str, compile_backend: str, seed: int) -> None:
+    """torch.compile(fullgraph=True) of the loss: value and gradients against float64 truth with
+    the project's rule (kernel error <= 2 x naive fp32 error + 1e-5)."""
+    loss, ref, inputs = _compile_case(op, dev, seed)
+    out = torch.compile(lambda *x: loss(backend, *x), fullgraph=True, backend=compile_backend)(*inputs)
+    grads = torch.autograd.grad(out, inputs)
+    naive = ref(*inputs, upcast=False)
+    ngrads = torch.autograd.grad(naive, inputs)
+    truth = ref(*inputs, upcast=True)
+    tgrads = torch.autograd.grad(truth, inputs)
+    assert_within_rule(f"{op} loss", out, naive, truth, torch.float32)
+    for i, (a, n, t) in enumerate(zip(grads, ngrads, tgrads)):
+        assert_within_rule(f"{op} grad {i}", a, n, t, torch.float32)
 
 
-def test_compile_fullgraph_distillation_loss():
-    g = torch.Generator().manual_seed(3)
-    sv, st = torch.randn(10, 16, generator=g).requires_grad_(), torch.randn(7, 16, generator=g).requires_grad_()
-    tv, tt = torch.randn(10, 8, generator=g), torch.randn(7, 8, generator=g)
-    scale = torch.tensor(5.0, requires_grad=True)
-
-    def step(a, b, s):
-        return fitclip_ext.distillation_loss(a, b, tv, tt, s, 4.0, backend="cpp")
-
-    out = torch.compile(step, fullgraph=True)(sv, st, scale)
-    grads = torch.autograd.grad(out, (sv, st, scale))
-    ref = distillation_loss_reference(sv, st, tv, tt, scale, 4.0)
-    ref_grads = torch.autograd.grad(ref, (sv, st, scale))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+# Inductor as users run it; aot_eager for the video loss (its fake top-k bookkeeping makes the
+# Inductor compile slow, and the op boundary it checks is the same).
+@pytest.mark.parametrize("op,compile_backend", [("contrastive_loss", "inductor"), ("video_contrastive_loss", "aot_eager"),
+                                                ("distillation_loss", "inductor")])
+def test_compile_fullgraph(op, compile_backend):
+    _check_compiled(op, "cpp", "cpu", compile_backend, seed=1)
 
 
 # ----------------------------------------------------------------------------- Triton ops
@@ -180,37 +188,14 @@ def test_triton_fix_columns_recomputes_flagged_columns_exactly():
 
 @pytest.mark.parametrize("op", ["contrastive_loss", "video_contrastive_loss", "distillation_loss"])
 def test_triton_compile_fullgraph(op):
-    g = torch.Generator().manual_seed(6)
-    B, T, D = 9, 4, 16
-    img = torch.randn(B, D, generator=g).to(TDEV).requires_grad_()
-    txt = torch.randn(B, D, generator=g).to(TDEV).requires_grad_()
-    frames = torch.randn(B, T, D, generator=g).to(TDEV).requires_grad_()
-    tv, tt = torch.randn(B, D, generator=g).to(TDEV), torch.randn(B, D, generator=g).to(TDEV)
-    scale = torch.tensor(10.0, device=TDEV, requires_grad=True)
-    if op == "contrastive_loss":
-        inputs = (img, txt, scale)
-
-        def step(i, t, s, backend):
-            return fitclip_ext.contrastive_loss(i, t, s, label_smoothing=0.1, backend=backend)
-    elif op == "video_contrastive_loss":
-        inputs = (frames, txt, scale)
-
-        def step(f, t, s, backend):
-            return fitclip_ext.video_contrastive_loss(f, t, s, k=2, backend=backend)
-    else:
-        inputs = (img, txt, scale)
-
-        def step(a, b, s, backend):
-            return fitclip_ext.distillation_loss(a, b, tv, tt, s, 5.0, backend=backend)
-
-    out = torch.compile(lambda *x: step(*x, "triton"), fullgraph=True, backend=COMPILE_BACKEND)(*inputs)
-    grads = torch.autograd.grad(out, inputs)
-    ref = step(*inputs, "torch")
-    ref_grads = torch.autograd.grad(ref, inputs)
-    tol = dict(rtol=1e-4, atol=1e-5) if TDEV == "cpu" else dict(rtol=2e-3, atol=2e-4)  # tf32 on GPUs
-    torch.testing.assert_close(out, ref, **tol)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, **tol)
+    # fp32 products: on a GPU TF32 tiles err about 1e-3, where the naive fp32 product the rule
+    # measures against does not (the interpreter always runs IEEE fp32).
+    matmul = torch.backends.cuda.matmul
+    saved, matmul.allow_tf32 = matmul.allow_tf32, False
+    try:
+        _check_compiled(op, "triton", TDEV, COMPILE_BACKEND, seed=6)
+    finally:
+        matmul.allow_tf32 = saved
 
 
 def test_forward_ops_are_differentiable_on_their_own():

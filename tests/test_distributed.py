@@ -71,6 +71,7 @@ def _worker(rank, world_size, init_file, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_open_clip(tmp_path):
     world_size = 2
     manager = mp.Manager()

@@ -50,6 +50,7 @@ def _run(cmd_head, csv, logs, name):
     return [float(v) for v in re.findall(r"Contrastive_loss: ([0-9.eE+-]+) \(", log)], swapped
 
 
+@pytest.mark.slow
 def test_swap_gives_the_same_per_step_losses(image_csv, tmp_path):
     theirs, swapped_theirs = _run(["-c", BASELINE], image_csv, tmp_path / "logs", "open_clip")
     ours, swapped_ours = _run(["-m", "fitclip_ext.open_clip_train"], image_csv, tmp_path / "logs", "fitclip")

@@ -149,6 +149,7 @@ def _torchrun(nproc, argv, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [
     ["--candidate-frames", "4"],  # mean pooling (ClipLoss, local loss) + temporal sampling + distillation
     ["--loss-pooling", "topk", "--pool-k", "1", "--class-prompts", "classes.txt"],  # fused top-k loss, prompts
