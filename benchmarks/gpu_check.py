@@ -1,5 +1,5 @@
-"""GPU check: correctness of the Triton ops against float64 on the GPU, then the PERFORMANCE.md
-benchmarks with their baselines, the card's measured ceilings, and a results JSON.
+"""GPU check: correctness of the Triton ops against float64 on the GPU, then the GPU benchmarks
+(floors and targets: docs/DESIGN.md) with their baselines, the card's measured ceilings, and a results JSON.
 
     python benchmarks/gpu_check.py --out DIR            # on a CUDA machine (benchmarks/gpu_check.sh)
     python benchmarks/gpu_check.py --tiny --out DIR     # anywhere: CPU tensors through the Triton

@@ -19,7 +19,7 @@ def _backend_cases(shapes, dtypes):
     """(backend, dtype, shape) triples. The C++ backend takes every case. The Triton backend runs
     on CUDA when present; otherwise through the interpreter, which is slow (small shapes only),
     has no float64 path in the kernels (CUDA ops take half/float32) and computes bf16 tl.dot wrongly
-    (ENVIRONMENT.md: errors of 1e10), so bf16 is covered by the AOT compile and the GPU check."""
+    (docs/TESTING.md: errors of 1e10), so bf16 is covered by the AOT compile and the GPU check."""
     cases = []
     for dtype in dtypes:
         for shape in shapes:
