@@ -68,7 +68,7 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in kernels/ and install as fitclip_ext.kernels: the distribution
     # must not claim the top-level name `kernels` (another PyPI package owns it).
-    packages=["fitclip_ext", "fitclip_ext.kernels"],
+    packages=["fitclip_ext", "fitclip_ext.backends", "fitclip_ext.kernels"],
     package_dir={"fitclip_ext": "fitclip_ext", "fitclip_ext.kernels": "kernels"},
     ext_modules=[CMakeExtension("fitclip_ext._C")],
     cmdclass={"build_ext": CMakeBuild},

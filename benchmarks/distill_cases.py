@@ -10,14 +10,18 @@ from fitclip_ext.reference import distillation_loss_reference
 IMPLS = ("fitclip", "torch", "torch_compile")
 
 
-def make_inputs(B: int, D: int, device="cpu", seed: int = 0):
-    """B student/teacher video and caption embeddings; the student a noisy copy of the teacher."""
+def make_inputs(B: int, D: int, device="cpu", seed: int = 0, *, m: int | None = None, dtype=torch.float32,
+                scale: float = 66.7):
+    """B student/teacher video and m (default B) caption embeddings, the student a noisy copy of
+    the teacher, in `dtype`; the student's features and scale require grad."""
+    m = B if m is None else m
     g = torch.Generator(device=device).manual_seed(seed)
     tv = F.normalize(torch.randn(B, D, generator=g, device=device), dim=-1)
-    tt = F.normalize(torch.randn(B, D, generator=g, device=device), dim=-1)
+    tt = F.normalize(torch.randn(m, D, generator=g, device=device), dim=-1)
     sv = F.normalize(tv + 0.5 * torch.randn(B, D, generator=g, device=device) / D**0.5, dim=-1)
-    st = F.normalize(tt + 0.5 * torch.randn(B, D, generator=g, device=device) / D**0.5, dim=-1)
-    s_scale = torch.tensor(66.7, device=device)
+    st = F.normalize(tt + 0.5 * torch.randn(m, D, generator=g, device=device) / D**0.5, dim=-1)
+    s_scale = torch.tensor(scale, device=device)
+    sv, st, tv, tt = (x.to(dtype) for x in (sv, st, tv, tt))
     return sv.requires_grad_(), st.requires_grad_(), tv, tt, s_scale.requires_grad_()
 
 

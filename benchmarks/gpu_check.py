@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 def parse_args():
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true", help="CPU + Triton interpreter, tiny sizes")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the results JSON")
     p.add_argument("--max-seconds", type=float, default=330.0, help="stop starting new cases after this")
     return p.parse_args()
 
@@ -42,8 +42,11 @@ if ARGS.tiny:
 import torch  # noqa: E402
 
 import fitclip_ext  # noqa: E402
-from fitclip_ext.reference import (contrastive_loss_reference, select_frames_reference,  # noqa: E402
-                                   topk_frame_similarity_reference, video_contrastive_loss_reference)
+from benchmarks import contrastive_cases, distill_cases, frame_cases  # noqa: E402
+from fitclip_ext.reference import (contrastive_loss_reference, distillation_loss_reference,  # noqa: E402
+                                   select_frames_reference, topk_frame_similarity_reference,
+                                   video_contrastive_loss_reference)
+from fitclip_ext.testing import rel_err as rel, rule_rows  # noqa: E402
 
 DEV = "cpu" if ARGS.tiny else "cuda"
 T0 = time.time()
@@ -163,46 +166,45 @@ def ceilings() -> dict:
 
 # ----------------------------------------------------------------------------- cases
 
-def make_inputs(B, D, dtype, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    img = torch.nn.functional.normalize(torch.randn(B, D, device=DEV, generator=g), dim=-1).to(dtype)
-    txt = torch.nn.functional.normalize(torch.randn(B, D, device=DEV, generator=g), dim=-1).to(dtype)
-    return img.requires_grad_(), txt.requires_grad_(), torch.tensor(100.0, device=DEV, requires_grad=True)
+def dtype_name(dtype, tf32: bool = False) -> str:
+    return str(dtype).replace("torch.", "") + ("/tf32" if dtype == torch.float32 and tf32 else "")
 
 
-def fwd_bwd(loss_fn, inputs):
-    def run():
-        loss = loss_fn(*inputs)
-        torch.autograd.grad(loss, inputs)
-
-    return run
-
-
-def rel(a, b):
-    """||a - b|| / ||b||; absolute where the truth is exactly zero (e.g. B = 1: one class)."""
-    a, b = a.detach().double(), b.detach().double()
-    den = b.norm().item()
-    return (a - b).norm().item() / (den if den > 0 else 1.0)
+def report(what: str, rows: list) -> list:
+    bad = [c for c in rows if not c.get("ok")]
+    log(f"{what} correctness: {len(rows) - len(bad)}/{len(rows)} ok", *(f"\n  FAIL {c}" for c in bad))
+    return rows
 
 
 def correctness(dtype, B, D, tf32=True):
     """Loss and gradients of the Triton op and of naive torch at the same dtype, against float64."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    inputs = make_inputs(B, D, dtype, seed=B + D)
+    inputs = contrastive_cases.make_inputs(B, D, dtype, DEV, seed=B + D)
     ours = fitclip_ext.contrastive_loss(*inputs, label_smoothing=0.1, backend="triton")
-    g_ours = torch.autograd.grad(ours, inputs)
     naive = contrastive_loss_reference(*inputs, label_smoothing=0.1)
-    g_naive = torch.autograd.grad(naive, inputs)
     truth_in = [x.detach().double().requires_grad_() for x in inputs]
     truth = contrastive_loss_reference(*truth_in, label_smoothing=0.1)
-    g_truth = torch.autograd.grad(truth, truth_in)
-    tol = {torch.float32: 1e-5 if not tf32 else 5e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
-    rows = []
-    for name, o, nv, t in [("loss", ours, naive, truth)] + list(zip(["d_image", "d_text", "d_scale"], g_ours, g_naive, g_truth)):
-        e, ne = rel(o, t), rel(nv, t)
-        rows.append({"what": name, "rel_err": e, "naive_rel_err": ne, "ok": bool(e <= 2 * ne + tol)})
+    res = [[out, *torch.autograd.grad(out, x)] for out, x in ((ours, inputs), (naive, inputs), (truth, truth_in))]
     torch.backends.cuda.matmul.allow_tf32 = False
-    return rows
+    return rule_rows(["loss", "d_image", "d_text", "d_scale"], *res, dtype, tf32, op="contrastive_loss", B=B, D=D,
+                     dtype=dtype_name(dtype, tf32))
+
+
+def infonce_correctness() -> list:
+    """contrastive_loss on the device against float64: odd shapes, each dtype, TF32 on and off."""
+    corr = []
+    shapes = [(1, 1), (7, 3), (33, 40), (100, 17)] if ARGS.tiny else \
+        [(1, 1), (7, 3), (127, 65), (1000, 17), (4097, 512), (8191, 768)]
+    dtypes = [(torch.float32, False), (torch.float16, True)] if ARGS.tiny else \
+        [(torch.bfloat16, True), (torch.float16, True), (torch.float32, True), (torch.float32, False)]
+    for dtype, tf32 in dtypes:
+        for B, D in shapes:
+            try:
+                corr += correctness(dtype, B, D, tf32)
+            except Exception as err:
+                corr.append({"op": "contrastive_loss", "B": B, "D": D, "dtype": str(dtype), "ok": False,
+                             "error": repr(err)[:300]})
+    return report("contrastive_loss", corr)
 
 
 def time_against_torch(case: dict, ours, base, big: bool, floor_flops: float | None, tflops) -> None:
@@ -219,57 +221,56 @@ def time_against_torch(case: dict, ours, base, big: bool, floor_flops: float | N
         case["baselines"] = {"torch": {"error": "out of memory"}}
 
 
-def frame_ops(tflops, copy_gbps, cases: list):
-    """Correctness (float64 truth, each dtype) and benchmarks of the frame ops (into cases)."""
+def frame_correctness() -> list:
+    """The frame ops on the device against float64 (the rule), each dtype; select_frames exactly."""
     corr = []
     dtypes = [torch.float32, torch.float16] if ARGS.tiny else [torch.bfloat16, torch.float16, torch.float32]
+    shapes = [(9, 7, 5, 2), (16, 16, 12, 12)] if ARGS.tiny else [(129, 77, 12, 4), (1000, 333, 33, 7), (64, 64, 16, 16)]
     for dtype in dtypes:
-        for C, V, T, k in ([(9, 7, 5, 2), (16, 16, 12, 12)] if ARGS.tiny else [(129, 77, 12, 4), (1000, 333, 33, 7), (64, 64, 16, 16)]):
-            g = torch.Generator(device=DEV).manual_seed(C + T)
-            text = torch.randn(C, 64, device=DEV, generator=g).to(dtype).requires_grad_()
-            frames = torch.randn(V, T, 64, device=DEV, generator=g).to(dtype).requires_grad_()
-            tol = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
-            label = dict(C=C, V=V, T=T, k=k, dtype=str(dtype).replace("torch.", ""))
+        for C, V, T, k in shapes:
+            label = dict(C=C, V=V, T=T, k=k, dtype=dtype_name(dtype))
             try:
-                def run(fn):
-                    out = fn(text, frames)
-                    w = torch.linspace(0.5, 1.5, out.numel(), device=DEV).reshape(out.shape).to(out.dtype)
-                    return [out] + list(torch.autograd.grad((out * w).sum(), (text, frames)))
-
-                ours = run(lambda a, b: fitclip_ext.topk_frame_similarity(a, b, k, backend="triton"))
-                naive = run(lambda a, b: topk_frame_similarity_reference(a, b, k))
-                truth = run(lambda a, b: topk_frame_similarity_reference(a, b, k, upcast=True))
-                for what, o, nv, t in zip(["sim", "d_text", "d_frames"], ours, naive, truth):
-                    e, ne = rel(o, t), rel(nv, t)
-                    corr.append({"op": "topk_frame_similarity", "what": what, **label, "rel_err": e, "naive_rel_err": ne,
-                                 "ok": bool(e <= 2 * ne + tol)})
-                B = min(C, V)
-                fr, tx = frames[:B].detach(), text[:B].detach()
-                idx, _ = fitclip_ext.select_frames(fr, tx, k, backend="triton")
-                ref_idx, _ = select_frames_reference(fr, tx, k, upcast=True)
-                corr.append({"op": "select_frames", **label, "ok": bool(torch.equal(idx, ref_idx)),
-                             "mismatched_rows": int((idx != ref_idx).any(1).sum())})
-                fr, tx = fr.clone().requires_grad_(), tx.clone().requires_grad_()
-                sc = torch.tensor(30.0, device=DEV)
-                lo = fitclip_ext.video_contrastive_loss(fr, tx, sc, k=k, label_smoothing=0.1, backend="triton")
-                go = torch.autograd.grad(lo, (fr, tx))
-                ln = video_contrastive_loss_reference(fr, tx, sc, k=k, label_smoothing=0.1)
-                gn = torch.autograd.grad(ln, (fr, tx))
-                f64, t64 = fr.detach().double().requires_grad_(), tx.detach().double().requires_grad_()
-                lt = video_contrastive_loss_reference(f64, t64, sc.double(), k=k, label_smoothing=0.1)
-                gt = torch.autograd.grad(lt, (f64, t64))
-                for what, o, nv, t in zip(["loss", "d_frames", "d_text"], [lo, *go], [ln, *gn], [lt, *gt]):
-                    e, ne = rel(o, t), rel(nv, t)
-                    corr.append({"op": "video_contrastive_loss", "what": what, **label, "rel_err": e,
-                                 "naive_rel_err": ne, "ok": bool(e <= 2 * ne + tol)})
+                corr += frame_case_correctness(dtype, C, V, T, k, label)
             except Exception as err:
                 traceback.print_exc()
                 corr.append({"op": "frame ops", **label, "ok": False, "error": repr(err)[:300]})
-    bad = [c for c in corr if not c.get("ok")]
-    log(f"frame-op correctness: {len(corr) - len(bad)}/{len(corr)} ok", *(f"\n  FAIL {c}" for c in bad))
+    return report("frame-op", corr)
 
-    from benchmarks.frame_cases import torch_topk_similarity, torch_video_loss
 
+def frame_case_correctness(dtype, C, V, T, k, label) -> list:
+    text, frames = frame_cases.make("topk_frame_similarity", C, V, T, 64, seed=C + T, device=DEV, dtype=dtype)
+
+    def run(fn):
+        out = fn(text, frames)
+        w = torch.linspace(0.5, 1.5, out.numel(), device=DEV).reshape(out.shape).to(out.dtype)
+        return [out] + list(torch.autograd.grad((out * w).sum(), (text, frames)))
+
+    res = [run(lambda a, b: fitclip_ext.topk_frame_similarity(a, b, k, backend="triton")),
+           run(lambda a, b: topk_frame_similarity_reference(a, b, k)),
+           run(lambda a, b: topk_frame_similarity_reference(a, b, k, upcast=True))]
+    rows = rule_rows(["sim", "d_text", "d_frames"], *res, dtype, op="topk_frame_similarity", **label)
+    B = min(C, V)
+    fr, tx = frames[:B].detach(), text[:B].detach()
+    idx, _ = fitclip_ext.select_frames(fr, tx, k, backend="triton")
+    ref_idx, _ = select_frames_reference(fr, tx, k, upcast=True)
+    rows.append({"op": "select_frames", **label, "ok": bool(torch.equal(idx, ref_idx)),
+                 "mismatched_rows": int((idx != ref_idx).any(1).sum())})
+    sc = torch.tensor(30.0, device=DEV)
+    res = []
+    for fn, up in ((lambda *a: fitclip_ext.video_contrastive_loss(*a, k=k, label_smoothing=0.1, backend="triton"), False),
+                   (lambda *a: video_contrastive_loss_reference(*a, k=k, label_smoothing=0.1), False),
+                   (lambda *a: video_contrastive_loss_reference(*a, k=k, label_smoothing=0.1), True)):
+        f, t = (x.detach().clone().double() if up else x.detach().clone() for x in (fr, tx))
+        f.requires_grad_()
+        t.requires_grad_()
+        out = fn(f, t, sc.double() if up else sc)
+        res.append([out, *torch.autograd.grad(out, (f, t))])
+    return rows + rule_rows(["loss", "d_frames", "d_text"], *res, dtype, op="video_contrastive_loss", **label)
+
+
+def frame_benchmarks(tflops, copy_gbps, cases: list):
+    """topk_frame_similarity, video_contrastive_loss and select_frames against torch (into cases)."""
+    torch_topk_similarity, torch_video_loss = frame_cases.torch_topk_similarity, frame_cases.torch_video_loss
     dtype = torch.float32 if ARGS.tiny else torch.bfloat16
     grid = [(64, 64, 8, 32, 4)] if ARGS.tiny else [(2048, 2048, 16, 512, 4), (8192, 8192, 16, 512, 4), (8192, 8192, 32, 512, 8)]
     for C, V, T, D, k in grid:
@@ -279,9 +280,7 @@ def frame_ops(tflops, copy_gbps, cases: list):
         case = {"op": "topk_frame_similarity", "pass": "fwd+bwd", "C": C, "V": V, "T": T, "D": D, "k": k,
                 "dtype": str(dtype).replace("torch.", "")}
         with recorded(case, cases):
-            g = torch.Generator(device=DEV).manual_seed(1)
-            text = torch.randn(C, D, device=DEV, generator=g).to(dtype).requires_grad_()
-            frames = torch.randn(V, T, D, device=DEV, generator=g).to(dtype).requires_grad_()
+            text, frames = frame_cases.make("topk_frame_similarity", C, V, T, D, seed=1, device=DEV, dtype=dtype)
             w = torch.randn(C, V, device=DEV).to(dtype)
 
             def mk(fn):
@@ -296,9 +295,7 @@ def frame_ops(tflops, copy_gbps, cases: list):
         case = {"op": "video_contrastive_loss", "pass": "fwd+bwd", "B": B, "T": T, "D": D, "k": k,
                 "dtype": str(dtype).replace("torch.", "")}
         with recorded(case, cases):
-            g = torch.Generator(device=DEV).manual_seed(2)
-            text = torch.randn(B, D, device=DEV, generator=g).to(dtype).requires_grad_()
-            frames = torch.randn(B, T, D, device=DEV, generator=g).to(dtype).requires_grad_()
+            text, frames = frame_cases.make("video_contrastive_loss", B, B, T, D, seed=2, device=DEV, dtype=dtype)
             sc = torch.tensor(30.0, device=DEV, requires_grad=True)
             ours = lambda: torch.autograd.grad(fitclip_ext.video_contrastive_loss(frames, text, sc, k=k, backend="triton"),
                                                (frames, text, sc))
@@ -325,11 +322,9 @@ def frame_ops(tflops, copy_gbps, cases: list):
             "C": C, "V": V, "T": T, "D": D, "k": k, "dtype": str(dtype).replace("torch.", "")}
     if time.time() - T0 > ARGS.max_seconds:
         cases.append({**case, "skipped": "time budget"})
-        return corr
+        return
     with recorded(case, cases):
-        g = torch.Generator(device=DEV).manual_seed(4)
-        text = torch.randn(C, D, device=DEV, generator=g).to(dtype).requires_grad_()
-        frames = torch.randn(V, T, D, device=DEV, generator=g).to(dtype).requires_grad_()
+        text, frames = frame_cases.make("topk_frame_similarity", C, V, T, D, seed=4, device=DEV, dtype=dtype)
         sc = torch.tensor(30.0, device=DEV)
 
         def run():
@@ -339,52 +334,43 @@ def frame_ops(tflops, copy_gbps, cases: list):
             torch.autograd.grad(loss, (frames, text))
             fitclip_ext.select_frames(frames.detach(), text.detach(), k, backend="triton")
 
-        _tuned(case, run)
-    return corr
+        tuned(case, run)
 
 
-def distill_ops(tflops, cases: list):
-    """Correctness (float64 truth, each dtype) and benchmarks of distillation_loss against the
-    torch composition (log_softmax + kl_div both ways) and torch.compile of it (into cases)."""
-    from fitclip_ext.reference import distillation_loss_reference
+def distill_inputs(n, m, D, dtype, seed):
+    return distill_cases.make_inputs(n, D, DEV, seed, m=m, dtype=dtype, scale=30.0)
 
+
+def distill_correctness() -> list:
+    """distillation_loss on the device against float64 (the rule), odd shapes, each dtype."""
     corr = []
-    norm = torch.nn.functional.normalize
-
-    def inputs(n, m, D, dtype, seed):
-        g = torch.Generator(device=DEV).manual_seed(seed)
-        tv, tt = norm(torch.randn(n, D, generator=g, device=DEV), dim=-1), norm(torch.randn(m, D, generator=g, device=DEV), dim=-1)
-        sv = norm(tv + 0.5 * torch.randn(n, D, generator=g, device=DEV) / D**0.5, dim=-1)
-        st = norm(tt + 0.5 * torch.randn(m, D, generator=g, device=DEV) / D**0.5, dim=-1)
-        s = torch.tensor(30.0, device=DEV)
-        return [x.to(dtype) for x in (sv, st, tv, tt)] + [s]
-
     dtypes = [torch.float32, torch.float16] if ARGS.tiny else [torch.bfloat16, torch.float16, torch.float32]
+    shapes = [(9, 7, 16), (33, 40, 24)] if ARGS.tiny else [(1, 1, 8), (127, 65, 65), (1000, 17, 512), (4097, 4097, 512)]
     for dtype in dtypes:
-        for n, m, D in ([(9, 7, 16), (33, 40, 24)] if ARGS.tiny else [(1, 1, 8), (127, 65, 65), (1000, 17, 512), (4097, 4097, 512)]):
+        for n, m, D in shapes:
+            label = dict(op="distillation_loss", n=n, m=m, D=D, dtype=dtype_name(dtype))
             try:
-                sv, st, tv, tt, s = inputs(n, m, D, dtype, n + m)
+                sv, st, tv, tt, s = distill_inputs(n, m, D, dtype, n + m)
                 t_scale = 66.7 if dtype == torch.float32 else 8.0
-                res = {}
-                for name, fn, up in (("ours", lambda *a: fitclip_ext.distillation_loss(*a, backend="triton"), False),
-                                     ("naive", distillation_loss_reference, False),
-                                     ("truth", distillation_loss_reference, True)):
-                    a = [x.detach().clone().double() if up else x.detach().clone() for x in (sv, st)]
-                    sc = s.detach().clone().double() if up else s.detach().clone()
-                    for x in a + [sc]:
+                res = []
+                for fn, up in ((lambda *a: fitclip_ext.distillation_loss(*a, backend="triton"), False),
+                               (distillation_loss_reference, False), (distillation_loss_reference, True)):
+                    a = [x.detach().clone().double() if up else x.detach().clone() for x in (sv, st, s)]
+                    for x in a:
                         x.requires_grad_()
                     tvv, ttv = (tv.double(), tt.double()) if up else (tv, tt)
-                    out = fn(a[0], a[1], tvv, ttv, sc, t_scale)
-                    res[name] = [out] + list(torch.autograd.grad(out, a + [sc]))
-                tol = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
-                for i, what in enumerate(["distill_loss", "d_student_video", "d_student_text", "d_student_scale"]):
-                    e, ne = rel(res["ours"][i], res["truth"][i]), rel(res["naive"][i], res["truth"][i])
-                    corr.append({"op": "distillation_loss", "what": what, "n": n, "m": m, "D": D,
-                                 "dtype": str(dtype).replace("torch.", ""), "rel_err": e, "naive_rel_err": ne,
-                                 "ok": bool(e <= 2 * ne + tol)})
+                    out = fn(a[0], a[1], tvv, ttv, a[2], t_scale)
+                    res.append([out] + list(torch.autograd.grad(out, a)))
+                corr += rule_rows(["distill_loss", "d_student_video", "d_student_text", "d_student_scale"], *res,
+                                  dtype, **label)
             except Exception as err:
-                corr.append({"op": "distillation_loss", "n": n, "m": m, "D": D, "dtype": str(dtype), "ok": False,
-                             "error": repr(err)[:300]})
+                corr.append({**label, "ok": False, "error": repr(err)[:300]})
+    return report("distillation", corr)
+
+
+def distill_benchmarks(tflops, cases: list):
+    """distillation_loss against the torch composition (log_softmax + kl_div both ways) and
+    torch.compile of it (into cases)."""
     compiled = torch.compile(distillation_loss_reference) if DEV == "cuda" else None
     for B, D in ([(64, 32)] if ARGS.tiny else [(8192, 512), (32768, 512)]):
         if time.time() - T0 > ARGS.max_seconds:
@@ -392,10 +378,7 @@ def distill_ops(tflops, cases: list):
             continue
         case = {"op": "distillation_loss", "pass": "fwd+bwd", "B": B, "D": D, "dtype": "float32" if ARGS.tiny else "bfloat16"}
         with recorded(case, cases):
-            sv, st, tv, tt, s = inputs(B, B, D, torch.float32 if ARGS.tiny else torch.bfloat16, 0)
-            sv.requires_grad_()
-            st.requires_grad_()
-            s.requires_grad_()
+            sv, st, tv, tt, s = distill_inputs(B, B, D, torch.float32 if ARGS.tiny else torch.bfloat16, 0)
 
             def runner(fn):
                 def run():
@@ -418,24 +401,21 @@ def distill_ops(tflops, cases: list):
             "dtype": "float32" if ARGS.tiny else "bfloat16"}
     if time.time() - T0 > ARGS.max_seconds:
         cases.append({**case, "skipped": "time budget"})
-        return corr
+        return
     with recorded(case, cases):
-        sv, st, tv, tt, s = inputs(B, B, D, torch.float32 if ARGS.tiny else torch.bfloat16, 1)
-        for x in (sv, st, s):
-            x.requires_grad_()
-        _tuned(case, lambda: torch.autograd.grad(fitclip_ext.distillation_loss(sv, st, tv, tt, s, 66.7, backend="triton"),
+        sv, st, tv, tt, s = distill_inputs(B, B, D, torch.float32 if ARGS.tiny else torch.bfloat16, 1)
+        tuned(case, lambda: torch.autograd.grad(fitclip_ext.distillation_loss(sv, st, tv, tt, s, 66.7, backend="triton"),
                                                  (sv, st, s)))
-    return corr
 
 
-def _tuned(case: dict, run) -> None:
+def tuned(case: dict, run) -> None:
     """Fills case with run's time under the default blocks, then under FITCLIP_TRITON_AUTOTUNE=1
     (every candidate of every kernel it launches timed by triton.autotune), and each kernel's
     candidate timings (the data for choosing the defaults)."""
-    from fitclip_ext.kernels import _op
+    from fitclip_ext.kernels import common as kernel_common
 
     case["default_ms"] = bench_ms(run, False)
-    _op._TUNERS.clear()
+    kernel_common.TUNERS.clear()
     os.environ["FITCLIP_TRITON_AUTOTUNE"] = "1"
     try:
         run()  # tunes every kernel launch of this shape
@@ -444,7 +424,7 @@ def _tuned(case: dict, run) -> None:
         os.environ.pop("FITCLIP_TRITON_AUTOTUNE", None)
     case["speedup_over_default"] = case["default_ms"] / case["tuned_ms"]
     case["kernels"] = []
-    for ident, tuner in _op._TUNERS.items():
+    for ident, tuner in kernel_common.TUNERS.items():
         keys = list(tuner.cache.items())
         for i, (key, best) in enumerate(keys):  # configs_timings holds the last key's timings only
             timings = getattr(tuner, "configs_timings", None) if i == len(keys) - 1 else None
@@ -452,7 +432,7 @@ def _tuned(case: dict, run) -> None:
                 "kernel": tuner.base_fn.__name__ + (f" ({ident[1]})" if ident[1] else ""),
                 "key": [str(k) for k in key], "best": str(best), "default": str(tuner.configs[0]),
                 "timings_ms": {str(c): t[0] for c, t in timings.items()} if timings else None})
-    _op._TUNERS.clear()
+    kernel_common.TUNERS.clear()
 
 
 def tuning(cases: list):
@@ -466,8 +446,9 @@ def tuning(cases: list):
         case = {"op": "contrastive_loss autotune", "pass": "fwd+bwd", "B": B, "D": D,
                 "dtype": str(dtype).replace("torch.", "")}
         with recorded(case, cases):
-            inputs = make_inputs(B, D, dtype, seed=7)
-            _tuned(case, fwd_bwd(lambda i, t, s: fitclip_ext.contrastive_loss(i, t, s, backend="triton"), inputs))
+            inputs = contrastive_cases.make_inputs(B, D, dtype, DEV, seed=7)
+            tuned(case, contrastive_cases.fwd_bwd(lambda i, t, s: fitclip_ext.contrastive_loss(i, t, s, backend="triton"),
+                                                  inputs))
 
 
 def large_index(cases: list):
@@ -522,6 +503,92 @@ def large_index(cases: list):
             case["error"] = f"relative error above {tol}"
 
 
+def infonce_benchmarks(tflops, cases: list):
+    """contrastive_loss against open_clip's ClipLoss, torch, torch.compile and inf-cl (into cases);
+    the autotune sweep before the long single runs."""
+    ClipLoss = load_open_clip_loss()
+    clip_loss = ClipLoss() if ClipLoss else None
+    baselines = {
+        "open_clip": (lambda i, t, s: clip_loss(i, t, s)) if clip_loss else None,
+        "torch": contrastive_loss_reference,
+        "torch_compile": torch.compile(contrastive_loss_reference) if DEV == "cuda" else None,
+        "inf_cl": load_inf_cl(),
+    }
+    # (B, D, which baselines to try): naive ones hold several B x B matrices (17 GB each in fp32 at 65536)
+    if ARGS.tiny:
+        grid = [(64, 32, ("open_clip", "torch")), (100, 48, ("torch",))]
+        dtype = torch.float32
+    else:
+        grid = [(8192, 512, ("open_clip", "torch", "torch_compile", "inf_cl")),
+                (32768, 512, ("open_clip", "torch", "torch_compile", "inf_cl")),
+                (32768, 768, ("open_clip", "torch", "inf_cl")),
+                (65536, 512, ("open_clip", "inf_cl")),
+                (65536, 768, ("inf_cl",)),
+                (262144, 512, ()),
+                (1048576, 512, ())]
+        dtype = torch.bfloat16
+    swept = False
+    for B, D, names in grid:
+        if B >= 262144 and not swept:
+            tuning(cases)
+            swept = True
+        if time.time() - T0 > ARGS.max_seconds:
+            cases.append({"op": "contrastive_loss", "B": B, "D": D, "skipped": "time budget of the check ran out"})
+            continue
+        case = {"op": "contrastive_loss", "pass": "fwd+bwd", "B": B, "D": D, "dtype": dtype_name(dtype)}
+        with recorded(case, cases):
+            inputs = contrastive_cases.make_inputs(B, D, dtype, DEV)
+            infonce_case(case, inputs, tflops)
+            case["baselines"] = {name: baseline_case(baselines.get(name), inputs, B >= 32768, case["median_ms"])
+                                 for name in names}
+    if not swept:
+        tuning(cases)
+
+
+def infonce_case(case: dict, inputs, tflops) -> None:
+    """Our fwd+bwd and forward times, peak memory, fraction of the floor, and the error vs float64."""
+    B, D = inputs[0].shape
+    ours = contrastive_cases.fwd_bwd(lambda i, t, s: fitclip_ext.contrastive_loss(i, t, s, backend="triton"), inputs)
+    fwd = lambda: fitclip_ext.contrastive_loss(*inputs, backend="triton")  # noqa: E731
+    if B >= 262144:  # seconds a call: the memory run is the warm-up, then 2 timed calls and 1 forward
+        case["peak_mb"] = peak_mb(ours)
+        case["median_ms"] = bench_ms(ours, True, reps=2, warm=False)
+        with torch.no_grad():
+            case["forward_ms"] = bench_ms(fwd, True, reps=1, warm=False)
+    else:
+        case["median_ms"] = bench_ms(ours, False)
+        with torch.no_grad():
+            case["forward_ms"] = bench_ms(fwd, False)
+        case["peak_mb"] = peak_mb(ours)
+    case["inputs_and_grads_mb"] = 4 * B * D * inputs[0].element_size() / 2**20
+    if tflops:
+        case["floor_ms"] = 8 * B * B * D / (tflops * 1e12) * 1e3
+        case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
+        case["forward_fraction_of_floor"] = case["floor_ms"] / 4 / case["forward_ms"]  # 2 of the 8
+    if B <= 16384 or ARGS.tiny:
+        with torch.no_grad():
+            i, t, s = (x.detach() for x in inputs)
+            case["rel_err"] = rel(fitclip_ext.contrastive_loss(i, t, s, backend="triton"),
+                                  contrastive_loss_reference(i.double(), t.double(), s.double()))
+
+
+def baseline_case(fn, inputs, big: bool, our_ms: float) -> dict:
+    """A baseline's fwd+bwd time, speedup and peak memory, or why it could not run."""
+    if fn is None:
+        return {"error": "not available on this machine"}
+    try:
+        run = contrastive_cases.fwd_bwd(fn, inputs)
+        ms = bench_ms(run, big=big)
+        return {"median_ms": ms, "speedup": ms / our_ms, "peak_mb": peak_mb(run)}
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    except Exception as err:
+        return {"error": repr(err)[:300]}
+    finally:
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main():
     out_dir = ARGS.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -537,113 +604,21 @@ def main():
     _SAVE.append(lambda: path.write_text(json.dumps(doc, indent=2, default=str) + "\n"))
     doc["ceilings"] = ceilings()
     log("ceilings", doc["ceilings"])
-
-    # 1. correctness on the device, odd shapes, each dtype
-    corr = []
-    shapes = [(1, 1), (7, 3), (33, 40), (100, 17)] if ARGS.tiny else [(1, 1), (7, 3), (127, 65), (1000, 17), (4097, 512), (8191, 768)]
-    dtypes = [(torch.float32, False), (torch.float16, True)] if ARGS.tiny else \
-        [(torch.bfloat16, True), (torch.float16, True), (torch.float32, True), (torch.float32, False)]
-    for dtype, tf32 in dtypes:
-        for B, D in shapes:
-            try:
-                for r in correctness(dtype, B, D, tf32):
-                    corr.append({"B": B, "D": D, "dtype": str(dtype).replace("torch.", "") + ("/tf32" if dtype == torch.float32 and tf32 else ""), **r})
-            except Exception as err:
-                corr.append({"B": B, "D": D, "dtype": str(dtype), "ok": False, "error": repr(err)[:300]})
-    bad = [c for c in corr if not c.get("ok")]
-    log(f"correctness: {len(corr) - len(bad)}/{len(corr)} ok", *(f"\n  FAIL {c}" for c in bad))
-    doc["correctness"] = corr
+    tflops = doc["ceilings"].get("bf16_matmul_tflops")
+    # 1. correctness on the device, odd shapes, each dtype; 2. benchmarks (bf16 on the GPU; fp32
+    # in the interpreter), each after its op's correctness
+    doc["correctness"] = infonce_correctness()
     cases = doc["cases"] = []
     large_index(cases)
-
-    # 2. benchmarks (bf16 on the GPU; fp32 in the interpreter)
-    ClipLoss = load_open_clip_loss()
-    inf_cl = load_inf_cl()
-    clip_loss = ClipLoss() if ClipLoss else None
-    compiled = torch.compile(contrastive_loss_reference) if DEV == "cuda" else None
-    baselines = {
-        "open_clip": (lambda i, t, s: clip_loss(i, t, s)) if clip_loss else None,
-        "torch": contrastive_loss_reference,
-        "torch_compile": compiled,
-        "inf_cl": inf_cl,
-    }
-    # (B, D, which baselines to try): naive ones hold several B x B matrices (17 GB each in fp32 at 65536)
-    if ARGS.tiny:
-        grid = [(64, 32, ("open_clip", "torch")), (100, 48, ("torch",))]
-        dtype = torch.float32
-    else:
-        grid = [(8192, 512, ("open_clip", "torch", "torch_compile", "inf_cl")),
-                (32768, 512, ("open_clip", "torch", "torch_compile", "inf_cl")),
-                (32768, 768, ("open_clip", "torch", "inf_cl")),
-                (65536, 512, ("open_clip", "inf_cl")),
-                (65536, 768, ("inf_cl",)),
-                (262144, 512, ()),
-                (1048576, 512, ())]
-        dtype = torch.bfloat16
-    tflops = doc["ceilings"].get("bf16_matmul_tflops")
-    tuned = False
-    for B, D, names in grid:
-        if B >= 262144 and not tuned:  # the autotune sweep before the long single runs
-            tuning(cases)
-            tuned = True
-        if time.time() - T0 > ARGS.max_seconds:
-            cases.append({"op": "contrastive_loss", "B": B, "D": D, "skipped": "time budget of the check ran out"})
-            continue
-        case = {"op": "contrastive_loss", "pass": "fwd+bwd", "B": B, "D": D, "dtype": str(dtype).replace("torch.", "")}
-        with recorded(case, cases):
-            inputs = make_inputs(B, D, dtype)
-            ours = fwd_bwd(lambda i, t, s: fitclip_ext.contrastive_loss(i, t, s, backend="triton"), inputs)
-            big = B >= 262144
-            fwd = lambda: fitclip_ext.contrastive_loss(*inputs, backend="triton")  # noqa: E731
-            if big:  # seconds a call: the memory run is the warm-up, then 2 timed calls and 1 forward
-                case["peak_mb"] = peak_mb(ours)
-                case["median_ms"] = bench_ms(ours, True, reps=2, warm=False)
-                with torch.no_grad():
-                    case["forward_ms"] = bench_ms(fwd, True, reps=1, warm=False)
-            else:
-                case["median_ms"] = bench_ms(ours, False)
-                with torch.no_grad():
-                    case["forward_ms"] = bench_ms(fwd, False)
-                case["peak_mb"] = peak_mb(ours)
-            case["inputs_and_grads_mb"] = 4 * B * D * inputs[0].element_size() / 2**20
-            if tflops:
-                case["floor_ms"] = 8 * B * B * D / (tflops * 1e12) * 1e3
-                case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
-                case["forward_fraction_of_floor"] = case["floor_ms"] / 4 / case["forward_ms"]  # 2 of the 8
-            if B <= 16384 or ARGS.tiny:
-                with torch.no_grad():
-                    i, t, s = (x.detach() for x in inputs)
-                    case["rel_err"] = rel(fitclip_ext.contrastive_loss(i, t, s, backend="triton"),
-                                          contrastive_loss_reference(i.double(), t.double(), s.double()))
-            case["baselines"] = {}
-            for name in names:
-                fn = baselines.get(name)
-                if fn is None:
-                    case["baselines"][name] = {"error": "not available on this machine"}
-                    continue
-                try:
-                    run = fwd_bwd(fn, inputs)
-                    ms = bench_ms(run, big=B >= 32768)
-                    case["baselines"][name] = {"median_ms": ms, "speedup": ms / case["median_ms"], "peak_mb": peak_mb(run)}
-                except torch.OutOfMemoryError:
-                    case["baselines"][name] = {"error": "out of memory"}
-                except Exception as err:
-                    case["baselines"][name] = {"error": repr(err)[:300]}
-                finally:
-                    if DEV == "cuda":
-                        torch.cuda.empty_cache()
-    if not tuned:
-        tuning(cases)
-    frame_corr = frame_ops(tflops, doc["ceilings"].get("copy_gbps"), cases)
-    doc["correctness"] += frame_corr
-    bad += [c for c in frame_corr if not c.get("ok")]
-    dist_corr = distill_ops(tflops, cases)
-    doc["correctness"] += dist_corr
-    bad += [c for c in dist_corr if not c.get("ok")]
-    log(f"distillation correctness: {sum(c.get('ok', False) for c in dist_corr)}/{len(dist_corr)} ok")
+    infonce_benchmarks(tflops, cases)
+    doc["correctness"] += frame_correctness()
+    frame_benchmarks(tflops, doc["ceilings"].get("copy_gbps"), cases)
+    doc["correctness"] += distill_correctness()
+    distill_benchmarks(tflops, cases)
     doc["finished"] = True
     save()
     log("wrote", path)
+    bad = [c for c in doc["correctness"] if not c.get("ok")]
     return 0 if not bad and not any("error" in c for c in cases) else 1
 
 

@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -49,15 +48,6 @@ def time_once(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def interleaved_medians(fns: dict, rounds: int) -> dict:
-    """Runs each function once per round, in the same order every round; returns median seconds."""
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(time_once(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _rss_kb(field: str) -> int:

@@ -192,7 +192,7 @@ Inputs prepare(const at::Tensor& sv, const at::Tensor& st, const at::Tensor& tv,
   TORCH_CHECK(sv.size(0) == tv.size(0) && st.size(0) == tt.size(0),
               "student and teacher must score the same videos and captions");
   TORCH_CHECK(s_scale.numel() == 1 && t_scale.numel() == 1, "scales must have one element");
-  const auto ct = sv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto ct = compute_type(sv);
   return {sv.to(ct).contiguous(), st.to(ct).contiguous(), tv.to(ct).contiguous(), tt.to(ct).contiguous()};
 }
 

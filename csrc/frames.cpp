@@ -1,17 +1,19 @@
-// Frame-caption cosine similarity fused with top-k selection, for CPU tensors.
+// Frame-caption cosine similarity fused with top-k selection, for CPU tensors: the C++ side of
+// the frame-op contract in fitclip_ext/backends/__init__.py (the Triton kernels in
+// kernels/frames.py have the same schemas).
 //
-// With normalize=true (what the public ops use) the inputs are raw embeddings and the cosine
-// normalisation is folded in, as torch.nn.functional.normalize does it (norms clamped at 1e-12):
-// a unit copy of the captions (C x D, small), the frames used as given with their inverse norms
-// applied to the similarities, and the backward returns gradients of the raw inputs, so no
-// normalised copy of the V x T x D frames (nor its autograd temporaries) is ever made.
-// With normalize=false the inputs are taken as already unit length. For a block of
-// captions, one GEMM gives the similarities to every frame of every video ([rows, V*T], the
-// block only), a top-k per (caption, video) reduces them to [rows, V] and remembers the chosen
-// frames (int16). The backward applies the pooled gradient to the chosen frames only (sparse,
-// k/T of the dense FLOPs, cache-blocked). The video InfoNCE runs the
-// chunked loss of infonce.cpp over these pooled similarities, so neither C x V x T nor the
-// B x B logits are stored.
+// With the row norms given (text_norm [C], frames_norm [V, T]; what the public ops pass) the
+// inputs are raw embeddings and the cosine normalisation is folded in, as
+// torch.nn.functional.normalize does it (norms clamped at 1e-12): a unit copy of the captions
+// (C x D, small), the frames used as given with their inverse norms applied to the
+// similarities. Without norms the inputs are taken as unit length. For a block of captions, one
+// GEMM gives the similarities to every frame of every video ([rows, V*T], the block only), a
+// top-k per (caption, video) reduces them to [rows, V] and records the chosen frames as bit sets
+// (int32 [C, V, ceil(T / 32)], bit t % 32 of word t / 32). The backward applies the pooled
+// gradient to the chosen frames only (sparse, k/T of the dense FLOPs, cache-blocked) and returns
+// the gradients with respect to the unit vectors; `unit_grad` turns them into the raw inputs'
+// ones, so no normalised copy of the V x T x D frames is ever made. The video InfoNCE is one
+// Python block loop over these ops (fitclip_ext/frames.py), for this backend and Triton's.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -69,7 +71,8 @@ constexpr int64_t kLanes = 16;
 
 template <typename T>
 FITCLIP_INLINE void topk_lanes(const T* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl, int64_t nt,
-                               int64_t k, const bool* mask_tm, T* best, int32_t* bidx, T* out, int16_t* idx_out) {
+                               int64_t k, const bool* mask_tm, T* best, int32_t* bidx, T* out, int32_t* bits_out,
+                               int64_t words) {
   constexpr int64_t L = kLanes;
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < k * L; ++i) {
@@ -114,33 +117,40 @@ FITCLIP_INLINE void topk_lanes(const T* sims, int64_t t_stride, int64_t V, int64
     T sum = 0;
     for (int64_t j = 0; j < k; ++j) sum += best[j * L + l];
     out[l] = nan[l] ? std::numeric_limits<T>::quiet_NaN() : sum / static_cast<T>(k);
-    if (idx_out)
-      for (int64_t j = 0; j < k; ++j) idx_out[l * k + j] = static_cast<int16_t>(bidx[j * L + l]);
+    if (bits_out) {
+      int32_t* w = bits_out + l * words;
+      std::fill(w, w + words, 0);
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t t = bidx[j * L + l];
+        if (t >= 0) w[t >> 5] |= static_cast<int32_t>(1u << (t & 31));  // (NaN rows may leave slots empty)
+      }
+    }
   }
 }
 
 static FITCLIP_CLONES void topk_lanes_f(const float* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl,
                                         int64_t nt, int64_t k, const bool* mask_tm, float* best, int32_t* bidx,
-                                        float* out, int16_t* idx_out) {
-  topk_lanes<float>(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
+                                        float* out, int32_t* bits_out, int64_t words) {
+  topk_lanes<float>(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, bits_out, words);
 }
 template <typename T>
 inline void topk_lanes_any(const T* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl, int64_t nt,
-                           int64_t k, const bool* mask_tm, T* best, int32_t* bidx, T* out, int16_t* idx_out) {
-  topk_lanes<T>(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
+                           int64_t k, const bool* mask_tm, T* best, int32_t* bidx, T* out, int32_t* bits_out,
+                           int64_t words) {
+  topk_lanes<T>(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, bits_out, words);
 }
 template <>
 inline void topk_lanes_any<float>(const float* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl,
                                   int64_t nt, int64_t k, const bool* mask_tm, float* best, int32_t* bidx,
-                                  float* out, int16_t* idx_out) {
-  topk_lanes_f(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, idx_out);
+                                  float* out, int32_t* bits_out, int64_t words) {
+  topk_lanes_f(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, bits_out, words);
 }
 
 // sims [T][rows][V] (frame t of row r at sims + t * t_stride + r * V) -> out[r * ld_out + v] =
-// mean of the top k of video v; the chosen frames go to idx [rows, V, k] when given.
+// mean of the top k of video v; the chosen frames go to bits [rows, V, words].
 template <typename T>
 void topk_pool_tile(const T* sims, int64_t t_stride, int64_t rows, int64_t V, int64_t nt, int64_t k,
-                    const bool* mask_tm, T* out, int64_t ld_out, int16_t* idx) {
+                    const bool* mask_tm, T* out, int64_t ld_out, int32_t* bits, int64_t words) {
   at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
     std::vector<T> best(k * kLanes);
     std::vector<int32_t> bidx(k * kLanes);
@@ -148,10 +158,23 @@ void topk_pool_tile(const T* sims, int64_t t_stride, int64_t rows, int64_t V, in
       for (int64_t v0 = 0; v0 < V; v0 += kLanes) {
         const int64_t nl = std::min(kLanes, V - v0);
         topk_lanes_any<T>(sims + r * V, t_stride, V, v0, nl, nt, k, mask_tm, best.data(), bidx.data(),
-                          out + r * ld_out + v0, idx ? idx + (r * V + v0) * k : nullptr);
+                          out + r * ld_out + v0, bits + (r * V + v0) * words, words);
       }
     }
   });
+}
+
+// The frames set in a pair's bit set, ascending, into id (at most k); returns how many.
+FITCLIP_INLINE int64_t chosen_frames(const int32_t* w, int64_t words, int64_t k, int16_t* id) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < words && n < k; ++i) {
+    uint32_t b = static_cast<uint32_t>(w[i]);
+    while (b && n < k) {
+      id[n++] = static_cast<int16_t>(i * 32 + __builtin_ctz(b));
+      b &= b - 1;
+    }
+  }
+  return n;
 }
 
 // y[0..n) += a * x[0..n); inlined into the cloned block loops below so that it is compiled
@@ -163,84 +186,87 @@ FITCLIP_INLINE void axpy(int64_t n, T a, const T* x, T* y) {
 
 // The backward only touches the k chosen of every T frames, so it runs sparse: k/T of the
 // dense GEMMs' FLOPs, in blocks whose accumulators stay in L2 while the other operand streams.
-// dtext[c] = sum_v grad[c, v] / k * sum_j frames[v, idx[c, v, j]] for captions [c0, c1)
+// dtext[c] = sum_v grad[c, v] / k * sum_{t chosen} frames[v, t] for captions [c0, c1)
 // (fscale: per-frame factors [V * T], the frames' inverse norms when normalising, or null.)
 template <typename T>
-FITCLIP_INLINE void dtext_block(const T* grad, const int16_t* idx, const T* frames, const T* fscale, int64_t c0,
-                                int64_t c1, int64_t V, int64_t nt, int64_t D, int64_t k, T* dtext) {
+FITCLIP_INLINE void dtext_block(const T* grad, const int32_t* bits, int64_t words, const T* frames, const T* fscale,
+                                int64_t c0, int64_t c1, int64_t V, int64_t nt, int64_t D, int64_t k, T* dtext) {
   std::fill(dtext + c0 * D, dtext + c1 * D, T(0));
   const T inv_k = T(1) / static_cast<T>(k);
+  std::vector<int16_t> ids(k);
+  int16_t* id = ids.data();
   for (int64_t v = 0; v < V; ++v) {
     const T* fv = frames + v * nt * D;
     const T* sv = fscale ? fscale + v * nt : nullptr;
     for (int64_t c = c0; c < c1; ++c) {
       const T w = grad[c * V + v] * inv_k;
       if (w == T(0)) continue;
-      const int16_t* id = idx + (c * V + v) * k;
+      const int64_t n = chosen_frames(bits + (c * V + v) * words, words, k, id);
       T* y = dtext + c * D;
-      if (k == 4 && !sv) {  // FitCLIP's k: one pass over the accumulator row instead of four
+      if (n == 4 && !sv) {  // FitCLIP's k: one pass over the accumulator row instead of four
         const T *x0 = fv + id[0] * D, *x1 = fv + id[1] * D, *x2 = fv + id[2] * D, *x3 = fv + id[3] * D;
         for (int64_t i = 0; i < D; ++i) y[i] += w * ((x0[i] + x1[i]) + (x2[i] + x3[i]));
-      } else if (k == 4) {
+      } else if (n == 4) {
         const T *x0 = fv + id[0] * D, *x1 = fv + id[1] * D, *x2 = fv + id[2] * D, *x3 = fv + id[3] * D;
         const T w0 = w * sv[id[0]], w1 = w * sv[id[1]], w2 = w * sv[id[2]], w3 = w * sv[id[3]];
         for (int64_t i = 0; i < D; ++i) y[i] += (w0 * x0[i] + w1 * x1[i]) + (w2 * x2[i] + w3 * x3[i]);
       } else {
-        for (int64_t j = 0; j < k; ++j) axpy<T>(D, sv ? w * sv[id[j]] : w, fv + id[j] * D, y);
+        for (int64_t j = 0; j < n; ++j) axpy<T>(D, sv ? w * sv[id[j]] : w, fv + id[j] * D, y);
       }
     }
   }
 }
-static FITCLIP_CLONES void dtext_block_f(const float* grad, const int16_t* idx, const float* frames,
+static FITCLIP_CLONES void dtext_block_f(const float* grad, const int32_t* bits, int64_t words, const float* frames,
                                          const float* fscale, int64_t c0, int64_t c1, int64_t V, int64_t nt,
                                          int64_t D, int64_t k, float* dtext) {
-  dtext_block<float>(grad, idx, frames, fscale, c0, c1, V, nt, D, k, dtext);
+  dtext_block<float>(grad, bits, words, frames, fscale, c0, c1, V, nt, D, k, dtext);
 }
 
-// dframes[v, idx[c, v, j]] += grad[c, v] / k * text[c] for videos [v0, v1) (accumulates)
+// dframes[v, t] += grad[c, v] / k * text[c] for the chosen t, videos [v0, v1) (accumulates)
 template <typename T>
-FITCLIP_INLINE void dframes_block(const T* grad, const int16_t* idx, const T* text, const T* fscale, int64_t C,
+FITCLIP_INLINE void dframes_block(const T* grad, const int32_t* bits, int64_t words, const T* text, int64_t C,
                                   int64_t v0, int64_t v1, int64_t V, int64_t nt, int64_t D, int64_t k, T* dframes) {
   const T inv_k = T(1) / static_cast<T>(k);
+  std::vector<int16_t> ids(k);
+  int16_t* id = ids.data();
   for (int64_t c = 0; c < C; ++c) {
     const T* tc = text + c * D;
     for (int64_t v = v0; v < v1; ++v) {
       const T w = grad[c * V + v] * inv_k;
       if (w == T(0)) continue;
-      const int16_t* id = idx + (c * V + v) * k;
-      for (int64_t j = 0; j < k; ++j)
-        axpy<T>(D, fscale ? w * fscale[v * nt + id[j]] : w, tc, dframes + (v * nt + id[j]) * D);
+      const int64_t n = chosen_frames(bits + (c * V + v) * words, words, k, id);
+      for (int64_t j = 0; j < n; ++j) axpy<T>(D, w, tc, dframes + (v * nt + id[j]) * D);
     }
   }
 }
-static FITCLIP_CLONES void dframes_block_f(const float* grad, const int16_t* idx, const float* text,
-                                           const float* fscale, int64_t C, int64_t v0, int64_t v1, int64_t V,
-                                           int64_t nt, int64_t D, int64_t k, float* dframes) {
-  dframes_block<float>(grad, idx, text, fscale, C, v0, v1, V, nt, D, k, dframes);
+static FITCLIP_CLONES void dframes_block_f(const float* grad, const int32_t* bits, int64_t words, const float* text,
+                                           int64_t C, int64_t v0, int64_t v1, int64_t V, int64_t nt, int64_t D,
+                                           int64_t k, float* dframes) {
+  dframes_block<float>(grad, bits, words, text, C, v0, v1, V, nt, D, k, dframes);
 }
 
 template <typename T>
-void sparse_dtext(const T* grad, const int16_t* idx, const T* frames, const T* fscale, int64_t C, int64_t V,
-                  int64_t nt, int64_t D, int64_t k, T* dtext) {
+void sparse_dtext(const T* grad, const int32_t* bits, int64_t words, const T* frames, const T* fscale, int64_t C,
+                  int64_t V, int64_t nt, int64_t D, int64_t k, T* dtext) {
   constexpr int64_t kCaptions = 32;  // 32 rows of D accumulators; video v's T x D frames stay hot
   at::parallel_for(0, (C + kCaptions - 1) / kCaptions, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kCaptions, c1 = std::min(C, c0 + kCaptions);
-      if constexpr (std::is_same_v<T, float>) dtext_block_f(grad, idx, frames, fscale, c0, c1, V, nt, D, k, dtext);
-      else dtext_block<T>(grad, idx, frames, fscale, c0, c1, V, nt, D, k, dtext);
+      if constexpr (std::is_same_v<T, float>) dtext_block_f(grad, bits, words, frames, fscale, c0, c1, V, nt, D, k, dtext);
+      else dtext_block<T>(grad, bits, words, frames, fscale, c0, c1, V, nt, D, k, dtext);
     }
   });
 }
 
 template <typename T>
-void sparse_dframes(const T* grad, const int16_t* idx, const T* text, const T* fscale, int64_t C, int64_t V,
+void sparse_dframes(const T* grad, const int32_t* bits, int64_t words, const T* text, int64_t C, int64_t V,
                     int64_t nt, int64_t D, int64_t k, T* dframes) {
   constexpr int64_t kVideos = 8;  // 8 videos' T x D gradients stay in L2 while captions stream
   at::parallel_for(0, (V + kVideos - 1) / kVideos, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * kVideos, v1 = std::min(V, v0 + kVideos);
-      if constexpr (std::is_same_v<T, float>) dframes_block_f(grad, idx, text, fscale, C, v0, v1, V, nt, D, k, dframes);
-      else dframes_block<T>(grad, idx, text, fscale, C, v0, v1, V, nt, D, k, dframes);
+      if constexpr (std::is_same_v<T, float>) dframes_block_f(grad, bits, words, text, C, v0, v1, V, nt, D, k, dframes);
+      else dframes_block<T>(grad, bits, words, text, C, v0, v1, V, nt, D, k, dframes);
     }
   });
 }
@@ -249,44 +275,44 @@ void sparse_dframes(const T* grad, const int16_t* idx, const T* text, const T* f
 // W [rows, V*T] holds grad / k on the chosen frames, then two GEMMs (MKL).
 inline bool use_dense_backward(int64_t k, int64_t nt) { return 2 * k >= nt; }
 
-at::ScalarType compute_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 constexpr double kNormEps = 1e-12;  // torch.nn.functional.normalize's clamp of the norm
 
 struct FrameInputs {
   at::Tensor text, frames, mask_tm;  // text: unit rows; frames: [V, T, D] contiguous; mask_tm: [T, V]
-  // normalize: the raw text's norms [C], the frames' norms [V * T] and inverse norms [V * T]
-  // (video-major) and [T * V] (time-major)
+  // normalize: the frames' norms [V * T] and inverse norms [V * T] (video-major) and [T * V]
+  // (time-major)
   bool normalize = false;
-  at::Tensor norm_t, norm_f, inv_f, inv_f_tm;
-  int64_t C, V, nt, D;
-  int64_t row(int64_t v, int64_t t) const { return t * V + v; }
+  at::Tensor norm_f, inv_f, inv_f_tm;
+  int64_t C, V, nt, D, words;
   template <typename T>
   const T* fscale() const { return normalize ? inv_f.data_ptr<T>() : nullptr; }
 };
 
+int64_t bit_words(int64_t nt) { return (nt + 31) / 32; }
+
 FrameInputs prepare(const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask,
-                    bool normalize = false) {
+                    const std::optional<at::Tensor>& text_norm, const std::optional<at::Tensor>& frames_norm) {
   TORCH_CHECK(text.device().is_cpu() && frames.device().is_cpu(), "fitclip_ext C++ ops take CPU tensors");
   TORCH_CHECK(text.dim() == 2 && frames.dim() == 3, "text must be [C, D] and frames [V, T, D]");
   TORCH_CHECK(text.size(1) == frames.size(2), "text and frames must have the same D");
   TORCH_CHECK(frames.size(1) <= 32767, "at most 32767 frames per video");
   TORCH_CHECK(k >= 1 && k <= frames.size(1), "k must be in [1, T]");
+  TORCH_CHECK(text_norm.has_value() == frames_norm.has_value(), "give both text_norm and frames_norm, or neither");
   const auto ct = compute_type(text);
   FrameInputs in;
   in.C = text.size(0);
   in.V = frames.size(0);
   in.nt = frames.size(1);
   in.D = frames.size(2);
+  in.words = bit_words(in.nt);
   in.text = text.to(ct).contiguous();
   in.frames = frames.to(ct).contiguous();
-  in.normalize = normalize;
-  if (normalize) {
-    in.norm_t = at::linalg_vector_norm(in.text, 2, {1});
-    in.text = in.text / in.norm_t.clamp_min(kNormEps).unsqueeze(1);  // C x D: a small copy
-    in.norm_f = at::linalg_vector_norm(in.frames, 2, {2}).reshape({-1});
+  in.normalize = text_norm.has_value();
+  if (in.normalize) {
+    TORCH_CHECK(text_norm->numel() == in.C && frames_norm->numel() == in.V * in.nt,
+                "text_norm must have C and frames_norm V * T elements");
+    in.text = in.text / text_norm->to(ct).clamp_min(kNormEps).reshape({in.C, 1});  // C x D: a small copy
+    in.norm_f = frames_norm->to(ct).contiguous().reshape({-1});
     in.inv_f = in.norm_f.clamp_min(kNormEps).reciprocal();
     in.inv_f_tm = in.inv_f.view({in.V, in.nt}).t().contiguous().view({-1});
   }
@@ -346,47 +372,46 @@ void unnormalize_grad(const T* x, const T* norms, int64_t n, int64_t D, bool pre
   });
 }
 
+// Applies dLoss/dsim of captions [r0, r0 + rows) (grad [rows, V], chosen frames bits [rows, V, words]):
+// writes the unit captions' gradient rows of dtext, adds the unit frames' gradient into dframes
+// [V*T, D] (video-major).
 template <typename T>
-void finish_raw_grads(const FrameInputs& in, const at::Tensor& text_raw, at::Tensor& dtext, at::Tensor& dframes_flat) {
-  if (!in.normalize) return;
-  unnormalize_grad<T>(text_raw.data_ptr<T>(), in.norm_t.data_ptr<T>(), in.C, in.D, false, dtext.data_ptr<T>());
-  unnormalize_grad<T>(in.frames.data_ptr<T>(), in.norm_f.data_ptr<T>(), in.V * in.nt, in.D, true,
-                      dframes_flat.data_ptr<T>());
-}
-
-// Applies dLoss/dsim of captions [r0, r0 + rows) (grad [rows, V], chosen frames idx [rows, V, k]):
-// writes dtext rows, adds into dframes [V*T, D] (video-major).
-template <typename T>
-void backward_block(const FrameInputs& in, int64_t k, int64_t r0, int64_t rows, const T* grad, const int16_t* idx,
+void backward_block(const FrameInputs& in, int64_t k, int64_t r0, int64_t rows, const T* grad, const int32_t* bits,
                     at::Tensor& dtext, at::Tensor& dframes, at::Tensor& scratch) {
-  const int64_t V = in.V, nt = in.nt, D = in.D;
+  const int64_t V = in.V, nt = in.nt, D = in.D, words = in.words;
   const T* fs = in.fscale<T>();
   if (!use_dense_backward(k, nt)) {
-    sparse_dtext<T>(grad, idx, in.frames.data_ptr<T>(), fs, rows, V, nt, D, k, dtext.data_ptr<T>() + r0 * D);
-    sparse_dframes<T>(grad, idx, in.text.data_ptr<T>() + r0 * D, fs, rows, V, nt, D, k, dframes.data_ptr<T>());
+    sparse_dtext<T>(grad, bits, words, in.frames.data_ptr<T>(), fs, rows, V, nt, D, k, dtext.data_ptr<T>() + r0 * D);
+    sparse_dframes<T>(grad, bits, words, in.text.data_ptr<T>() + r0 * D, rows, V, nt, D, k, dframes.data_ptr<T>());
     return;
   }
   auto W = scratch.view({-1}).narrow(0, 0, rows * V * nt).view({rows, V * nt});
   T* w = W.data_ptr<T>();
   at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+    std::vector<int16_t> id(k);
     for (int64_t r = b; r < e; ++r) {
       T* wr = w + r * V * nt;
       std::fill(wr, wr + V * nt, T(0));
       for (int64_t v = 0; v < V; ++v) {
         const T g = grad[r * V + v] / static_cast<T>(k);
-        const int16_t* id = idx + (r * V + v) * k;
-        for (int64_t j = 0; j < k; ++j) wr[v * nt + id[j]] += fs ? g * fs[v * nt + id[j]] : g;
+        const int64_t n = chosen_frames(bits + (r * V + v) * words, words, k, id.data());
+        for (int64_t j = 0; j < n; ++j) wr[v * nt + id[j]] = g;
       }
     }
   });
-  const auto frames_flat = in.frames.view({V * nt, D});
+  dframes.addmm_(W.t(), in.text.narrow(0, r0, rows));  // W^T @ unit captions
+  if (fs) {  // W @ unit frames = (W / frame norms) @ raw frames
+    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        for (int64_t i = 0; i < V * nt; ++i) w[r * V * nt + i] *= fs[i];
+    });
+  }
   auto dtb = dtext.narrow(0, r0, rows);
-  at::mm_out(dtb, W, frames_flat);
-  dframes.addmm_(W.t(), in.text.narrow(0, r0, rows));
+  at::mm_out(dtb, W, in.frames.view({V * nt, D}));
 }
 
 template <typename T>
-void topk_sim_fwd_impl(const FrameInputs& in, int64_t k, at::Tensor& sim, at::Tensor& idx) {
+void topk_sim_impl(const FrameInputs& in, int64_t k, at::Tensor& sim, at::Tensor& bits) {
   const int64_t cols = in.V * in.nt;
   const int64_t bc = frame_block_rows(in.C, cols);
   auto S = at::empty({in.nt, bc, in.V}, in.text.options());
@@ -395,172 +420,89 @@ void topk_sim_fwd_impl(const FrameInputs& in, int64_t k, at::Tensor& sim, at::Te
     const int64_t rows = std::min(bc, in.C - r0);
     similarity_block<T>(in, r0, rows, S);
     topk_pool_tile<T>(S.data_ptr<T>(), bc * in.V, rows, in.V, in.nt, k, mk, sim.data_ptr<T>() + r0 * in.V, in.V,
-                      idx.data_ptr<int16_t>() + r0 * in.V * k);
+                      bits.data_ptr<int32_t>() + r0 * in.V * in.words, in.words);
   }
 }
 
 template <typename T>
-void topk_sim_bwd_impl(const FrameInputs& in, int64_t k, const at::Tensor& idx, const at::Tensor& grad,
+void topk_sim_bwd_impl(const FrameInputs& in, int64_t k, const at::Tensor& bits, const at::Tensor& grad,
                        at::Tensor& dtext, at::Tensor& dframes_flat) {
   const int64_t cols = in.V * in.nt;
   const int64_t bc = use_dense_backward(k, in.nt) ? frame_block_rows(in.C, cols) : in.C;
   auto scratch = use_dense_backward(k, in.nt) ? at::empty({bc, cols}, in.text.options()) : at::Tensor();
   for (int64_t r0 = 0; r0 < in.C; r0 += bc) {
     const int64_t rows = std::min(bc, in.C - r0);
-    backward_block<T>(in, k, r0, rows, grad.data_ptr<T>() + r0 * in.V, idx.data_ptr<int16_t>() + r0 * in.V * k,
-                      dtext, dframes_flat, scratch);
+    backward_block<T>(in, k, r0, rows, grad.data_ptr<T>() + r0 * in.V,
+                      bits.data_ptr<int32_t>() + r0 * in.V * in.words, dtext, dframes_flat, scratch);
   }
 }
 
-// Video InfoNCE over L[c, v] = scale * sim[c, v] (rows: captions, columns: videos, C == V).
-template <typename T>
-void video_lse_impl(const FrameInputs& in, int64_t k, T scale, at::Tensor& cap_lse, at::Tensor& vid_lse,
-                    at::Tensor& cap_sum, at::Tensor& vid_sum, at::Tensor& diag) {
-  const int64_t B = in.C, V = in.V, cols = V * in.nt;
-  const int64_t bc = frame_block_rows(B, cols);
-  auto S = at::empty({in.nt, bc, V}, in.text.options());
-  auto P = at::empty({bc, V}, in.text.options());
-  at::Tensor vid_max_run = at::full({V}, -std::numeric_limits<T>::infinity(), in.text.options());
-  auto vid_sumexp_run = at::zeros({V}, in.text.options());
-  const bool* mk = in.mask_tm.defined() ? in.mask_tm.data_ptr<bool>() : nullptr;
-  T* cl = cap_lse.data_ptr<T>();
-  T* cs = cap_sum.data_ptr<T>();
-  T* dg = diag.data_ptr<T>();
-  T* vs = vid_sum.data_ptr<T>();
-  T* vm = vid_max_run.data_ptr<T>();
-  T* ve = vid_sumexp_run.data_ptr<T>();
-  for (int64_t r0 = 0; r0 < B; r0 += bc) {
-    const int64_t rows = std::min(bc, B - r0);
-    similarity_block<T>(in, r0, rows, S);
-    T* p = P.data_ptr<T>();
-    topk_pool_tile<T>(S.data_ptr<T>(), bc * V, rows, V, in.nt, k, mk, p, V, nullptr);
-    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const T* x = p + r * V;
-        const T mx = rmax<T>(x, V, scale);
-        cl[r0 + r] = mx + std::log(rsumexp<T>(x, V, scale, mx));
-        T s = 0;
-        for (int64_t v = 0; v < V; ++v) s += x[v];
-        cs[r0 + r] = s;
-        dg[r0 + r] = x[r0 + r];
-      }
-    });
-    merge_block_col_stats<T>(p, rows, V, scale, vm, ve, vs);
-  }
-  vid_lse.copy_(vid_max_run + vid_sumexp_run.log());
-}
-
-template <typename T>
-T video_grad_impl(const FrameInputs& in, int64_t k, T scale, const at::Tensor& cap_lse, const at::Tensor& vid_lse,
-                  const at::Tensor& cap_w, const at::Tensor& vid_w, T eps, at::Tensor& dtext, at::Tensor& dframes_flat) {
-  const int64_t B = in.C, V = in.V, nt = in.nt, cols = V * nt;
-  const int64_t bc = frame_block_rows(B, cols);
-  auto S = at::empty({nt, bc, V}, in.text.options());
-  auto P = at::empty({bc, V}, in.text.options());
-  auto idx = at::empty({bc, V, k}, in.text.options().dtype(at::kShort));
-  const bool* mk = in.mask_tm.defined() ? in.mask_tm.data_ptr<bool>() : nullptr;
-  const T* cl = cap_lse.data_ptr<T>();
-  const T* vl = vid_lse.data_ptr<T>();
-  const T* cw = cap_w.data_ptr<T>();
-  const T* vw = vid_w.data_ptr<T>();
-  const T eps_c = eps / static_cast<T>(V), eps_v = eps / static_cast<T>(B), one_m = T(1) - eps;
-  std::vector<T> ds_rows(B, T(0));
-  for (int64_t r0 = 0; r0 < B; r0 += bc) {
-    const int64_t rows = std::min(bc, B - r0);
-    similarity_block<T>(in, r0, rows, S);
-    T* p = P.data_ptr<T>();
-    int16_t* id = idx.data_ptr<int16_t>();
-    topk_pool_tile<T>(S.data_ptr<T>(), bc * V, rows, V, nt, k, mk, p, V, id);
-    // P <- dLoss/dsim = scale * G, with G the full logit gradient (softmax, positives, smoothing).
-    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const int64_t c = r0 + r;
-        T* x = p + r * V;
-        T acc = 0;
-        for (int64_t v = 0; v < V; ++v) {
-          const T l = scale * x[v];
-          const T pos = v == c ? one_m : T(0);
-          const T g = cw[c] * (fast_exp(l - cl[c]) - pos - eps_c) + vw[v] * (fast_exp(l - vl[v]) - pos - eps_v);
-          acc += g * x[v];
-          x[v] = scale * g;
-        }
-        ds_rows[c] = acc;
-      }
-    });
-    backward_block<T>(in, k, r0, rows, p, id, dtext, dframes_flat, S);  // S: the block's scratch now
-  }
-  T ds = 0;
-  for (T v : ds_rows) ds += v;
-  return ds;
+// dtext (returned) and dframes_acc (added into) for the unit vectors.
+at::Tensor backward(const at::Tensor& text, const at::Tensor& frames, const at::Tensor& bits, const at::Tensor& grad,
+                    int64_t k, at::Tensor& dframes_acc, const std::optional<at::Tensor>& text_norm,
+                    const std::optional<at::Tensor>& frames_norm) {
+  auto in = prepare(text, frames, k, std::nullopt, text_norm, frames_norm);
+  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 3 && bits.size(0) == in.C && bits.size(1) == in.V &&
+                  bits.size(2) == in.words,
+              "bits must be int32 [C, V, ceil(T / 32)]");
+  const auto ct = in.text.scalar_type();
+  TORCH_CHECK(dframes_acc.scalar_type() == ct && dframes_acc.is_contiguous() &&
+                  dframes_acc.sizes() == frames.sizes(),
+              "dframes_acc must be a contiguous tensor of the frames' shape in the compute dtype");
+  auto g = grad.to(ct).contiguous();
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == in.C && g.size(1) == in.V, "grad must be [C, V]");
+  auto dtext = at::empty_like(in.text);
+  auto dframes = dframes_acc.view({in.V * in.nt, in.D});
+  auto b = bits.contiguous();
+  if (ct == at::kDouble) topk_sim_bwd_impl<double>(in, k, b, g, dtext, dframes);
+  else topk_sim_bwd_impl<float>(in, k, b, g, dtext, dframes);
+  return dtext;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> topk_sim_fwd_cpu(const at::Tensor& text, const at::Tensor& frames, int64_t k,
-                                                    const std::optional<at::Tensor>& mask, bool normalize) {
-  auto in = prepare(text, frames, k, mask, normalize);
+std::tuple<at::Tensor, at::Tensor> topk_sim_cpu(const at::Tensor& text, const at::Tensor& frames, int64_t k,
+                                                const std::optional<at::Tensor>& mask,
+                                                const std::optional<at::Tensor>& text_norm,
+                                                const std::optional<at::Tensor>& frames_norm) {
+  auto in = prepare(text, frames, k, mask, text_norm, frames_norm);
   auto sim = at::empty({in.C, in.V}, in.text.options());
-  auto idx = at::empty({in.C, in.V, k}, in.text.options().dtype(at::kShort));
-  if (in.text.scalar_type() == at::kDouble) topk_sim_fwd_impl<double>(in, k, sim, idx);
-  else topk_sim_fwd_impl<float>(in, k, sim, idx);
-  return {sim, idx};
+  auto bits = at::empty({in.C, in.V, in.words}, in.text.options().dtype(at::kInt));
+  if (in.text.scalar_type() == at::kDouble) topk_sim_impl<double>(in, k, sim, bits);
+  else topk_sim_impl<float>(in, k, sim, bits);
+  return {sim, bits};
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_sim_bwd_cpu(const at::Tensor& text, const at::Tensor& frames,
-                                                    const at::Tensor& idx, const at::Tensor& grad, bool normalize) {
-  const int64_t k = idx.size(2);
-  auto in = prepare(text, frames, k, std::nullopt, normalize);
-  TORCH_CHECK(idx.scalar_type() == at::kShort && idx.size(0) == in.C && idx.size(1) == in.V, "idx must be int16 [C, V, k]");
-  auto g = grad.to(in.text.scalar_type()).contiguous();
-  TORCH_CHECK(g.size(0) == in.C && g.size(1) == in.V, "grad must be [C, V]");
-  auto dtext = at::empty_like(in.text);
-  auto dframes = at::zeros({in.V * in.nt, in.D}, in.text.options());
-  auto id = idx.contiguous();
-  if (in.text.scalar_type() == at::kDouble) {
-    topk_sim_bwd_impl<double>(in, k, id, g, dtext, dframes);
-    finish_raw_grads<double>(in, text.to(at::kDouble).contiguous(), dtext, dframes);
-  } else {
-    topk_sim_bwd_impl<float>(in, k, id, g, dtext, dframes);
-    finish_raw_grads<float>(in, text.to(at::kFloat).contiguous(), dtext, dframes);
-  }
-  return {dtext, dframes.view({in.V, in.nt, in.D})};
+                                                    const at::Tensor& bits, const at::Tensor& grad, int64_t k,
+                                                    const std::optional<at::Tensor>& text_norm,
+                                                    const std::optional<at::Tensor>& frames_norm) {
+  auto dframes = at::zeros(frames.sizes(), frames.options().dtype(compute_type(text)));
+  auto dtext = backward(text, frames, bits, grad, k, dframes, text_norm, frames_norm);
+  return {dtext, dframes};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> video_infonce_lse_cpu(
-    const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask,
-    const at::Tensor& scale, bool normalize) {
-  auto in = prepare(text, frames, k, mask, normalize);
-  TORCH_CHECK(in.C == in.V, "video InfoNCE needs as many captions as videos");
-  auto o = in.text.options();
-  auto cap_lse = at::empty({in.C}, o), vid_lse = at::empty({in.V}, o), cap_sum = at::empty({in.C}, o),
-       vid_sum = at::zeros({in.V}, o), diag = at::empty({in.C}, o);
-  const double s = scale.item<double>();
-  if (in.text.scalar_type() == at::kDouble) video_lse_impl<double>(in, k, s, cap_lse, vid_lse, cap_sum, vid_sum, diag);
-  else video_lse_impl<float>(in, k, static_cast<float>(s), cap_lse, vid_lse, cap_sum, vid_sum, diag);
-  return {cap_lse, vid_lse, cap_sum, vid_sum, diag};
+at::Tensor topk_sim_bwd_acc_cpu(const at::Tensor& text, const at::Tensor& frames, const at::Tensor& bits,
+                                const at::Tensor& grad, int64_t k, at::Tensor& dframes_acc,
+                                const std::optional<at::Tensor>& text_norm,
+                                const std::optional<at::Tensor>& frames_norm) {
+  return backward(text, frames, bits, grad, k, dframes_acc, text_norm, frames_norm);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> video_infonce_grad_cpu(
-    const at::Tensor& text, const at::Tensor& frames, int64_t k, const std::optional<at::Tensor>& mask,
-    const at::Tensor& scale, const at::Tensor& cap_lse, const at::Tensor& vid_lse, const at::Tensor& cap_w,
-    const at::Tensor& vid_w, double eps, bool normalize) {
-  auto in = prepare(text, frames, k, mask, normalize);
-  TORCH_CHECK(in.C == in.V, "video InfoNCE needs as many captions as videos");
-  const auto ct = in.text.scalar_type();
-  auto c = [&](const at::Tensor& t) { return t.to(ct).contiguous(); };
-  auto dtext = at::empty_like(in.text);
-  auto dframes = at::zeros({in.V * in.nt, in.D}, in.text.options());
-  const double s = scale.item<double>();
-  double ds;
-  if (ct == at::kDouble) {
-    ds = video_grad_impl<double>(in, k, s, c(cap_lse), c(vid_lse), c(cap_w), c(vid_w), eps, dtext, dframes);
-    finish_raw_grads<double>(in, c(text), dtext, dframes);
-  } else {
-    ds = video_grad_impl<float>(in, k, static_cast<float>(s), c(cap_lse), c(vid_lse), c(cap_w), c(vid_w),
-                                static_cast<float>(eps), dtext, dframes);
-    finish_raw_grads<float>(in, c(text), dtext, dframes);
-  }
-  return {dtext, dframes.view({in.V, in.nt, in.D}), at::scalar_tensor(ds, in.text.options())};
+// In place: grad (the gradient with respect to x / max(|x|, eps), compute dtype, contiguous,
+// x's shape) becomes the gradient with respect to the raw x (F.normalize's backward).
+void unit_grad_cpu(at::Tensor& grad, const at::Tensor& x, const at::Tensor& norm) {
+  const auto ct = compute_type(x);
+  TORCH_CHECK(grad.scalar_type() == ct && grad.is_contiguous() && grad.sizes() == x.sizes(),
+              "grad must be a contiguous tensor of x's shape in the compute dtype");
+  const int64_t D = x.size(-1), n = x.numel() / std::max<int64_t>(D, 1);
+  TORCH_CHECK(norm.numel() == n, "norm must have one entry per row of x");
+  auto xc = x.to(ct).contiguous();
+  auto nc = norm.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "unit_grad", [&] {
+    unnormalize_grad<scalar_t>(xc.data_ptr<scalar_t>(), nc.data_ptr<scalar_t>(), n, D, false,
+                               grad.data_ptr<scalar_t>());
+  });
 }
 
 // For each b, the k frames of video b most similar to caption b (text already unit length),
@@ -602,21 +544,23 @@ at::Tensor select_frames_cpu(const at::Tensor& frames, const at::Tensor& text, i
 }  // namespace fitclip
 
 TORCH_LIBRARY_FRAGMENT(fitclip_ext, m) {
-  m.def("topk_sim_fwd(Tensor text, Tensor frames, int k, Tensor? mask, bool normalize=False) -> (Tensor, Tensor)");
-  m.def("topk_sim_bwd(Tensor text, Tensor frames, Tensor idx, Tensor grad, bool normalize=False) -> (Tensor, Tensor)");
   m.def(
-      "video_infonce_lse(Tensor text, Tensor frames, int k, Tensor? mask, Tensor scale, bool normalize=False) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "topk_sim(Tensor text, Tensor frames, int k, Tensor? mask, Tensor? text_norm=None, Tensor? frames_norm=None) "
+      "-> (Tensor, Tensor)");
   m.def(
-      "video_infonce_grad(Tensor text, Tensor frames, int k, Tensor? mask, Tensor scale, Tensor cap_lse, "
-      "Tensor vid_lse, Tensor cap_w, Tensor vid_w, float eps, bool normalize=False) -> (Tensor, Tensor, Tensor)");
+      "topk_sim_bwd(Tensor text, Tensor frames, Tensor bits, Tensor grad, int k, Tensor? text_norm=None, "
+      "Tensor? frames_norm=None) -> (Tensor, Tensor)");
+  m.def(
+      "topk_sim_bwd_acc(Tensor text, Tensor frames, Tensor bits, Tensor grad, int k, Tensor(a!) dframes_acc, "
+      "Tensor? text_norm=None, Tensor? frames_norm=None) -> Tensor");
+  m.def("unit_grad(Tensor(a!) grad, Tensor x, Tensor norm) -> ()");
   m.def("select_frames(Tensor frames, Tensor text, int k, Tensor? mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fitclip_ext, CPU, m) {
-  m.impl("topk_sim_fwd", &fitclip::topk_sim_fwd_cpu);
+  m.impl("topk_sim", &fitclip::topk_sim_cpu);
   m.impl("topk_sim_bwd", &fitclip::topk_sim_bwd_cpu);
-  m.impl("video_infonce_lse", &fitclip::video_infonce_lse_cpu);
-  m.impl("video_infonce_grad", &fitclip::video_infonce_grad_cpu);
+  m.impl("topk_sim_bwd_acc", &fitclip::topk_sim_bwd_acc_cpu);
+  m.impl("unit_grad", &fitclip::unit_grad_cpu);
   m.impl("select_frames", &fitclip::select_frames_cpu);
 }

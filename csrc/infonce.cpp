@@ -27,10 +27,6 @@ namespace {
 // block a fraction of B x B from B = 2048 up. FITCLIP_CPU_BLOCK_ELEMS overrides the target.
 int64_t block_rows(int64_t n, int64_t m) { return rows_per_block(n, m, int64_t(1) << 24, 32); }
 
-at::ScalarType compute_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "fitclip_ext C++ ops take CPU tensors");
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2, "query and keys must be 2-D, got ", q.sizes(), " and ", k.sizes());

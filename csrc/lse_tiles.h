@@ -1,7 +1,8 @@
-// Vectorised row/column log-sum-exp helpers over row-major tiles, shared by the InfoNCE and
-// the video InfoNCE kernels.
+// What the C++ kernels share: the compute dtype, block sizing, multiversioning macros, and the
+// vectorised row/column log-sum-exp helpers over row-major tiles of the InfoNCE kernels.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -13,6 +14,11 @@
 #include "fast_math.h"
 
 namespace fitclip {
+
+// The dtype the kernels compute in: float64 for float64 inputs, float32 for every other type.
+inline at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 // Rows per block of an n x m product streamed in row blocks: about `target` elements per block
 // buffer (FITCLIP_CPU_BLOCK_ELEMS overrides it), clamped to [min_rows, 1024] and to n.
@@ -158,19 +164,15 @@ inline void sgrad<float>(float* x, int64_t n, float s, float w, float rl, const 
 constexpr int64_t kColChunk = 256;
 
 // Merges the column statistics of one row-major block S [rows, m] (logits scale * S) into the
-// running per-column max/sum of exp, in parallel over column chunks; col_total, when given,
-// also accumulates the plain column sums of S.
+// running per-column max/sum of exp, in parallel over column chunks.
 template <typename T>
-void merge_block_col_stats(const T* S, int64_t rows, int64_t m, T scale, T* cmax, T* csum, T* col_total = nullptr) {
+void merge_block_col_stats(const T* S, int64_t rows, int64_t m, T scale, T* cmax, T* csum) {
   const int64_t nchunks = (m + kColChunk - 1) / kColChunk;
   at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
     std::vector<T> tmp(kColChunk);
     for (int64_t c = b; c < e; ++c) {
       const int64_t c0 = c * kColChunk, c1 = std::min(m, c0 + kColChunk);
       colmerge<T>(S, rows, m, c0, c1, scale, cmax, csum, tmp.data());
-      if (col_total)
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t v = c0; v < c1; ++v) col_total[v] += S[r * m + v];
     }
   });
 }

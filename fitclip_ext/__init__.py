@@ -10,13 +10,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .contrastive import contrastive_loss, infonce
-from .distill import distillation_loss
-from .distributed import ClipLoss
-from .frames import gather_frames, select_frames, topk_frame_similarity, video_contrastive_loss
-from .reference import (contrastive_loss_reference, distillation_loss_reference, infonce_reference, select_frames_reference,
-                        topk_frame_similarity_reference, video_contrastive_loss_reference)
-
 __version__ = "0.1.0"
 __all__ = [
     "ClipLoss", "contrastive_loss", "distillation_loss", "infonce", "select_frames", "gather_frames", "topk_frame_similarity",
@@ -49,11 +42,18 @@ def _install_kernels_finder() -> None:
         sys.meta_path.append(_SourceTreeKernels(src))
 
 
-_install_kernels_finder()
+_install_kernels_finder()  # before the op modules, whose backends import fitclip_ext.kernels
+
+from .contrastive import contrastive_loss, infonce  # noqa: E402
+from .distill import distillation_loss  # noqa: E402
+from .distributed import ClipLoss  # noqa: E402
+from .frames import gather_frames, select_frames, topk_frame_similarity, video_contrastive_loss  # noqa: E402
+from .reference import (contrastive_loss_reference, distillation_loss_reference, infonce_reference, select_frames_reference,
+                        topk_frame_similarity_reference, video_contrastive_loss_reference)  # noqa: E402
 
 # Register the C++ ops now (a cheap import of the built module; nothing is compiled, no device is
 # queried), so that code traced by torch.compile never reaches an import. A missing extension
 # is recorded and reported when backend="cpp" is asked for.
-from . import _backend  # noqa: E402
+from . import backends  # noqa: E402
 
-_backend.load_cpp()
+backends.load_cpp()

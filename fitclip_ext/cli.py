@@ -9,7 +9,8 @@ def wise_main(argv=None) -> str:
     from . import model as fmodel
 
     p = argparse.ArgumentParser(prog="fitclip wise", description="WiSE-FT: (1 - a) * zero-shot + a * fine-tuned")
-    p.add_argument("--alpha", type=float, default=0.4)
+    p.add_argument("--alpha", type=float, default=0.4,
+                   help="weight of the fine-tuned model in [0, 1] (default: %(default)s, the WiSE-FT paper's choice)")
     p.add_argument("--zero-shot", required=True, help="checkpoint of the original model (safetensors or torch)")
     p.add_argument("--fine-tuned", required=True, help="checkpoint of the fine-tuned model")
     p.add_argument("--out", required=True, help="output .safetensors")
@@ -23,8 +24,12 @@ def wise_main(argv=None) -> str:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("train", "eval", "wise"):
-        print("usage: fitclip {train,eval,wise} ...", file=sys.stderr)
-        return 2
+        print("usage: fitclip {train,eval,wise} ...  (`fitclip COMMAND --help` lists a command's flags)\n"
+              "  train  FitCLIP fine-tuning of an open_clip model on videos\n"
+              "  eval   zero-shot action recognition and text-to-video retrieval metrics\n"
+              "  wise   WiSE-FT weight interpolation of a zero-shot and a fine-tuned checkpoint",
+              file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "train":
         from .train import main as train_main
 

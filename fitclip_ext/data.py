@@ -248,3 +248,59 @@ def load_activitynet(root, split: str = "val_1", video_dir=None, mode: str = "pa
         else:
             out.append(VideoText(path, [" ".join(s.strip() for s in entry["sentences"])]))
     return out
+
+
+# ----------------------------------------------------------------------------- training clips
+
+def frame_preprocess(model):
+    """open_clip's eval preprocessing (resize shortest side, center crop, normalise) applied to
+    uint8 frame batches [N, 3, H, W] as tensors, so whole clips are processed at once."""
+    from torchvision.transforms.v2 import functional as TF
+
+    cfg = model.visual.preprocess_cfg
+    size = cfg["size"]
+    mean, std = list(cfg["mean"]), list(cfg["std"])
+    interp = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR}[cfg.get("interpolation", "bicubic")]
+
+    def apply(frames: torch.Tensor) -> torch.Tensor:
+        x = TF.resize(frames, min(size), interpolation=interp, antialias=True)
+        x = TF.center_crop(x, list(size))
+        return TF.normalize(x.float() / 255.0, mean, std)
+
+    return apply
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Samples -> (frames [F, 3, H, W] float, caption, path); broken videos -> (None, None, path)."""
+
+    def __init__(self, samples, preprocess, num_frames, sampling, seed):
+        self.samples, self.preprocess, self.num_frames = samples, preprocess, num_frames
+        self.sampling, self.seed = sampling, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        # frame sampling depends only on (seed, epoch, index): resumable and worker-independent
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+        try:
+            frames = read_frames(s.video, self.num_frames, sampling=self.sampling, generator=g)
+        except VideoDecodeError:
+            return None, None, s.video
+        return self.preprocess(frames), (s.captions[0] if s.captions else ""), s.video
+
+
+def collate(batch):
+    """ClipDataset items -> (frames [B, F, 3, H, W] or None, captions, broken video paths)."""
+    ok = [b for b in batch if b[0] is not None]
+    broken = [b[2] for b in batch if b[0] is None]
+    if not ok:
+        return None, [], broken
+    return torch.stack([b[0] for b in ok]), [b[1] for b in ok], broken
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of n items in an epoch: a function of (seed, epoch) only, so runs resume exactly."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()

@@ -118,7 +118,7 @@ def pretrain_image_model(out: Path, steps: int, batch: int, seed: int) -> Path:
 
     from . import model as fmodel
     from .contrastive import contrastive_loss
-    from .train import frame_preprocess
+    from .data import frame_preprocess
 
     torch.manual_seed(seed)
     model, _, _, tok = fmodel.create("fitclip-tiny")
@@ -126,7 +126,7 @@ def pretrain_image_model(out: Path, steps: int, batch: int, seed: int) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed + 7)
     combos = [(c, s) for c in COLOURS for s in SHAPES]
-    for step in tqdm(range(steps), desc="pre-training the image model on stills"):
+    for step in tqdm(range(steps), desc="pre-training the image model on stills", disable=None):
         pick = torch.randint(0, len(combos), (batch,), generator=g).tolist()
         images = pre(torch.stack([still(*combos[i], g) for i in pick]))
         texts = [f"a {combos[i][0]} {combos[i][1]}" for i in pick]
@@ -198,14 +198,15 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m fitclip_ext.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="demo_out")
+    p.add_argument("--out", default="demo_out", help="folder for the synthetic videos, checkpoints and results")
     p.add_argument("--frames", type=int, default=8, help="frames per clip (candidates for top-k sampling)")
     p.add_argument("--k", type=int, default=6, help="frames kept per clip by temporal sampling (a quarter miss the object)")
-    p.add_argument("--clips-per-combo", type=int, default=10)
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--clips-per-combo", type=int, default=10, help="clips per (object, motion) pair of the synthetic world")
+    p.add_argument("--pretrain-steps", type=int, default=600,
+                   help="steps pre-training the tiny image model on stills (the stand-in for CLIP pre-training)")
+    p.add_argument("--epochs", type=int, default=50, help="FitCLIP fine-tuning epochs")
     p.add_argument("--lr", type=float, default=5e-4, help="fine-tuning lr (the tiny random-init model needs far more than 3e-6)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the world, the models and the training")
     a = p.parse_args(argv)
     t0 = time.time()
     out = Path(a.out)

@@ -23,53 +23,20 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _validate
-from .contrastive import _compute_dtype
+from . import backends, validate
+from .common import compute_dtype, kl_divisors
 from .reference import distillation_loss_reference
 
 KL_REDUCTIONS = ("batchmean", "sum", "mean")
 
 
-class _CppOps:
-    @staticmethod
-    def stats(sv, st, tv, tt, s_scale, t_scale):
-        return torch.ops.fitclip_ext.distill_stats(sv, st, tv, tt, _cpu64(s_scale), _cpu64(t_scale))
-
-    @staticmethod
-    def grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, rw, cls, clt, cw):
-        ct = _compute_dtype(sv)
-        ga, gb = torch.ops.fitclip_ext.distill_grad(sv, st, tv, tt, _cpu64(s_scale), _cpu64(t_scale),
-                                                    rls, rlt, rw, cls, clt, cw)
-        grad_scale = (sv.to(ct) * ga).sum()  # sum_ij G_ij (V_s T_s^T)_ij = sum_i V_s,i . (G T_s)_i
-        s = s_scale.detach().to(dtype=ct)
-        return ga.mul_(s).to(sv.dtype), gb.mul_(s).to(st.dtype), grad_scale
-
-
-def _cpu64(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().to(device="cpu", dtype=torch.float64)
-
-
-def _ops(backend: str):
-    if backend == "cpp":
-        return _CppOps
-    if backend == "triton":
-        from fitclip_ext.kernels import distill as triton_distill
-
-        return triton_distill
-    raise AssertionError(backend)
-
-
-def _divisors(reduction: str, n: int, m: int) -> tuple[int, int]:
-    return {"batchmean": (n, m), "sum": (1, 1), "mean": (n * m, n * m)}[reduction]
-
-
 class _Distill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sv, st, tv, tt, s_scale, t_scale, reduction, backend):
-        ct = _compute_dtype(sv)
+        ct = compute_dtype(sv)
         n, m = sv.shape[0], st.shape[0]
-        rls, rlt, rkl, cls, clt, ckl = _ops(backend).stats(sv, st, tv, tt, s_scale, t_scale)
-        dr, dc = _divisors(reduction, n, m)
+        rls, rlt, rkl, cls, clt, ckl = backends.get(backend).distill_stats(sv, st, tv, tt, s_scale, t_scale)
+        dr, dc = kl_divisors(reduction, n, m)
         t2 = t_scale.detach().to(device=sv.device, dtype=ct) ** 2
         loss = (rkl.sum() / dr + ckl.sum() / dc) * (t2 / 2)
         ctx.save_for_backward(sv, st, tv, tt, s_scale, t_scale, rls, rlt, cls, clt)
@@ -80,13 +47,13 @@ class _Distill(torch.autograd.Function):
     def backward(ctx, grad_out):
         sv, st, tv, tt, s_scale, t_scale, rls, rlt, cls, clt = ctx.saved_tensors
         reduction, backend = ctx.config
-        ct = _compute_dtype(sv)
+        ct = compute_dtype(sv)
         n, m = sv.shape[0], st.shape[0]
-        dr, dc = _divisors(reduction, n, m)
+        dr, dc = kl_divisors(reduction, n, m)
         g = grad_out.to(ct) * t_scale.detach().to(device=sv.device, dtype=ct) ** 2 / 2
         row_w = (g / dr).expand(n).contiguous()
         col_w = (g / dc).expand(m).contiguous()
-        ga, gb, gs = _ops(backend).grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, row_w, cls, clt, col_w)
+        ga, gb, gs = backends.get(backend).distill_grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, row_w, cls, clt, col_w)
         need = ctx.needs_input_grad
         return (ga if need[0] else None, gb if need[1] else None, None, None,
                 gs.to(s_scale.dtype).reshape(s_scale.shape) if need[4] else None, None, None, None)
@@ -121,9 +88,9 @@ def distillation_loss(student_video, student_text, teacher_video, teacher_text, 
     names = ("student_video", "student_text", "teacher_video", "teacher_text")
     feats = (student_video, student_text, teacher_video, teacher_text)
     for name, x in zip(names, feats):
-        _validate.features(name, x)
+        validate.features(name, x)
     for name, x in zip(names[1:], feats[1:]):
-        _validate.same_device_dtype(("student_video", name), student_video, x)
+        validate.same_device_dtype(("student_video", name), student_video, x)
     for who, video, text in (("student", student_video, student_text), ("teacher", teacher_video, teacher_text)):
         if video.shape[1] != text.shape[1]:
             raise ValueError(f"{who}_video and {who}_text must have the same feature size D, got "
@@ -136,11 +103,11 @@ def distillation_loss(student_video, student_text, teacher_video, teacher_text, 
     _frozen("teacher_text", teacher_text)
     _frozen("teacher_scale", teacher_scale)
     dev = student_video.device
-    s_scale = _validate.scale("student_scale", student_scale, dev)
-    t_scale = _validate.scale("teacher_scale", teacher_scale, dev)
+    s_scale = validate.scale("student_scale", student_scale, dev)
+    t_scale = validate.scale("teacher_scale", teacher_scale, dev)
     if reduction not in KL_REDUCTIONS:
         raise ValueError(f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
-    backend = _backend.resolve(backend, dev)
+    backend = backends.resolve(backend, dev)
     if backend == "torch":
         loss = distillation_loss_reference(student_video, student_text, teacher_video, teacher_text,
                                            s_scale.to(dev), t_scale.to(dev), reduction=reduction)

@@ -6,8 +6,13 @@ Semantics follow open_clip exactly: features of all ranks are all-gathered (with
 `gather_with_grad`, otherwise without, with this rank's own slice put back so its gradient
 flows); with `local_loss` each rank computes its local rows against all gathered columns
 (`infonce` with positive offset rank * local_batch), otherwise the full global loss.
+
+`World` is a process's place in a torchrun job (rank, world size, device, process group) with
+the collectives the trainer needs, on the same `all_gather`.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -15,14 +20,18 @@ import torch.distributed as dist
 from .contrastive import contrastive_loss, infonce
 
 
-def _gather(features: torch.Tensor, rank: int, world_size: int, with_grad: bool, local_loss: bool) -> torch.Tensor:
+def all_gather(features: torch.Tensor, rank: int, world_size: int, with_grad: bool,
+               keep_local_grad: bool) -> torch.Tensor:
+    """Every rank's features concatenated in rank order. with_grad: gradients flow back to every
+    rank (torch.distributed.nn's all_gather); otherwise none do, except, with keep_local_grad,
+    through this rank's own slice (open_clip's gather_features without gather_with_grad)."""
     if with_grad:
         import torch.distributed.nn.functional as dist_fn
 
         return torch.cat(dist_fn.all_gather(features), dim=0)
     gathered = [torch.empty_like(features) for _ in range(world_size)]
     dist.all_gather(gathered, features.detach().contiguous())
-    if not local_loss:
+    if keep_local_grad:
         gathered[rank] = features  # keep this rank's gradient, as open_clip does
     return torch.cat(gathered, dim=0)
 
@@ -71,8 +80,9 @@ class ClipLoss(torch.nn.Module):
             n = image_features.shape[0]
             if self.check_batch_sizes:
                 _check_equal_batches(n, image_features.device, self.world_size)
-            all_img = _gather(image_features, self.rank, self.world_size, self.gather_with_grad, self.local_loss)
-            all_txt = _gather(text_features, self.rank, self.world_size, self.gather_with_grad, self.local_loss)
+            keep = not self.local_loss
+            all_img = all_gather(image_features, self.rank, self.world_size, self.gather_with_grad, keep)
+            all_txt = all_gather(text_features, self.rank, self.world_size, self.gather_with_grad, keep)
             if self.local_loss:
                 off = self.rank * n
                 loss = (infonce(image_features, all_txt, logit_scale, logit_bias, positive_offset=off, backend=self.backend)
@@ -81,3 +91,40 @@ class ClipLoss(torch.nn.Module):
             else:
                 loss = contrastive_loss(all_img, all_txt, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class World:
+    """This process's place in a torchrun job (world 1 when not launched by torchrun)."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(device)
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+
+    def gather(self, x: torch.Tensor, with_grad: bool) -> torch.Tensor:
+        """All ranks' x concatenated in rank order; with_grad: gradients flow back to every rank."""
+        if self.world == 1:
+            return x
+        return all_gather(x, self.rank, self.world, with_grad, keep_local_grad=False)
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def min(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())

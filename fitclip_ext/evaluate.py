@@ -20,7 +20,7 @@ from .frames import topk_frame_similarity
 def embed_videos(model, samples, num_frames: int, batch_size: int = 16, device="cpu"):
     """(unit frame embeddings [N, T, D], kept sample indices, unreadable paths): frames are the
     middle frames of T equal intervals (the evaluation sampling)."""
-    from .train import frame_preprocess
+    from .data import frame_preprocess
 
     preprocess = frame_preprocess(model)
     model.eval()
@@ -99,21 +99,24 @@ def print_table(results: dict) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="fitclip eval", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip architecture name")
     p.add_argument("--pretrained", default="openai", help="open_clip tag or checkpoint file")
-    p.add_argument("--task", required=True, choices=["ucf101", "hmdb51", "msrvtt", "didemo", "youcook2", "activitynet", "csv"])
+    p.add_argument("--task", required=True, choices=["ucf101", "hmdb51", "msrvtt", "didemo", "youcook2", "activitynet", "csv"],
+                   help="zero-shot action recognition (ucf101, hmdb51, csv with --classes) or text-to-video retrieval")
     p.add_argument("--root", required=True, help="data set folder (or the CSV for --task csv)")
     p.add_argument("--split", default=None, help="1-3 for UCF101/HMDB51, or the layout's split name")
     p.add_argument("--hmdb-splits", default=None, help="folder of HMDB51 split files")
     p.add_argument("--classes", default=None, help="for --task csv: classify against these names (one per line)")
     p.add_argument("--video-root", default=None, help="for --task csv: folder the CSV's video paths are relative to")
-    p.add_argument("--num-frames", type=int, default=4)
-    p.add_argument("--pooling", choices=["mean", "topk"], default="mean")
-    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--num-frames", type=int, default=4, help="frames decoded (uniformly) per video")
+    p.add_argument("--pooling", choices=["mean", "topk"], default="mean",
+                   help="video-text score: mean of the frames, or mean of the --k most similar (topk_frame_similarity)")
+    p.add_argument("--k", type=int, default=1, help="frames per score for --pooling topk")
     p.add_argument("--mode", choices=["paragraph", "segment"], default="paragraph",
                    help="DiDeMo / ActivityNet: paragraph-to-video or segment (moment) retrieval")
-    p.add_argument("--templates", choices=["ucf101", "plain"], default="ucf101")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--templates", choices=["ucf101", "plain"], default="ucf101",
+                   help="class-name prompts: CLIP's UCF101 templates, averaged, or the bare name")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
     model, _, _, tok = fmodel.create(a.model, None if a.pretrained in ("none", "None") else a.pretrained, device=a.device)

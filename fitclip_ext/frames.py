@@ -14,167 +14,116 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _validate
-from .contrastive import _compute_dtype, _zero_bias_term, contrastive_loss
+from . import backends, validate
+from .common import compute_dtype, reduce, symmetric_cross_entropy, upstream_weights, zero_bias_term
+from .contrastive import contrastive_loss
 from .reference import (select_frames_reference, topk_frame_similarity_reference,
                         video_contrastive_loss_reference)
 
 
-# ----------------------------------------------------------------------------- validation
-
-def _frames(name, x):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"{name} must be 3-D [videos, frames, D], got shape {tuple(x.shape)}")
-    if x.dtype not in _validate.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    if 0 in x.shape:
-        raise ValueError(f"{name} must be non-empty in every dimension, got shape {tuple(x.shape)}")
-    return x
-
-
-def _k(k, num_frames: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= num_frames:
-        raise ValueError(f"k must be in [1, T] = [1, {num_frames}], got {k}")
-    return k
-
-
-def _mask(mask, videos: int, num_frames: int, k: int, device) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be None or a bool tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = real frame), got {mask.dtype}")
-    if tuple(mask.shape) != (videos, num_frames):
-        raise ValueError(f"mask must have shape [videos, T] = [{videos}, {num_frames}], got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask must be on {device}, got {mask.device}")
-    real = mask.sum(1)
-    short = (real < k).nonzero()
-    if short.numel():
-        v = short[0, 0].item()
-        raise ValueError(f"mask leaves video {v} with {real[v].item()} real frames, fewer than k={k}")
-    return mask.contiguous()
-
-
-def _frame_inputs(text, frames, k, mask, same_count: bool):
-    """The checks shared by the frame ops; returns (k, mask)."""
-    _pair("text_features", text, "frame_features", frames, same_count)
-    k = _k(k, frames.shape[1])
-    return k, _mask(mask, frames.shape[0], frames.shape[1], k, frames.device)
-
-
-def _pair(text_name, text, frames_name, frames, same_count: bool):
-    _validate.features(text_name, text)
-    _frames(frames_name, frames)
-    _validate.same_device_dtype((frames_name, text_name), frames, text)
-    if text.shape[1] != frames.shape[2]:
-        raise ValueError(f"{text_name} and {frames_name} must have the same feature size D, got "
-                         f"{text.shape[1]} and {frames.shape[2]}")
-    if same_count and text.shape[0] != frames.shape[0]:
-        raise ValueError(f"{frames_name} and {text_name} must have the same batch size B (caption b describes "
-                         f"video b), got {frames.shape[0]} and {text.shape[0]}")
-
-
-# ----------------------------------------------------------------------------- backends
-
-class _CppFrames:
-    """The C++ kernels take the raw embeddings and fold the cosine normalisation in (forward and
-    backward, as F.normalize does it), so no normalised copy of the V x T x D frames is made."""
-
-    @staticmethod
-    def topk_sim(text, frames, k, mask):
-        return torch.ops.fitclip_ext.topk_sim_fwd(text, frames, k, mask, True)
-
-    @staticmethod
-    def topk_sim_bwd(text, frames, idx, grad, k):
-        return torch.ops.fitclip_ext.topk_sim_bwd(text, frames, idx, grad, True)
-
-    @staticmethod
-    def video_lse(text, frames, k, mask, scale):
-        s = scale.detach().to(device="cpu", dtype=torch.float64)
-        return torch.ops.fitclip_ext.video_infonce_lse(text, frames, k, mask, s, True)
-
-    @staticmethod
-    def video_grad(text, frames, k, mask, scale, cap_lse, vid_lse, cap_w, vid_w, eps):
-        s = scale.detach().to(device="cpu", dtype=torch.float64)
-        return torch.ops.fitclip_ext.video_infonce_grad(text, frames, k, mask, s, cap_lse, vid_lse, cap_w, vid_w, eps,
-                                                        True)
-
-    @staticmethod
-    def select(frames, text_n, k, mask):
-        return torch.ops.fitclip_ext.select_frames(frames, text_n, k, mask)
-
-
-def _ops(backend: str):
-    if backend == "cpp":
-        return _CppFrames
-    if backend == "triton":
-        from fitclip_ext.kernels import frames as triton_frames
-
-        return triton_frames
-    raise AssertionError(backend)
-
+# ----------------------------------------------------------------------------- autograd
 
 def _mean_unit_frames(frames):
     """k = T (every frame real, which k = T implies): the mean of a video's T cosine similarities
     to a caption is the caption's similarity to the mean of the unit frames, so the pooled scores
     are one [C, D] x [D, V] product instead of T of them (computed in float32 for half types)."""
-    ct = _compute_dtype(frames)
+    ct = compute_dtype(frames)
     return F.normalize(frames.to(ct), dim=-1).mean(1)
+
+
+def _raw_grads(ops, text, frames, norms, dtext, dframes):
+    """The unit vectors' gradients -> the raw embeddings' (F.normalize's backward), in their dtypes."""
+    return (ops.unit_grad(dtext, text, norms[0]).to(text.dtype),
+            ops.unit_grad(dframes, frames, norms[1]).to(frames.dtype))
 
 
 class _TopkSimilarity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, text, frames, k, mask, backend):
-        # `chosen` is backend-specific: frame indices [C, V, k] (C++) or bit sets (Triton).
-        sim, chosen = _ops(backend).topk_sim(text, frames, k, mask)
-        ctx.save_for_backward(text, frames, chosen)
+        ops = backends.get(backend)
+        norms = ops.row_norms(text), ops.row_norms(frames)
+        sim, bits = ops.topk_sim(text, frames, k, mask, *norms)
+        ctx.save_for_backward(text, frames, bits, *norms)
         ctx.backend, ctx.k = backend, k
         return sim.to(text.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        text, frames, chosen = ctx.saved_tensors
-        dt, df = _ops(ctx.backend).topk_sim_bwd(text, frames, chosen, grad.to(_compute_dtype(text)).contiguous(),
-                                                ctx.k)
-        return dt.to(text.dtype), df.to(frames.dtype), None, None, None
+        text, frames, bits, *norms = ctx.saved_tensors
+        ops = backends.get(ctx.backend)
+        dt, df = ops.topk_sim_bwd(text, frames, bits, grad.to(compute_dtype(text)).contiguous(), ctx.k, *norms)
+        return (*_raw_grads(ops, text, frames, norms, dt, df), None, None, None)
 
 
 class _VideoInfoNCE(torch.autograd.Function):
+    """Symmetric InfoNCE over L = scale * topk_sim(text, frames), one block loop for every
+    backend: each block of captions gets its pooled similarities [rows, B] from the backend's
+    fused top-k op, and they live only for that block; the per-caption log-sum-exp is exact
+    within a block, the per-video one merges across blocks online. The backward recomputes each
+    block, forms the full logit gradient there, and accumulates the frames' gradient (for the
+    unit frames) into one buffer, projected once at the end. Neither B x B nor B x B x T is
+    stored."""
+
     @staticmethod
     def forward(ctx, text, frames, scale, k, mask, eps, reduction, backend):
-        ct = _compute_dtype(text)
-        B = text.shape[0]
-        cap_lse, vid_lse, cap_sum, vid_sum, diag = _ops(backend).video_lse(text, frames, k, mask, scale)
-        s = scale.detach().to(device=text.device, dtype=ct)
-        pos = s * diag
-        cap_ce = cap_lse - (1 - eps) * pos - eps / B * s * cap_sum
-        vid_ce = vid_lse - (1 - eps) * pos - eps / B * s * vid_sum
-        per_item = (vid_ce + cap_ce) / 2
-        loss = per_item if reduction == "none" else per_item.sum() if reduction == "sum" else per_item.mean()
+        ops = backends.get(backend)
+        B, T = text.shape[0], frames.shape[1]
+        f = ops.operand(frames)
+        norms = ops.row_norms(text), ops.row_norms(f)
+        cap_lse = cap_sum = diag = None
+        vid_max = vid_sumexp = vid_sum = None
+        s = None
+        rows = ops.video_block_rows(B, T)
+        for r0 in range(0, B, rows):
+            r1 = min(B, r0 + rows)
+            sim, _ = ops.topk_sim(text[r0:r1], f, k, mask, norms[0][r0:r1], norms[1])
+            if s is None:
+                s = scale.detach().to(device=text.device, dtype=sim.dtype)
+                cap_lse, cap_sum, diag = (sim.new_empty(B) for _ in range(3))
+                vid_max = sim.new_full((B,), float("-inf"))
+                vid_sumexp, vid_sum = sim.new_zeros(B), sim.new_zeros(B)
+            logits = s * sim
+            cap_lse[r0:r1] = torch.logsumexp(logits, 1)
+            cap_sum[r0:r1] = sim.sum(1)
+            diag[r0:r1] = sim.diagonal(offset=r0)
+            new_max = torch.maximum(vid_max, logits.max(0).values)
+            rescale = torch.where(vid_max == float("-inf"), 0.0, torch.exp(vid_max - new_max))
+            vid_sumexp = vid_sumexp * rescale + torch.exp(logits - new_max).sum(0)
+            vid_max = new_max
+            vid_sum += sim.sum(0)
+        vid_lse = vid_max + torch.log(vid_sumexp)
+        per_item = symmetric_cross_entropy(cap_lse, vid_lse, s * diag, s * cap_sum / B, s * vid_sum / B, eps)
         ctx.save_for_backward(text, frames, scale, cap_lse, vid_lse, mask)
         ctx.config = (k, eps, reduction, backend)
-        return loss.to(text.dtype)
+        return reduce(per_item, reduction).to(text.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         text, frames, scale, cap_lse, vid_lse, mask = ctx.saved_tensors
         k, eps, reduction, backend = ctx.config
-        ct = _compute_dtype(text)
-        B = text.shape[0]
-        g = grad_out.to(ct)
-        if reduction == "none":
-            w = (g * 0.5).contiguous()
-        else:
-            w = (g * (0.5 / B if reduction == "mean" else 0.5)).expand(B).contiguous()
-        dt, df, ds = _ops(backend).video_grad(text, frames, k, mask, scale, cap_lse, vid_lse, w, w, eps)
+        ops = backends.get(backend)
+        B, T = text.shape[0], frames.shape[1]
+        w = upstream_weights(grad_out, B, reduction, True, cap_lse.dtype)
+        f = ops.operand(frames)
+        norms = ops.row_norms(text), ops.row_norms(f)
+        s = scale.detach().to(device=text.device, dtype=cap_lse.dtype)
+        dtext = torch.empty(text.shape, device=text.device, dtype=cap_lse.dtype)
+        dframes = torch.zeros(frames.shape, device=text.device, dtype=cap_lse.dtype)
+        ds = torch.zeros((), device=text.device, dtype=cap_lse.dtype)
+        rows = ops.video_block_rows(B, T)
+        for r0 in range(0, B, rows):
+            r1 = min(B, r0 + rows)
+            sim, bits = ops.topk_sim(text[r0:r1], f, k, mask, norms[0][r0:r1], norms[1])
+            logits = s * sim
+            positive = torch.zeros_like(sim)
+            positive.diagonal(offset=r0).fill_(1.0 - eps)
+            g = w[r0:r1, None] * (torch.exp(logits - cap_lse[r0:r1, None]) - positive - eps / B)
+            g += w[None, :] * (torch.exp(logits - vid_lse[None, :]) - positive - eps / B)
+            ds += (g * sim).sum()
+            dtext[r0:r1], _ = ops.topk_sim_bwd(text[r0:r1], f, bits, s * g, k, norms[0][r0:r1], norms[1], dframes)
+        dt, df = _raw_grads(ops, text, f, norms, dtext, dframes)
         grad_scale = ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
-        return dt.to(text.dtype), df.to(frames.dtype), grad_scale, None, None, None, None, None
+        return dt, df.to(frames.dtype), grad_scale, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -191,13 +140,13 @@ def select_frames(frame_features, text_features, k, *, mask=None, backend=None):
     Returns (indices [B, k] int64 in ascending time order, scores [B, k] cosine similarities in
     the features' dtype; scores carry gradients to both inputs, the selection itself does not).
     """
-    k, mask = _frame_inputs(text_features, frame_features, k, mask, same_count=True)
-    backend = _backend.resolve(backend, frame_features.device)
+    k, mask = validate.frame_inputs(text_features, frame_features, k, mask, same_count=True)
+    backend = backends.resolve(backend, frame_features.device)
     if backend == "torch":
         return select_frames_reference(frame_features, text_features, k, mask=mask)
     with torch.no_grad():
         text_n = F.normalize(text_features.detach(), dim=-1)
-        idx = _ops(backend).select(frame_features.detach(), text_n, k, mask)
+        idx = backends.get(backend).select_frames(frame_features.detach(), text_n, k, mask)
     chosen = F.normalize(gather_frames(frame_features, idx), dim=-1)
     scores = torch.einsum("bkd,bd->bk", chosen, F.normalize(text_features, dim=-1))
     return idx, scores
@@ -235,12 +184,12 @@ def topk_frame_similarity(text_features, frame_features, k, *, mask=None, backen
         backend: None (auto), "triton", "cpp" or "torch".
     Gradients reach both inputs (through the normalisation, to the selected frames only).
     """
-    k, mask = _frame_inputs(text_features, frame_features, k, mask, same_count=False)
-    backend = _backend.resolve(backend, frame_features.device)
+    k, mask = validate.frame_inputs(text_features, frame_features, k, mask, same_count=False)
+    backend = backends.resolve(backend, frame_features.device)
     if backend == "torch":
         return topk_frame_similarity_reference(text_features, frame_features, k, mask=mask)
     if k == frame_features.shape[1]:  # mean pooling (FitCLIP's): one GEMM
-        text_n = F.normalize(text_features.to(_compute_dtype(text_features)), dim=-1)
+        text_n = F.normalize(text_features.to(compute_dtype(text_features)), dim=-1)
         return (text_n @ _mean_unit_frames(frame_features).T).to(text_features.dtype)
     return _TopkSimilarity.apply(text_features, frame_features, k, mask, backend)
 
@@ -257,19 +206,19 @@ def video_contrastive_loss(frame_features, text_features, logit_scale, logit_bia
     Returns the loss in the features' dtype; reduction="none" gives [B] (mean of video i's and
     caption i's losses). Stores neither the B x B logits nor the B x B x T similarities.
     """
-    k, mask = _frame_inputs(text_features, frame_features, k, mask, same_count=True)
-    scale, bias, eps, reduction = _validate.loss_options(logit_scale, logit_bias, label_smoothing, reduction,
+    k, mask = validate.frame_inputs(text_features, frame_features, k, mask, same_count=True)
+    scale, bias, eps, reduction = validate.loss_options(logit_scale, logit_bias, label_smoothing, reduction,
                                                          frame_features.device)
-    backend = _backend.resolve(backend, frame_features.device)
+    backend = backends.resolve(backend, frame_features.device)
     if backend == "torch":
         dev = frame_features.device
         return video_contrastive_loss_reference(frame_features, text_features, scale.to(dev),
                                                 None if bias is None else bias.to(dev), k=k, mask=mask,
                                                 label_smoothing=eps, reduction=reduction)
     if k == frame_features.shape[1]:  # mean pooling: the fused InfoNCE over mean unit frames
-        text_n = F.normalize(text_features.to(_compute_dtype(text_features)), dim=-1)
+        text_n = F.normalize(text_features.to(compute_dtype(text_features)), dim=-1)
         loss = contrastive_loss(_mean_unit_frames(frame_features), text_n, scale, bias, label_smoothing=eps,
                                 reduction=reduction, backend=backend)
         return loss.to(frame_features.dtype)
     loss = _VideoInfoNCE.apply(text_features, frame_features, scale, k, mask, eps, reduction, backend)
-    return _zero_bias_term(loss, bias)
+    return zero_bias_term(loss, bias)

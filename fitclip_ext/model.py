@@ -72,24 +72,29 @@ def encode_frames(model, frames: torch.Tensor) -> torch.Tensor:
     return model.encode_image(frames.flatten(0, 1)).reshape(B, T, -1)
 
 
-def save_checkpoint(state: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
-    """Writes a safetensors file atomically: a temporary file in the same folder, fsynced, then
-    renamed over `path`, so a crash never leaves a partial checkpoint."""
-    from safetensors.torch import save_file
-
+def atomic_write(path, write) -> None:
+    """Calls write(tmp) for a temporary file in `path`'s folder, fsyncs it, then renames it over
+    `path`: a crash never leaves a partial file, and a reader sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Writes a safetensors file atomically (`atomic_write`)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_state_dict(path) -> dict[str, torch.Tensor]:

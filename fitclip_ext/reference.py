@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .common import kl_divisors
+
 
 def _upcast(x: torch.Tensor, upcast: bool) -> torch.Tensor:
     return x.double() if upcast else x
@@ -92,7 +94,7 @@ def distillation_loss_reference(student_video, student_text, teacher_video, teac
     s = student_scale * sv @ st.T
     t = teacher_scale * tv @ tt.T
     n, m = s.shape
-    div_rows, div_cols = {"batchmean": (n, m), "sum": (1, 1), "mean": (n * m, n * m)}[reduction]
+    div_rows, div_cols = kl_divisors(reduction, n, m)
     rows = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="sum") / div_rows
     cols = F.kl_div(F.log_softmax(s.T, 1), F.log_softmax(t.T, 1), log_target=True, reduction="sum") / div_cols
     return (rows + cols) / 2 * teacher_scale**2

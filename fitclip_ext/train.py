@@ -25,109 +25,61 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import data as fdata
 from . import model as fmodel
 from .contrastive import contrastive_loss
+from .data import ClipDataset, collate, epoch_order, frame_preprocess, load_caption_csv, split_camel_case
 from .distill import distillation_loss
-from .distributed import ClipLoss
+from .distributed import ClipLoss, World
 from .frames import gather_frames, select_frames, video_contrastive_loss
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    train_csv: str
-    out_dir: str
-    model: str = "ViT-B-16"
-    pretrained: str | None = "openai"
-    video_root: str | None = None
-    unlabeled_csv: str | None = None
-    class_prompts: str | None = None  # file of class names: unlabeled texts become "a video of {name}."
-    val_csv: str | None = None       # mean-pooled InfoNCE on these clips after every epoch; best kept
-    num_frames: int = 4          # frames pooled per clip (k)
-    candidate_frames: int = 0    # decoded candidates for top-k temporal sampling (0: = num_frames)
-    loss_pooling: str = "mean"   # "mean": InfoNCE of pooled embeddings; "topk": video_contrastive_loss
-    pool_k: int = 1              # frames per pair for loss_pooling="topk"
-    batch_size: int = 8
-    unlabeled_batch_size: int = 8
-    epochs: int = 1
-    max_steps: int = 0           # stop after this many optimizer steps (0: run all epochs)
-    lr: float = 3e-6
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    schedule: str = "constant"   # or "cosine"
-    temperature: float = 0.015
-    learn_temperature: bool = False
-    labeled_weight: float = 0.9999
-    unlabeled_weight: float = 0.0001
-    grad_accum: int = 1
-    workers: int = 0
-    seed: int = 0
-    device: str = "cpu"
-    resume: bool = False
-    log_every: int = 1
-    dump_grads: str | None = None  # write the first step's (all-reduced) gradients here (tests, debugging)
-
-
-# ----------------------------------------------------------------------------- data
-
-def frame_preprocess(model):
-    """open_clip's eval preprocessing (resize shortest side, center crop, normalise) applied to
-    uint8 frame batches [N, 3, H, W] as tensors, so whole clips are processed at once."""
-    from torchvision.transforms.v2 import functional as TF
-
-    cfg = model.visual.preprocess_cfg
-    size = cfg["size"]
-    mean, std = list(cfg["mean"]), list(cfg["std"])
-    interp = {"bicubic": TF.InterpolationMode.BICUBIC, "bilinear": TF.InterpolationMode.BILINEAR}[cfg.get("interpolation", "bicubic")]
-
-    def apply(frames: torch.Tensor) -> torch.Tensor:
-        x = TF.resize(frames, min(size), interpolation=interp, antialias=True)
-        x = TF.center_crop(x, list(size))
-        return TF.normalize(x.float() / 255.0, mean, std)
-
-    return apply
-
-
-class ClipDataset(torch.utils.data.Dataset):
-    """Samples -> (frames [F, 3, H, W] float, caption, path); broken videos -> (None, None, path)."""
-
-    def __init__(self, samples, preprocess, num_frames, sampling, seed):
-        self.samples, self.preprocess, self.num_frames, self.sampling, self.seed = samples, preprocess, num_frames, sampling, seed
-        self.epoch = 0
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        s = self.samples[i]
-        # frame sampling depends only on (seed, epoch, index): resumable and worker-independent
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-        try:
-            frames = fdata.read_frames(s.video, self.num_frames, sampling=self.sampling, generator=g)
-        except fdata.VideoDecodeError:
-            return None, None, s.video
-        return self.preprocess(frames), (s.captions[0] if s.captions else ""), s.video
-
-
-def collate(batch):
-    ok = [b for b in batch if b[0] is not None]
-    broken = [b[2] for b in batch if b[0] is None]
-    if not ok:
-        return None, [], broken
-    return torch.stack([b[0] for b in ok]), [b[1] for b in ok], broken
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+    """The run's settings; each is a `fitclip train` flag (--train-csv for train_csv, ...)."""
+    train_csv: str = field(metadata={"help": "labeled clips: a CSV with video path and caption columns"})
+    out_dir: str = field(metadata={"help": "folder for checkpoints, log.jsonl and loss.png (created)"})
+    model: str = _opt("ViT-B-16", "open_clip architecture name")
+    pretrained: str | None = _opt("openai", "open_clip pretrained tag or checkpoint file; 'none' for random init")
+    video_root: str | None = _opt(None, "folder the CSVs' video paths are relative to")
+    unlabeled_csv: str | None = _opt(None, "unlabeled clips for the distillation term (FitCLIP's student-teacher)")
+    class_prompts: str | None = _opt(None, "file of class names, one per line: the unlabeled clips' texts become "
+                                           "'a video of {name}.' (soft pseudo-labels over classes)")
+    val_csv: str | None = _opt(None, "mean-pooled InfoNCE on these clips after every epoch; the best is kept")
+    num_frames: int = _opt(4, "frames pooled per clip (k)")
+    candidate_frames: int = _opt(0, "decoded candidate frames for top-k temporal sampling (0: = num_frames)")
+    loss_pooling: str = _opt("mean", "'mean': InfoNCE of mean-pooled embeddings; 'topk': video_contrastive_loss")
+    pool_k: int = _opt(1, "frames per pair for --loss-pooling topk")
+    batch_size: int = _opt(8, "labeled clips per process and step")
+    unlabeled_batch_size: int = _opt(8, "unlabeled clips per process and step")
+    epochs: int = _opt(1, "passes over the labeled clips")
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0: run all epochs)")
+    lr: float = _opt(3e-6, "AdamW learning rate (the released recipe's)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    warmup_steps: int = _opt(0, "linear warm-up steps")
+    schedule: str = _opt("constant", "learning-rate schedule after warm-up: 'constant' or 'cosine'")
+    temperature: float = _opt(0.015, "fixed softmax temperature (logit scale 1 / temperature)")
+    learn_temperature: bool = _opt(False, "learn the logit scale instead of fixing it")
+    labeled_weight: float = _opt(0.9999, "weight of the labeled InfoNCE")
+    unlabeled_weight: float = _opt(0.0001, "weight of the distillation term")
+    grad_accum: int = _opt(1, "batches per optimizer step")
+    workers: int = _opt(0, "DataLoader worker processes decoding the labeled clips")
+    seed: int = _opt(0, "seed of the data order, frame sampling and initialisation")
+    device: str = _opt("cpu", "'cpu' or 'cuda' (under torchrun: each rank its local GPU)")
+    resume: bool = _opt(False, "continue from out_dir's last checkpoint")
+    log_every: int = _opt(1, "write a log.jsonl record every this many steps")
+    dump_grads: str | None = _opt(None, "write the first step's (all-reduced) gradients here (tests, debugging)")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -168,50 +120,7 @@ class StepEncoder(torch.nn.Module):
         return self.model.encode_image(images), self.model.encode_text(tokens)
 
 
-class Dist:
-    """This process's place in a torchrun job (world 1 when not launched by torchrun)."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(cfg.device)
-        if self.world > 1:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", self.local_rank)
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.main = self.rank == 0
-
-    def gather(self, x: torch.Tensor, with_grad: bool) -> torch.Tensor:
-        """All ranks' x concatenated in rank order; with_grad: gradients flow back to every rank."""
-        if self.world == 1:
-            return x
-        if with_grad:
-            import torch.distributed.nn.functional as dist_fn
-
-            return torch.cat(dist_fn.all_gather(x), dim=0)
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
-
-    def mean(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item() / self.world
-
-    def min(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t.item())
-
-
-def labeled_loss(frame_emb, text, scale, cfg: TrainConfig, world: Dist):
+def labeled_loss(frame_emb, text, scale, cfg: TrainConfig, world: World):
     """Labeled InfoNCE over the global batch. Mean pooling: fitclip_ext.ClipLoss with local rows
     against all gathered columns (open_clip's local_loss + gather_with_grad); top-k pooling: the
     fused video loss over the gathered frames and captions. Either way, DDP's mean of the ranks'
@@ -252,29 +161,113 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_training_state(out: Path, model, optimizer, step, epoch, batch_in_epoch, best, tag="last"):
     fmodel.save_checkpoint(model.state_dict(), out / f"{tag}.safetensors", metadata={"step": str(step)})
-    _atomic_torch_save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                        "batch_in_epoch": batch_in_epoch, "best_val": best}, out / f"{tag}_state.pt")
+    state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+             "best_val": best}
+    fmodel.atomic_write(out / f"{tag}_state.pt", lambda tmp: torch.save(state, tmp))
+
+
+# ----------------------------------------------------------------------------- one step
+
+@dataclass
+class Run:
+    """What a step needs besides its batch: the models, the tokenizer, the optimizer, the process."""
+    cfg: TrainConfig
+    world: World
+    model: torch.nn.Module
+    encoder: torch.nn.Module     # StepEncoder, wrapped in DDP on several processes
+    teacher: torch.nn.Module | None
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    prompts: list[str] | None    # class prompts: the unlabeled clips' texts
+    total_steps: int
+
+
+def unlabeled_clips(run: Run, uds, uorder, b: int, epoch: int):
+    """This rank's unlabeled clips for batch b: (frames [u, T, 3, H, W] or None, texts, broken
+    paths); every rank keeps the same number u of clips."""
+    if uds is None or not len(uds):
+        return None, None, []
+    ub, world = run.cfg.unlabeled_batch_size, run.world
+    idx = [uorder[((b * world.world + world.rank) * ub + j) % len(uds)] for j in range(ub)]
+    uds.epoch = epoch
+    frames, caps, broken = collate([uds[i] for i in idx])
+    u = world.min(0 if frames is None else len(caps))
+    if u == 0:
+        return None, None, broken
+    return frames[:u].to(world.device), run.prompts or caps[:u], broken  # prompts: soft pseudo-labels over classes
+
+
+def unlabeled_loss(run: Run, img_emb, txt_emb, uframes, utokens, scale):
+    """FitCLIP's distillation term: the student's video x text scores of the unlabeled clips pulled
+    towards the frozen teacher's, over the whole (gathered) batch."""
+    cfg, world, k = run.cfg, run.world, run.cfg.num_frames
+    u = uframes.shape[0]
+    uvideo_s = F.normalize(F.normalize(img_emb.reshape(u, k, -1), dim=-1).mean(1), dim=-1)
+    utext_s = F.normalize(txt_emb, dim=-1)
+    with torch.no_grad():
+        utext_t = F.normalize(run.teacher.encode_text(utokens), dim=-1)
+        # the teacher scores the same frames the student sees (unlabeled clips are decoded at
+        # num_frames: no caption-driven selection)
+        uvideo_t = video_embeddings(run.teacher, uframes, None, k)
+        t_scale = run.teacher.logit_scale.exp() if cfg.learn_temperature else 1 / cfg.temperature
+    # the whole batch's score matrix on every rank (FitCLIP all-gathers the embeddings); class
+    # prompts are the same on every rank
+    uvideo_s, uvideo_t = world.gather(uvideo_s, True), world.gather(uvideo_t, False)
+    if not run.prompts:
+        utext_s, utext_t = world.gather(utext_s, True), world.gather(utext_t, False)
+    return distillation_loss(uvideo_s.float(), utext_s.float(), uvideo_t.float(), utext_t.float(), scale, t_scale)
+
+
+def train_step(run: Run, frames, captions, unlabeled, step: int, apply: bool):
+    """Forward and backward of one batch (labeled frames [n, F, 3, H, W] with their captions, and
+    the unlabeled clips from `unlabeled_clips`), then, when `apply`, the optimizer step at
+    step's learning rate. Returns (loss, labeled loss, unlabeled loss) as tensors."""
+    cfg, model, device, k = run.cfg, run.model, run.world.device, run.cfg.num_frames
+    n = len(captions)
+    uframes, utexts, _ = unlabeled
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        tokens = run.tokenizer(captions).to(device)
+        if frames.shape[1] > k:  # FitCLIP's temporal sampling, scored without gradient
+            with torch.no_grad():
+                sel_text = F.normalize(model.encode_text(tokens), dim=-1)
+            frames = choose_frames(model, frames, sel_text, k)
+        images, texts_tok = [frames.flatten(0, 1)], [tokens]
+        if uframes is not None:
+            utokens = run.tokenizer(utexts).to(device)
+            images.append(uframes.flatten(0, 1))
+            texts_tok.append(utokens)
+        # one forward through the (DDP-wrapped) encoder for everything that gets a gradient
+        img_emb, txt_emb = run.encoder(torch.cat(images), torch.cat(texts_tok))
+        frame_emb = F.normalize(img_emb[:n * k].reshape(n, k, -1), dim=-1)
+        text = F.normalize(txt_emb[:n], dim=-1)
+        scale = model.logit_scale.exp()
+        loss_l = labeled_loss(frame_emb, text, scale, cfg, run.world)
+        loss = cfg.labeled_weight * loss_l
+        loss_u = torch.zeros(())
+        if uframes is not None:
+            loss_u = unlabeled_loss(run, img_emb[n * k:], txt_emb[n:], uframes, utokens, scale)
+            loss = loss + cfg.unlabeled_weight * loss_u
+    (loss / cfg.grad_accum).backward()
+    if apply:
+        if cfg.dump_grads and step == 0 and run.world.main:
+            grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+            fmodel.atomic_write(Path(cfg.dump_grads), lambda tmp: torch.save(grads, tmp))
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg, run.total_steps)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, loss_l, loss_u
 
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg: TrainConfig) -> dict:
-    from tqdm import tqdm
-
-    world = Dist(cfg)
+def setup(cfg: TrainConfig):
+    """(Run, labeled dataset, validation dataset or None, unlabeled dataset or None, resume
+    state (step, epoch, batch in epoch, best validation loss), output folder)."""
+    world = World(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,44 +286,55 @@ def train(cfg: TrainConfig) -> dict:
             model.logit_scale.fill_(math.log(1 / cfg.temperature))
     preprocess = frame_preprocess(model)
     n_decode = max(cfg.num_frames, cfg.candidate_frames)
-    labeled = fdata.load_caption_csv(cfg.train_csv, cfg.video_root)
-    ds = ClipDataset(labeled, preprocess, n_decode, "random", cfg.seed)
-    vds = ClipDataset(fdata.load_caption_csv(cfg.val_csv, cfg.video_root), preprocess, cfg.num_frames, "uniform",
+    ds = ClipDataset(load_caption_csv(cfg.train_csv, cfg.video_root), preprocess, n_decode, "random", cfg.seed)
+    vds = ClipDataset(load_caption_csv(cfg.val_csv, cfg.video_root), preprocess, cfg.num_frames, "uniform",
                       cfg.seed) if cfg.val_csv else None
     prompts = None
     if cfg.class_prompts:
         names = [n.strip() for n in Path(cfg.class_prompts).read_text().splitlines() if n.strip()]
-        prompts = [f"a video of {fdata.split_camel_case(n)}." for n in names]
+        prompts = [f"a video of {split_camel_case(n)}." for n in names]
     uds = None
     if cfg.unlabeled_csv:
-        uds = ClipDataset(fdata.load_caption_csv(cfg.unlabeled_csv, cfg.video_root), preprocess, cfg.num_frames,
+        uds = ClipDataset(load_caption_csv(cfg.unlabeled_csv, cfg.video_root), preprocess, cfg.num_frames,
                           "random", cfg.seed + 1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # batch_size clips per process and step: the global batch is batch_size x world size
-    global_bs = cfg.batch_size * world.world
-    steps_per_epoch = len(ds) // (global_bs * cfg.grad_accum)
+    steps_per_epoch = len(ds) // (cfg.batch_size * world.world * cfg.grad_accum)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    step, start_epoch, start_batch, best = 0, 0, 0, float("inf")
+    resume = (0, 0, 0, float("inf"))
     if cfg.resume and (out / "last_state.pt").exists():
         model.load_state_dict(fmodel.load_state_dict(out / "last.safetensors"))
         state = torch.load(out / "last_state.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
-        step, start_epoch, start_batch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best_val"]
+        resume = state["step"], state["epoch"], state["batch_in_epoch"], state["best_val"]
     encoder = StepEncoder(model)
     if world.world > 1:  # broadcasts rank 0's weights, averages gradients in buckets during backward
         encoder = torch.nn.parallel.DistributedDataParallel(
             encoder, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    run = Run(cfg, world, model, encoder, teacher, tokenizer, optimizer, prompts, total)
+    return run, ds, vds, uds, resume, out
+
+
+def rank_batches(n: int, cfg: TrainConfig, world: World, epoch: int) -> list[list[int]]:
+    """This rank's slice of every global batch of the epoch (fixed by seed and epoch: resumable)."""
+    order = epoch_order(n, cfg.seed, epoch)
+    global_bs = cfg.batch_size * world.world
+    return [order[i + world.rank * cfg.batch_size:i + (world.rank + 1) * cfg.batch_size]
+            for i in range(0, len(order) - global_bs + 1, global_bs)]
+
+
+def train(cfg: TrainConfig) -> dict:
+    from tqdm import tqdm
+
+    run, ds, vds, uds, (step, start_epoch, start_batch, best), out = setup(cfg)
+    world, model = run.world, run.model
     log = open(out / "log.jsonl", "a") if world.main else open(os.devnull, "w")
     history = []
     broken_all: list[str] = []
     for epoch in range(start_epoch, cfg.epochs):
         ds.epoch = epoch
-        order = epoch_order(len(ds), cfg.seed, epoch)
-        # the global batch's slice of this rank
-        batches = [order[i + world.rank * cfg.batch_size:i + (world.rank + 1) * cfg.batch_size]
-                   for i in range(0, len(order) - global_bs + 1, global_bs)]
+        batches = rank_batches(len(ds), cfg, world, epoch)
         uorder = epoch_order(len(uds), cfg.seed + 1, epoch) if uds else []
         broken: list[str] = []
         first = start_batch if epoch == start_epoch else 0
@@ -339,7 +343,7 @@ def train(cfg: TrainConfig) -> dict:
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches[first:end], collate_fn=collate,
                                              num_workers=cfg.workers)
         bar = tqdm(zip(range(first, end), loader), total=end - first, desc=f"epoch {epoch}", leave=False,
-                   disable=not world.main)
+                   disable=not world.main or None)
         model.train()
         for b, (frames, captions, bad) in bar:
             if cfg.max_steps and step >= cfg.max_steps:
@@ -351,83 +355,31 @@ def train(cfg: TrainConfig) -> dict:
             n = world.min(0 if frames is None else len(captions))
             if n == 0:
                 continue
-            frames, captions = frames[:n].to(device), captions[:n]
-            k = cfg.num_frames
-            with autocast:
-                tokens = tokenizer(captions).to(device)
-                if frames.shape[1] > k:  # FitCLIP's temporal sampling, scored without gradient
-                    with torch.no_grad():
-                        sel_text = F.normalize(model.encode_text(tokens), dim=-1)
-                    frames = choose_frames(model, frames, sel_text, k)
-                images, texts_tok = [frames.flatten(0, 1)], [tokens]
-                uframes = None
-                if uds is not None and len(uds):
-                    ub = cfg.unlabeled_batch_size
-                    u_idx = [uorder[((b * world.world + world.rank) * ub + j) % len(uds)] for j in range(ub)]
-                    uds.epoch = epoch
-                    uframes, ucaps, ubad = collate([uds[i] for i in u_idx])
-                    broken += ubad
-                    un = world.min(0 if uframes is None else len(ucaps))
-                    if un == 0:
-                        uframes = None
-                    else:
-                        uframes, ucaps = uframes[:un].to(device), ucaps[:un]
-                        utexts = prompts or ucaps  # class prompts give soft pseudo-labels over classes
-                        utokens = tokenizer(utexts).to(device)
-                        images.append(uframes.flatten(0, 1))
-                        texts_tok.append(utokens)
-                img_emb, txt_emb = encoder(torch.cat(images), torch.cat(texts_tok))
-                frame_emb = F.normalize(img_emb[:n * k].reshape(n, k, -1), dim=-1)
-                text = F.normalize(txt_emb[:n], dim=-1)
-                scale = model.logit_scale.exp()
-                loss_l = labeled_loss(frame_emb, text, scale, cfg, world)
-                loss = cfg.labeled_weight * loss_l
-                loss_u = torch.zeros(())
-                if uframes is not None:
-                    uvideo_s = F.normalize(F.normalize(img_emb[n * k:].reshape(un, k, -1), dim=-1).mean(1), dim=-1)
-                    utext_s = F.normalize(txt_emb[n:], dim=-1)
-                    with torch.no_grad():
-                        utext_t = F.normalize(teacher.encode_text(utokens), dim=-1)
-                        # the teacher scores the same frames the student sees (unlabeled
-                        # clips are decoded at num_frames: no caption-driven selection)
-                        uvideo_t = video_embeddings(teacher, uframes, None, k)
-                        t_scale = teacher.logit_scale.exp() if cfg.learn_temperature else 1 / cfg.temperature
-                    # the whole batch's score matrix on every rank (FitCLIP all-gathers the
-                    # embeddings); class prompts are the same on every rank
-                    uvideo_s, uvideo_t = world.gather(uvideo_s, True), world.gather(uvideo_t, False)
-                    if not prompts:
-                        utext_s, utext_t = world.gather(utext_s, True), world.gather(utext_t, False)
-                    loss_u = distillation_loss(uvideo_s.float(), utext_s.float(), uvideo_t.float(), utext_t.float(),
-                                               scale, t_scale)
-                    loss = loss + cfg.unlabeled_weight * loss_u
-            (loss / cfg.grad_accum).backward()
-            if (b + 1) % cfg.grad_accum == 0:
-                if cfg.dump_grads and step == 0 and world.main:
-                    _atomic_torch_save({name: p.grad.detach().clone() for name, p in model.named_parameters()
-                                        if p.grad is not None}, Path(cfg.dump_grads))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, cfg, total)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                # the loss of the global batch: ClipLoss's per-rank losses average to it
-                rec = {"step": step, "epoch": epoch, "loss": world.mean(loss.item()),
-                       "labeled_loss": world.mean(loss_l.item()), "unlabeled_loss": float(loss_u.detach()),
-                       "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0,
-                       "clips_per_s": n * world.world / max(1e-9, time.time() - t0)}
-                history.append(rec)
-                if step % cfg.log_every == 0:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                if world.main:
-                    save_training_state(out, model, optimizer, step, epoch, b + 1, best)
+            unlabeled = unlabeled_clips(run, uds, uorder, b, epoch)
+            broken += unlabeled[2]
+            apply = (b + 1) % cfg.grad_accum == 0
+            loss, loss_l, loss_u = train_step(run, frames[:n].to(world.device), captions[:n], unlabeled, step, apply)
+            if not apply:
+                continue
+            step += 1
+            # the loss of the global batch: ClipLoss's per-rank losses average to it
+            rec = {"step": step, "epoch": epoch, "loss": world.mean(loss.item()),
+                   "labeled_loss": world.mean(loss_l.item()), "unlabeled_loss": float(loss_u.detach()),
+                   "lr": run.optimizer.param_groups[0]["lr"], "seconds": time.time() - t0,
+                   "clips_per_s": n * world.world / max(1e-9, time.time() - t0)}
+            history.append(rec)
+            if step % cfg.log_every == 0:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if world.main:
+                save_training_state(out, model, run.optimizer, step, epoch, b + 1, best)
         if broken and world.main:
             log.write(json.dumps({"epoch": epoch, "broken_videos": sorted(set(broken))}) + "\n")
             print(f"epoch {epoch}: skipped {len(set(broken))} unreadable videos: {sorted(set(broken))[:10]}")
             broken_all += broken
         if vds is not None and world.main:
-            val = validation_loss(model, tokenizer, vds, cfg, device)
+            val = validation_loss(model, run.tokenizer, vds, cfg, world.device)
             log.write(json.dumps({"epoch": epoch, "step": step, "val_loss": val}) + "\n")
             if val < best:
                 best = val
@@ -437,7 +389,7 @@ def train(cfg: TrainConfig) -> dict:
             break
         start_batch = 0
         if world.main:
-            save_training_state(out, model, optimizer, step, epoch + 1, 0, best)
+            save_training_state(out, model, run.optimizer, step, epoch + 1, 0, best)
     log.close()
     if world.main:
         plot_history(out / "log.jsonl", out / "loss.png")
@@ -475,13 +427,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="fitclip train", description=__doc__.splitlines()[0])
     for f in dataclasses.fields(TrainConfig):
         name = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"]
         if f.type in ("bool", bool):
-            parser.add_argument(name, action="store_true")
+            parser.add_argument(name, action="store_true", help=help)
         elif f.default is dataclasses.MISSING:
-            parser.add_argument(name, required=True)
+            parser.add_argument(name, required=True, help=help)
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(name, type=typ, default=f.default)
+            parser.add_argument(name, type=typ, default=f.default, help=help + " (default: %(default)s)")
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{k: (None if v in ("none", "None") else v) for k, v in vars(args).items()})
     return train(cfg)

@@ -65,7 +65,7 @@ def _cases(scope: str = "all"):
         # every candidate (FITCLIP_TRITON_AUTOTUNE=1 may pick any); c0 is the default
         fwd_cands = infonce.fwd_candidates(dtype, 512, small=False, precision=prec)
         for (i, cfg), with_col in itertools.product(enumerate(pick(fwd_cands)), (True, False)):
-            yield ("infonce_lse_fwd", "infonce._lse_fwd_kernel", dtype, prec, f"c{i} " + ("col" if with_col else "-"),
+            yield ("infonce_lse_fwd", "infonce.lse_fwd_kernel", dtype, prec, f"c{i} " + ("col" if with_col else "-"),
                    fwd_sig, {"WITH_COL": with_col}, cfg)
         grad_sig = {
             "a_ptr": t, "b_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32", "scale_ptr": "*fp32",
@@ -83,7 +83,7 @@ def _cases(scope: str = "all"):
                                               (False, True, False)):
                     flags = {"HAS_A": has_a, "HAS_B": has_b, "WITH_DS": with_ds}
                     label = f"c{i} D{D} " + ",".join(k for k, v in flags.items() if v)
-                    yield ("infonce_grad", "infonce._grad_kernel", dtype, prec, label, grad_sig, flags, cfg)
+                    yield ("infonce_grad", "infonce.grad_kernel", dtype, prec, label, grad_sig, flags, cfg)
         dst_sig = {
             "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32",
             "stats_s_ptr": "*fp32", "stats_t_ptr": "*fp32", "kl_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
@@ -92,7 +92,7 @@ def _cases(scope: str = "all"):
         }
         stats_cands = distill.stats_candidates(dtype, small=False, precision=prec)
         for i, cfg in enumerate(pick(stats_cands)):
-            yield ("distill_stats", "distill._stats_kernel", dtype, prec, f"c{i}", dst_sig, {}, cfg)
+            yield ("distill_stats", "distill.stats_kernel", dtype, prec, f"c{i}", dst_sig, {}, cfg)
         dgr_sig = {
             "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32",
             "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "a_stats_s_ptr": "*fp32", "a_stats_t_ptr": "*fp32",
@@ -104,7 +104,7 @@ def _cases(scope: str = "all"):
         for D in ((512,) if quick else (128, 512)):
             cands = distill.grad_candidates(dtype, D, small=False, precision=prec)
             for (i, cfg), with_ds in itertools.product(enumerate(pick(cands)), (True, False)):
-                yield ("distill_grad", "distill._grad_kernel", dtype, prec, f"c{i} D{D}" + (" ds" if with_ds else ""),
+                yield ("distill_grad", "distill.grad_kernel", dtype, prec, f"c{i} D{D}" + (" ds" if with_ds else ""),
                        dgr_sig, {"WITH_DS": with_ds}, cfg)
         # frame kernels: configurations change with K_PAD (the running top-k's width)
         sim_sig = {
@@ -124,18 +124,18 @@ def _cases(scope: str = "all"):
         for k in ((4,) if quick else (1, 2, 4, 8, 16, 32)):
             cands = frames.sim_candidates(dtype, k, T=32, small=False, precision=prec)
             for i, cfg in enumerate(pick(cands)):
-                yield ("topk_sim_fwd", "frames._topk_sim_fwd_kernel", dtype, prec, f"c{i} k{k} mask norm", sim_sig,
+                yield ("topk_sim_fwd", "frames.topk_sim_fwd_kernel", dtype, prec, f"c{i} k{k} mask norm", sim_sig,
                        {"HAS_MASK": True, "NORMALIZE": True}, cfg)
         gcands = frames.grad_candidates(dtype, T=32, small=False, precision=prec)
         for i, gcfg in enumerate(pick(gcands)):
-            yield ("topk_sim_dtext", "frames._topk_sim_dtext_kernel", dtype, prec, f"c{i} T<=32 norm", dtext_sig,
+            yield ("topk_sim_dtext", "frames.topk_sim_dtext_kernel", dtype, prec, f"c{i} T<=32 norm", dtext_sig,
                    {"NORMALIZE": True}, gcfg)
-            yield ("topk_sim_dframes", "frames._topk_sim_dframes_kernel", dtype, prec, f"c{i} T<=32 acc norm",
+            yield ("topk_sim_dframes", "frames.topk_sim_dframes_kernel", dtype, prec, f"c{i} T<=32 acc norm",
                    dframes_sig, {"ACCUMULATE": True, "NORMALIZE": True}, gcfg)
         if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
             unit_sig = {"g_ptr": "*fp32", "x_ptr": t, "norm_ptr": "*fp32", "R": "i32", "D": "i32", "T": "i32",
                         "stride_xo": "i32", "stride_xi": "i32", "stride_xd": "i32"}
-            yield ("unit_grad", "frames._unit_grad_kernel", dtype, "-", "-", unit_sig, {}, frames._unit_config(512))
+            yield ("unit_grad", "frames.unit_grad_kernel", dtype, "-", "-", unit_sig, {}, frames.unit_config(512))
         sel_sig = {
             "frames_ptr": t, "text_ptr": t, "mask_ptr": "*i8", "idx_ptr": "*i64", "B": "i32", "T": "i32", "D": "i32",
             "k": "i32", "stride_fb": "i32", "stride_ft": "i32", "stride_fd": "i32", "stride_tb": "i32", "stride_td": "i32",
@@ -144,7 +144,7 @@ def _cases(scope: str = "all"):
             for k in ((4,) if quick else (1, 4, 32)):
                 cands = frames.select_candidates(512, k, small=False)
                 for i, cfg in enumerate(pick(cands)):
-                    yield ("select_frames", "frames._select_frames_kernel", dtype, "-", f"c{i} k{k} mask", sel_sig,
+                    yield ("select_frames", "frames.select_frames_kernel", dtype, "-", f"c{i} k{k} mask", sel_sig,
                            {"HAS_MASK": True}, cfg)
 
 
@@ -250,13 +250,13 @@ def _problems(row) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM architectures to compile for")
     parser.add_argument("--scope", choices=SCOPES, default="all",
                         help="all: every candidate configuration (make aot); defaults: the configuration "
                              "launched without autotuning for every kernel, dtype and size bucket (make test); "
                              "quick: defaults for bf16 and tf32 at D=512 only")
     parser.add_argument("--json", type=Path, help="write the table as JSON")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--no-sass", action="store_true",
                         help="check the matrix instructions in the PTX instead of the disassembled SASS (faster)")
     parser.add_argument("--kernels", nargs="+", help="only these kernels (names as in the table, e.g. topk_sim_fwd)")
@@ -269,7 +269,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(tqdm(pool.map(compile_one, *zip(*jobs)), total=len(jobs), desc="compiling", unit="build"))
+        rows = list(tqdm(pool.map(compile_one, *zip(*jobs)), total=len(jobs), desc="compiling", unit="build",
+                         disable=None))
     failed = 0
     print(f"{'kernel':17} {'arch':6} {'dtype':9} {'prec':5} {'case':31} {'regs':>4} {'spill':>5} {'smem':>7} mma")
     for row in rows:

@@ -1,6 +1,6 @@
 """Triton kernels of the chunked distillation loss (`fitclip_ext.distillation_loss` on CUDA).
 
-Statistics (`_stats_kernel`, grid over row blocks): streams the tiles of the student logits
+Statistics (`stats_kernel`, grid over row blocks): streams the tiles of the student logits
 Y = s * A @ B^T and the teacher logits X = t * C @ E^T (two tile products per tile) and keeps per
 row, online, the max and sum of exp of both, and the sum of p ((x - mx) - (y - my)) relative to
 the running maxima (p = exp(x - mx)); a row's KL is that sum / a - log a + log c, exact 0 when
@@ -10,7 +10,7 @@ products sign(scale) * raw and log2 of the sum of exp2 relative to it; the backw
 compiler fuses the product into an FMA (see fitclip_ext/distill.py). Run once for the rows and once, with the operands swapped, for the columns:
 exact, deterministic (no atomics), 2 * 2 * n * m * (D + Dt) FLOPs.
 
-Backward (`_grad_kernel`, grid over output row blocks x output D chunks): recomputes both tiles,
+Backward (`grad_kernel`, grid over output row blocks x output D chunks): recomputes both tiles,
 forms G = w_a (q - p) + w_b (q' - p') in registers and accumulates s * G @ B; run once for the
 student videos and once for the student captions. The student scale's gradient sum G * (A B^T)
 is summed per row in the first pass.
@@ -23,15 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._op import configured, launch, triton_op
-from .infonce import _cfg, _scale_tensor, _small, _tile, input_precision
+from .common import (block_config, configured, half_grad_candidates, input_precision, launch, scale_tensor,
+                     small_configs, tile_product, triton_op)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _stats_kernel(
+def stats_kernel(
     a_ptr, b_ptr, c_ptr, e_ptr, s_scale_ptr, t_scale_ptr, stats_s_ptr, stats_t_ptr, kl_ptr,
     n, m, D, Dt,
     stride_an, stride_ad, stride_bn, stride_bd, stride_cn, stride_cd, stride_en, stride_ed,
@@ -56,9 +56,9 @@ def _stats_kernel(
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         col_ok = cols < m
-        y = _tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+        y = tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * s_sign
-        x = _tile(c_ptr, e_ptr, rows, cols, row_ok, col_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
+        x = tile_product(c_ptr, e_ptr, rows, cols, row_ok, col_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * t_sign
         x = tl.where(col_ok[None, :], x, float("-inf"))
         y = tl.where(col_ok[None, :], y, float("-inf"))
@@ -87,7 +87,7 @@ def _stats_kernel(
 
 
 @triton.jit
-def _grad_kernel(
+def grad_kernel(
     a_ptr, b_ptr, c_ptr, e_ptr, out_ptr, ds_part_ptr, s_scale_ptr, t_scale_ptr,
     a_stats_s_ptr, a_stats_t_ptr, a_w_ptr, b_stats_s_ptr, b_stats_t_ptr, b_w_ptr,
     n_a, n_b, D, Dt,
@@ -106,7 +106,7 @@ def _grad_kernel(
     do_ok = do < D
     s_scale = tl.load(s_scale_ptr).to(tl.float32)
     ts = tl.load(t_scale_ptr).to(tl.float32)
-    s_sign = tl.where(s_scale < 0, -1.0, 1.0)  # as in _stats_kernel
+    s_sign = tl.where(s_scale < 0, -1.0, 1.0)  # as in stats_kernel
     t_sign = tl.where(ts < 0, -1.0, 1.0)
     s_mag = tl.abs(s_scale) * LOG2E
     t_mag = tl.abs(ts) * LOG2E
@@ -120,9 +120,9 @@ def _grad_kernel(
     for c0 in range(0, n_b, BLOCK_N):
         rb = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         b_ok = rb < n_b
-        s = _tile(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+        s = tile_product(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-        x = _tile(c_ptr, e_ptr, ra, rb, a_ok, b_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
+        x = tile_product(c_ptr, e_ptr, ra, rb, a_ok, b_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * t_sign
         y = s * s_sign
         myb = tl.load(b_stats_s_ptr + rb, mask=b_ok, other=0.0)
@@ -152,55 +152,42 @@ def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: s
     """The statistics kernel's block configurations, known good first (the default; the others
     are timed only under FITCLIP_TRITON_AUTOTUNE=1). Two [BLOCK_M, BLOCK_N] fp32 tiles live at
     once. All compile without spills on sm_80/sm_90 (`python -m fitclip_ext.kernels.aot`)."""
-    if _small(small):
-        return [_cfg(16, 16, 16, 1, 1), _cfg(32, 16, 16, 1, 1)]
+    if small_configs(small):
+        return [block_config(16, 16, 16, 1, 1), block_config(32, 16, 16, 1, 1)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return [_cfg(32, 16, 16, 8, 1)]
+        return [block_config(32, 16, 16, 8, 1)]
     if dtype == torch.float32:
-        return [_cfg(64, 64, 32, 8, 3), _cfg(64, 64, 32, 8, 4), _cfg(64, 32, 32, 8, 3)]
-    return [_cfg(128, 64, 64, 8, 3), _cfg(128, 64, 64, 8, 4), _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 64, 8, 3)]
-
-
-def stats_config(dtype: torch.dtype, small: bool | None = None, precision: str | None = None) -> dict:
-    """The statistics kernel's default (known-good) blocks."""
-    return stats_candidates(dtype, small, precision)[0]
+        return [block_config(64, 64, 32, 8, 3), block_config(64, 64, 32, 8, 4), block_config(64, 32, 32, 8, 3)]
+    return [block_config(128, 64, 64, 8, 3), block_config(128, 64, 64, 8, 4), block_config(64, 64, 64, 4, 3),
+            block_config(64, 128, 64, 8, 3)]
 
 
 def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
     """The gradient kernel's block configurations, known good first: the [BLOCK_M, BLOCK_DO]
     accumulator lives in registers and each D chunk recomputes both tiles."""
-    if _small(small):
-        return [_cfg(16, 16, 16, 1, 1, BLOCK_DO=32), _cfg(32, 16, 16, 1, 1, BLOCK_DO=16)]
+    if small_configs(small):
+        return [block_config(16, 16, 16, 1, 1, BLOCK_DO=32), block_config(32, 16, 16, 1, 1, BLOCK_DO=16)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return [_cfg(32, 16, 16, 4, 2, BLOCK_DO=64)]  # (32 columns spill with the (max, log-sum) pairs)
-    block_do = 256 if D > 128 else 128
+        return [block_config(32, 16, 16, 4, 2, BLOCK_DO=64)]  # (32 columns spill with the (max, log-sum) pairs)
     if dtype == torch.float32:  # tf32: the 256-wide accumulator spills on sm_80
-        return [_cfg(64, 64, 32, 8, 2, BLOCK_DO=128), _cfg(64, 32, 32, 8, 2, BLOCK_DO=128)]
-    out = [_cfg(64, 64, 64, 8, 2, BLOCK_DO=block_do), _cfg(64, 64, 64, 8, 3, BLOCK_DO=block_do),
-           _cfg(64, 32, 64, 8, 2, BLOCK_DO=block_do)]
-    if D > 256:
-        out.append(_cfg(64, 16, 64, 8, 2, BLOCK_DO=512))  # one chunk up to D = 512: no recomputed tiles
-    return out
-
-
-def grad_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
-    """The gradient kernel's default (known-good) blocks."""
-    return grad_candidates(dtype, D, small, precision)[0]
+        return [block_config(64, 64, 32, 8, 2, BLOCK_DO=128), block_config(64, 32, 32, 8, 2, BLOCK_DO=128)]
+    return half_grad_candidates(D)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-@triton_op("triton_distill_row_stats")
+@triton_op("triton_distill_stats")
 def _row_stats(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
                ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """([2, n] (max, log2 sum) of the student rows and of the teacher rows, in base-2 units, and
     the KL per row [n]) of A @ B^T and C @ E^T."""
     n, D = a.shape
     m, Dt = b.shape[0], c.shape[1]
+    ss, ts = scale_tensor(ss, a.device), scale_tensor(ts, a.device)
     stats_s, stats_t = (torch.empty(2, n, device=a.device, dtype=torch.float32) for _ in range(2))
     kl = torch.empty(n, device=a.device, dtype=torch.float32)
     prec = input_precision(a.dtype)
-    kernel, cfg = configured(_stats_kernel, stats_candidates(a.dtype, precision=prec),
+    kernel, cfg = configured(stats_kernel, stats_candidates(a.dtype, precision=prec),
                              ["n", "m", "D", "Dt", "INPUT_PRECISION"])
     launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]),),
            a, b, c, e, ss, ts, stats_s, stats_t, kl, n, m, D, Dt,
@@ -209,17 +196,7 @@ def _row_stats(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tenso
     return stats_s, stats_t, kl
 
 
-def stats(sv, st, tv, tt, s_scale, t_scale):
-    """(row_stats_student, row_stats_teacher [2, n], row_kl [n], col_stats_student,
-    col_stats_teacher [2, m], col_kl [m]), float32; stats as `_row_stats` returns them."""
-    dev = sv.device
-    ss, ts = _scale_tensor(s_scale, dev), _scale_tensor(t_scale, dev)
-    rows = torch.ops.fitclip_ext.triton_distill_row_stats(sv, st, tv, tt, ss, ts)
-    cols = torch.ops.fitclip_ext.triton_distill_row_stats(st, sv, tt, tv, ss, ts)
-    return (*rows, *cols)
-
-
-@triton_op("triton_distill_grad_pass")
+@triton_op("triton_distill_grad")
 def _grad_pass(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
                ts: torch.Tensor, a_stats_s: torch.Tensor, a_stats_t: torch.Tensor, a_w: torch.Tensor,
                b_stats_s: torch.Tensor, b_stats_t: torch.Tensor, b_w: torch.Tensor, with_ds: bool
@@ -227,10 +204,11 @@ def _grad_pass(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tenso
     """(s * G @ B in A's dtype, per-row parts of sum G * (A B^T) [n_a] float32)."""
     n_a, D = a.shape
     n_b, Dt = b.shape[0], c.shape[1]
+    ss, ts = scale_tensor(ss, a.device), scale_tensor(ts, a.device)
     out = torch.empty_like(a, memory_format=torch.contiguous_format)
     ds_part = torch.zeros(n_a, device=a.device, dtype=torch.float32)
     prec = input_precision(a.dtype)
-    kernel, cfg = configured(_grad_kernel, grad_candidates(a.dtype, D, precision=prec),
+    kernel, cfg = configured(grad_kernel, grad_candidates(a.dtype, D, precision=prec),
                              ["n_a", "n_b", "D", "Dt", "WITH_DS", "INPUT_PRECISION"])
     stat = [x.float().contiguous() for x in (a_stats_s, a_stats_t, a_w, b_stats_s, b_stats_t, b_w)]
     launch(kernel, lambda c: (triton.cdiv(n_a, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
@@ -238,14 +216,3 @@ def _grad_pass(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tenso
            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
            out.stride(0), out.stride(1), WITH_DS=with_ds, INPUT_PRECISION=prec, **cfg)
     return out, ds_part
-
-
-def grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, rw, cls, clt, cw):
-    """(d student_video, d student_text in their dtype, d student_scale as a 0-d float32 tensor)
-    of sum_i w_i KL_i + sum_j v_j KL'_j."""
-    dev = sv.device
-    ss, ts = _scale_tensor(s_scale, dev), _scale_tensor(t_scale, dev)
-    op = torch.ops.fitclip_ext.triton_distill_grad_pass
-    dv, ds_part = op(sv, st, tv, tt, ss, ts, rls, rlt, rw, cls, clt, cw, True)
-    dt, _ = op(st, sv, tt, tv, ss, ts, cls, clt, cw, rls, rlt, rw, False)
-    return dv, dt, ds_part.sum()

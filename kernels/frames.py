@@ -1,21 +1,22 @@
 """Triton kernels of the frame ops: caption-frame cosine similarity fused with top-k selection.
 
-`_topk_sim_fwd_kernel` (grid: caption blocks x video blocks): for each frame t, one tile product
+`topk_sim_fwd_kernel` (grid: caption blocks x video blocks): for each frame t, one tile product
 text[c-block] @ frames[v-block, t]^T gives [BLOCK_C, BLOCK_V] similarities; a running top-k per
 (caption, video) pair lives in registers as [BLOCK_C, BLOCK_V, K_PAD] (insert by evicting the
 smallest kept value, the latest frame among equal ones, so ties keep the earlier frame). Writes
-the pooled mean [C, V] and the chosen frames [C, V, k] (int16) for the backward.
+the pooled mean [C, V] and the chosen frames as bit sets [C, V, ceil(T / 32)] (int32, bit t % 32
+of word t // 32: the format the C++ backend uses too) for the backward.
 
 Backward (no recomputation, the chosen frames are saved as bits):
-`_topk_sim_dtext_kernel` (grid: caption blocks x D chunks) accumulates, for each video block and
+`topk_sim_dtext_kernel` (grid: caption blocks x D chunks) accumulates, for each video block and
 frame t, W_t @ frames[v-block, t, D chunk] with W_t[c, v] = grad[c, v] / k * [t chosen for (c, v)];
-`_topk_sim_dframes_kernel` (grid: video blocks x frames x D chunks) accumulates W_t^T @ text.
+`topk_sim_dframes_kernel` (grid: video blocks x frames x D chunks) accumulates W_t^T @ text.
 
-`_select_frames_kernel` (grid: batch blocks): cosine of each caption with its own T frames (one
+`select_frames_kernel` (grid: batch blocks): cosine of each caption with its own T frames (one
 read of the frames), the same running top-k, chosen frame indices out (sorted by the launcher).
 The similarity kernels take the raw embeddings and their row norms and divide each tile by them
 (F.normalize's clamp included); the gradient kernels give the gradients with respect to the unit
-vectors and `_unit_grad_kernel` turns them into the raw inputs' ones, in place: no normalised copy
+vectors and `unit_grad_kernel` turns them into the raw inputs' ones, in place: no normalised copy
 of the V x T x D frames is made.
 """
 from __future__ import annotations
@@ -24,8 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._op import configured, launch, triton_op
-from .infonce import _small, input_precision
+from .common import configured, input_precision, launch, small_configs, triton_op
 
 EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm
 
@@ -44,7 +44,7 @@ def _topk_insert(best, best_idx, x, t, slot_ok):
 
 
 @triton.jit
-def _topk_sim_fwd_kernel(
+def topk_sim_fwd_kernel(
     text_ptr, frames_ptr, mask_ptr, sim_ptr, bits_ptr, text_norm_ptr, frames_norm_ptr,
     C, V, T, D, k,
     stride_tc, stride_td, stride_fv, stride_ft, stride_fd,
@@ -95,7 +95,7 @@ def _topk_sim_fwd_kernel(
 
 
 @triton.jit
-def _topk_sim_dtext_kernel(
+def topk_sim_dtext_kernel(
     grad_ptr, bits_ptr, frames_ptr, out_ptr, frames_norm_ptr,
     C, V, T, D, k,
     stride_fv, stride_ft, stride_fd,
@@ -127,7 +127,7 @@ def _topk_sim_dtext_kernel(
 
 
 @triton.jit
-def _topk_sim_dframes_kernel(
+def topk_sim_dframes_kernel(
     grad_ptr, bits_ptr, text_ptr, out_ptr, text_norm_ptr,
     C, V, T, D, k,
     stride_tc, stride_td,
@@ -162,7 +162,7 @@ def _topk_sim_dframes_kernel(
 
 
 @triton.jit
-def _unit_grad_kernel(
+def unit_grad_kernel(
     g_ptr, x_ptr, norm_ptr, R, D, T, stride_xo, stride_xi, stride_xd,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -193,7 +193,7 @@ def _unit_grad_kernel(
 
 
 @triton.jit
-def _select_frames_kernel(
+def select_frames_kernel(
     frames_ptr, text_ptr, mask_ptr, idx_ptr,
     B, T, D, k,
     stride_fb, stride_ft, stride_fd, stride_tb, stride_td,
@@ -242,7 +242,7 @@ def sim_candidates(dtype, k: int, T: int = 32, small: bool | None = None, precis
     k_pad = triton.next_power_of_2(k)
     block_k = 64 if dtype != torch.float32 else 32
     words = n_words(T)
-    if _small(small):
+    if small_configs(small):
         return [dict(BLOCK_C=16, BLOCK_V=16, BLOCK_K=16, K_PAD=k_pad, N_WORDS=words, num_warps=1, num_stages=1),
                 dict(BLOCK_C=16, BLOCK_V=32, BLOCK_K=16, K_PAD=k_pad, N_WORDS=words, num_warps=1, num_stages=1)]
     fp32 = dtype == torch.float32
@@ -276,11 +276,6 @@ def sim_candidates(dtype, k: int, T: int = 32, small: bool | None = None, precis
     return out
 
 
-def sim_config(dtype, k: int, T: int = 32, small: bool | None = None, precision: str | None = None) -> dict:
-    """The similarity forward's default (known-good) blocks."""
-    return sim_candidates(dtype, k, T, small, precision)[0]
-
-
 def grad_candidates(dtype, T: int = 32, small: bool | None = None, precision: str | None = None) -> list[dict]:
     """The similarity backward's block configurations (d text and d frames kernels), default first."""
     words = n_words(T)
@@ -288,7 +283,7 @@ def grad_candidates(dtype, T: int = 32, small: bool | None = None, precision: st
     def cfg(c, v, do, w, st):
         return dict(BLOCK_C=c, BLOCK_V=v, BLOCK_DO=do, N_WORDS=words, num_warps=w, num_stages=st)
 
-    if _small(small):
+    if small_configs(small):
         return [cfg(16, 16, 16, 1, 1), cfg(16, 32, 32, 1, 1)]
     if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee":
         return [cfg(32, 16, 64, 4, 2)]
@@ -298,15 +293,10 @@ def grad_candidates(dtype, T: int = 32, small: bool | None = None, precision: st
     return out
 
 
-def grad_config(dtype, T: int = 32, small: bool | None = None, precision: str | None = None) -> dict:
-    """The similarity backward's default (known-good) blocks."""
-    return grad_candidates(dtype, T, small, precision)[0]
-
-
 def select_candidates(D: int, k: int, small: bool | None = None) -> list[dict]:
     """select_frames' block configurations (memory-bound: one read of the frames), default first."""
     k_pad = triton.next_power_of_2(k)
-    if _small(small):
+    if small_configs(small):
         return [dict(BLOCK_B=16, BLOCK_D=16, K_PAD=k_pad, num_warps=1, num_stages=1),
                 dict(BLOCK_B=32, BLOCK_D=16, K_PAD=k_pad, num_warps=1, num_stages=1)]
     block_d = min(64 if k_pad <= 8 else 128, triton.next_power_of_2(D))  # (no spills with Triton 3.6 or 3.8, see aot)
@@ -320,23 +310,8 @@ def select_candidates(D: int, k: int, small: bool | None = None) -> list[dict]:
     return out
 
 
-def select_config(D: int, k: int, small: bool | None = None) -> dict:
-    """select_frames' default (known-good) blocks."""
-    return select_candidates(D, k, small)[0]
-
-
 def _mask_arg(mask, fallback):
     return (mask.to(torch.int8).contiguous(), True) if mask is not None else (fallback, False)
-
-
-def row_norms(x: torch.Tensor) -> torch.Tensor:
-    """float32 Euclidean norms of x's last-dimension rows (x [..., D] -> [...]), in slices of the
-    leading dimension so no float32 copy of a half-precision x is made."""
-    out = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
-    step = max(1, (1 << 24) // max(1, x[0].numel()))
-    for r0 in range(0, x.shape[0], step):
-        out[r0:r0 + step] = torch.linalg.vector_norm(x[r0:r0 + step], dim=-1, dtype=torch.float32)
-    return out
 
 
 # The similarity ops take the raw embeddings and their row norms (text_norm [C], frames_norm
@@ -350,7 +325,7 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
     C, D = text.shape
     V, T, _ = frames.shape
     prec = input_precision(text.dtype)
-    kernel, cfg = configured(_topk_sim_fwd_kernel, sim_candidates(text.dtype, k, T, precision=prec),
+    kernel, cfg = configured(topk_sim_fwd_kernel, sim_candidates(text.dtype, k, T, precision=prec),
                              ["C", "V", "T", "D", "k", "HAS_MASK", "NORMALIZE", "INPUT_PRECISION"])
     sim = torch.empty((C, V), device=text.device, dtype=torch.float32)
     bits = torch.empty((C, V, n_words(T)), device=text.device, dtype=torch.int32)
@@ -364,18 +339,11 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
     return sim, bits
 
 
-def topk_sim(text, frames, k, mask, norms=None):
-    """(sim [C, V] float32, chosen frames as bit sets [C, V, ceil(T / 32)] int32) of the raw
-    embeddings (their norms computed here unless given as (text_norm, frames_norm))."""
-    text_norm, frames_norm = norms if norms is not None else (row_norms(text), row_norms(frames))
-    return torch.ops.fitclip_ext.triton_topk_sim(text, frames, k, mask, text_norm, frames_norm)
-
-
 def _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm):
     C, D = text.shape
     V, T, _ = frames.shape
     prec = input_precision(text.dtype)
-    kernel, cfg = configured(_topk_sim_dtext_kernel, grad_candidates(text.dtype, T, precision=prec),
+    kernel, cfg = configured(topk_sim_dtext_kernel, grad_candidates(text.dtype, T, precision=prec),
                              ["C", "V", "T", "D", "k", "NORMALIZE", "INPUT_PRECISION"])
     launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), triton.cdiv(D, c["BLOCK_DO"])),
            grad, bits, frames, dtext, frames_norm if frames_norm is not None else grad, C, V, T, D, k,
@@ -388,7 +356,7 @@ def _launch_dframes(text, frames, bits, grad, k, dframes, accumulate, text_norm)
     V, T, _ = frames.shape
     prec = input_precision(text.dtype)
     # accumulating into dframes (the video loss's caption blocks): restored between timings
-    kernel, cfg = configured(_topk_sim_dframes_kernel, grad_candidates(text.dtype, T, precision=prec),
+    kernel, cfg = configured(topk_sim_dframes_kernel, grad_candidates(text.dtype, T, precision=prec),
                              ["C", "V", "T", "D", "k", "ACCUMULATE", "NORMALIZE", "INPUT_PRECISION"],
                              restore_value=("out_ptr",) if accumulate else (), site="acc" if accumulate else "")
     launch(kernel, lambda c: (triton.cdiv(V, c["BLOCK_V"]), T, triton.cdiv(D, c["BLOCK_DO"])),
@@ -420,8 +388,8 @@ def _topk_sim_bwd_acc_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.T
     return dtext
 
 
-def _unit_config(D: int) -> dict:
-    if _small(None):
+def unit_config(D: int) -> dict:
+    if small_configs(None):
         return dict(BLOCK_R=16, BLOCK_D=16, num_warps=1, num_stages=1)
     return dict(BLOCK_R=16, BLOCK_D=min(128, triton.next_power_of_2(D)), num_warps=4, num_stages=2)
 
@@ -435,22 +403,8 @@ def _unit_grad_op(grad: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> No
         R, T, so, si, sd = x.shape[0], 1, x.stride(0), 0, x.stride(1)
     else:
         R, T, so, si, sd = x.shape[0] * x.shape[1], x.shape[1], x.stride(0), x.stride(1), x.stride(2)
-    cfg = _unit_config(D)
-    launch(_unit_grad_kernel, (triton.cdiv(R, cfg["BLOCK_R"]),), grad, x, norm, R, D, T, so, si, sd, **cfg)
-
-
-def unit_grad(grad, x, norm):
-    """In place on the float32 grad; returns it."""
-    torch.ops.fitclip_ext.triton_unit_grad(grad, x, norm)
-    return grad
-
-
-def topk_sim_bwd(text, frames, bits, grad, k):
-    """(d text [C, D], d frames [V, T, D]) in float32 of the raw embeddings, from grad = dLoss/dsim
-    [C, V] (through the cosine normalisation, as F.normalize's backward)."""
-    text_norm, frames_norm = row_norms(text), row_norms(frames)
-    dtext, dframes = torch.ops.fitclip_ext.triton_topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm)
-    return unit_grad(dtext, text, text_norm), unit_grad(dframes, frames, frames_norm)
+    cfg = unit_config(D)
+    launch(unit_grad_kernel, (triton.cdiv(R, cfg["BLOCK_R"]),), grad, x, norm, R, D, T, so, si, sd, **cfg)
 
 
 @triton_op("triton_select_frames")
@@ -458,80 +412,9 @@ def _select_op(frames: torch.Tensor, text_n: torch.Tensor, k: int, mask: torch.T
     B, T, D = frames.shape
     idx = torch.empty((B, k), device=frames.device, dtype=torch.int64)
     m, has_mask = _mask_arg(mask, idx)
-    kernel, cfg = configured(_select_frames_kernel, select_candidates(D, k), ["B", "T", "D", "k", "HAS_MASK"])
+    kernel, cfg = configured(select_frames_kernel, select_candidates(D, k), ["B", "T", "D", "k", "HAS_MASK"])
     launch(kernel, lambda c: (triton.cdiv(B, c["BLOCK_B"]),),
            frames, text_n, m, idx, B, T, D, k,
            frames.stride(0), frames.stride(1), frames.stride(2), text_n.stride(0), text_n.stride(1),
            HAS_MASK=has_mask, **cfg)
     return idx.sort(dim=1).values
-
-
-def select(frames, text_n, k, mask):
-    """Chosen frames [B, k] int64, ascending time order."""
-    return torch.ops.fitclip_ext.triton_select_frames(frames, text_n, k, mask)
-
-
-# ----------------------------------------------------------------------------- video InfoNCE
-# The chunked loss over caption blocks: each block's pooled similarities [rows, B] come from the
-# fused top-k kernel and live only for that block; the per-caption log-sum-exp is exact within
-# the block, the per-video one merges across blocks online. Neither B x B nor B x B x T is stored.
-
-def _video_block_rows(B: int) -> int:
-    # at most 64 MB of float32 similarities and 1024 captions per block: a fraction of B x B
-    # from B = 2048 up (the blocks are large enough to fill the GPU)
-    return max(1, min(B, 1024, (1 << 24) // max(B, 1)))
-
-
-def video_lse(text, frames, k, mask, scale):
-    """(caption_lse, video_lse, caption_sum, video_sum, diag) of L = scale * sim, float32."""
-    B = text.shape[0]
-    dev = text.device
-    s = scale.detach().to(device=dev, dtype=torch.float32)
-    text_norm, frames_norm = row_norms(text), row_norms(frames)
-    cap_lse = torch.empty(B, device=dev)
-    cap_sum = torch.empty(B, device=dev)
-    diag = torch.empty(B, device=dev)
-    vid_max = torch.full((B,), float("-inf"), device=dev)
-    vid_sumexp = torch.zeros(B, device=dev)
-    vid_sum = torch.zeros(B, device=dev)
-    rows = _video_block_rows(B)
-    for r0 in range(0, B, rows):
-        r1 = min(B, r0 + rows)
-        sim, _ = topk_sim(text[r0:r1], frames, k, mask, (text_norm[r0:r1], frames_norm))
-        logits = s * sim
-        cap_lse[r0:r1] = torch.logsumexp(logits, 1)
-        cap_sum[r0:r1] = sim.sum(1)
-        diag[r0:r1] = sim.diagonal(offset=r0)
-        new_max = torch.maximum(vid_max, logits.max(0).values)
-        rescale = torch.where(vid_max == float("-inf"), 0.0, torch.exp(vid_max - new_max))
-        vid_sumexp = vid_sumexp * rescale + torch.exp(logits - new_max).sum(0)
-        vid_max = new_max
-        vid_sum += sim.sum(0)
-    return cap_lse, vid_max + torch.log(vid_sumexp), cap_sum, vid_sum, diag
-
-
-def video_grad(text, frames, k, mask, scale, cap_lse, vid_lse, cap_w, vid_w, eps):
-    """(d text, d frames, d scale) of sum_c w_c CE_caption_c + sum_v u_v CE_video_v, for the raw
-    embeddings (the frames' gradient is accumulated over caption blocks, then projected once)."""
-    B = text.shape[0]
-    dev = text.device
-    s = scale.detach().to(device=dev, dtype=torch.float32)
-    text_norm, frames_norm = row_norms(text), row_norms(frames)
-    cap_w, vid_w = cap_w.float(), vid_w.float()
-    dtext = torch.empty((B, text.shape[1]), device=dev, dtype=torch.float32)
-    dframes = torch.zeros(frames.shape, device=dev, dtype=torch.float32)
-    ds = torch.zeros((), device=dev, dtype=torch.float32)
-    rows = _video_block_rows(B)
-    for r0 in range(0, B, rows):
-        r1 = min(B, r0 + rows)
-        norms = (text_norm[r0:r1], frames_norm)
-        sim, bits = topk_sim(text[r0:r1], frames, k, mask, norms)
-        logits = s * sim
-        positive = torch.zeros_like(sim)
-        positive.diagonal(offset=r0).fill_(1.0 - eps)
-        g = cap_w[r0:r1, None] * (torch.exp(logits - cap_lse[r0:r1, None]) - positive - eps / B)
-        g += vid_w[None, :] * (torch.exp(logits - vid_lse[None, :]) - positive - eps / B)
-        ds += (g * sim).sum()
-        dtext[r0:r1] = torch.ops.fitclip_ext.triton_topk_sim_bwd_acc(text[r0:r1], frames, bits, s * g, k, dframes,
-                                                                     *norms)
-    return unit_grad(dtext, text, text_norm), unit_grad(dframes, frames, frames_norm), ds

@@ -1,6 +1,6 @@
 """Triton kernels of the chunked InfoNCE loss (`fitclip_ext.contrastive_loss` / `infonce` on CUDA).
 
-Forward (`_lse_fwd_kernel`, grid over row blocks): streams the tiles of S = Q @ K^T once, keeping
+Forward (`lse_fwd_kernel`, grid over row blocks): streams the tiles of S = Q @ K^T once, keeping
 per row an online max and sum of exp (the row log-sum-exp) and adding each tile's column sums of
 exp(L - c_j) into a per-column fp32 buffer with atomics. The column shift c_j is column j's
 positive logit L[j, j], so every column sum holds a term equal to 1 and never underflows; the
@@ -8,7 +8,7 @@ tile's column max goes into a second buffer with atomic max, and the few columns
 so far above their positive that the shifted sum could overflow are recomputed exactly
 (`triton_infonce_fix_columns`). 2 * n * m * D FLOPs.
 
-Backward (`_grad_kernel`, grid over output row blocks x output D chunks): recomputes each tile,
+Backward (`grad_kernel`, grid over output row blocks x output D chunks): recomputes each tile,
 builds the full logit gradient G in registers (softmax terms, one-hot positives, label smoothing)
 and accumulates G @ B for its rows; run once for dQ (A = queries) and once for dK (A = keys).
 The scale's gradient sum_ij G_ij S_ij is summed from the tiles of the dQ pass.
@@ -17,13 +17,13 @@ Kernels assume valid inputs (the public ops validate). Offsets are int64.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._op import configured, interpreting, launch, triton_op
+from .common import (block_config, configured, half_grad_candidates, input_precision, launch, scale_tensor,
+                     small_configs, tile_product, triton_op)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
 # Columns whose max logit exceeds their positive logit by more than this are recomputed exactly:
@@ -32,23 +32,7 @@ _COL_SHIFT_LIMIT = 60.0
 
 
 @triton.jit
-def _tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """A[rows] @ B[cols]^T, float32 accumulate."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for d0 in range(0, D, BLOCK_K):
-        dk = d0 + offs_k
-        a = tl.load(a_ptr + rows[:, None] * stride_an + dk[None, :] * stride_ad,
-                    mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * stride_bn + dk[:, None] * stride_bd,
-                    mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _lse_fwd_kernel(
+def lse_fwd_kernel(
     q_ptr, k_ptr, scale_ptr, row_lse_ptr, col_shift_ptr, col_sum_ptr, col_max_ptr,
     n, m, D,
     stride_qn, stride_qd, stride_kn, stride_kd,
@@ -64,7 +48,7 @@ def _lse_fwd_kernel(
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         col_ok = cols < m
-        s = _tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn, stride_kd,
+        s = tile_product(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn, stride_kd,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         x = s * scale2  # logits in log2 units
         x_rows = tl.where(col_ok[None, :], x, float("-inf"))
@@ -83,7 +67,7 @@ def _lse_fwd_kernel(
 
 
 @triton.jit
-def _grad_kernel(
+def grad_kernel(
     a_ptr, b_ptr, out_ptr, ds_part_ptr, scale_ptr,
     a_lse_ptr, a_w_ptr, b_lse_ptr, b_w_ptr,
     n_a, n_b, D, off_a, off_b, eps_a, eps_b, one_minus_eps,
@@ -110,7 +94,7 @@ def _grad_kernel(
     for c0 in range(0, n_b, BLOCK_N):
         rb = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         b_ok = rb < n_b
-        s = _tile(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+        s = tile_product(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
                   BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         x2 = s * scale2
         diff = rb[None, :] - ra[:, None]
@@ -138,35 +122,19 @@ def _grad_kernel(
 
 # ----------------------------------------------------------------------------- configurations
 
-def input_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's float32 matmul setting; half types run on tensor cores anyway."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
-        return "tf32"
-    return "ieee"
-
-
-def _small(small: bool | None) -> bool:
-    if small is not None:
-        return small
-    return interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small"
-
-
-def _cfg(bm, bn, bk, warps, stages, **extra) -> dict:
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra, num_warps=warps, num_stages=stages)
-
-
 def fwd_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
     """The forward's block configurations, known good first (the default); the others are timed
     only under FITCLIP_TRITON_AUTOTUNE=1. All compile without spills for sm_80 and sm_90
     (`python -m fitclip_ext.kernels.aot`). small (default: under the interpreter, or
     FITCLIP_TRITON_CONFIG=small) gives the minimum tl.dot tiles."""
-    if _small(small):
-        return [_cfg(16, 16, 16, 1, 1), _cfg(32, 16, 16, 1, 1)]
+    if small_configs(small):
+        return [block_config(16, 16, 16, 1, 1), block_config(32, 16, 16, 1, 1)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
-        return [_cfg(32, 64, 16, 4, 2)]
+        return [block_config(32, 64, 16, 4, 2)]
     if dtype == torch.float32:  # TF32
-        return [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)]
-    return [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(128, 64, 64, 8, 3)]
+        return [block_config(128, 64, 32, 8, 3), block_config(64, 64, 32, 4, 3)]
+    return [block_config(128, 128, 64, 8, 3), block_config(128, 128, 64, 8, 4), block_config(128, 64, 64, 4, 4),
+            block_config(128, 64, 64, 8, 3)]
 
 
 def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
@@ -174,38 +142,20 @@ def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, preci
     lives in registers and each output D chunk recomputes the tile, so a wider chunk saves tile
     products (at D = 512: 2 * 2 + 2 = 6 units of n*m*D per pass with BLOCK_DO = 256, 4 with 512)
     at the price of smaller tiles (register budget: no spills with Triton 3.6 and 3.8)."""
-    if _small(small):
-        return [_cfg(16, 16, 16, 1, 1, BLOCK_DO=32), _cfg(32, 16, 16, 1, 1, BLOCK_DO=16)]
+    if small_configs(small):
+        return [block_config(16, 16, 16, 1, 1, BLOCK_DO=32), block_config(32, 16, 16, 1, 1, BLOCK_DO=16)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
-        return [_cfg(32, 32, 16, 4, 2, BLOCK_DO=64)]
+        return [block_config(32, 32, 16, 4, 2, BLOCK_DO=64)]
     block_do = 256 if D > 128 else 128
     if dtype == torch.float32:  # TF32
-        return [_cfg(64, 32, 32, 8, 2, BLOCK_DO=block_do), _cfg(64, 64, 32, 8, 2, BLOCK_DO=128)]
-    out = [_cfg(64, 64, 64, 8, 2, BLOCK_DO=block_do), _cfg(64, 64, 64, 8, 3, BLOCK_DO=block_do),
-           _cfg(64, 32, 64, 8, 2, BLOCK_DO=block_do)]
-    if D > 256:
-        out.append(_cfg(64, 16, 64, 8, 2, BLOCK_DO=512))  # one chunk up to D = 512: no recomputed tiles
-    return out
-
-
-def fwd_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
-    """The forward's default (known-good) blocks."""
-    return fwd_candidates(dtype, D, small, precision)[0]
-
-
-def grad_config(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> dict:
-    """The backward's default (known-good) blocks."""
-    return grad_candidates(dtype, D, small, precision)[0]
+        return [block_config(64, 32, 32, 8, 2, BLOCK_DO=block_do), block_config(64, 64, 32, 8, 2, BLOCK_DO=128)]
+    return half_grad_candidates(D)
 
 
 # ----------------------------------------------------------------------------- launchers
-# Each launcher is a torch custom op (kernels/_op.py): fitclip_ext::triton_infonce_lse and
+# Each launcher is a torch custom op (kernels/common.py): fitclip_ext::triton_infonce_lse and
 # fitclip_ext::triton_infonce_grad; the exact column fix-up is data dependent and stays opaque
 # (fitclip_ext::triton_infonce_fix_columns).
-
-def _scale_tensor(scale: torch.Tensor, device) -> torch.Tensor:
-    return scale.detach().to(device=device, dtype=torch.float32).reshape(1)
-
 
 @triton_op("triton_infonce_lse")
 def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool
@@ -215,7 +165,7 @@ def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_c
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
-    s = _scale_tensor(scale, dev)
+    s = scale_tensor(scale, dev)
     row_lse = torch.empty(n, device=dev, dtype=torch.float32)
     if with_col:
         col_shift = _positive_logits(query, keys, s)  # c_j = L[j, j] (square: the symmetric loss)
@@ -224,7 +174,7 @@ def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_c
     else:
         col_shift = col_sum = col_max = row_lse  # unused pointers
     prec = input_precision(query.dtype)
-    kernel, cfg = configured(_lse_fwd_kernel, fwd_candidates(query.dtype, D, precision=prec),
+    kernel, cfg = configured(lse_fwd_kernel, fwd_candidates(query.dtype, D, precision=prec),
                              key=["n", "m", "D", "WITH_COL", "INPUT_PRECISION"],
                              restore_value=("col_sum_ptr", "col_max_ptr"))
     launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]),),
@@ -246,7 +196,7 @@ def _fix_columns_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor
     bad = (~torch.isfinite(col_lse) | (gap > _COL_SHIFT_LIMIT)) & torch.isfinite(gap)
     if bool(bad.any()):
         idx = bad.nonzero().squeeze(1)
-        s = _scale_tensor(scale, query.device)
+        s = scale_tensor(scale, query.device)
         for c0 in range(0, idx.numel(), 1024):
             cols = idx[c0:c0 + 1024]
             kc = keys[cols].float()
@@ -261,14 +211,6 @@ def _fix_columns_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor
 @_fix_columns_op.register_fake
 def _(query, keys, scale, col_lse, gap):
     return torch.empty_like(col_lse)
-
-
-def lse(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool):
-    """(row_lse [n], col_lse [m] or None) of L = scale * query @ keys^T, float32."""
-    row_lse, col_lse, gap = torch.ops.fitclip_ext.triton_infonce_lse(query, keys, scale, with_col)
-    if not with_col:
-        return row_lse, None
-    return row_lse, torch.ops.fitclip_ext.triton_infonce_fix_columns(query, keys, scale, col_lse, gap)
 
 
 def _positive_logits(query, keys, s):
@@ -287,7 +229,7 @@ def _grad_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_l
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
-    s = _scale_tensor(scale, dev)
+    s = scale_tensor(scale, dev)
     sym = col_lse is not None
     prec = input_precision(query.dtype)
     cands = grad_candidates(query.dtype, D, precision=prec)
@@ -299,25 +241,17 @@ def _grad_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_l
     col_w = col_weight.float().contiguous() if sym else row_w
     col_l = col_lse if sym else row_lse
     # dQ: A = queries (row stats), B = keys (column stats)
-    kernel, cfg = configured(_grad_kernel, cands, key, site="dq")
+    kernel, cfg = configured(grad_kernel, cands, key, site="dq")
     launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
            query, keys, dq, ds_part, s, row_lse, row_w, col_l, col_w,
            n, m, D, offset, 0, eps / m, eps / n if sym else 0.0, 1.0 - eps,
            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
            HAS_A=True, HAS_B=sym, WITH_DS=True, INPUT_PRECISION=prec, **cfg)
     # dK: A = keys (column stats), B = queries (row stats)
-    kernel, cfg = configured(_grad_kernel, cands, key, site="dk")
+    kernel, cfg = configured(grad_kernel, cands, key, site="dk")
     launch(kernel, lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
            keys, query, dk, ds_part, s, col_l, col_w, row_lse, row_w,
            m, n, D, 0, offset, eps / n if sym else 0.0, eps / m, 1.0 - eps,
            keys.stride(0), keys.stride(1), query.stride(0), query.stride(1), dk.stride(0), dk.stride(1),
            HAS_A=sym, HAS_B=True, WITH_DS=False, INPUT_PRECISION=prec, **cfg)
     return dq, dk, ds_part
-
-
-def grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight, *, offset: int, eps: float):
-    """Full gradients (dQ, dK in the inputs' dtype, d scale as a 0-d float32 tensor) of
-    sum_i w_i CE_row_i (+ sum_j v_j CE_col_j when col_lse is given)."""
-    dq, dk, ds_part = torch.ops.fitclip_ext.triton_infonce_grad(query, keys, scale, row_lse, row_weight, col_lse,
-                                                                col_weight, offset, float(eps))
-    return dq, dk, ds_part.sum()

@@ -20,9 +20,9 @@ def _skip_cpp_cases_without_extension(request):
     fails the C++ cases instead of skipping them."""
     callspec = getattr(request.node, "callspec", None)
     if os.environ.get("FITCLIP_ALLOW_NO_CPP") == "1" and callspec is not None and callspec.params.get("backend") == "cpp":
-        from fitclip_ext import _backend
+        from fitclip_ext import backends
 
-        if not _backend.load_cpp():
+        if not backends.load_cpp():
             # only under FITCLIP_ALLOW_NO_CPP=1 (the GPU machine, which runs the Triton cases from
             # the source tree); make test builds the extension and a missing one fails there
             pytest.skip("C++ extension fitclip_ext._C not built")
@@ -38,21 +38,21 @@ def pytest_sessionfinish(session):
     # Under pytest-xdist each worker hands its margins to the controller (pytest_testnodedown).
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
-        from ._numerics import MARGINS
+        from fitclip_ext.testing import MARGINS
 
         workeroutput["fitclip_margins"] = json.dumps(MARGINS)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    from ._numerics import MARGINS
+    from fitclip_ext.testing import MARGINS
 
     MARGINS.extend(tuple(r) for r in json.loads(getattr(node, "workeroutput", {}).get("fitclip_margins", "[]")))
 
 
 def pytest_terminal_summary(terminalreporter):
     """The tightest tolerance margins of the float64-rule checks (error / bound; above 1 fails)."""
-    from ._numerics import MARGINS
+    from fitclip_ext.testing import MARGINS
 
     if not MARGINS:
         return

@@ -5,17 +5,17 @@ import pytest
 import torch
 
 import fitclip_ext
-from fitclip_ext import _backend
+from fitclip_ext import backends
 from fitclip_ext.reference import contrastive_loss_reference, infonce_reference
 
-from ._numerics import assert_within_rule, rel_err
+from fitclip_ext.testing import assert_within_rule, rel_err
 
 FUSED = ["cpp", "triton"]
 SHAPES = [(1, 1), (2, 8), (7, 3), (64, 32), (127, 65), (256, 512), (1000, 17)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
-def _backend_cases(shapes, dtypes):
+def backend_cases(shapes, dtypes):
     """(backend, dtype, shape) triples. The C++ backend takes every case. The Triton backend runs
     on CUDA when present; otherwise through the interpreter, which is slow (small shapes only),
     has no float64 path in the kernels (CUDA ops take half/float32) and computes bf16 tl.dot wrongly
@@ -32,7 +32,7 @@ def _backend_cases(shapes, dtypes):
     return cases
 
 
-def _device(backend):
+def device_for(backend):
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
@@ -56,11 +56,11 @@ def _run(fn, args, scale, bias, grads):
     return out, g
 
 
-@pytest.mark.parametrize("backend,dtype,shape", _backend_cases(SHAPES, DTYPES))
+@pytest.mark.parametrize("backend,dtype,shape", backend_cases(SHAPES, DTYPES))
 @pytest.mark.parametrize("reduction,eps,with_bias", [("mean", 0.0, False), ("sum", 0.1, True), ("none", 0.0, True), ("none", 0.3, False)])
 def test_contrastive_loss_matches_float64(backend, dtype, shape, reduction, eps, with_bias):
     b, d = shape
-    dev = _device(backend)
+    dev = device_for(backend)
     img, txt = _features(b, d, dtype, 1).to(dev), _features(b, d, dtype, 2).to(dev)
     scale = torch.tensor(14.3, dtype=torch.float32)
     bias = torch.tensor(-2.5, dtype=torch.float32) if with_bias else None
@@ -80,14 +80,14 @@ def test_contrastive_loss_matches_float64(backend, dtype, shape, reduction, eps,
         assert grads[3] is not None and grads[3].item() == 0.0
 
 
-@pytest.mark.parametrize("backend,dtype,shape", _backend_cases(
+@pytest.mark.parametrize("backend,dtype,shape", backend_cases(
     [(1, 1, 0), (3, 10, 7), (64, 128, 64), (100, 37 + 100, 37), (129, 1031, 500)],
     [torch.float64, torch.float32, torch.bfloat16, torch.float16]))
 @pytest.mark.parametrize("reduction,eps", [("mean", 0.0), ("sum", 0.2), ("none", 0.1)])
 def test_infonce_matches_float64(backend, dtype, shape, reduction, eps):
     n, m, offset = shape
     d = 48
-    dev = _device(backend)
+    dev = device_for(backend)
     q, k = _features(n, d, dtype, 3).to(dev), _features(m, d, dtype, 4).to(dev)
     scale = torch.tensor(30.0, dtype=torch.float64)
     kw = dict(positive_offset=offset, label_smoothing=eps, reduction=reduction)
@@ -102,7 +102,7 @@ def test_infonce_matches_float64(backend, dtype, shape, reduction, eps):
 @pytest.mark.parametrize("backend", FUSED)
 def test_large_scale_and_unnormalised_features_stay_finite(backend):
     # Logits up to ~1e3: a naive exp overflows, a log-sum-exp must not.
-    dev = _device(backend)
+    dev = device_for(backend)
     img = _features(33, 16, torch.float32, 5, normalize=False).to(dev)
     txt = _features(33, 16, torch.float32, 6, normalize=False).to(dev)
     scale = torch.tensor(100.0)
@@ -132,8 +132,8 @@ def test_gradcheck_float64(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_noncontiguous_inputs_and_python_scale(backend):
-    base_i = _features(40, 64, torch.float32, 11).to(_device(backend))
-    base_t = _features(64, 40, torch.float32, 12).to(_device(backend))
+    base_i = _features(40, 64, torch.float32, 11).to(device_for(backend))
+    base_t = _features(64, 40, torch.float32, 12).to(device_for(backend))
     img = base_i[::2]  # strided rows
     txt = base_t.T[::2]  # transposed view
     assert not img.is_contiguous() and not txt.is_contiguous()
@@ -145,7 +145,7 @@ def test_noncontiguous_inputs_and_python_scale(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_open_clip_style_parameter_scale_gets_gradient(backend):
     # open_clip passes model.logit_scale.exp(), a 0-d tensor; a [1]-shaped one must work too.
-    dev = _device(backend)
+    dev = device_for(backend)
     img = _features(16, 8, torch.float32, 13).to(dev).requires_grad_()
     txt = _features(16, 8, torch.float32, 14).to(dev).requires_grad_()
     log_scale = torch.nn.Parameter(torch.full((1,), 2.6592, device=dev))
@@ -159,7 +159,7 @@ def test_open_clip_style_parameter_scale_gets_gradient(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_nan_in_features_gives_nan_like_torch(backend):
-    dev = _device(backend)
+    dev = device_for(backend)
     img, txt = _features(8, 4, torch.float32, 15).to(dev), _features(8, 4, torch.float32, 16).to(dev)
     img[3, 1] = float("nan")
     out = fitclip_ext.contrastive_loss(img, txt, 10.0, backend=backend)
@@ -170,7 +170,7 @@ def test_nan_in_features_gives_nan_like_torch(backend):
 
 
 def test_default_backend_on_cpu_is_cpp():
-    assert _backend.resolve(None, torch.device("cpu")) == "cpp"
+    assert backends.resolve(None, torch.device("cpu")) == "cpp"
 
 
 def test_matches_open_clip_cliploss():
@@ -191,7 +191,7 @@ def test_matches_open_clip_cliploss():
 def test_column_far_above_its_positive(backend):
     # Column 0's positive logit is -100 while another row scores +100 on it: the Triton forward
     # shifts each column by its positive logit, so this column takes the exact fallback path.
-    dev = _device(backend)
+    dev = device_for(backend)
     img = _features(20, 8, torch.float32, 19)
     txt = _features(20, 8, torch.float32, 20)
     img[0] = -txt[0]
@@ -212,9 +212,9 @@ def test_triton_autotuning_on_request_matches_float64(monkeypatch, symmetric):
     sums are accumulated with atomics, so the autotuner must restore them between timings) and
     the result still matches float64; without it no tuner is made."""
     pytest.importorskip("triton")
-    from fitclip_ext.kernels import _op
+    from fitclip_ext.kernels import common as kernel_common
 
-    dev = _device("triton")
+    dev = device_for("triton")
     n, m, d = (45, 45, 40) if symmetric else (21, 50, 40)
     x = _features(n, d, torch.float32, 11).to(dev)
     y = _features(m, d, torch.float32, 12).to(dev)
@@ -230,17 +230,17 @@ def test_triton_autotuning_on_request_matches_float64(monkeypatch, symmetric):
             return contrastive_loss_reference(a, b, s, label_smoothing=0.1)
         return infonce_reference(a, b, s, positive_offset=7, label_smoothing=0.1)
 
-    monkeypatch.setattr(_op, "_TUNERS", {})
+    monkeypatch.setattr(kernel_common, "TUNERS", {})
     monkeypatch.delenv("FITCLIP_TRITON_AUTOTUNE", raising=False)
     _run(fn, [x, y], scale.float(), None, True)
-    assert not _op._TUNERS
+    assert not kernel_common.TUNERS
     monkeypatch.setenv("FITCLIP_TRITON_AUTOTUNE", "1")
     out, grads = _run(fn, [x, y], scale.float(), None, True)
     truth, truth_grads = _run(ref, [x.double(), y.double()], scale, None, True)
     assert rel_err(out, truth) < 1e-5
     for g, t in zip(grads, truth_grads):
         assert rel_err(g, t) < 1e-5
-    tuners = list(_op._TUNERS.values())  # the forward, and the dQ and dK launches of the backward
-    assert sorted(t.base_fn.__name__ for t in tuners) == ["_grad_kernel"] * 2 + ["_lse_fwd_kernel"]
+    tuners = list(kernel_common.TUNERS.values())  # the forward, and the dQ and dK launches of the backward
+    assert sorted(t.base_fn.__name__ for t in tuners) == ["grad_kernel"] * 2 + ["lse_fwd_kernel"]
     for t in tuners:
         assert len(t.configs_timings) == len(t.configs) > 1

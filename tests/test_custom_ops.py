@@ -4,16 +4,16 @@ import pytest
 import torch
 
 import fitclip_ext
-from fitclip_ext import _backend
+from fitclip_ext import backends
 from fitclip_ext.reference import (contrastive_loss_reference, distillation_loss_reference,
                                    video_contrastive_loss_reference)
 
-from ._numerics import assert_within_rule
-from .test_distill import _inputs as _distill_inputs
+from fitclip_ext.testing import assert_within_rule
+from .test_distill import distill_inputs
 
-pytestmark = pytest.mark.skipif(not _backend.load_cpp(), reason="C++ extension not built")
+pytestmark = pytest.mark.skipif(not backends.load_cpp(), reason="C++ extension not built")
 
-ops = torch.ops.fitclip_ext if _backend.load_cpp() else None
+ops = torch.ops.fitclip_ext if backends.load_cpp() else None
 
 
 def _samples():
@@ -27,23 +27,23 @@ def _samples():
     text, frames = torch.randn(6, 8, generator=g), torch.randn(6, 5, 8, generator=g)
     mask = torch.ones(6, 5, dtype=torch.bool)
     mask[0, 4] = False
-    sim, idx = ops.topk_sim_fwd(text, frames, 2, mask)
+    sim, bits = ops.topk_sim(text, frames, 2, mask)
+    tn, fn = text.norm(dim=-1), frames.norm(dim=-1)
     sv, st, tv, tt = (torch.randn(r, 8, generator=g) for r in (6, 4, 6, 4))
     dstats = ops.distill_stats(sv, st, tv, tt, s, s)
-    cap_lse, vid_lse, *_ = ops.video_infonce_lse(text, frames, 2, None, s)
     return [
         (ops.infonce_lse, (q, k, s, False)),
         (ops.infonce_lse, (qs, ks, s, True)),
         (ops.infonce_grad, (q, k, s, row_lse, torch.full((5,), 0.2), None, None)),
         (ops.infonce_grad, (qs, ks, s, rl, w, cl, w)),
-        (ops.topk_sim_fwd, (text, frames, 2, mask)),
-        (ops.topk_sim_bwd, (text, frames, idx, torch.randn(6, 6, generator=g))),
-        (ops.video_infonce_lse, (text, frames, 2, mask, s)),
-        (ops.video_infonce_grad, (text, frames, 2, None, s, cap_lse, vid_lse, w, w, 0.1)),
+        (ops.topk_sim, (text, frames, 2, mask)),
+        (ops.topk_sim_bwd, (text, frames, bits, torch.randn(6, 6, generator=g), 2)),
+        (ops.topk_sim_bwd_acc, (text, frames, bits, torch.randn(6, 6, generator=g), 2, torch.zeros(6, 5, 8))),
+        (ops.unit_grad, (torch.randn(6, 5, 8, generator=g), frames, fn)),
         (ops.select_frames, (frames, text, 3, mask)),
-        (ops.topk_sim_fwd, (text, frames, 2, mask, True)),  # normalisation folded in
-        (ops.topk_sim_bwd, (text, frames, idx, torch.randn(6, 6, generator=g), True)),
-        (ops.video_infonce_grad, (text, frames, 2, None, s, cap_lse, vid_lse, w, w, 0.1, True)),
+        (ops.topk_sim, (text, frames, 2, mask, tn, fn)),  # normalisation folded in
+        (ops.topk_sim_bwd, (text, frames, bits, torch.randn(6, 6, generator=g), 2, tn, fn)),
+        (ops.topk_sim_bwd_acc, (text, frames, bits, torch.randn(6, 6, generator=g), 2, torch.zeros(6, 5, 8), tn, fn)),
         (ops.distill_stats, (sv, st, tv, tt, s, s)),
         (ops.distill_grad, (sv, st, tv, tt, s, s, dstats[0], dstats[1], torch.full((6,), 0.3), dstats[3], dstats[4],
                             torch.full((4,), 0.2))),
@@ -81,7 +81,7 @@ def _compile_case(op: str, dev: str, seed: int):
         def ref(f, t, s, upcast):
             return video_contrastive_loss_reference(f, t, s.double() if upcast else s, k=3, upcast=upcast)
     else:
-        sv, st, tv, tt = (x.to(dev) for x in _distill_inputs(10, 7, 16, 8, torch.float32, seed=seed))
+        sv, st, tv, tt = (x.to(dev) for x in distill_inputs(10, 7, 16, 8, torch.float32, seed=seed))
         inputs = (sv.requires_grad_(), st.requires_grad_(), torch.tensor(50.0, device=dev, requires_grad=True))
 
         def loss(backend, a, b, s):
@@ -118,14 +118,14 @@ def test_compile_fullgraph(op, compile_backend):
 # ----------------------------------------------------------------------------- Triton ops
 # On CUDA these are triton_op/wrap_triton ops (torch.compile sees the kernels); under the
 # interpreter (no GPU) the same launchers are opaque custom ops with the same schemas and fakes
-# (kernels/_op.py), so opcheck and fullgraph tracing are exercised here too.
+# (kernels/common.py), so opcheck and fullgraph tracing are exercised here too.
 
 TDEV = "cuda" if torch.cuda.is_available() else "cpu"
 COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"  # Inductor cannot run interpreted kernels
 
 
 def _triton_samples():
-    _backend.load_triton()
+    backends.load_triton()
     t = torch.ops.fitclip_ext
     g = torch.Generator().manual_seed(4)
 
@@ -144,8 +144,8 @@ def _triton_samples():
     sim, bits = t.triton_topk_sim(text, frames, 2, mask)
     raw_t, raw_f = 3.0 * r(6, 16), r(6, 5, 16)
     sv, st, tv, tt = r(6, 16), r(4, 16), r(6, 16), r(4, 16)
-    a = t.triton_distill_row_stats(sv, st, tv, tt, s, s)
-    b = t.triton_distill_row_stats(st, sv, tt, tv, s, s)
+    a = t.triton_distill_stats(sv, st, tv, tt, s, s)
+    b = t.triton_distill_stats(st, sv, tt, tv, s, s)
     return [
         (t.triton_infonce_lse, (q, k, s, False)),
         (t.triton_infonce_lse, (qs, ks, s, True)),
@@ -160,8 +160,8 @@ def _triton_samples():
         (t.triton_topk_sim_bwd_acc, (text, frames, bits, r(6, 6), 2, torch.zeros(6, 5, 16, device=TDEV))),
         (t.triton_unit_grad, (r(6, 5, 16), raw_f, raw_f.norm(dim=-1))),
         (t.triton_select_frames, (frames, text, 3, mask)),
-        (t.triton_distill_row_stats, (sv, st, tv, tt, s, s)),
-        (t.triton_distill_grad_pass, (sv, st, tv, tt, s, s, a[0], a[1], w, b[0], b[1], torch.full((4,), 0.2, device=TDEV),
+        (t.triton_distill_stats, (sv, st, tv, tt, s, s)),
+        (t.triton_distill_grad, (sv, st, tv, tt, s, s, a[0], a[1], w, b[0], b[1], torch.full((4,), 0.2, device=TDEV),
                                        True)),
     ]
 
@@ -173,7 +173,7 @@ def test_triton_opcheck(i):
 
 
 def test_triton_fix_columns_recomputes_flagged_columns_exactly():
-    _backend.load_triton()
+    backends.load_triton()
     g = torch.Generator().manual_seed(5)
     q, k = torch.randn(9, 8, generator=g).to(TDEV), torch.randn(9, 8, generator=g).to(TDEV)
     s = torch.tensor([2.0], device=TDEV)
@@ -199,7 +199,7 @@ def test_triton_compile_fullgraph(op):
 
 
 def test_forward_ops_are_differentiable_on_their_own():
-    """infonce_lse and topk_sim_fwd carry autograd formulas (through their gradient ops):
+    """infonce_lse and topk_sim carry autograd formulas (through their gradient ops):
     gradcheck in float64 and opcheck with inputs that require grad."""
     g = torch.Generator().manual_seed(7)
     q = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -213,5 +213,8 @@ def test_forward_ops_are_differentiable_on_their_own():
     text = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     frames = torch.randn(4, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     for normalize in (False, True):
-        assert torch.autograd.gradcheck(lambda t, fr: ops.topk_sim_fwd(t, fr, 2, None, normalize)[0], (text, frames))
-        torch.library.opcheck(ops.topk_sim_fwd, (text, frames, 2, None, normalize))
+        def norms(t, fr):  # the norms are inputs of their own: the gradient reaches x through both
+            return (t.norm(dim=-1), fr.norm(dim=-1)) if normalize else (None, None)
+
+        assert torch.autograd.gradcheck(lambda t, fr: ops.topk_sim(t, fr, 2, None, *norms(t, fr))[0], (text, frames))
+        torch.library.opcheck(ops.topk_sim, (text, frames, 2, None, *norms(text, frames)))

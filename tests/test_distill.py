@@ -7,8 +7,8 @@ import torch
 import fitclip_ext
 from fitclip_ext.reference import distillation_loss_reference
 
-from ._numerics import assert_within_rule
-from .test_contrastive import _backend_cases, _device
+from fitclip_ext.testing import assert_within_rule
+from .test_contrastive import backend_cases, device_for
 
 # (n videos, m captions, D student, D teacher)
 SHAPES = [(1, 1, 1, 1), (2, 3, 8, 8), (7, 7, 3, 5), (64, 64, 32, 32), (127, 65, 65, 33), (256, 256, 512, 512),
@@ -16,7 +16,7 @@ SHAPES = [(1, 1, 1, 1), (2, 3, 8, 8), (7, 7, 3, 5), (64, 64, 32, 32), (127, 65, 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
-def _inputs(n, m, d, dt, dtype, seed=0, noise=0.5):
+def distill_inputs(n, m, d, dt, dtype, seed=0, noise=0.5):
     """A student that roughly agrees with its teacher (as after the labeled warm start)."""
     g = torch.Generator().manual_seed(seed)
     norm = torch.nn.functional.normalize
@@ -35,12 +35,12 @@ def _run(fn, sv, st, tv, tt, s_scale):
     return out, torch.autograd.grad(out, (a, b, s))
 
 
-@pytest.mark.parametrize("backend,dtype,shape", _backend_cases(SHAPES, DTYPES))
+@pytest.mark.parametrize("backend,dtype,shape", backend_cases(SHAPES, DTYPES))
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
 def test_distillation_loss_matches_float64(backend, dtype, shape, reduction):
     n, m, d, dt = shape
-    dev = _device(backend)
-    sv, st, tv, tt = (x.to(dev) for x in _inputs(n, m, d, dt, dtype, seed=n + m))
+    dev = device_for(backend)
+    sv, st, tv, tt = (x.to(dev) for x in distill_inputs(n, m, d, dt, dtype, seed=n + m))
     s_scale = torch.tensor(30.0)
     # FitCLIP's fixed temperature 0.015; the t^2 factor puts half-precision sums past 65504, so
     # those run with a smaller teacher scale.
@@ -63,7 +63,7 @@ def test_distillation_loss_matches_float64(backend, dtype, shape, reduction):
 def test_cpp_multi_block_column_merge(monkeypatch, n, m):
     """Tiny blocks (16 rows) so the column statistics are merged online across many blocks."""
     monkeypatch.setenv("FITCLIP_CPU_BLOCK_ELEMS", "64")
-    sv, st, tv, tt = _inputs(n, m, 24, 12, torch.float32, seed=3, noise=2.0)
+    sv, st, tv, tt = distill_inputs(n, m, 24, 12, torch.float32, seed=3, noise=2.0)
     out, grads = _run(lambda a, b, c, e, s: fitclip_ext.distillation_loss(a, b, c, e, s, 20.0, backend="cpp"),
                       sv, st, tv, tt, torch.tensor(40.0))
     truth, tgrads = _run(lambda a, b, c, e, s: distillation_loss_reference(a, b, c, e, s.double(), 20.0, upcast=True),
@@ -77,8 +77,8 @@ def test_cpp_multi_block_column_merge(monkeypatch, n, m):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_identical_student_and_teacher_give_zero(backend):
-    dev = _device(backend)
-    sv, st, _, _ = (x.to(dev) for x in _inputs(20, 13, 16, 16, torch.float32, seed=5))
+    dev = device_for(backend)
+    sv, st, _, _ = (x.to(dev) for x in distill_inputs(20, 13, 16, 16, torch.float32, seed=5))
     out, grads = _run(lambda a, b, c, e, s: fitclip_ext.distillation_loss(a, b, c, e, s, 50.0, backend=backend),
                       sv, st, sv, st, torch.tensor(50.0))
     naive, ngrads = _run(lambda a, b, c, e, s: distillation_loss_reference(a, b, c, e, s, 50.0), sv, st, sv, st,
@@ -91,7 +91,7 @@ def test_identical_student_and_teacher_give_zero(backend):
 
 
 def test_gradcheck_cpp_float64():
-    sv, st, tv, tt = _inputs(6, 5, 4, 3, torch.float64, seed=7)
+    sv, st, tv, tt = distill_inputs(6, 5, 4, 3, torch.float64, seed=7)
     s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     for x in (sv, st):
         x.requires_grad_()
@@ -102,14 +102,14 @@ def test_gradcheck_cpp_float64():
 
 
 def test_teacher_scale_tensor_and_reduction_defaults():
-    sv, st, tv, tt = _inputs(9, 9, 8, 8, torch.float32, seed=8)
+    sv, st, tv, tt = distill_inputs(9, 9, 8, 8, torch.float32, seed=8)
     a = fitclip_ext.distillation_loss(sv, st, tv, tt, torch.tensor(30.0), torch.tensor([66.7]))
     b = distillation_loss_reference(sv.double(), st.double(), tv.double(), tt.double(), 30.0, 66.7)
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
 
 
 def test_torch_backend_is_the_reference():
-    sv, st, tv, tt = _inputs(5, 4, 8, 8, torch.float32, seed=9)
+    sv, st, tv, tt = distill_inputs(5, 4, 8, 8, torch.float32, seed=9)
     a = fitclip_ext.distillation_loss(sv, st, tv, tt, 30.0, 66.7, reduction="sum", backend="torch")
     b = distillation_loss_reference(sv, st, tv, tt, 30.0, 66.7, reduction="sum")
     assert a.dtype == torch.float32
@@ -117,7 +117,7 @@ def test_torch_backend_is_the_reference():
 
 
 def test_bad_input():
-    sv, st, tv, tt = _inputs(4, 3, 8, 6, torch.float32)
+    sv, st, tv, tt = distill_inputs(4, 3, 8, 6, torch.float32)
     f = fitclip_ext.distillation_loss
     with pytest.raises(ValueError, match="teacher_video requires grad"):
         f(sv, st, tv.clone().requires_grad_(), tt, 1.0, 1.0)
@@ -148,7 +148,7 @@ def test_bad_input():
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
 def test_nan_in_student_or_teacher_gives_nan(backend):
     """NaN in the features is data: the loss is NaN, as with the torch composition."""
-    sv, st, tv, tt = _inputs(5, 4, 8, 8, torch.float32, seed=12)
+    sv, st, tv, tt = distill_inputs(5, 4, 8, 8, torch.float32, seed=12)
     bad_s, bad_t = sv.clone(), tt.clone()
     bad_s[2, 3] = float("nan")
     bad_t[1, 0] = float("nan")
@@ -160,19 +160,19 @@ def test_triton_autotuning_on_request_matches_float64(monkeypatch):
     """FITCLIP_TRITON_AUTOTUNE=1: every candidate of the statistics and gradient kernels is timed
     and the loss and gradients still match float64; without it no tuner is made."""
     pytest.importorskip("triton")
-    from fitclip_ext.kernels import _op
+    from fitclip_ext.kernels import common as kernel_common
 
-    dev = _device("triton")
-    sv, st, tv, tt = (x.to(dev) for x in _inputs(37, 29, 24, 16, torch.float32, seed=5))
+    dev = device_for("triton")
+    sv, st, tv, tt = (x.to(dev) for x in distill_inputs(37, 29, 24, 16, torch.float32, seed=5))
     s_scale = torch.tensor(30.0)
 
     def ours(a, b, c, e, s):
         return fitclip_ext.distillation_loss(a, b, c, e, s, 66.7, backend="triton")
 
-    monkeypatch.setattr(_op, "_TUNERS", {})
+    monkeypatch.setattr(kernel_common, "TUNERS", {})
     monkeypatch.delenv("FITCLIP_TRITON_AUTOTUNE", raising=False)
     _run(ours, sv, st, tv, tt, s_scale)
-    assert not _op._TUNERS
+    assert not kernel_common.TUNERS
     monkeypatch.setenv("FITCLIP_TRITON_AUTOTUNE", "1")
     out, grads = _run(ours, sv, st, tv, tt, s_scale)
     truth, tgrads = _run(lambda a, b, c, e, s: distillation_loss_reference(a, b, c, e, s.double(), 66.7, upcast=True),
@@ -180,6 +180,6 @@ def test_triton_autotuning_on_request_matches_float64(monkeypatch):
     assert abs(out.item() - truth.item()) <= 1e-5 * max(1.0, abs(truth.item()))
     for g, t in zip(grads, tgrads):
         assert ((g.double() - t).norm() / t.norm()).item() < 1e-5
-    assert sorted(t.base_fn.__name__ for t in _op._TUNERS.values()) == ["_grad_kernel", "_stats_kernel"]
-    for t in _op._TUNERS.values():
+    assert sorted(t.base_fn.__name__ for t in kernel_common.TUNERS.values()) == ["grad_kernel", "stats_kernel"]
+    for t in kernel_common.TUNERS.values():
         assert len(t.configs_timings) == len(t.configs) > 1

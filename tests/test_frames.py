@@ -9,7 +9,7 @@ import fitclip_ext
 from fitclip_ext.reference import (select_frames_reference, topk_frame_similarity_reference,
                                    video_contrastive_loss_reference)
 
-from ._numerics import assert_within_rule, rel_err
+from fitclip_ext.testing import assert_within_rule, rel_err
 
 T_VALUES = [1, 3, 7, 12, 16, 33]
 
@@ -36,7 +36,7 @@ def _cases(sizes, dtypes=(torch.float64, torch.float32, torch.float16, torch.bfl
     return out
 
 
-def _device(backend):
+def device_for(backend):
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
@@ -67,7 +67,7 @@ def _grads(fn, inputs, weight_seed=0):
 @pytest.mark.parametrize("masked", [False, True])
 def test_topk_frame_similarity(backend, dtype, size, t, k, masked):
     c, v = size
-    dev = _device(backend)
+    dev = device_for(backend)
     d = 24
     text, frames = _rand((c, d), dtype, 1, dev), _rand((v, t, d), dtype, 2, dev)
     mask = _random_mask(v, t, k, 3, dev) if masked else None
@@ -93,7 +93,7 @@ def test_topk_frame_similarity_k_equals_t_is_mean_pooling():
 @pytest.mark.parametrize("masked", [False, True])
 def test_select_frames(backend, dtype, size, t, k, masked):
     (b,) = size
-    dev = _device(backend)
+    dev = device_for(backend)
     frames, text = _rand((b, t, 16), dtype, 6, dev), _rand((b, 16), dtype, 7, dev)
     mask = _random_mask(b, t, k, 8, dev) if masked else None
     idx, scores = fitclip_ext.select_frames(frames, text, k, mask=mask, backend=backend)
@@ -110,7 +110,7 @@ def test_select_frames_ties_go_to_the_earlier_frame(backend):
     frames[:, :, 0] = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0, 1.0])  # equal cosine 1.0 everywhere ...
     frames[:, :, 1] = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])  # ... except frames 0, 3, 5
     text = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2)
-    dev = _device(backend)
+    dev = device_for(backend)
     idx, _ = fitclip_ext.select_frames(frames.to(dev), text.to(dev), 2, backend=backend)
     assert idx.tolist() == [[1, 2], [1, 2]]
 
@@ -140,7 +140,7 @@ def test_select_frames_scores_have_gradients():
 @pytest.mark.parametrize("reduction,eps,masked", [("mean", 0.0, False), ("none", 0.1, True), ("sum", 0.2, False)])
 def test_video_contrastive_loss(backend, dtype, size, t, k, reduction, eps, masked):
     (b,) = size
-    dev = _device(backend)
+    dev = device_for(backend)
     frames, text = _rand((b, t, 20), dtype, 9, dev), _rand((b, 20), dtype, 10, dev)
     mask = _random_mask(b, t, k, 11, dev) if masked else None
     scale = torch.tensor(30.0, dtype=torch.float64, device=dev)
@@ -207,7 +207,7 @@ def test_folded_normalisation_matches_f_normalize(backend, k):
     frames[3, 0] *= 1e-14  # norm below the 1e-12 clamp
     text[4] = 0.0
     w = torch.randn(7, 5, generator=g, dtype=torch.float64)
-    dev = _device(backend)
+    dev = device_for(backend)
     dtypes = (torch.float64, torch.float32) if backend == "cpp" else (torch.float32,)
     for dtype in dtypes:
         tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-4)
@@ -257,9 +257,9 @@ def test_triton_autotuning_on_request_matches_float64(monkeypatch):
     both gradient kernels (the video loss's accumulating d frames restored between timings) and
     select_frames is timed, and the results still match float64; without it no tuner is made."""
     pytest.importorskip("triton")
-    from fitclip_ext.kernels import _op
+    from fitclip_ext.kernels import common as kernel_common
 
-    dev = _device("triton")
+    dev = device_for("triton")
     text, frames = _rand((21, 24), torch.float32, 31, dev), _rand((19, 9, 24), torch.float32, 32, dev)
     scale = torch.tensor(20.0, dtype=torch.float64, device=dev)
     k = 3
@@ -272,10 +272,10 @@ def test_triton_autotuning_on_request_matches_float64(monkeypatch):
         idx, _ = fitclip_ext.select_frames(frames, text[:19], k, backend="triton")
         return [sim, dt, df, loss, *lg[:2]], idx
 
-    monkeypatch.setattr(_op, "_TUNERS", {})
+    monkeypatch.setattr(kernel_common, "TUNERS", {})
     monkeypatch.delenv("FITCLIP_TRITON_AUTOTUNE", raising=False)
     default, default_idx = run()
-    assert not _op._TUNERS
+    assert not kernel_common.TUNERS
     monkeypatch.setenv("FITCLIP_TRITON_AUTOTUNE", "1")
     tuned, tuned_idx = run()
     sim_t, (dt_t, df_t) = _grads(lambda x, f: topk_frame_similarity_reference(x, f, k, upcast=True),
@@ -288,8 +288,8 @@ def test_triton_autotuning_on_request_matches_float64(monkeypatch):
         assert rel_err(out, ref) < 1e-5, name  # the accumulated d frames were not counted twice
     assert torch.equal(tuned_idx, default_idx)
     assert torch.equal(tuned_idx.cpu(), select_frames_reference(frames.double(), text[:19].double(), k)[0].cpu())
-    names = sorted(t.base_fn.__name__ + (f" ({ident[1]})" if ident[1] else "") for ident, t in _op._TUNERS.items())
-    assert names == ["_select_frames_kernel", "_topk_sim_dframes_kernel", "_topk_sim_dframes_kernel (acc)",
-                     "_topk_sim_dtext_kernel", "_topk_sim_fwd_kernel"], names
-    for t in _op._TUNERS.values():
+    names = sorted(t.base_fn.__name__ + (f" ({ident[1]})" if ident[1] else "") for ident, t in kernel_common.TUNERS.items())
+    assert names == ["select_frames_kernel", "topk_sim_dframes_kernel", "topk_sim_dframes_kernel (acc)",
+                     "topk_sim_dtext_kernel", "topk_sim_fwd_kernel"], names
+    for t in kernel_common.TUNERS.values():
         assert len(t.configs_timings) == len(t.configs) > 1

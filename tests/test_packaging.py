@@ -51,8 +51,8 @@ def test_install_from_sdist_builds_and_runs(sdist, tmp_path):
 import torch, fitclip_ext
 from pathlib import Path
 assert Path(fitclip_ext.__file__).resolve().is_relative_to(Path(TARGET).resolve()), fitclip_ext.__file__
-from fitclip_ext import _backend
-assert _backend.load_cpp(), "the installed C++ extension does not load"
+from fitclip_ext import backends
+assert backends.load_cpp(), "the installed C++ extension does not load"
 from fitclip_ext.kernels import infonce  # the Triton kernels install as fitclip_ext.kernels
 from fitclip_ext.reference import contrastive_loss_reference
 g = torch.Generator().manual_seed(0)

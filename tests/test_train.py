@@ -41,8 +41,9 @@ def _args(video_set, out, *extra):
             "--lr", "1e-3", "--seed", "3", *extra]
 
 
-def test_train_smoke_and_broken_videos_reported(video_set, tmp_path):
+def test_train_smoke_and_broken_videos_reported(video_set, tmp_path, capsys):
     res = train_main(_args(video_set, tmp_path / "run"))
+    assert "\r" not in capsys.readouterr().err  # no progress-bar redraws where stderr is not a terminal
     assert res["steps"] == 4  # 9 clips, batches of 4, 2 epochs
     assert any(p.endswith("broken.mp4") for p in res["broken_videos"])
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]

@@ -73,10 +73,10 @@ def test_mixed_devices_rejected():
 
 
 def test_cpp_unavailable_message(monkeypatch):
-    from fitclip_ext import _backend
+    from fitclip_ext import backends
 
-    monkeypatch.setattr(_backend, "_cpp_loaded", False)
-    monkeypatch.setattr(_backend, "_cpp_error", ImportError("not built"))
+    monkeypatch.setitem(backends._state, "cpp_loaded", False)
+    monkeypatch.setitem(backends._state, "cpp_error", ImportError("not built"))
     with pytest.raises(RuntimeError, match=r"C\+\+ extension fitclip_ext._C.*backend='torch'"):
         fitclip_ext.contrastive_loss(x, y, 1.0, backend="cpp")
     # the reference backend still works without the extension

@@ -84,3 +84,63 @@ def reduction(value) -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
     return value
+
+
+# ----------------------------------------------------------------------------- frame ops
+
+def frame_features(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be 3-D [videos, frames, D], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} must be non-empty in every dimension, got shape {tuple(x.shape)}")
+    return x
+
+
+def top_k(k, num_frames: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= num_frames:
+        raise ValueError(f"k must be in [1, T] = [1, {num_frames}], got {k}")
+    return k
+
+
+def frame_mask(mask, videos: int, num_frames: int, k: int, device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be None or a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = real frame), got {mask.dtype}")
+    if tuple(mask.shape) != (videos, num_frames):
+        raise ValueError(f"mask must have shape [videos, T] = [{videos}, {num_frames}], got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on {device}, got {mask.device}")
+    real = mask.sum(1)
+    short = (real < k).nonzero()
+    if short.numel():
+        v = short[0, 0].item()
+        raise ValueError(f"mask leaves video {v} with {real[v].item()} real frames, fewer than k={k}")
+    return mask.contiguous()
+
+
+def frame_inputs(text, frames, k, mask, same_count: bool):
+    """The checks shared by the frame ops; returns (k, mask)."""
+    frame_pair("text_features", text, "frame_features", frames, same_count)
+    k = top_k(k, frames.shape[1])
+    return k, frame_mask(mask, frames.shape[0], frames.shape[1], k, frames.device)
+
+
+def frame_pair(text_name, text, frames_name, frames, same_count: bool):
+    features(text_name, text)
+    frame_features(frames_name, frames)
+    same_device_dtype((frames_name, text_name), frames, text)
+    if text.shape[1] != frames.shape[2]:
+        raise ValueError(f"{text_name} and {frames_name} must have the same feature size D, got "
+                         f"{text.shape[1]} and {frames.shape[2]}")
+    if same_count and text.shape[0] != frames.shape[0]:
+        raise ValueError(f"{frames_name} and {text_name} must have the same batch size B (caption b describes "
+                         f"video b), got {frames.shape[0]} and {text.shape[0]}")

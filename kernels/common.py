@@ -1,4 +1,5 @@
-"""Registration of the Triton launchers as torch custom ops.
+"""What every Triton kernel module shares: the registration of launchers as torch custom ops,
+the block-configuration dispatcher, the tile product, input precision and small configurations.
 
 On CUDA every launcher is a `torch.library.triton_op` whose kernels are launched through
 `wrap_triton`: torch.compile sees the kernels themselves (no graph break, Inductor schedules them)
@@ -23,13 +24,13 @@ import os
 import threading
 
 import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
 
 _state = threading.local()
-_TUNERS: dict = {}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+TUNERS: dict = {}  # (kernel, site, candidates, key, restore) -> triton.autotune, per process
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -97,12 +98,66 @@ def configured(kernel, candidates: list[dict], key: list[str], restore_value: tu
     if len(candidates) == 1 or not autotuning() or _tracing():
         return kernel, dict(candidates[0])
     ident = (kernel, site, tuple(tuple(sorted(c.items())) for c in candidates), tuple(key), tuple(restore_value))
-    tuner = _TUNERS.get(ident)
+    tuner = TUNERS.get(ident)
     if tuner is None:
-        import triton
-
         configs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                                  num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates]
         tuner = triton.autotune(configs, key=list(key), restore_value=list(restore_value), do_bench=_do_bench)(kernel)
-        _TUNERS[ident] = tuner
+        TUNERS[ident] = tuner
     return tuner, {}
+
+
+# ----------------------------------------------------------------------------- tiles and configurations
+
+@triton.jit
+def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """A[rows] @ B[cols]^T, float32 accumulate."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        dk = d0 + offs_k
+        a = tl.load(a_ptr + rows[:, None] * stride_an + dk[None, :] * stride_ad,
+                    mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * stride_bn + dk[:, None] * stride_bd,
+                    mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's float32 matmul setting; half types run on tensor cores anyway."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def small_configs(small: bool | None) -> bool:
+    """The minimum tl.dot tiles: under the interpreter, with FITCLIP_TRITON_CONFIG=small, or when
+    `small` says so."""
+    if small is not None:
+        return small
+    return interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small"
+
+
+def block_config(bm, bn, bk, warps, stages, **extra) -> dict:
+    """A tile configuration as launch keywords (BLOCK_M/N/K, extras, num_warps, num_stages)."""
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra, num_warps=warps, num_stages=stages)
+
+
+def half_grad_candidates(D: int) -> list[dict]:
+    """bf16/fp16 candidates of the gradient kernels that accumulate out[rows, D chunk] =
+    G @ B[:, D chunk] in registers (InfoNCE's and the distillation's), default first: each D chunk
+    recomputes the tile, so a wider chunk saves tile products at the price of smaller tiles
+    (register budget: no spills with Triton 3.6 and 3.8)."""
+    block_do = 256 if D > 128 else 128
+    out = [block_config(64, 64, 64, 8, 2, BLOCK_DO=block_do), block_config(64, 64, 64, 8, 3, BLOCK_DO=block_do),
+           block_config(64, 32, 64, 8, 2, BLOCK_DO=block_do)]
+    if D > 256:
+        out.append(block_config(64, 16, 64, 8, 2, BLOCK_DO=512))  # one chunk up to D = 512: no recomputed tiles
+    return out
+
+
+def scale_tensor(scale: torch.Tensor, device) -> torch.Tensor:
+    """A logit scale as the [1] float32 device tensor the kernels read."""
+    return scale.detach().to(device=device, dtype=torch.float32).reshape(1)

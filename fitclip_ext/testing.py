@@ -1,7 +1,12 @@
-"""Error measures of the test suite: relative error against float64 truth, and the tolerance
-rule "kernel error <= 2 x (same computation naively in torch at the same dtype) + per-dtype term"
-(docs/TESTING.md). Every check records its margin (error / bound); the session summary lists
-the tightest, so a change that eats a margin shows before it fails on another CPU."""
+"""The project's numerics rule, shared by the test suite and the GPU check
+(benchmarks/gpu_check.py): relative error against float64 truth, and
+
+    kernel error <= 2 x (the same computation naively in torch at the same dtype) + a per-dtype term
+
+(docs/TESTING.md explains why). Every `assert_within_rule` records its margin (error / bound);
+the test session's summary lists the tightest, so a change that eats a margin shows before it
+fails on another CPU.
+"""
 from __future__ import annotations
 
 import math
@@ -9,17 +14,33 @@ import os
 
 import torch
 
-# Small per-dtype term of the tolerance rule.
+# Small per-dtype term of the rule; float32 tile products in TF32 (GPUs) round their operands to
+# 10 mantissa bits, so they get the half-precision-sized term.
 DTYPE_ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+TF32_ATOL = 5e-4
+
+
+def atol(dtype: torch.dtype, tf32: bool = False) -> float:
+    return TF32_ATOL if tf32 and dtype == torch.float32 else DTYPE_ATOL[dtype]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; absolute where the truth is exactly zero."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     den = ref.norm().item()
     num = (out - ref).norm().item()
-    if den == 0:
-        return num
-    return num / den
+    return num if den == 0 else num / den
+
+
+def rule_rows(names, ours, naive, truth, torch_dtype: torch.dtype, tf32: bool = False, **label) -> list[dict]:
+    """One record per quantity (label: its fields, e.g. op and shape): its error, the naive error,
+    and whether the rule holds at `torch_dtype`."""
+    rows = []
+    for what, o, nv, t in zip(names, ours, naive, truth):
+        e, ne = rel_err(o, t), rel_err(nv, t)
+        rows.append({**label, "what": what, "rel_err": e, "naive_rel_err": ne,
+                     "ok": bool(e <= 2 * ne + atol(torch_dtype, tf32))})
+    return rows
 
 
 # (test id, quantity, error / bound) of every check this session; see tests/conftest.py.

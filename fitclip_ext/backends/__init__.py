@@ -1,0 +1,155 @@
+"""The backends and their one contract.
+
+A public op picks a backend per call (`resolve`): "triton" for CUDA tensors (kernels/ through
+`fitclip_ext.backends.triton`), "cpp" for CPU tensors (the C++ extension in csrc/, through
+`fitclip_ext.backends.cpp`), "torch" (the plain reference composition in
+`fitclip_ext.reference`, which materialises the logits) on request or where the extension is
+not built. The autograd Functions in contrastive.py, frames.py and distill.py are written once
+against the `Backend` protocol below; `get(name)` returns the module that implements it.
+
+Every tiled primitive has the same name, arguments and split of work on both fused backends
+(the torch custom ops under them are fitclip_ext::<name> for C++ and fitclip_ext::triton_<name>
+for Triton). "Compute dtype": float64 for float64 inputs on C++, float32 otherwise.
+
+InfoNCE (L = scale * query @ keys^T, n x m; positives at key offset + i; label smoothing eps):
+    infonce_lse(query, keys, scale, with_col) -> (row_lse [n], col_lse [m] or None)
+    infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps)
+        -> (dquery, dkeys in the inputs' dtype, dscale 0-d): the full gradient of
+           sum_i row_w_i CE_row_i (+ sum_j col_w_j CE_col_j when col_lse is given), softmax,
+           one-hot, label-smoothing and scale terms included, on every backend.
+Frames (text [C, D] against frames [V, T, D]; norms: `row_norms` of the raw inputs, or None for
+unit inputs; chosen frames: int32 bit sets [C, V, ceil(T / 32)], bit t % 32 of word t // 32):
+    row_norms(x) -> [...] norms of x's last-dimension rows, compute dtype
+    operand(x) -> x in the form the ops read without a copy (made once per loss, not per block)
+    topk_sim(text, frames, k, mask, text_norm, frames_norm) -> (sim [C, V] compute dtype, bits)
+    topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm, dframes=None)
+        -> (dtext, dframes) with respect to the unit vectors, compute dtype; accumulates into
+           `dframes` (contiguous, frames' shape, compute dtype) when given
+    unit_grad(grad, x, norm) -> grad: in place, the unit vectors' gradient -> the raw x's
+    select_frames(frames, text_unit, k, mask) -> [B, k] int64, ascending
+    video_block_rows(B, T) -> captions per block of the video InfoNCE's block loop
+Distillation (student Y = s A B^T, teacher X = t C E^T; log-sum-exp statistics [2, n] as
+(max, log-sum) in the backend's own units, read only by the same backend):
+    distill_stats(sv, st, tv, tt, s_scale, t_scale)
+        -> (row_stats_s, row_stats_t, row_kl, col_stats_s, col_stats_t, col_kl)
+    distill_grad(sv, st, tv, tt, s_scale, t_scale, row_stats_s, row_stats_t, row_w, col_stats_s,
+                 col_stats_t, col_w) -> (dsv, dst in their dtype, ds_scale 0-d)
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+from typing import Protocol
+
+import torch
+
+from ..kernels import interpreting
+
+BACKENDS = ("triton", "cpp", "torch")
+
+_state: dict = {"cpp_error": None, "cpp_loaded": False, "warned_fallback": False}
+
+
+class Backend(Protocol):
+    """What fitclip_ext.backends.cpp and fitclip_ext.backends.triton provide (see above)."""
+
+    def infonce_lse(self, query, keys, scale, with_col): ...
+    def infonce_grad(self, query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps): ...
+    def row_norms(self, x): ...
+    def operand(self, x): ...
+    def topk_sim(self, text, frames, k, mask, text_norm, frames_norm): ...
+    def topk_sim_bwd(self, text, frames, bits, grad, k, text_norm, frames_norm, dframes=None): ...
+    def unit_grad(self, grad, x, norm): ...
+    def select_frames(self, frames, text_unit, k, mask): ...
+    def video_block_rows(self, B, T): ...
+    def distill_stats(self, sv, st, tv, tt, s_scale, t_scale): ...
+    def distill_grad(self, sv, st, tv, tt, s_scale, t_scale, rss, rst, rw, css, cst, cw): ...
+
+
+def get(name: str) -> ModuleType:
+    """The module implementing `Backend` for "cpp" or "triton" (plain lookups: torch.compile
+    traces through them)."""
+    if name not in _MODULES:
+        raise ValueError(f"no fused backend named {name!r} (expected 'cpp' or 'triton')")
+    return _MODULES[name]
+
+
+def cpp_error() -> BaseException | None:
+    """Why the C++ extension could not be imported (None if it was, or was not tried yet)."""
+    return _state["cpp_error"]
+
+
+def load_cpp() -> bool:
+    """Imports fitclip_ext._C (which registers torch.ops.fitclip_ext.*); False if it is not built."""
+    if _state["cpp_loaded"]:
+        return True
+    if _state["cpp_error"] is not None:
+        return False
+    try:
+        importlib.import_module("fitclip_ext._C")
+    except ImportError as err:  # not built, or built against another torch
+        _state["cpp_error"] = err
+        return False
+    cpp.register()
+    _state["cpp_loaded"] = True
+    return True
+
+
+def cpp_unavailable_message() -> str:
+    return (
+        "backend='cpp' needs the C++ extension fitclip_ext._C, which could not be imported "
+        f"({_state['cpp_error']}). Build it with `pip install -e . --no-build-isolation` (or `make build`) "
+        "against the torch you run, or pass backend='torch' for the reference implementation."
+    )
+
+
+def load_triton() -> None:
+    """Imports the Triton kernels, which registers their custom ops (torch.ops.fitclip_ext.triton_*),
+    before any code that torch.compile traces calls them."""
+    if torch.compiler.is_compiling():
+        return
+    importlib.import_module("fitclip_ext.kernels.infonce")
+    importlib.import_module("fitclip_ext.kernels.frames")
+    importlib.import_module("fitclip_ext.kernels.distill")
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """Returns the backend to run for tensors on `device`, raising a clear error otherwise."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is None:
+        if device.type == "cuda":
+            load_triton()
+            return "triton"
+        if device.type == "cpu":
+            if load_cpp():
+                return "cpp"
+            if not _state["warned_fallback"]:
+                warnings.warn(
+                    "fitclip_ext: C++ extension not available, using the torch reference, which "
+                    f"materialises the logits ({_state['cpp_error']})",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                _state["warned_fallback"] = True
+            return "torch"
+        return "torch"
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' takes CPU tensors, got tensors on {device}")
+        if not load_cpp():
+            raise RuntimeError(cpp_unavailable_message())
+    if backend == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+            raise ValueError(
+                f"backend='triton' takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+            )
+        load_triton()
+    return backend
+
+
+# Both are thin modules over torch.ops (neither imports Triton nor the extension).
+from . import cpp, triton  # noqa: E402
+
+_MODULES = {"cpp": cpp, "triton": triton}

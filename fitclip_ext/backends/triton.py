@@ -1,0 +1,81 @@
+"""The Triton backend (CUDA tensors; CPU tensors under TRITON_INTERPRET=1): the `Backend`
+contract of fitclip_ext.backends over the launchers in kernels/ (torch custom ops
+torch.ops.fitclip_ext.triton_<name>, registered when fitclip_ext.kernels.* is imported, which
+`backends.resolve` does before any call here). Every kernel computes in float32."""
+from __future__ import annotations
+
+import torch
+
+from ..common import row_norms as _norms
+
+
+def _ops():
+    return torch.ops.fitclip_ext
+
+
+# ----------------------------------------------------------------------------- InfoNCE
+
+def infonce_lse(query, keys, scale, with_col):
+    row_lse, col_lse, gap = _ops().triton_infonce_lse(query, keys, scale, with_col)
+    if not with_col:
+        return row_lse, None
+    return row_lse, _ops().triton_infonce_fix_columns(query, keys, scale, col_lse, gap)
+
+
+def infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps):
+    dq, dk, ds_part = _ops().triton_infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, offset,
+                                                 float(eps))
+    return dq, dk, ds_part.sum()
+
+
+# ----------------------------------------------------------------------------- frames
+
+def row_norms(x):
+    return _norms(x, torch.float32)
+
+
+def operand(x):
+    """The kernels read any strides and dtypes: inputs are used as given."""
+    return x
+
+
+def topk_sim(text, frames, k, mask, text_norm, frames_norm):
+    return _ops().triton_topk_sim(text, frames, k, mask, text_norm, frames_norm)
+
+
+def topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm, dframes=None):
+    if dframes is None:
+        return _ops().triton_topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm)
+    dtext = _ops().triton_topk_sim_bwd_acc(text, frames, bits, grad, k, dframes, text_norm, frames_norm)
+    return dtext, dframes
+
+
+def unit_grad(grad, x, norm):
+    _ops().triton_unit_grad(grad, x, norm)
+    return grad
+
+
+def select_frames(frames, text_unit, k, mask):
+    return _ops().triton_select_frames(frames, text_unit, k, mask)
+
+
+def video_block_rows(B: int, T: int) -> int:
+    """At most 64 MB of float32 similarities and 1024 captions per block: a fraction of B x B
+    from B = 2048 up (blocks large enough to fill the GPU)."""
+    return max(1, min(B, 1024, (1 << 24) // max(B, 1)))
+
+
+# ----------------------------------------------------------------------------- distillation
+
+def distill_stats(sv, st, tv, tt, s_scale, t_scale):
+    ss, ts = s_scale.detach(), t_scale.detach()
+    rows = _ops().triton_distill_stats(sv, st, tv, tt, ss, ts)
+    cols = _ops().triton_distill_stats(st, sv, tt, tv, ss, ts)
+    return (*rows, *cols)
+
+
+def distill_grad(sv, st, tv, tt, s_scale, t_scale, rss, rst, rw, css, cst, cw):
+    ss, ts = s_scale.detach(), t_scale.detach()
+    dv, ds_part = _ops().triton_distill_grad(sv, st, tv, tt, ss, ts, rss, rst, rw, css, cst, cw, True)
+    dt, _ = _ops().triton_distill_grad(st, sv, tt, tv, ss, ts, css, cst, cw, rss, rst, rw, False)
+    return dv, dt, ds_part.sum()
