@@ -123,8 +123,12 @@ class World:
         return t.item() / self.world
 
     def min(self, value: int) -> int:
-        if self.world == 1:
-            return value
+        return self._reduce(value, dist.ReduceOp.MIN) if self.world > 1 else value
+
+    def max(self, value: int) -> int:
+        return self._reduce(value, dist.ReduceOp.MAX) if self.world > 1 else value
+
+    def _reduce(self, value: int, op) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(t, op=op)
         return int(t.item())

@@ -4,7 +4,9 @@ mean pooling of frame similarities or top-k pooling (`topk_frame_similarity`).""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -16,29 +18,77 @@ from . import model as fmodel
 from .frames import topk_frame_similarity
 
 
+class EvalClips(torch.utils.data.Dataset):
+    """Evaluation samples -> (preprocessed frames [T, 3, H, W] or None if unreadable, index)."""
+
+    def __init__(self, samples, preprocess, num_frames: int):
+        self.samples, self.preprocess, self.num_frames = samples, preprocess, num_frames
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        try:
+            return self.preprocess(fdata.read_frames(s.video, self.num_frames, sampling="uniform", segment=s.segment)), i
+        except fdata.VideoDecodeError:
+            return None, i
+
+
+def _collate(batch):
+    ok = [(f, i) for f, i in batch if f is not None]
+    return (torch.stack([f for f, _ in ok]) if ok else None, [i for _, i in ok], [i for f, i in batch if f is None])
+
+
+def cache_file(cache_dir, model_id: str, samples, num_frames: int) -> Path:
+    """Where the frame embeddings of (model, samples, frames) are cached: a digest of the model's
+    identity, the videos (path, size, modification time, segment) and the frame count."""
+    h = hashlib.sha256(f"{model_id}|{num_frames}".encode())
+    for s in samples:
+        p = Path(s.video)
+        stat = p.stat() if p.exists() else None
+        h.update(f"|{p}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}|{s.segment}".encode())
+    return Path(cache_dir) / f"frames-{h.hexdigest()[:24]}.safetensors"
+
+
 @torch.no_grad()
-def embed_videos(model, samples, num_frames: int, batch_size: int = 16, device="cpu"):
+def embed_videos(model, samples, num_frames: int, batch_size: int = 16, device="cpu", workers: int = 0,
+                 cache: Path | None = None):
     """(unit frame embeddings [N, T, D], kept sample indices, unreadable paths): frames are the
-    middle frames of T equal intervals (the evaluation sampling)."""
+    middle frames of T equal intervals (the evaluation sampling), decoded in `workers`
+    DataLoader processes. With `cache` (a file from `cache_file`) the embeddings are read from it
+    when it exists, and written to it otherwise, so another pooling or prompt set does not decode
+    the videos again."""
+    from safetensors.torch import load_file, save_file
+
+    if cache is not None and cache.exists():
+        t = load_file(str(cache))
+        broken = json.loads(cache.with_suffix(".json").read_text())["unreadable"]
+        return t["frame_emb"], t["kept"].tolist(), broken
+    from tqdm import tqdm
+
     from .data import frame_preprocess
 
-    preprocess = frame_preprocess(model)
     model.eval()
+    loader = torch.utils.data.DataLoader(EvalClips(samples, frame_preprocess(model), num_frames), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate,
+                                         pin_memory=torch.device(device).type == "cuda")
     embs, kept, broken = [], [], []
-    batch, batch_idx = [], []
-    for i, s in enumerate(samples):
-        try:
-            batch.append(preprocess(fdata.read_frames(s.video, num_frames, sampling="uniform", segment=s.segment)))
-            batch_idx.append(i)
-        except fdata.VideoDecodeError:
-            broken.append(s.video)
-        if len(batch) == batch_size or (i == len(samples) - 1 and batch):
-            embs.append(F.normalize(fmodel.encode_frames(model, torch.stack(batch).to(device)).float(), dim=-1).cpu())
-            kept += batch_idx
-            batch, batch_idx = [], []
+    for frames, idx, bad in tqdm(loader, desc="encoding videos", unit="batch", disable=None):
+        broken += [samples[i].video for i in bad]
+        if frames is not None:
+            embs.append(F.normalize(fmodel.encode_frames(model, frames.to(device)).float(), dim=-1).cpu())
+            kept += idx
     if not embs:
         raise ValueError("no readable video in the evaluation set")
-    return torch.cat(embs), kept, broken
+    frame_emb = torch.cat(embs)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fmodel.atomic_write(cache.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(
+            {"unreadable": broken, "videos": len(samples), "num_frames": num_frames})))
+        fmodel.atomic_write(cache, lambda tmp: save_file(
+            {"frame_emb": frame_emb.contiguous(), "kept": torch.tensor(kept, dtype=torch.int64)}, tmp))
+    return frame_emb, kept, broken
 
 
 @torch.no_grad()
@@ -59,8 +109,9 @@ def scores(text_emb: torch.Tensor, frame_emb: torch.Tensor, pooling: str, k: int
 
 
 def classification(model, tokenizer, samples, class_names, templates, num_frames, pooling="mean", k=1,
-                   device="cpu") -> dict:
-    frame_emb, kept, broken = embed_videos(model, samples, num_frames, device=device)
+                   device="cpu", **embed) -> dict:
+    frame_emb, kept, broken = embed_videos(model, samples, num_frames, device=device, **_cached(embed, samples,
+                                                                                                num_frames))
     encode = lambda texts: embed_texts(model, tokenizer, texts, device=device)  # noqa: E731
     class_emb = metrics.class_embeddings(encode, class_names, templates)
     logits = scores(class_emb, frame_emb, pooling, k).T
@@ -68,8 +119,9 @@ def classification(model, tokenizer, samples, class_names, templates, num_frames
     return {**metrics.classification_metrics(logits, labels), "videos": len(kept), "unreadable": broken}
 
 
-def retrieval(model, tokenizer, samples, num_frames, pooling="mean", k=1, device="cpu") -> dict:
-    frame_emb, kept, broken = embed_videos(model, samples, num_frames, device=device)
+def retrieval(model, tokenizer, samples, num_frames, pooling="mean", k=1, device="cpu", **embed) -> dict:
+    frame_emb, kept, broken = embed_videos(model, samples, num_frames, device=device, **_cached(embed, samples,
+                                                                                                num_frames))
     texts, owner = [], []
     for v, i in enumerate(kept):
         for caption in samples[i].captions[:1] or [""]:
@@ -77,6 +129,24 @@ def retrieval(model, tokenizer, samples, num_frames, pooling="mean", k=1, device
             owner.append(v)
     sim = scores(embed_texts(model, tokenizer, texts, device=device), frame_emb, pooling, k)
     return {**metrics.retrieval_metrics(sim, torch.tensor(owner)), "videos": len(kept), "unreadable": broken}
+
+
+def _cached(embed: dict, samples, num_frames: int) -> dict:
+    """embed_videos' keywords: workers, batch_size, and the cache file when a cache_dir and the
+    model's identity are given."""
+    embed = dict(embed)
+    cache_dir, model_id = embed.pop("cache_dir", None), embed.pop("model_id", None)
+    if cache_dir and model_id:
+        embed["cache"] = cache_file(cache_dir, model_id, samples, num_frames)
+    return embed
+
+
+def model_identity(name: str, pretrained: str | None) -> str:
+    """The model's name and weights (a checkpoint file by path, size and modification time)."""
+    if pretrained and os.path.isfile(pretrained):
+        st = os.stat(pretrained)
+        return f"{name}|{os.path.abspath(pretrained)}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{name}|{pretrained}"
 
 
 def print_table(results: dict) -> None:
@@ -118,10 +188,19 @@ def main(argv=None) -> dict:
                    help="class-name prompts: CLIP's UCF101 templates, averaged, or the bare name")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding the videos")
+    p.add_argument("--batch-size", type=int, default=16, help="videos encoded per batch")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep the frame embeddings of each (model, video set, --num-frames) here and reuse them: "
+                        "another --pooling, --k or prompt set does not decode again (random-init models are not "
+                        "cached)")
     a = p.parse_args(argv)
-    model, _, _, tok = fmodel.create(a.model, None if a.pretrained in ("none", "None") else a.pretrained, device=a.device)
+    pretrained = None if a.pretrained in ("none", "None") else a.pretrained
+    model, _, _, tok = fmodel.create(a.model, pretrained, device=a.device)
     templates = metrics.ucf101_templates() if a.templates == "ucf101" else ["{}"]
-    kw = dict(num_frames=a.num_frames, pooling=a.pooling, k=a.k, device=a.device)
+    kw = dict(num_frames=a.num_frames, pooling=a.pooling, k=a.k, device=a.device, workers=a.workers,
+              batch_size=a.batch_size, cache_dir=a.cache_dir,
+              model_id=model_identity(a.model, pretrained) if pretrained else None)
     results: dict = {"task": a.task, "model": a.model, "pretrained": a.pretrained, "pooling": a.pooling, "k": a.k}
     if a.task in ("ucf101", "hmdb51"):
         per_split = {}

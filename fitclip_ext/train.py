@@ -25,6 +25,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import checkpoint
 from . import model as fmodel
 from .contrastive import contrastive_loss
 from .data import ClipDataset, collate, epoch_order, frame_preprocess, load_caption_csv, split_camel_case
@@ -79,6 +82,16 @@ class TrainConfig:
     device: str = _opt("cpu", "'cpu' or 'cuda' (under torchrun: each rank its local GPU)")
     resume: bool = _opt(False, "continue from out_dir's last checkpoint")
     log_every: int = _opt(1, "write a log.jsonl record every this many steps")
+    save_every_steps: int = _opt(0, "checkpoint every this many optimizer steps (0: by time only)")
+    save_every_minutes: float = _opt(30.0, "checkpoint when this many minutes passed since the last one (0: off); "
+                                           "also at each epoch end, at the end, and on SIGTERM/SIGINT")
+    keep_last: int = _opt(1, "step checkpoints kept on disk (last.safetensors always names the newest)")
+    precision: str = _opt("auto", "'bf16' (autocast; the frozen teacher stored in bf16), 'fp32', or 'auto': "
+                                  "bf16 on CUDA, fp32 on the CPU")
+    grad_clip_norm: float = _opt(0.0, "clip the gradients' global norm to this (0: no clipping; the norm is "
+                                      "logged either way)")
+    grad_checkpointing: bool = _opt(False, "recompute the encoders' activations in the backward (open_clip's "
+                                           "set_grad_checkpointing): less memory, one more forward")
     dump_grads: str | None = _opt(None, "write the first step's (all-reduced) gradients here (tests, debugging)")
 
 
@@ -159,15 +172,6 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_training_state(out: Path, model, optimizer, step, epoch, batch_in_epoch, best, tag="last"):
-    fmodel.save_checkpoint(model.state_dict(), out / f"{tag}.safetensors", metadata={"step": str(step)})
-    state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-             "best_val": best}
-    fmodel.atomic_write(out / f"{tag}_state.pt", lambda tmp: torch.save(state, tmp))
-
-
 # ----------------------------------------------------------------------------- one step
 
 @dataclass
@@ -182,21 +186,29 @@ class Run:
     optimizer: torch.optim.Optimizer
     prompts: list[str] | None    # class prompts: the unlabeled clips' texts
     total_steps: int
+    amp_dtype: torch.dtype | None  # autocast dtype (None: fp32)
 
 
-def unlabeled_clips(run: Run, uds, uorder, b: int, epoch: int):
-    """This rank's unlabeled clips for batch b: (frames [u, T, 3, H, W] or None, texts, broken
-    paths); every rank keeps the same number u of clips."""
-    if uds is None or not len(uds):
+def unlabeled_batches(uds, cfg: TrainConfig, world: World, epoch: int, first: int, end: int) -> list[list[int]]:
+    """This rank's unlabeled clips for labeled batches [first, end) of the epoch: batch b takes
+    the next unlabeled_batch_size clips of the epoch's order after the other ranks' (wrapping)."""
+    uorder = epoch_order(len(uds), cfg.seed + 1, epoch)
+    ub = cfg.unlabeled_batch_size
+    return [[uorder[((b * world.world + world.rank) * ub + j) % len(uds)] for j in range(ub)]
+            for b in range(first, end)]
+
+
+def unlabeled_clips(run: Run, batch):
+    """A collated unlabeled batch -> (frames [u, T, 3, H, W] or None, texts, broken paths);
+    every rank keeps the same number u of clips."""
+    if batch is None:
         return None, None, []
-    ub, world = run.cfg.unlabeled_batch_size, run.world
-    idx = [uorder[((b * world.world + world.rank) * ub + j) % len(uds)] for j in range(ub)]
-    uds.epoch = epoch
-    frames, caps, broken = collate([uds[i] for i in idx])
-    u = world.min(0 if frames is None else len(caps))
+    frames, caps, broken = batch
+    u = run.world.min(0 if frames is None else len(caps))
     if u == 0:
         return None, None, broken
-    return frames[:u].to(world.device), run.prompts or caps[:u], broken  # prompts: soft pseudo-labels over classes
+    return (frames[:u].to(run.world.device, non_blocking=True), run.prompts or caps[:u],  # prompts: soft pseudo-labels
+            broken)
 
 
 def unlabeled_loss(run: Run, img_emb, txt_emb, uframes, utokens, scale):
@@ -217,18 +229,22 @@ def unlabeled_loss(run: Run, img_emb, txt_emb, uframes, utokens, scale):
     uvideo_s, uvideo_t = world.gather(uvideo_s, True), world.gather(uvideo_t, False)
     if not run.prompts:
         utext_s, utext_t = world.gather(utext_s, True), world.gather(utext_t, False)
-    return distillation_loss(uvideo_s.float(), utext_s.float(), uvideo_t.float(), utext_t.float(), scale, t_scale)
+    # in the student's dtype (bf16 under autocast): the fused loss takes half-precision inputs
+    # and computes in fp32 inside, so nothing is upcast here
+    dt = uvideo_s.dtype
+    return distillation_loss(uvideo_s, utext_s.to(dt), uvideo_t.to(dt), utext_t.to(dt), scale, t_scale)
 
 
-def train_step(run: Run, frames, captions, unlabeled, step: int, apply: bool):
+def train_step(run: Run, frames, captions, unlabeled, step: int, apply: bool) -> dict:
     """Forward and backward of one batch (labeled frames [n, F, 3, H, W] with their captions, and
-    the unlabeled clips from `unlabeled_clips`), then, when `apply`, the optimizer step at
-    step's learning rate. Returns (loss, labeled loss, unlabeled loss) as tensors."""
+    the unlabeled clips from `unlabeled_clips`), then, when `apply`, gradient clipping and the
+    optimizer step at step's learning rate. Returns the losses (tensors), the gradient norm (when
+    applied) and the seconds of forward+backward and of the optimizer."""
     cfg, model, device, k = run.cfg, run.model, run.world.device, run.cfg.num_frames
+    t0 = time.perf_counter()
     n = len(captions)
     uframes, utexts, _ = unlabeled
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with autocast:
+    with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         tokens = run.tokenizer(captions).to(device)
         if frames.shape[1] > k:  # FitCLIP's temporal sampling, scored without gradient
             with torch.no_grad():
@@ -251,15 +267,20 @@ def train_step(run: Run, frames, captions, unlabeled, step: int, apply: bool):
             loss_u = unlabeled_loss(run, img_emb[n * k:], txt_emb[n:], uframes, utokens, scale)
             loss = loss + cfg.unlabeled_weight * loss_u
     (loss / cfg.grad_accum).backward()
+    out = {"loss": loss, "labeled_loss": loss_l, "unlabeled_loss": loss_u}
+    t1 = time.perf_counter()
     if apply:
         if cfg.dump_grads and step == 0 and run.world.main:
             grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
             fmodel.atomic_write(Path(cfg.dump_grads), lambda tmp: torch.save(grads, tmp))
+        params = [p for p in model.parameters() if p.grad is not None]
+        out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm or float("inf")))
         for group in run.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg, run.total_steps)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return loss, loss_l, loss_u
+    out["fwd_bwd_s"], out["optimizer_s"] = t1 - t0, time.perf_counter() - t1
+    return out
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -272,12 +293,20 @@ def setup(cfg: TrainConfig):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = world.device
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
+    amp_dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") \
+        else None
     model, _, _, tokenizer = fmodel.create(cfg.model, cfg.pretrained, device=device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     teacher = None
     if cfg.unlabeled_csv:
         teacher, *_ = fmodel.create(cfg.model, cfg.pretrained, device=device)
         teacher.load_state_dict(model.state_dict())
         teacher.eval().requires_grad_(False)
+        if amp_dtype is not None:  # frozen: stored in the autocast dtype (half the memory)
+            teacher.to(amp_dtype)
     if world.main and not (out / "zero_shot.safetensors").exists():  # the original model, for `fitclip wise`
         fmodel.save_checkpoint(model.state_dict(), out / "zero_shot.safetensors")
     model.logit_scale.requires_grad_(cfg.learn_temperature)
@@ -303,16 +332,17 @@ def setup(cfg: TrainConfig):
     steps_per_epoch = len(ds) // (cfg.batch_size * world.world * cfg.grad_accum)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     resume = (0, 0, 0, float("inf"))
-    if cfg.resume and (out / "last_state.pt").exists():
-        model.load_state_dict(fmodel.load_state_dict(out / "last.safetensors"))
-        state = torch.load(out / "last_state.pt", map_location=device, weights_only=False)
+    saved = checkpoint.load(out, device) if cfg.resume else None
+    if saved is not None:
+        weights, state = saved
+        model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         resume = state["step"], state["epoch"], state["batch_in_epoch"], state["best_val"]
     encoder = StepEncoder(model)
     if world.world > 1:  # broadcasts rank 0's weights, averages gradients in buckets during backward
         encoder = torch.nn.parallel.DistributedDataParallel(
             encoder, device_ids=[device.index] if device.type == "cuda" else None)
-    run = Run(cfg, world, model, encoder, teacher, tokenizer, optimizer, prompts, total)
+    run = Run(cfg, world, model, encoder, teacher, tokenizer, optimizer, prompts, total, amp_dtype)
     return run, ds, vds, uds, resume, out
 
 
@@ -324,72 +354,160 @@ def rank_batches(n: int, cfg: TrainConfig, world: World, epoch: int) -> list[lis
             for i in range(0, len(order) - global_bs + 1, global_bs)]
 
 
+class _StopSignal:
+    """SIGTERM/SIGINT during training: remembered, acted on at the next step boundary (a
+    checkpoint, then exit); the previous handlers come back afterwards."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def loaders(ds, uds, cfg: TrainConfig, world: World, epoch: int, first: int, end: int):
+    """The epoch's labeled DataLoader over batches [first, end) and the unlabeled one beside it
+    (None without unlabeled data): worker processes decode while the model trains, prefetching,
+    into pinned memory on CUDA; the batches are fixed by seed, epoch and rank (resumable)."""
+    pin = world.device.type == "cuda"
+
+    def loader(dataset, batches):
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.workers,
+                                           pin_memory=pin, prefetch_factor=4 if cfg.workers else None)
+
+    ds.epoch = epoch
+    labeled = loader(ds, rank_batches(len(ds), cfg, world, epoch)[first:end])
+    if uds is None or not len(uds):
+        return labeled, None
+    uds.epoch = epoch
+    return labeled, loader(uds, unlabeled_batches(uds, cfg, world, epoch, first, end))
+
+
 def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
     run, ds, vds, uds, (step, start_epoch, start_batch, best), out = setup(cfg)
     world, model = run.world, run.model
+    ckpt = checkpoint.Checkpointer(out, cfg.save_every_steps, cfg.save_every_minutes, cfg.keep_last, world.main)
     log = open(out / "log.jsonl", "a") if world.main else open(os.devnull, "w")
     history = []
     broken_all: list[str] = []
-    for epoch in range(start_epoch, cfg.epochs):
-        ds.epoch = epoch
-        batches = rank_batches(len(ds), cfg, world, epoch)
-        uorder = epoch_order(len(uds), cfg.seed + 1, epoch) if uds else []
-        broken: list[str] = []
-        first = start_batch if epoch == start_epoch else 0
-        end = len(batches) - len(batches) % cfg.grad_accum
-        # DataLoader workers decode while the model trains; the batches are fixed above (resumable)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches[first:end], collate_fn=collate,
-                                             num_workers=cfg.workers)
-        bar = tqdm(zip(range(first, end), loader), total=end - first, desc=f"epoch {epoch}", leave=False,
-                   disable=not world.main or None)
-        model.train()
-        for b, (frames, captions, bad) in bar:
+    stop = _StopSignal()
+    epoch, b = start_epoch, start_batch
+
+    def stopped(signum: int, step: int, epoch: int | None = None, batch: int | None = None):
+        """After SIGTERM/SIGINT: a checkpoint at this step (written already, unless the position
+        in the data is given), then exit."""
+        if epoch is not None:
+            ckpt.save(model, run.optimizer, step, {"epoch": epoch, "batch_in_epoch": batch, "best_val": best},
+                      wait=True)
+        ckpt.wait()
+        print(f"fitclip train: {signal.Signals(signum).name} received; wrote the checkpoint of step {step} to "
+              f"{out} (resume with --resume)", flush=True)
+        raise SystemExit(128 + signum)
+
+    with stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            n_batches = len(rank_batches(len(ds), cfg, world, epoch))
+            first = start_batch if epoch == start_epoch else 0
+            end = n_batches - n_batches % cfg.grad_accum
+            labeled, unlabeled = loaders(ds, uds, cfg, world, epoch, first, end)
+            batches = zip(labeled, unlabeled) if unlabeled is not None else ((x, None) for x in labeled)
+            bar = tqdm(total=end - first, desc=f"epoch {epoch}", leave=False, disable=not world.main or None,
+                       unit="batch")
+            broken: list[str] = []
+            model.train()
+            b = first
+            t_wait = time.perf_counter()
+            it = iter(batches)
+            while True:
+                try:
+                    (frames, captions, bad), ubatch = next(it)
+                except StopIteration:
+                    break
+                except Exception:
+                    if stop.signum:  # Ctrl-C reaches the DataLoader workers too: stop cleanly all the same
+                        bar.close()
+                        log.close()
+                        stopped(stop.signum, step, epoch, b - b % cfg.grad_accum)
+                    raise
+                if cfg.max_steps and step >= cfg.max_steps:
+                    break
+                data_wait = time.perf_counter() - t_wait
+                t0 = time.perf_counter()
+                broken += bad
+                # Every rank keeps the same number of clips (a broken video shrinks a local batch):
+                # ClipLoss pairs column r * n + i with rank r's row i.
+                n = world.min(0 if frames is None else len(captions))
+                u = unlabeled_clips(run, ubatch)
+                broken += u[2]
+                apply = (b + 1) % cfg.grad_accum == 0
+                b += 1
+                bar.update(1)
+                if n == 0:
+                    t_wait = time.perf_counter()
+                    continue
+                r = train_step(run, frames[:n].to(world.device, non_blocking=True), captions[:n], u, step, apply)
+                if apply:
+                    step += 1
+                    progress = {"epoch": epoch, "batch_in_epoch": b, "best_val": best}
+                    signalled = world.max(stop.signum)
+                    # (the epoch's last step is saved by the epoch-end checkpoint right after)
+                    scheduled = ckpt.due(step) and b < end
+                    ckpt_s = ckpt.save(model, run.optimizer, step, progress, wait=bool(signalled)) \
+                        if scheduled or signalled else 0.0
+                    seconds = data_wait + time.perf_counter() - t0
+                    # the loss of the global batch: ClipLoss's per-rank losses average to it
+                    rec = {"step": step, "epoch": epoch, "loss": world.mean(r["loss"].item()),
+                           "labeled_loss": world.mean(r["labeled_loss"].item()),
+                           "unlabeled_loss": float(r["unlabeled_loss"].detach()), "lr": run.optimizer.param_groups[0]["lr"],
+                           "seconds": seconds, "data_wait_s": data_wait, "fwd_bwd_s": r["fwd_bwd_s"],
+                           "optimizer_s": r["optimizer_s"], "checkpoint_s": ckpt_s, "grad_norm": r["grad_norm"],
+                           "clips_per_s": n * world.world / max(1e-9, seconds)}
+                    if world.device.type == "cuda":
+                        rec["peak_mem_mb"] = torch.cuda.max_memory_allocated(world.device) / 2**20
+                    history.append(rec)
+                    if step % cfg.log_every == 0 or signalled:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
+                    if signalled:
+                        bar.close()
+                        log.close()
+                        stopped(signalled, step)
+                t_wait = time.perf_counter()
+            bar.close()
+            if broken and world.main:
+                log.write(json.dumps({"epoch": epoch, "broken_videos": sorted(set(broken))}) + "\n")
+                print(f"epoch {epoch}: skipped {len(set(broken))} unreadable videos: {sorted(set(broken))[:10]}")
+                broken_all += broken
+            if vds is not None and world.main:
+                val = validation_loss(model, run.tokenizer, vds, cfg, world.device)
+                log.write(json.dumps({"epoch": epoch, "step": step, "val_loss": val}) + "\n")
+                if val < best:
+                    best = val
+                    fmodel.save_checkpoint(model.state_dict(), out / "best.safetensors",
+                                           metadata={"step": str(step), "val_loss": str(val)})
             if cfg.max_steps and step >= cfg.max_steps:
-                break
-            t0 = time.time()
-            broken += bad
-            # Every rank keeps the same number of clips (a broken video shrinks a local batch):
-            # ClipLoss pairs column r * n + i with rank r's row i.
-            n = world.min(0 if frames is None else len(captions))
-            if n == 0:
-                continue
-            unlabeled = unlabeled_clips(run, uds, uorder, b, epoch)
-            broken += unlabeled[2]
-            apply = (b + 1) % cfg.grad_accum == 0
-            loss, loss_l, loss_u = train_step(run, frames[:n].to(world.device), captions[:n], unlabeled, step, apply)
-            if not apply:
-                continue
-            step += 1
-            # the loss of the global batch: ClipLoss's per-rank losses average to it
-            rec = {"step": step, "epoch": epoch, "loss": world.mean(loss.item()),
-                   "labeled_loss": world.mean(loss_l.item()), "unlabeled_loss": float(loss_u.detach()),
-                   "lr": run.optimizer.param_groups[0]["lr"], "seconds": time.time() - t0,
-                   "clips_per_s": n * world.world / max(1e-9, time.time() - t0)}
-            history.append(rec)
-            if step % cfg.log_every == 0:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if world.main:
-                save_training_state(out, model, run.optimizer, step, epoch, b + 1, best)
-        if broken and world.main:
-            log.write(json.dumps({"epoch": epoch, "broken_videos": sorted(set(broken))}) + "\n")
-            print(f"epoch {epoch}: skipped {len(set(broken))} unreadable videos: {sorted(set(broken))[:10]}")
-            broken_all += broken
-        if vds is not None and world.main:
-            val = validation_loss(model, run.tokenizer, vds, cfg, world.device)
-            log.write(json.dumps({"epoch": epoch, "step": step, "val_loss": val}) + "\n")
-            if val < best:
-                best = val
-                fmodel.save_checkpoint(model.state_dict(), out / "best.safetensors",
-                                       metadata={"step": str(step), "val_loss": str(val)})
-        if cfg.max_steps and step >= cfg.max_steps:
-            break
-        start_batch = 0
-        if world.main:
-            save_training_state(out, model, run.optimizer, step, epoch + 1, 0, best)
+                break  # mid-epoch: resume at batch b of this epoch
+            epoch, b = epoch + 1, 0  # the epoch is done: resume at the next one
+            ckpt.save(model, run.optimizer, step, {"epoch": epoch, "batch_in_epoch": 0, "best_val": best})
+        if ckpt.last_step != step:  # the end of training
+            ckpt.save(model, run.optimizer, step, {"epoch": epoch, "batch_in_epoch": b, "best_val": best})
+        ckpt.wait()
     log.close()
     if world.main:
         plot_history(out / "log.jsonl", out / "loss.png")

@@ -55,6 +55,10 @@ def test_train_smoke_and_broken_videos_reported(video_set, tmp_path, capsys):
     assert any("broken_videos" in r for r in log)
     assert (tmp_path / "run" / "last.safetensors").exists() and (tmp_path / "run" / "loss.png").exists()
     assert (tmp_path / "run" / "zero_shot.safetensors").exists()  # the WiSE-FT anchor
+    for r in steps:  # where a step's time goes: the parts add up to the step
+        parts = r["data_wait_s"] + r["fwd_bwd_s"] + r["optimizer_s"] + r["checkpoint_s"]
+        assert abs(parts - r["seconds"]) <= 0.1 * r["seconds"], r
+        assert r["grad_norm"] > 0 and r["clips_per_s"] > 0
 
 
 def test_resume_equals_uninterrupted(video_set, tmp_path):
@@ -63,11 +67,102 @@ def test_resume_equals_uninterrupted(video_set, tmp_path):
     resumed = train_main(_args(video_set, tmp_path / "killed", "--max-steps", "3", "--resume"))
     assert first["steps"] == 1
     assert [r["step"] for r in resumed["history"]] == [2, 3]  # continued, did not start over
-    a = fm.load_state_dict(tmp_path / "full" / "last.safetensors")
-    b = fm.load_state_dict(tmp_path / "killed" / "last.safetensors")
+    _weights_equal(tmp_path / "full", tmp_path / "killed")
+
+
+def _weights_equal(a_dir, b_dir):
+    a, b = fm.load_state_dict(a_dir / "last.safetensors"), fm.load_state_dict(b_dir / "last.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_checkpoint_schedule_and_keep_last(video_set, tmp_path):
+    # 2 batches an epoch, 3 epochs: steps 1..6, epoch ends after steps 2, 4, 6; every 3 steps
+    # adds step 3 (step 6 is an epoch end): nothing is written at steps 1 and 5
+    out = tmp_path / "run"
+    train_main(_args(video_set, out, "--epochs", "3", "--save-every-steps", "3", "--save-every-minutes", "0",
+                     "--keep-last", "10"))
+    assert sorted(p.name for p in out.glob("step-*")) == [f"step-{s:08d}{x}" for s in (2, 3, 4, 6)
+                                                          for x in (".safetensors", "_state.pt")]
+    log = [json.loads(line) for line in open(out / "log.jsonl") if '"loss"' in line]
+    assert [r["step"] for r in log if r["checkpoint_s"] > 0] == [3]
+    state = torch.load(out / "last_state.pt", weights_only=False)
+    assert state["step"] == 6 and state["model_file"] == "step-00000006.safetensors"
+    assert (out / "last.safetensors").read_bytes() == (out / "step-00000006.safetensors").read_bytes()
+    assert not list(out.glob("*.tmp"))
+    # --keep-last 2: only the newest two step checkpoints stay
+    train_main(_args(video_set, tmp_path / "two", "--epochs", "3", "--save-every-steps", "3", "--keep-last", "2"))
+    assert sorted(p.name for p in (tmp_path / "two").glob("step-*.safetensors")) == \
+        ["step-00000004.safetensors", "step-00000006.safetensors"]
+
+
+def _train_process(argv, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "fitclip_ext.cli", "train", *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(log_path, step, proc, timeout=300):
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if log_path.exists() and any(json.loads(x).get("step", 0) >= step for x in open(log_path) if '"loss"' in x):
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_killed_run_resumes_to_the_uninterrupted_weights(video_set, tmp_path, sig):
+    """SIGTERM: a checkpoint is written at the next step and the process exits with a message;
+    SIGKILL: nothing is written, the last scheduled checkpoint stands. Either way --resume ends at
+    the weights of a run that was never interrupted."""
+    import signal
+
+    killed = tmp_path / "killed"
+    base = ["--epochs", "1000", "--save-every-steps", "3", "--save-every-minutes", "0"]
+    proc = _train_process(_args(video_set, killed, *base), tmp_path)
+    try:
+        _wait_for_step(killed / "log.jsonl", 4, proc)
+        proc.send_signal(getattr(signal, sig))
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    state = torch.load(killed / "last_state.pt", weights_only=False)
+    if sig == "SIGTERM":
+        assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+        assert f"SIGTERM received; wrote the checkpoint of step {state['step']}" in output
+        assert state["step"] >= 4
+    else:
+        assert proc.returncode == -signal.SIGKILL and state["step"] >= 2  # (step 3's write may be in flight)
+    end = state["step"] + 2
+    # (in processes like the killed one: the same thread count, so the same float rounding)
+    for argv in (_args(video_set, killed, *base, "--max-steps", str(end), "--resume"),
+                 _args(video_set, tmp_path / "full", *base, "--max-steps", str(end))):
+        run = _train_process(argv, tmp_path)
+        output, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, output[-3000:]
+    _weights_equal(tmp_path / "full", killed)
+
+
+def test_grad_checkpointing_gives_the_same_gradients(video_set, tmp_path):
+    for name, extra in (("plain", []), ("ckpt", ["--grad-checkpointing"])):
+        train_main(_args(video_set, tmp_path / name, "--max-steps", "1", "--dump-grads",
+                         str(tmp_path / f"{name}.pt"), *extra))
+    a, b = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "ckpt.pt")
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_wise_cli(tmp_path):
@@ -97,6 +192,28 @@ def test_eval_cli_retrieval_and_classification(video_set, tmp_path):
                      "--pooling", "topk", "--k", "2"])
     c = res["classification"]
     assert c["videos"] == 8 and 0 <= c["top1"] <= c["top5"] <= 100 and c["top5"] == 100  # 4 classes
+
+
+def test_eval_caches_frame_embeddings(video_set, tmp_path, monkeypatch):
+    """A second evaluation of the same model and videos (other pooling) reads the cached frame
+    embeddings instead of decoding; decoding runs in DataLoader workers."""
+    from fitclip_ext import data, evaluate
+
+    model, *_ = fm.create("fitclip-tiny", None)
+    fm.save_checkpoint(model.state_dict(), tmp_path / "m.safetensors")
+    args = ["--model", "fitclip-tiny", "--pretrained", str(tmp_path / "m.safetensors"), "--task", "csv", "--root",
+            str(video_set / "train.csv"), "--num-frames", "3", "--cache-dir", str(tmp_path / "cache")]
+    first = evaluate.main(args + ["--workers", "2"])["retrieval"]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded although the embeddings are cached")
+
+    monkeypatch.setattr(data, "read_frames", no_decoding)
+    again = evaluate.main(args)["retrieval"]
+    assert again == first
+    topk = evaluate.main(args + ["--pooling", "topk", "--k", "2"])["retrieval"]
+    assert topk["videos"] == first["videos"] == 8 and topk["unreadable"] == first["unreadable"]
 
 
 def test_read_frames_segment(tmp_path):
