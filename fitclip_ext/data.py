@@ -52,9 +52,10 @@ def frame_indices(num_available: int, num_frames: int, sampling: str = "uniform"
 
 
 def read_frames(path, num_frames: int, *, sampling: str = "uniform", generator: torch.Generator | None = None,
-                num_threads: int = 1, segment: tuple[float, float] | None = None) -> torch.Tensor:
+                num_threads: int = 1, segment: tuple[float, float] | None = None, device: str = "cpu") -> torch.Tensor:
     """uint8 [num_frames, 3, H, W] frames of the video at `path` (see `frame_indices`), taken from
-    the whole clip or from `segment` = (start, end) seconds."""
+    the whole clip or from `segment` = (start, end) seconds, decoded on `device` ("cuda": torchcodec's
+    NVDEC decoder, frames returned on the GPU)."""
     from torchcodec.decoders import VideoDecoder
 
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
@@ -65,7 +66,8 @@ def read_frames(path, num_frames: int, *, sampling: str = "uniform", generator: 
     if not path.is_file():
         raise VideoDecodeError(path, "no such file")
     try:
-        decoder = VideoDecoder(str(path), num_ffmpeg_threads=num_threads, seek_mode="approximate")
+        decoder = VideoDecoder(str(path), num_ffmpeg_threads=num_threads, seek_mode="approximate",
+                               **({"device": device} if device != "cpu" else {}))
         available = decoder.metadata.num_frames or len(decoder)
     except Exception as err:  # torchcodec raises RuntimeError/ValueError for bad containers
         raise VideoDecodeError(path, f"{type(err).__name__}: {err}") from err
@@ -252,6 +254,28 @@ def load_activitynet(root, split: str = "val_1", video_dir=None, mode: str = "pa
 
 # ----------------------------------------------------------------------------- training clips
 
+def check_decode_device(device: str, workers: int, probe: str | None = None) -> None:
+    """A clear error for a decode device that cannot work, before training starts: "cuda" needs a
+    GPU, torchcodec's CUDA decoder (an FFmpeg with NVDEC), and decoding in the main process."""
+    if device == "cpu":
+        return
+    if device != "cuda":
+        raise ValueError(f"--decode-device must be 'cpu' or 'cuda', got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError("--decode-device cuda needs a CUDA GPU, and torch sees none (use --decode-device cpu)")
+    if workers:
+        raise ValueError("--decode-device cuda decodes in the main process (CUDA cannot be used in forked "
+                         f"DataLoader workers): pass --workers 0, got --workers {workers}")
+    if probe is not None and Path(probe).is_file():
+        from torchcodec.decoders import VideoDecoder
+
+        try:
+            VideoDecoder(str(probe), device="cuda")
+        except Exception as err:
+            raise RuntimeError(f"--decode-device cuda: torchcodec's CUDA decoder failed on {probe} ({err}); its "
+                               "FFmpeg may lack NVDEC support. Use --decode-device cpu.") from err
+
+
 def frame_preprocess(model):
     """open_clip's eval preprocessing (resize shortest side, center crop, normalise) applied to
     uint8 frame batches [N, 3, H, W] as tensors, so whole clips are processed at once."""
@@ -273,9 +297,9 @@ def frame_preprocess(model):
 class ClipDataset(torch.utils.data.Dataset):
     """Samples -> (frames [F, 3, H, W] float, caption, path); broken videos -> (None, None, path)."""
 
-    def __init__(self, samples, preprocess, num_frames, sampling, seed):
+    def __init__(self, samples, preprocess, num_frames, sampling, seed, decode_device: str = "cpu"):
         self.samples, self.preprocess, self.num_frames = samples, preprocess, num_frames
-        self.sampling, self.seed = sampling, seed
+        self.sampling, self.seed, self.decode_device = sampling, seed, decode_device
         self.epoch = 0
 
     def __len__(self):
@@ -286,7 +310,8 @@ class ClipDataset(torch.utils.data.Dataset):
         # frame sampling depends only on (seed, epoch, index): resumable and worker-independent
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
         try:
-            frames = read_frames(s.video, self.num_frames, sampling=self.sampling, generator=g)
+            frames = read_frames(s.video, self.num_frames, sampling=self.sampling, generator=g,
+                                 device=self.decode_device)
         except VideoDecodeError:
             return None, None, s.video
         return self.preprocess(frames), (s.captions[0] if s.captions else ""), s.video

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from . import checkpoint
 from . import model as fmodel
 from .contrastive import contrastive_loss
-from .data import ClipDataset, collate, epoch_order, frame_preprocess, load_caption_csv, split_camel_case
+from .data import (ClipDataset, check_decode_device, collate, epoch_order, frame_preprocess, load_caption_csv,
+                   split_camel_case)
 from .distill import distillation_loss
 from .distributed import ClipLoss, World
 from .frames import gather_frames, select_frames, video_contrastive_loss
@@ -77,7 +78,8 @@ class TrainConfig:
     labeled_weight: float = _opt(0.9999, "weight of the labeled InfoNCE")
     unlabeled_weight: float = _opt(0.0001, "weight of the distillation term")
     grad_accum: int = _opt(1, "batches per optimizer step")
-    workers: int = _opt(0, "DataLoader worker processes decoding the labeled clips")
+    workers: int = _opt(0, "DataLoader worker processes decoding each data stream (labeled, unlabeled)")
+    decode_device: str = _opt("cpu", "'cpu', or 'cuda': torchcodec's GPU decoder (NVDEC), in the main process")
     seed: int = _opt(0, "seed of the data order, frame sampling and initialisation")
     device: str = _opt("cpu", "'cpu' or 'cuda' (under torchrun: each rank its local GPU)")
     resume: bool = _opt(False, "continue from out_dir's last checkpoint")
@@ -297,6 +299,8 @@ def setup(cfg: TrainConfig):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") \
         else None
+    labeled = load_caption_csv(cfg.train_csv, cfg.video_root)
+    check_decode_device(cfg.decode_device, cfg.workers, labeled[0].video if labeled else None)  # before any model
     model, _, _, tokenizer = fmodel.create(cfg.model, cfg.pretrained, device=device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -315,7 +319,7 @@ def setup(cfg: TrainConfig):
             model.logit_scale.fill_(math.log(1 / cfg.temperature))
     preprocess = frame_preprocess(model)
     n_decode = max(cfg.num_frames, cfg.candidate_frames)
-    ds = ClipDataset(load_caption_csv(cfg.train_csv, cfg.video_root), preprocess, n_decode, "random", cfg.seed)
+    ds = ClipDataset(labeled, preprocess, n_decode, "random", cfg.seed, cfg.decode_device)
     vds = ClipDataset(load_caption_csv(cfg.val_csv, cfg.video_root), preprocess, cfg.num_frames, "uniform",
                       cfg.seed) if cfg.val_csv else None
     prompts = None
@@ -325,7 +329,7 @@ def setup(cfg: TrainConfig):
     uds = None
     if cfg.unlabeled_csv:
         uds = ClipDataset(load_caption_csv(cfg.unlabeled_csv, cfg.video_root), preprocess, cfg.num_frames,
-                          "random", cfg.seed + 1)
+                          "random", cfg.seed + 1, cfg.decode_device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # batch_size clips per process and step: the global batch is batch_size x world size
@@ -382,7 +386,7 @@ def loaders(ds, uds, cfg: TrainConfig, world: World, epoch: int, first: int, end
     """The epoch's labeled DataLoader over batches [first, end) and the unlabeled one beside it
     (None without unlabeled data): worker processes decode while the model trains, prefetching,
     into pinned memory on CUDA; the batches are fixed by seed, epoch and rank (resumable)."""
-    pin = world.device.type == "cuda"
+    pin = world.device.type == "cuda" and cfg.decode_device == "cpu"  # (GPU-decoded frames are on the GPU already)
 
     def loader(dataset, batches):
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.workers,

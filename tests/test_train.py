@@ -155,6 +155,24 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(video_set, tmp_path, si
     _weights_equal(tmp_path / "full", killed)
 
 
+def test_decode_device_errors_are_clear(video_set, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--decode-device must be 'cpu' or 'cuda'"):
+        train_main(_args(video_set, tmp_path / "a", "--decode-device", "gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--decode-device cuda needs a CUDA GPU"):
+            train_main(_args(video_set, tmp_path / "b", "--decode-device", "cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="pass --workers 0"):
+        train_main(_args(video_set, tmp_path / "c", "--decode-device", "cuda", "--workers", "2"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_on_the_gpu(video_set, tmp_path):
+    res = train_main(_args(video_set, tmp_path / "gpu", "--device", "cuda", "--decode-device", "cuda",
+                           "--max-steps", "1"))
+    assert res["steps"] == 1
+
+
 def test_grad_checkpointing_gives_the_same_gradients(video_set, tmp_path):
     for name, extra in (("plain", []), ("ckpt", ["--grad-checkpointing"])):
         train_main(_args(video_set, tmp_path / name, "--max-steps", "1", "--dump-grads",
