@@ -67,7 +67,6 @@ class Checkpointer:
         self.enabled = enabled
         self.last_time = time.monotonic()
         self.last_step: int | None = None  # the step of the latest save() (its write may be in flight)
-        self.saved_steps: list[int] = []   # the steps whose files are on disk, in order
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -114,7 +113,6 @@ class Checkpointer:
             fmodel.atomic_write(state_file, lambda tmp: torch.save(state, tmp))
             _link_over(state_file, self.out / "last_state.pt")
             _link_over(model_file, self.out / "last.safetensors")
-            self.saved_steps.append(step)
             self._prune()
         except BaseException as err:  # reported by the next wait()
             self._error = err

@@ -295,7 +295,9 @@ def frame_preprocess(model):
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Samples -> (frames [F, 3, H, W] float, caption, path); broken videos -> (None, None, path)."""
+    """Samples -> (frames [F, 3, H, W] float, caption, path, index) from the sample's clip or
+    segment; broken videos -> (None, None, path, index). Training and evaluation both read
+    through it."""
 
     def __init__(self, samples, preprocess, num_frames, sampling, seed, decode_device: str = "cpu"):
         self.samples, self.preprocess, self.num_frames = samples, preprocess, num_frames
@@ -310,20 +312,21 @@ class ClipDataset(torch.utils.data.Dataset):
         # frame sampling depends only on (seed, epoch, index): resumable and worker-independent
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
         try:
-            frames = read_frames(s.video, self.num_frames, sampling=self.sampling, generator=g,
+            frames = read_frames(s.video, self.num_frames, sampling=self.sampling, generator=g, segment=s.segment,
                                  device=self.decode_device)
         except VideoDecodeError:
-            return None, None, s.video
-        return self.preprocess(frames), (s.captions[0] if s.captions else ""), s.video
+            return None, None, s.video, i
+        return self.preprocess(frames), (s.captions[0] if s.captions else ""), s.video, i
 
 
 def collate(batch):
-    """ClipDataset items -> (frames [B, F, 3, H, W] or None, captions, broken video paths)."""
+    """ClipDataset items -> (frames [B, F, 3, H, W] or None, captions, broken video paths, the
+    readable items' sample indices)."""
     ok = [b for b in batch if b[0] is not None]
     broken = [b[2] for b in batch if b[0] is None]
     if not ok:
-        return None, [], broken
-    return torch.stack([b[0] for b in ok]), [b[1] for b in ok], broken
+        return None, [], broken, []
+    return torch.stack([b[0] for b in ok]), [b[1] for b in ok], broken, [b[3] for b in ok]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

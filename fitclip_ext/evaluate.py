@@ -18,28 +18,6 @@ from . import model as fmodel
 from .frames import topk_frame_similarity
 
 
-class EvalClips(torch.utils.data.Dataset):
-    """Evaluation samples -> (preprocessed frames [T, 3, H, W] or None if unreadable, index)."""
-
-    def __init__(self, samples, preprocess, num_frames: int):
-        self.samples, self.preprocess, self.num_frames = samples, preprocess, num_frames
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        s = self.samples[i]
-        try:
-            return self.preprocess(fdata.read_frames(s.video, self.num_frames, sampling="uniform", segment=s.segment)), i
-        except fdata.VideoDecodeError:
-            return None, i
-
-
-def _collate(batch):
-    ok = [(f, i) for f, i in batch if f is not None]
-    return (torch.stack([f for f, _ in ok]) if ok else None, [i for _, i in ok], [i for f, i in batch if f is None])
-
-
 def cache_file(cache_dir, model_id: str, samples, num_frames: int) -> Path:
     """Where the frame embeddings of (model, samples, frames) are cached: a digest of the model's
     identity, the videos (path, size, modification time, segment) and the frame count."""
@@ -67,15 +45,13 @@ def embed_videos(model, samples, num_frames: int, batch_size: int = 16, device="
         return t["frame_emb"], t["kept"].tolist(), broken
     from tqdm import tqdm
 
-    from .data import frame_preprocess
-
     model.eval()
-    loader = torch.utils.data.DataLoader(EvalClips(samples, frame_preprocess(model), num_frames), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_collate,
+    clips = fdata.ClipDataset(samples, fdata.frame_preprocess(model), num_frames, "uniform", seed=0)
+    loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=workers, collate_fn=fdata.collate,
                                          pin_memory=torch.device(device).type == "cuda")
     embs, kept, broken = [], [], []
-    for frames, idx, bad in tqdm(loader, desc="encoding videos", unit="batch", disable=None):
-        broken += [samples[i].video for i in bad]
+    for frames, _, bad, idx in tqdm(loader, desc="encoding videos", unit="batch", disable=None):
+        broken += bad
         if frames is not None:
             embs.append(F.normalize(fmodel.encode_frames(model, frames.to(device)).float(), dim=-1).cpu())
             kept += idx

@@ -31,10 +31,10 @@ def _mean_unit_frames(frames):
     return F.normalize(frames.to(ct), dim=-1).mean(1)
 
 
-def _raw_grads(ops, text, frames, norms, dtext, dframes):
-    """The unit vectors' gradients -> the raw embeddings' (F.normalize's backward), in their dtypes."""
-    return (ops.unit_grad(dtext, text, norms[0]).to(text.dtype),
-            ops.unit_grad(dframes, frames, norms[1]).to(frames.dtype))
+def _raw_grads(ops, text, frames, norms, dtext, dframes, dtype):
+    """The unit vectors' gradients -> the raw embeddings' (F.normalize's backward), in `dtype`
+    (`frames` may be the backend's operand copy of the input)."""
+    return ops.unit_grad(dtext, text, norms[0]).to(dtype), ops.unit_grad(dframes, frames, norms[1]).to(dtype)
 
 
 class _TopkSimilarity(torch.autograd.Function):
@@ -52,7 +52,7 @@ class _TopkSimilarity(torch.autograd.Function):
         text, frames, bits, *norms = ctx.saved_tensors
         ops = backends.get(ctx.backend)
         dt, df = ops.topk_sim_bwd(text, frames, bits, grad.to(compute_dtype(text)).contiguous(), ctx.k, *norms)
-        return (*_raw_grads(ops, text, frames, norms, dt, df), None, None, None)
+        return (*_raw_grads(ops, text, frames, norms, dt, df, text.dtype), None, None, None)
 
 
 class _VideoInfoNCE(torch.autograd.Function):
@@ -93,19 +93,18 @@ class _VideoInfoNCE(torch.autograd.Function):
             vid_sum += sim.sum(0)
         vid_lse = vid_max + torch.log(vid_sumexp)
         per_item = symmetric_cross_entropy(cap_lse, vid_lse, s * diag, s * cap_sum / B, s * vid_sum / B, eps)
-        ctx.save_for_backward(text, frames, scale, cap_lse, vid_lse, mask)
+        ctx.save_for_backward(text, frames, scale, cap_lse, vid_lse, mask, *norms)
         ctx.config = (k, eps, reduction, backend)
         return reduce(per_item, reduction).to(text.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        text, frames, scale, cap_lse, vid_lse, mask = ctx.saved_tensors
+        text, frames, scale, cap_lse, vid_lse, mask, *norms = ctx.saved_tensors
         k, eps, reduction, backend = ctx.config
         ops = backends.get(backend)
         B, T = text.shape[0], frames.shape[1]
         w = upstream_weights(grad_out, B, reduction, True, cap_lse.dtype)
         f = ops.operand(frames)
-        norms = ops.row_norms(text), ops.row_norms(f)
         s = scale.detach().to(device=text.device, dtype=cap_lse.dtype)
         dtext = torch.empty(text.shape, device=text.device, dtype=cap_lse.dtype)
         dframes = torch.zeros(frames.shape, device=text.device, dtype=cap_lse.dtype)
@@ -121,9 +120,9 @@ class _VideoInfoNCE(torch.autograd.Function):
             g += w[None, :] * (torch.exp(logits - vid_lse[None, :]) - positive - eps / B)
             ds += (g * sim).sum()
             dtext[r0:r1], _ = ops.topk_sim_bwd(text[r0:r1], f, bits, s * g, k, norms[0][r0:r1], norms[1], dframes)
-        dt, df = _raw_grads(ops, text, f, norms, dtext, dframes)
+        dt, df = _raw_grads(ops, text, f, norms, dtext, dframes, text.dtype)
         grad_scale = ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
-        return dt, df.to(frames.dtype), grad_scale, None, None, None, None, None
+        return dt, df, grad_scale, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public ops

@@ -154,7 +154,7 @@ def validation_loss(model, tokenizer, ds, cfg: TrainConfig, device) -> float:
     model.eval()
     total, count = 0.0, 0
     for b0 in range(0, len(ds) - 1, cfg.batch_size):
-        frames, caps, _ = collate([ds[i] for i in range(b0, min(len(ds), b0 + cfg.batch_size))])
+        frames, caps, *_ = collate([ds[i] for i in range(b0, min(len(ds), b0 + cfg.batch_size))])
         if frames is None or len(caps) < 2:
             continue
         text = F.normalize(model.encode_text(tokenizer(caps).to(device)), dim=-1)
@@ -205,7 +205,7 @@ def unlabeled_clips(run: Run, batch):
     every rank keeps the same number u of clips."""
     if batch is None:
         return None, None, []
-    frames, caps, broken = batch
+    frames, caps, broken, _ = batch
     u = run.world.min(0 if frames is None else len(caps))
     if u == 0:
         return None, None, broken
@@ -382,8 +382,8 @@ class _StopSignal:
             signal.signal(s, h)
 
 
-def loaders(ds, uds, cfg: TrainConfig, world: World, epoch: int, first: int, end: int):
-    """The epoch's labeled DataLoader over batches [first, end) and the unlabeled one beside it
+def loaders(ds, uds, batches, cfg: TrainConfig, world: World, epoch: int, first: int, end: int):
+    """The epoch's labeled DataLoader over this rank's batches [first, end) and the unlabeled one beside it
     (None without unlabeled data): worker processes decode while the model trains, prefetching,
     into pinned memory on CUDA; the batches are fixed by seed, epoch and rank (resumable)."""
     pin = world.device.type == "cuda" and cfg.decode_device == "cpu"  # (GPU-decoded frames are on the GPU already)
@@ -393,7 +393,7 @@ def loaders(ds, uds, cfg: TrainConfig, world: World, epoch: int, first: int, end
                                            pin_memory=pin, prefetch_factor=4 if cfg.workers else None)
 
     ds.epoch = epoch
-    labeled = loader(ds, rank_batches(len(ds), cfg, world, epoch)[first:end])
+    labeled = loader(ds, batches[first:end])
     if uds is None or not len(uds):
         return labeled, None
     uds.epoch = epoch
@@ -412,9 +412,11 @@ def train(cfg: TrainConfig) -> dict:
     stop = _StopSignal()
     epoch, b = start_epoch, start_batch
 
-    def stopped(signum: int, step: int, epoch: int | None = None, batch: int | None = None):
+    def stopped(bar, signum: int, step: int, epoch: int | None = None, batch: int | None = None):
         """After SIGTERM/SIGINT: a checkpoint at this step (written already, unless the position
         in the data is given), then exit."""
+        bar.close()
+        log.close()
         if epoch is not None:
             ckpt.save(model, run.optimizer, step, {"epoch": epoch, "batch_in_epoch": batch, "best_val": best},
                       wait=True)
@@ -425,10 +427,10 @@ def train(cfg: TrainConfig) -> dict:
 
     with stop:
         for epoch in range(start_epoch, cfg.epochs):
-            n_batches = len(rank_batches(len(ds), cfg, world, epoch))
+            epoch_batches = rank_batches(len(ds), cfg, world, epoch)
             first = start_batch if epoch == start_epoch else 0
-            end = n_batches - n_batches % cfg.grad_accum
-            labeled, unlabeled = loaders(ds, uds, cfg, world, epoch, first, end)
+            end = len(epoch_batches) - len(epoch_batches) % cfg.grad_accum
+            labeled, unlabeled = loaders(ds, uds, epoch_batches, cfg, world, epoch, first, end)
             batches = zip(labeled, unlabeled) if unlabeled is not None else ((x, None) for x in labeled)
             bar = tqdm(total=end - first, desc=f"epoch {epoch}", leave=False, disable=not world.main or None,
                        unit="batch")
@@ -439,14 +441,12 @@ def train(cfg: TrainConfig) -> dict:
             it = iter(batches)
             while True:
                 try:
-                    (frames, captions, bad), ubatch = next(it)
+                    (frames, captions, bad, _), ubatch = next(it)
                 except StopIteration:
                     break
                 except Exception:
                     if stop.signum:  # Ctrl-C reaches the DataLoader workers too: stop cleanly all the same
-                        bar.close()
-                        log.close()
-                        stopped(stop.signum, step, epoch, b - b % cfg.grad_accum)
+                        stopped(bar, stop.signum, step, epoch, b - b % cfg.grad_accum)
                     raise
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
@@ -489,9 +489,7 @@ def train(cfg: TrainConfig) -> dict:
                         log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
                     if signalled:
-                        bar.close()
-                        log.close()
-                        stopped(signalled, step)
+                        stopped(bar, signalled, step)
                 t_wait = time.perf_counter()
             bar.close()
             if broken and world.main:
