@@ -123,6 +123,65 @@ def gpu_tables(doc) -> list[str]:
     return out
 
 
+def train_table(doc) -> list[str]:
+    rows = [c for c in doc["cases"] if c.get("op") == "fitclip train"]
+    out = []
+    for c in rows:
+        t = c.get("targets", {})
+        weights = "random init" if c["pretrained"] == "none" else f"{c['pretrained']} weights"
+        out += [f"`fitclip train`, {c['model']} ({weights}), {c['frames']} frames at {c['frame_px']} px "
+                f"from {c['clip_size'][1]}x{c['clip_size'][0]} H.264 clips, batch {c['labeled_batch']} labeled + "
+                f"{c['unlabeled_batch']} unlabeled, {c['precision']}, checkpoints {c['schedule']}. Floor: the student's "
+                f"forward+backward ({_fmt(c['student_fwd_bwd_s'], '.1f')} s) plus the teacher's forward "
+                f"({_fmt(c['teacher_fwd_s'], '.1f')} s) on the same batch = {_fmt(c['floor_s'], '.1f')} s; step medians "
+                "exclude the first step.", "",
+                "| workers | steps | step s | data wait s | fwd+bwd s | optimizer s | clips/s | data wait / step "
+                f"(target <= {t.get('data_wait_fraction')}) | step / floor (<= {t.get('step_over_floor')}) | "
+                f"checkpoint / wall (<= {t.get('checkpoint_fraction')}) | checkpoints | peak RSS MB |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in c["runs"].items():
+            out.append(f"| {name.split('_')[-1]} | {r['steps']} | {_fmt(r['median_step_s'], '.2f')} | "
+                       f"{_fmt(r['median_data_wait_s'], '.3f')} | {_fmt(r['median_fwd_bwd_s'], '.2f')} | "
+                       f"{_fmt(r['median_optimizer_s'], '.2f')} | {_fmt(r['median_clips_per_s'], '.3f')} | "
+                       f"{_fmt(r['data_wait_fraction'], '.4f')} | {_fmt(r['step_over_floor'], '.3f')} | "
+                       f"{_fmt(r['checkpoint_fraction'], '.4f')} ({_fmt(r['checkpoint_s'], '.1f')} s) | "
+                       f"{r['checkpoints_written']} | {_fmt(r['peak_rss_mb'])} |")
+        out.append("")
+    return out
+
+
+def train_plot(doc, path: Path) -> bool:
+    rows = [c for c in doc["cases"] if c.get("op") == "fitclip train"]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = rows[0]
+    names = list(c["runs"])
+    parts = [("data wait", "median_data_wait_s"), ("forward+backward", "median_fwd_bwd_s"),
+             ("optimizer", "median_optimizer_s")]
+    fig, ax = plt.subplots(figsize=(10, 2.8))
+    for i, name in enumerate(names):
+        r, left = c["runs"][name], 0.0
+        for j, (label, key) in enumerate(parts):
+            ax.barh(i, r[key], left=left, color=f"C{j}", label=label if i == 0 else None)
+            left += r[key]
+        rest = r["median_step_s"] - left
+        if rest > 0:
+            ax.barh(i, rest, left=left, color="0.7", label="other" if i == 0 else None)
+    ax.axvline(c["floor_s"], color="k", ls="--", label="floor (student fwd+bwd + teacher fwd)")
+    ax.set_yticks(range(len(names)), [n.replace("_", " ") for n in names])
+    ax.set_xlabel("median seconds per step")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    fig.suptitle(f"fitclip train step breakdown, {c['model']}, {doc['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def plot(doc, path: Path) -> bool:
     rows = sorted((c for c in doc["cases"] if c.get("op") == "contrastive_loss"), key=lambda c: c["B"])
     if not rows:
@@ -188,6 +247,12 @@ def main():
         t = distill_table(doc)
         if t:
             lines += ["### distillation_loss, forward + backward, fp32 (teacher scale 66.7)", ""] + t + [""]
+        t = train_table(doc)
+        if t:
+            lines += ["### training step (benchmarks/bench_train.py)", ""] + t
+            png = path.with_name(path.stem + "-train.png")
+            if train_plot(doc, png):
+                lines += [f"![training step breakdown]({png.relative_to(HERE).as_posix()})", ""]
     (HERE / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -69,6 +69,8 @@ class Checkpointer:
         self.last_step: int | None = None  # the step of the latest save() (its write may be in flight)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.blocked_s = 0.0  # seconds the caller spent in save() and wait(): what checkpoints cost training
+        self.written = 0      # checkpoints saved
 
     def due(self, step: int) -> bool:
         """Whether the schedule asks for a checkpoint after optimizer step `step`."""
@@ -82,7 +84,7 @@ class Checkpointer:
         if not self.enabled:
             self.last_step = step
             return 0.0
-        t0 = time.perf_counter()
+        t0, blocked = time.perf_counter(), self.blocked_s
         self.wait()
         weights = _to_host(model.state_dict())
         state = {"optimizer": _to_host(optimizer.state_dict()), "step": step, **progress,
@@ -94,13 +96,18 @@ class Checkpointer:
         self._thread.start()
         if wait:
             self.wait()
-        return time.perf_counter() - t0
+        self.written += 1
+        seconds = time.perf_counter() - t0
+        self.blocked_s = blocked + seconds  # (the waits inside included once)
+        return seconds
 
     def wait(self) -> None:
         """Blocks until the write in flight (if any) is on disk; re-raises its error."""
         if self._thread is not None:
+            t0 = time.perf_counter()
             self._thread.join()
             self._thread = None
+            self.blocked_s += time.perf_counter() - t0
         if self._error is not None:
             err, self._error = self._error, None
             raise RuntimeError(f"writing a checkpoint to {self.out} failed: {err}") from err

@@ -297,26 +297,46 @@ def frame_preprocess(model):
 class ClipDataset(torch.utils.data.Dataset):
     """Samples -> (frames [F, 3, H, W] float, caption, path, index) from the sample's clip or
     segment; broken videos -> (None, None, path, index). Training and evaluation both read
-    through it."""
+    through it. A key is a sample index, or (epoch, index): the frames a clip gives depend only on
+    (seed, epoch, index), so runs resume exactly and persistent DataLoader workers, whose copy of
+    the dataset never sees the main process's attributes change, sample a new epoch's frames."""
 
     def __init__(self, samples, preprocess, num_frames, sampling, seed, decode_device: str = "cpu"):
         self.samples, self.preprocess, self.num_frames = samples, preprocess, num_frames
         self.sampling, self.seed, self.decode_device = sampling, seed, decode_device
-        self.epoch = 0
 
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         s = self.samples[i]
-        # frame sampling depends only on (seed, epoch, index): resumable and worker-independent
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+        g = torch.Generator().manual_seed(hash((self.seed, epoch, i)) & 0x7FFFFFFF)
         try:
             frames = read_frames(s.video, self.num_frames, sampling=self.sampling, generator=g, segment=s.segment,
                                  device=self.decode_device)
         except VideoDecodeError:
             return None, None, s.video, i
         return self.preprocess(frames), (s.captions[0] if s.captions else ""), s.video, i
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """A DataLoader's batch sampler whose batches are replaced every epoch (`set`): one loader,
+    and with it one set of persistent workers, serves the whole run. Yields lists of
+    (epoch, index) keys for ClipDataset."""
+
+    def __init__(self):
+        self.epoch, self.batches = 0, []
+
+    def set(self, epoch: int, batches: list[list[int]]) -> "EpochBatches":
+        self.epoch, self.batches = epoch, batches
+        return self
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter([[(self.epoch, i) for i in b] for b in self.batches])
 
 
 def collate(batch):

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from . import checkpoint
 from . import model as fmodel
 from .contrastive import contrastive_loss
-from .data import (ClipDataset, check_decode_device, collate, epoch_order, frame_preprocess, load_caption_csv,
-                   split_camel_case)
+from .data import (ClipDataset, EpochBatches, check_decode_device, collate, epoch_order, frame_preprocess,
+                   load_caption_csv, split_camel_case)
 from .distill import distillation_loss
 from .distributed import ClipLoss, World
 from .frames import gather_frames, select_frames, video_contrastive_loss
@@ -94,6 +94,8 @@ class TrainConfig:
                                       "logged either way)")
     grad_checkpointing: bool = _opt(False, "recompute the encoders' activations in the backward (open_clip's "
                                            "set_grad_checkpointing): less memory, one more forward")
+    compile: bool = _opt(False, "torch.compile the encoders (the step's student forward and the teacher's): "
+                                "faster steps once the first ones have compiled them (minutes on a CPU)")
     dump_grads: str | None = _opt(None, "write the first step's (all-reduced) gradients here (tests, debugging)")
 
 
@@ -311,6 +313,9 @@ def setup(cfg: TrainConfig):
         teacher.eval().requires_grad_(False)
         if amp_dtype is not None:  # frozen: stored in the autocast dtype (half the memory)
             teacher.to(amp_dtype)
+        if cfg.compile:  # the instance's methods, so state_dict and the checkpoints are unchanged
+            teacher.encode_image = torch.compile(teacher.encode_image)
+            teacher.encode_text = torch.compile(teacher.encode_text)
     if world.main and not (out / "zero_shot.safetensors").exists():  # the original model, for `fitclip wise`
         fmodel.save_checkpoint(model.state_dict(), out / "zero_shot.safetensors")
     model.logit_scale.requires_grad_(cfg.learn_temperature)
@@ -346,6 +351,8 @@ def setup(cfg: TrainConfig):
     if world.world > 1:  # broadcasts rank 0's weights, averages gradients in buckets during backward
         encoder = torch.nn.parallel.DistributedDataParallel(
             encoder, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # (after DDP: compiled graphs break at its gradient buckets, so all-reduce still overlaps)
+        encoder = torch.compile(encoder)
     run = Run(cfg, world, model, encoder, teacher, tokenizer, optimizer, prompts, total, amp_dtype)
     return run, ds, vds, uds, resume, out
 
@@ -382,22 +389,33 @@ class _StopSignal:
             signal.signal(s, h)
 
 
-def loaders(ds, uds, batches, cfg: TrainConfig, world: World, epoch: int, first: int, end: int):
-    """The epoch's labeled DataLoader over this rank's batches [first, end) and the unlabeled one beside it
-    (None without unlabeled data): worker processes decode while the model trains, prefetching,
-    into pinned memory on CUDA; the batches are fixed by seed, epoch and rank (resumable)."""
-    pin = world.device.type == "cuda" and cfg.decode_device == "cpu"  # (GPU-decoded frames are on the GPU already)
+class Loaders:
+    """The labeled DataLoader and the unlabeled one beside it (None without unlabeled data), built
+    once for the run: worker processes (persistent across epochs) decode while the model trains,
+    prefetching, into pinned memory on CUDA. `epoch` points both at this rank's batches [first,
+    end) of an epoch, fixed by seed, epoch and rank (so a run resumes mid-epoch), and yields
+    (labeled batch, unlabeled batch or None) pairs."""
 
-    def loader(dataset, batches):
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.workers,
-                                           pin_memory=pin, prefetch_factor=4 if cfg.workers else None)
+    def __init__(self, ds, uds, cfg: TrainConfig, world: World):
+        self.ds, self.uds, self.cfg, self.world = ds, uds, cfg, world
+        pin = world.device.type == "cuda" and cfg.decode_device == "cpu"  # (GPU-decoded frames are there already)
+        self.samplers = [EpochBatches(), EpochBatches()]
 
-    ds.epoch = epoch
-    labeled = loader(ds, batches[first:end])
-    if uds is None or not len(uds):
-        return labeled, None
-    uds.epoch = epoch
-    return labeled, loader(uds, unlabeled_batches(uds, cfg, world, epoch, first, end))
+        def loader(dataset, sampler):
+            return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                               num_workers=cfg.workers, pin_memory=pin,
+                                               persistent_workers=cfg.workers > 0,
+                                               prefetch_factor=4 if cfg.workers else None)
+
+        self.labeled = loader(ds, self.samplers[0])
+        self.unlabeled = loader(uds, self.samplers[1]) if uds is not None and len(uds) else None
+
+    def epoch(self, batches: list[list[int]], epoch: int, first: int, end: int):
+        self.samplers[0].set(epoch, batches[first:end])
+        if self.unlabeled is None:
+            return ((x, None) for x in self.labeled)
+        self.samplers[1].set(epoch, unlabeled_batches(self.uds, self.cfg, self.world, epoch, first, end))
+        return zip(self.labeled, self.unlabeled)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -411,6 +429,8 @@ def train(cfg: TrainConfig) -> dict:
     broken_all: list[str] = []
     stop = _StopSignal()
     epoch, b = start_epoch, start_batch
+    data = Loaders(ds, uds, cfg, world)
+    t_start = time.perf_counter()
 
     def stopped(bar, signum: int, step: int, epoch: int | None = None, batch: int | None = None):
         """After SIGTERM/SIGINT: a checkpoint at this step (written already, unless the position
@@ -430,8 +450,7 @@ def train(cfg: TrainConfig) -> dict:
             epoch_batches = rank_batches(len(ds), cfg, world, epoch)
             first = start_batch if epoch == start_epoch else 0
             end = len(epoch_batches) - len(epoch_batches) % cfg.grad_accum
-            labeled, unlabeled = loaders(ds, uds, epoch_batches, cfg, world, epoch, first, end)
-            batches = zip(labeled, unlabeled) if unlabeled is not None else ((x, None) for x in labeled)
+            batches = data.epoch(epoch_batches, epoch, first, end)
             bar = tqdm(total=end - first, desc=f"epoch {epoch}", leave=False, disable=not world.main or None,
                        unit="batch")
             broken: list[str] = []
@@ -510,12 +529,19 @@ def train(cfg: TrainConfig) -> dict:
         if ckpt.last_step != step:  # the end of training
             ckpt.save(model, run.optimizer, step, {"epoch": epoch, "batch_in_epoch": b, "best_val": best})
         ckpt.wait()
+    # where the run's time went (this process's part of it since resuming): the training loop's
+    # wall time, and what the checkpoints cost it (snapshots to host memory and waits for writes)
+    summary = {"steps": step, "steps_run": len(history), "wall_s": time.perf_counter() - t_start,
+               "checkpoint_s": ckpt.blocked_s, "checkpoints": ckpt.written,
+               **{key: sum(r[key] for r in history) for key in ("data_wait_s", "fwd_bwd_s", "optimizer_s")}}
+    log.write(json.dumps({"summary": summary}) + "\n")
     log.close()
     if world.main:
         plot_history(out / "log.jsonl", out / "loss.png")
     if world.world > 1:
         dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
-    return {"steps": step, "history": history, "broken_videos": sorted(set(broken_all)), "out_dir": str(out)}
+    return {"steps": step, "history": history, "broken_videos": sorted(set(broken_all)), "out_dir": str(out),
+            "summary": summary}
 
 
 def plot_history(log_path: Path, png: Path) -> None:

@@ -59,12 +59,19 @@ def test_train_smoke_and_broken_videos_reported(video_set, tmp_path, capsys):
         parts = r["data_wait_s"] + r["fwd_bwd_s"] + r["optimizer_s"] + r["checkpoint_s"]
         assert abs(parts - r["seconds"]) <= 0.1 * r["seconds"], r
         assert r["grad_norm"] > 0 and r["clips_per_s"] > 0
+    summary = next(r["summary"] for r in log if "summary" in r)  # the run's time, checkpoints included
+    assert summary["steps"] == 4 and summary["checkpoints"] == 2 and 0 < summary["checkpoint_s"] < summary["wall_s"]
+    assert sum(r["seconds"] for r in steps) <= summary["wall_s"]
 
 
-def test_resume_equals_uninterrupted(video_set, tmp_path):
-    train_main(_args(video_set, tmp_path / "full", "--max-steps", "3"))
-    first = train_main(_args(video_set, tmp_path / "killed", "--max-steps", "1"))  # "killed" after 1 step
-    resumed = train_main(_args(video_set, tmp_path / "killed", "--max-steps", "3", "--resume"))
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_resume_equals_uninterrupted(video_set, tmp_path, workers):
+    """Stopped mid-epoch (2 batches an epoch: after step 1) and resumed: both data streams, in the
+    main process or in DataLoader workers, continue where they were."""
+    w = ("--workers", workers)
+    train_main(_args(video_set, tmp_path / "full", "--max-steps", "3", *w))
+    first = train_main(_args(video_set, tmp_path / "killed", "--max-steps", "1", *w))  # "killed" after 1 step
+    resumed = train_main(_args(video_set, tmp_path / "killed", "--max-steps", "3", "--resume", *w))
     assert first["steps"] == 1
     assert [r["step"] for r in resumed["history"]] == [2, 3]  # continued, did not start over
     _weights_equal(tmp_path / "full", tmp_path / "killed")
@@ -181,6 +188,59 @@ def test_grad_checkpointing_gives_the_same_gradients(video_set, tmp_path):
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+class _WhoDecodes(torch.utils.data.Dataset):
+    """ClipDataset-shaped items that say which process made them and for which epoch."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, key):
+        import os
+        epoch, i = key
+        return torch.tensor([os.getpid(), epoch]), f"caption {i}", f"clip{i}.mp4", i
+
+
+def test_loaders_keep_their_workers_across_epochs_and_follow_the_epoch():
+    from fitclip_ext.distributed import World
+    from fitclip_ext.train import Loaders, TrainConfig, rank_batches
+
+    cfg = TrainConfig(train_csv="unused", out_dir="unused", workers=2, batch_size=2, unlabeled_batch_size=1)
+    data = Loaders(_WhoDecodes(), _WhoDecodes(), cfg, World("cpu"))
+    seen = []
+    for epoch in range(3):
+        batches = rank_batches(6, cfg, data.world, epoch)
+        pairs = list(data.epoch(batches, epoch, 1 if epoch == 0 else 0, len(batches)))
+        assert len(pairs) == (2 if epoch == 0 else 3)  # epoch 0 resumed at its second batch
+        for (frames, caps, broken, idx), (uframes, *_) in pairs:
+            assert frames[:, 1].tolist() == [epoch, epoch] and uframes[:, 1].tolist() == [epoch]
+            seen += frames[:, 0].tolist() + uframes[:, 0].tolist()
+        # the labeled stream reads the epoch's batches in order (from the resume point)
+        assert [p[0][3] for p in pairs] == batches[1 if epoch == 0 else 0:]
+    import os
+    assert os.getpid() not in seen and len(set(seen)) == 4  # 2 workers per stream, the same for all epochs
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_training(video_set, tmp_path):
+    """--compile (torch.compile of the student's step forward and of the teacher) changes the
+    speed, not the step: the same losses and gradients as eager up to float32 reassociation."""
+    eager = train_main(_args(video_set, tmp_path / "eager", "--max-steps", "1", "--dump-grads",
+                             str(tmp_path / "eager.pt")))
+    compiled = train_main(_args(video_set, tmp_path / "compiled", "--max-steps", "1", "--compile", "--dump-grads",
+                                str(tmp_path / "compiled.pt")))
+    for a, b in zip(eager["history"], compiled["history"], strict=True):
+        assert abs(a["labeled_loss"] - b["labeled_loss"]) <= 1e-4 * abs(a["labeled_loss"])
+        # a KL of the student against itself (step 1): float32 rounding times the scale^2 (4444)
+        assert abs(a["unlabeled_loss"]) < 1e-2 and abs(b["unlabeled_loss"]) < 1e-2
+    # the gradients (AdamW's first step is lr * sign(g) wherever |g| >> eps: a weight comparison
+    # would amplify rounding in near-zero gradients)
+    a, b = torch.load(tmp_path / "eager.pt"), torch.load(tmp_path / "compiled.pt")
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        scale = a[k].abs().max().item() + 1e-12
+        torch.testing.assert_close(b[k] / scale, a[k] / scale, rtol=0, atol=1e-4, msg=k)
 
 
 def test_wise_cli(tmp_path):
