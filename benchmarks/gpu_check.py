@@ -42,9 +42,9 @@ if ARGS.tiny:
 import torch  # noqa: E402
 
 import fitclip_ext  # noqa: E402
-from benchmarks import contrastive_cases, distill_cases, frame_cases  # noqa: E402
+from benchmarks import contrastive_cases, distill_cases, frame_cases, sigmoid_cases  # noqa: E402
 from fitclip_ext.reference import (contrastive_loss_reference, distillation_loss_reference,  # noqa: E402
-                                   select_frames_reference, topk_frame_similarity_reference,
+                                   select_frames_reference, sigmoid_loss_reference, topk_frame_similarity_reference,
                                    video_contrastive_loss_reference)
 from fitclip_ext.testing import rel_err as rel, rule_rows  # noqa: E402
 
@@ -408,6 +408,69 @@ def distill_benchmarks(tflops, cases: list):
                                                  (sv, st, s)))
 
 
+def sigmoid_correctness() -> list:
+    """sigmoid_loss on the device against float64 (the rule): odd shapes, rectangular with an offset
+    and negatives only, each reduction and dtype; the aligned pairs give large positive logits."""
+    corr = []
+    dtypes = [torch.float32, torch.float16] if ARGS.tiny else [torch.bfloat16, torch.float16, torch.float32]
+    shapes = [(9, 9, 16, 0), (20, 33, 24, 7), (17, 30, 8, None)] if ARGS.tiny else \
+        [(1, 1, 8, 0), (127, 127, 65, 0), (1000, 3000, 512, 1000), (777, 4097, 768, None), (8191, 8191, 512, 0)]
+    for dtype in dtypes:
+        for n, m, D, off in shapes:
+            for reduction in ("mean", "none"):
+                label = dict(op="sigmoid_loss", n=n, m=m, D=D, offset=off, reduction=reduction, dtype=dtype_name(dtype))
+                try:
+                    img, txt, s, b = sigmoid_cases.make_inputs(max(n, m), D, dtype, DEV, seed=n + m)
+                    img, txt = img.detach()[:n], txt.detach()[:m].clone()
+                    if off is not None:
+                        txt[off:off + n] = torch.nn.functional.normalize(img.float() + 0.5 * txt[off:off + n].float(),
+                                                                         dim=-1).to(dtype)
+                    leaves = [img.requires_grad_(), txt.requires_grad_(), s, b]
+                    kw = dict(positive_offset=off, reduction=reduction)
+                    res = []
+                    for fn, up in ((lambda *a: fitclip_ext.sigmoid_loss(*a, backend="triton", **kw), False),
+                                   (lambda *a: sigmoid_loss_reference(*a, **kw), False),
+                                   (lambda *a: sigmoid_loss_reference(*a, upcast=True, **kw), True)):
+                        x = [t.detach().double().requires_grad_() for t in leaves] if up else leaves
+                        out = fn(*x)
+                        w = torch.linspace(0.5, 1.5, out.numel(), device=DEV, dtype=out.dtype).reshape(out.shape)
+                        res.append([out, *torch.autograd.grad((out * w).sum(), x)])
+                    corr += rule_rows(["loss", "d_image", "d_text", "d_scale", "d_bias"], *res, dtype, **label)
+                except Exception as err:
+                    corr.append({**label, "ok": False, "error": repr(err)[:300]})
+    return report("sigmoid_loss", corr)
+
+
+def sigmoid_benchmarks(tflops, cases: list):
+    """sigmoid_loss fwd+bwd (bf16 on the GPU) against open_clip's SigLipLoss and torch.compile of the
+    plain composition, and its fraction of the 6 B^2 D floor at the measured GEMM rate."""
+    from open_clip.loss import SigLipLoss
+
+    compiled = torch.compile(sigmoid_loss_reference) if DEV == "cuda" else None
+    grid = [(64, 32)] if ARGS.tiny else [(8192, 512), (32768, 512), (32768, 768), (131072, 512), (1048576, 512)]
+    for B, D in grid:
+        if time.time() - T0 > ARGS.max_seconds:
+            cases.append({"op": "sigmoid_loss", "B": B, "D": D, "skipped": "time budget of the check ran out"})
+            continue
+        dtype = torch.float32 if ARGS.tiny else torch.bfloat16
+        case = {"op": "sigmoid_loss", "pass": "fwd+bwd", "B": B, "D": D, "dtype": dtype_name(dtype)}
+        with recorded(case, cases):
+            inputs = sigmoid_cases.make_inputs(B, D, dtype, DEV)
+            big = B >= 131072
+            ours = sigmoid_cases.fwd_bwd(lambda *a: fitclip_ext.sigmoid_loss(*a, backend="triton"), inputs)
+            case["median_ms"] = bench_ms(ours, big, reps=1 if B > 131072 else 3)
+            case["peak_mb"] = peak_mb(ours)
+            if tflops:
+                case["floor_ms"] = 6 * B * B * D / (tflops * 1e12) * 1e3
+                case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
+            case["baselines"] = {}
+            if B <= 32768:
+                siglip = SigLipLoss()
+                for name, fn in (("open_clip", lambda *a: siglip(*a)), ("torch_compile", compiled)):
+                    case["baselines"][name] = baseline_case(fn, inputs, False, case["median_ms"]) if fn else \
+                        {"error": "not available on this machine"}
+
+
 def tuned(case: dict, run) -> None:
     """Fills case with run's time under the default blocks, then under FITCLIP_TRITON_AUTOTUNE=1
     (every candidate of every kernel it launches timed by triton.autotune), and each kernel's
@@ -615,6 +678,8 @@ def main():
     frame_benchmarks(tflops, doc["ceilings"].get("copy_gbps"), cases)
     doc["correctness"] += distill_correctness()
     distill_benchmarks(tflops, cases)
+    doc["correctness"] += sigmoid_correctness()
+    sigmoid_benchmarks(tflops, cases)
     doc["finished"] = True
     save()
     log("wrote", path)

@@ -1,6 +1,7 @@
 """Child process: peak extra memory of one forward+backward.
 usage: python -m benchmarks.memprobe contrastive <impl> <B> <D>
        python -m benchmarks.memprobe distill <impl> <B> <D>
+       python -m benchmarks.memprobe sigmoid <impl> <B> <D>
        python -m benchmarks.memprobe topk_frame_similarity|video_contrastive_loss|select_frames <impl> <C> <V> <T> <D> <k>"""
 import json
 import sys
@@ -18,6 +19,10 @@ def main(argv):
 
         inputs = make_inputs(B, D)
         fn = fwd_bwd(loss_fn(impl), inputs)
+    elif op == "sigmoid":
+        from .sigmoid_cases import fwd_bwd, loss_fn, make_inputs
+
+        fn = fwd_bwd(loss_fn(impl), make_inputs(int(argv[2]), int(argv[3])))
     elif op == "distill":
         from .distill_cases import fwd_bwd, loss_fn, make_inputs
 

@@ -120,7 +120,39 @@ def gpu_tables(doc) -> list[str]:
     t = distill_table(doc)
     if t:
         out += ["### distillation_loss, forward + backward", ""] + t + [""]
+    t = sigmoid_table(doc)
+    if t:
+        out += ["### sigmoid_loss (SigLIP), forward + backward", ""] + t + [""]
     return out
+
+
+def sigmoid_table(doc) -> list[str]:
+    """sigmoid_loss cases (CPU benchmarks and the GPU check): times, speedups, memory, floor."""
+    rows = sorted((c for c in doc["cases"] if c.get("op") == "sigmoid_loss"), key=lambda c: (c["D"], c["B"]))
+    if not rows:
+        return []
+    names = ("open_clip", "torch", "torch_compile")
+    out = ["| B | D | dtype | fitclip ms | floor ms (fraction) | open_clip ms (x) | torch ms (x) | torch.compile ms (x) | "
+           "fitclip extra MB | open_clip / torch / compile extra MB | rel. err |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        if c.get("skipped") or c.get("error"):
+            out.append(f"| {c['B']} | {c['D']} | {c.get('dtype', '-')} | {c.get('skipped') or c.get('error')} | | | | | | | |")
+            continue
+        cells = []
+        for n in names:
+            ms, sp, err = _base(c, n, "median_ms"), _base(c, n, "speedup"), _base(c, n, "error")
+            cells.append(f"{_fmt(ms)} ({_fmt(sp, '.2f')}x)" if ms else (err or "-"))
+        mems = " / ".join(_fmt(_base(c, n, "peak_extra_mb") or _base(c, n, "peak_mb")) for n in names)
+        floor = f"{_fmt(c.get('floor_ms'), '.1f')} ({_fmt(c.get('fraction_of_floor'), '.2f')})" if c.get("floor_ms") \
+            else "-"
+        out.append(f"| {c['B']} | {c['D']} | {c.get('dtype', '-')} | {_fmt(c.get('median_ms'))} | {floor} | "
+                   + " | ".join(cells) + f" | {_fmt(c.get('peak_mb'))} | {mems} | {_fmt(c.get('rel_err'), '.1e')} |")
+    return out
+
+
+def sigmoid_plot(doc, path: Path) -> bool:
+    return _scaling_plot(doc, "sigmoid_loss", path, f"sigmoid_loss (SigLIP) on {doc['device']}")
 
 
 def train_table(doc) -> list[str]:
@@ -183,7 +215,12 @@ def train_plot(doc, path: Path) -> bool:
 
 
 def plot(doc, path: Path) -> bool:
-    rows = sorted((c for c in doc["cases"] if c.get("op") == "contrastive_loss"), key=lambda c: c["B"])
+    return _scaling_plot(doc, "contrastive_loss", path, f"contrastive_loss on {doc['device']}")
+
+
+def _scaling_plot(doc, op: str, path: Path, title: str) -> bool:
+    """Time and extra memory against B of one op's CPU cases and their baselines (log-log)."""
+    rows = sorted((c for c in doc["cases"] if c.get("op") == op and c.get("median_ms")), key=lambda c: c["B"])
     if not rows:
         return False
     import matplotlib
@@ -209,9 +246,10 @@ def plot(doc, path: Path) -> bool:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"contrastive_loss on {doc['device']}")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
 
 
@@ -247,6 +285,12 @@ def main():
         t = distill_table(doc)
         if t:
             lines += ["### distillation_loss, forward + backward, fp32 (teacher scale 66.7)", ""] + t + [""]
+        t = sigmoid_table(doc)
+        if t:
+            lines += ["### sigmoid_loss (SigLIP), forward + backward, fp32, scale 10, bias -10", ""] + t + [""]
+            png = path.with_name(path.stem + "-sigmoid.png")
+            if sigmoid_plot(doc, png):
+                lines += [f"![sigmoid_loss]({png.relative_to(HERE).as_posix()})", ""]
         t = train_table(doc)
         if t:
             lines += ["### training step (benchmarks/bench_train.py)", ""] + t

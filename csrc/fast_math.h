@@ -34,6 +34,42 @@ static inline __attribute__((always_inline)) float fast_expf(float x) {
   return y;
 }
 
+// log(x) for positive normal float x, Cephes' logf polynomial (about 1 ulp), branch-free (the
+// exponent and mantissa taken from the bits) so that loops over it vectorise.
+static inline __attribute__((always_inline)) float fast_logf(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(float));
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  bits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof(float));
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292E-2f;
+  y = y * m - 1.1514610310E-1f;
+  y = y * m + 1.1676998740E-1f;
+  y = y * m - 1.2420140846E-1f;
+  y = y * m + 1.4249322787E-1f;
+  y = y * m - 1.6668057665E-1f;
+  y = y * m + 2.0000714765E-1f;
+  y = y * m - 2.4999993993E-1f;
+  y = y * m + 3.3333331174E-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
+// log(1 + u) for u in [0, 1], accurate for tiny u as well (Goldberg: log(w) * u / (w - 1) with
+// w = 1 + u rounded corrects the rounding of w).
+static inline __attribute__((always_inline)) float fast_log1pf_unit(float u) {
+  const float w = 1.0f + u;
+  const float d = w - 1.0f;
+  return d == 0.0f ? u : fast_logf(w) * (u / d);
+}
+
 static inline double fast_exp(double x) { return std::exp(x); }
 static inline float fast_exp(float x) { return fast_expf(x); }
 

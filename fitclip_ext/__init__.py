@@ -12,7 +12,7 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 __all__ = [
-    "ClipLoss", "contrastive_loss", "distillation_loss", "infonce", "select_frames", "gather_frames", "topk_frame_similarity",
+    "ClipLoss", "SigLipLoss", "contrastive_loss", "sigmoid_loss", "sigmoid_loss_reference", "distillation_loss", "infonce", "select_frames", "gather_frames", "topk_frame_similarity",
     "video_contrastive_loss", "contrastive_loss_reference", "distillation_loss_reference", "infonce_reference", "select_frames_reference",
     "topk_frame_similarity_reference", "video_contrastive_loss_reference",
 ]
@@ -46,10 +46,11 @@ _install_kernels_finder()  # before the op modules, whose backends import fitcli
 
 from .contrastive import contrastive_loss, infonce  # noqa: E402
 from .distill import distillation_loss  # noqa: E402
-from .distributed import ClipLoss  # noqa: E402
+from .distributed import ClipLoss, SigLipLoss  # noqa: E402
+from .sigmoid import sigmoid_loss  # noqa: E402
 from .frames import gather_frames, select_frames, topk_frame_similarity, video_contrastive_loss  # noqa: E402
 from .reference import (contrastive_loss_reference, distillation_loss_reference, infonce_reference, select_frames_reference,
-                        topk_frame_similarity_reference, video_contrastive_loss_reference)  # noqa: E402
+                        sigmoid_loss_reference, topk_frame_similarity_reference, video_contrastive_loss_reference)  # noqa: E402
 
 # Register the C++ ops now (a cheap import of the built module; nothing is compiled, no device is
 # queried), so that code traced by torch.compile never reaches an import. A missing extension

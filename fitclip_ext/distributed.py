@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .contrastive import contrastive_loss, infonce
+from .sigmoid import sigmoid_loss
 
 
 def all_gather(features: torch.Tensor, rank: int, world_size: int, with_grad: bool,
@@ -90,6 +91,89 @@ class ClipLoss(torch.nn.Module):
                                   backend=self.backend)) / 2
             else:
                 loss = contrastive_loss(all_img, all_txt, logit_scale, logit_bias, backend=self.backend)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+class SigLipLoss(torch.nn.Module):
+    """open_clip.loss.SigLipLoss with the fused, memory-efficient sigmoid loss: same constructor,
+    forward, values and gradients, for every `dist_impl`, and no logits block stored.
+
+    Each rank's loss is its local images against its own texts (positives on the diagonal) plus
+    its local images against every other rank's texts (negatives only), each block divided by the
+    local batch, exactly as open_clip sums them. The texts travel as open_clip moves them (its own
+    neighbour exchanges for "bidir" and "shift", an all-reduce per rank for "reduce"); "gather"
+    all-gathers them and runs one fused pass over the local x global block (positives at offset
+    rank * B), which is never stored.
+
+    Args (as open_clip): cache_labels (accepted; labels are never materialised here), rank,
+    world_size, dist_impl ("bidir" by default, "shift", "reduce", "gather").
+    forward(image_features [B, D], text_features [B, D], logit_scale, logit_bias, output_dict=False)
+    -> loss, or {"contrastive_loss": loss}.
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
+                 *, backend=None):
+        super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        dist_impl = dist_impl or "bidir"
+        if dist_impl not in DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")
+        self.cache_labels, self.rank, self.world_size, self.dist_impl = cache_labels, rank, world_size, dist_impl
+        self.backend = backend
+
+    def _loss(self, image_features, text_features, logit_scale, logit_bias, negative_only=False):
+        return sigmoid_loss(image_features, text_features, logit_scale, logit_bias,
+                            positive_offset=None if negative_only else 0, backend=self.backend)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        if self.world_size == 1:
+            loss = self._loss(image_features, text_features, logit_scale, logit_bias)
+            return {"contrastive_loss": loss} if output_dict else loss
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(f"SigLipLoss(world_size={self.world_size}) needs torch.distributed to be initialised "
+                               "(torchrun + init_process_group)")
+        if self.dist_impl == "gather":
+            import torch.distributed.nn.functional as dist_fn
+
+            all_text = torch.cat(dist_fn.all_gather(text_features), dim=0)
+            loss = sigmoid_loss(image_features, all_text, logit_scale, logit_bias,
+                                positive_offset=self.rank * image_features.shape[0], backend=self.backend)
+            return {"contrastive_loss": loss} if output_dict else loss
+        from open_clip.loss import neighbour_exchange_bidir_with_grad, neighbour_exchange_with_grad
+
+        loss = self._loss(image_features, text_features, logit_scale, logit_bias)
+        right = (self.rank + 1) % self.world_size
+        left = (self.rank - 1 + self.world_size) % self.world_size
+        if self.dist_impl == "bidir":
+            to_left = to_right = text_features
+            num_bidir, remainder = divmod(self.world_size - 1, 2)
+            for _ in range(num_bidir):
+                received = neighbour_exchange_bidir_with_grad(left, right, to_left, to_right)
+                for f in received:
+                    loss = loss + self._loss(image_features, f, logit_scale, logit_bias, negative_only=True)
+                to_left, to_right = received
+            if remainder:
+                f = neighbour_exchange_with_grad(left, right, to_right)
+                loss = loss + self._loss(image_features, f, logit_scale, logit_bias, negative_only=True)
+        elif self.dist_impl == "shift":
+            to_right = text_features
+            for _ in range(self.world_size - 1):
+                from_left = neighbour_exchange_with_grad(left, right, to_right)
+                loss = loss + self._loss(image_features, from_left, logit_scale, logit_bias, negative_only=True)
+                to_right = from_left
+        else:  # "reduce": every rank takes part in every all-reduce; its own block is the positive one above
+            import torch.distributed.nn.functional as dist_fn
+
+            for i in range(self.world_size):
+                text_from_i = dist_fn.all_reduce(text_features * (self.rank == i), dist.ReduceOp.SUM)
+                if i != self.rank:
+                    loss = loss + self._loss(image_features, text_from_i, logit_scale, logit_bias, negative_only=True)
+                else:  # no loss (open_clip weights it 0), but the all-reduce's backward, a collective every
+                    loss = loss + 0 * text_from_i.sum()  # rank runs, must be reached here too
         return {"contrastive_loss": loss} if output_dict else loss
 
 

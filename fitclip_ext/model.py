@@ -55,8 +55,21 @@ def create(model_name: str, pretrained: str | None = None, device="cpu"):
         if quiet:
             logging.getLogger().removeFilter(quiet)
     if local:
-        model.load_state_dict(load_state_dict(pretrained), strict=True)
+        weights = load_state_dict(pretrained)
+        if "logit_bias" in weights:  # trained with a bias (SigLIP's loss) on an architecture without one
+            add_logit_bias(model, 0.0)
+        model.load_state_dict(weights, strict=True)
     return model, train_tf, eval_tf, open_clip.get_tokenizer(model_name)
+
+
+def add_logit_bias(model, init: float) -> bool:
+    """Gives an open_clip model a learnable `logit_bias` (as open_clip's init_logit_bias does) if it
+    has none; True if one was added."""
+    if getattr(model, "logit_bias", None) is not None:
+        return False
+    param = next(model.parameters())
+    model.logit_bias = torch.nn.Parameter(torch.tensor(init, dtype=param.dtype, device=param.device))
+    return True
 
 
 class _DropRandomInitWarning(logging.Filter):

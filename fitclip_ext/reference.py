@@ -98,3 +98,21 @@ def distillation_loss_reference(student_video, student_text, teacher_video, teac
     rows = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="sum") / div_rows
     cols = F.kl_div(F.log_softmax(s.T, 1), F.log_softmax(t.T, 1), log_target=True, reduction="sum") / div_cols
     return (rows + cols) / 2 * teacher_scale**2
+
+
+def sigmoid_loss_reference(image_features, text_features, logit_scale, logit_bias=None, *, positive_offset=0,
+                           reduction="mean", upcast=False):
+    """open_clip's SigLipLoss: -sum log sigmoid(z * L) with L = scale * I @ T.T + bias, z = +1 at
+    (i, positive_offset + i) and -1 elsewhere (positive_offset None: all -1); "mean" divides the
+    sum by the number of rows, "none" gives each row's sum [n]."""
+    i, t = _upcast(image_features, upcast), _upcast(text_features, upcast)
+    logits = logit_scale * i @ t.T
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    n, m = logits.shape
+    z = -torch.ones(n, m, dtype=logits.dtype, device=logits.device)
+    if positive_offset is not None:
+        rows = torch.arange(n, device=logits.device)
+        z[rows, rows + positive_offset] = 1
+    per_row = -F.logsigmoid(z * logits).sum(1)
+    return per_row if reduction == "none" else per_row.sum() if reduction == "sum" else per_row.sum() / n

@@ -41,8 +41,9 @@ from .contrastive import contrastive_loss
 from .data import (ClipDataset, EpochBatches, check_decode_device, collate, epoch_order, frame_preprocess,
                    load_caption_csv, split_camel_case)
 from .distill import distillation_loss
-from .distributed import ClipLoss, World
-from .frames import gather_frames, select_frames, video_contrastive_loss
+from .distributed import ClipLoss, SigLipLoss, World
+from .frames import gather_frames, select_frames, topk_frame_similarity, video_contrastive_loss
+from .sigmoid import sigmoid_loss
 
 
 def _opt(default, help: str):
@@ -63,7 +64,11 @@ class TrainConfig:
     val_csv: str | None = _opt(None, "mean-pooled InfoNCE on these clips after every epoch; the best is kept")
     num_frames: int = _opt(4, "frames pooled per clip (k)")
     candidate_frames: int = _opt(0, "decoded candidate frames for top-k temporal sampling (0: = num_frames)")
-    loss_pooling: str = _opt("mean", "'mean': InfoNCE of mean-pooled embeddings; 'topk': video_contrastive_loss")
+    loss: str = _opt("infonce", "labeled loss: 'infonce' (CLIP's, FitCLIP's recipe) or 'siglip' (the pairwise sigmoid "
+                                "loss, learnable scale and bias, SigLIP's initialisation scale 10 and bias -10 unless "
+                                "the checkpoint brings a bias)")
+    loss_pooling: str = _opt("mean", "'mean': the loss of mean-pooled embeddings; 'topk': of top-k pooled frame "
+                                     "scores (video_contrastive_loss for InfoNCE)")
     pool_k: int = _opt(1, "frames per pair for --loss-pooling topk")
     batch_size: int = _opt(8, "labeled clips per process and step")
     unlabeled_batch_size: int = _opt(8, "unlabeled clips per process and step")
@@ -73,8 +78,10 @@ class TrainConfig:
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     warmup_steps: int = _opt(0, "linear warm-up steps")
     schedule: str = _opt("constant", "learning-rate schedule after warm-up: 'constant' or 'cosine'")
-    temperature: float = _opt(0.015, "fixed softmax temperature (logit scale 1 / temperature)")
-    learn_temperature: bool = _opt(False, "learn the logit scale instead of fixing it")
+    temperature: float = _opt(0.015, "fixed softmax temperature (logit scale 1 / temperature; with --loss siglip "
+                                     "only the distillation's)")
+    learn_temperature: bool = _opt(False, "learn the logit scale instead of fixing it (always learned with "
+                                          "--loss siglip)")
     labeled_weight: float = _opt(0.9999, "weight of the labeled InfoNCE")
     unlabeled_weight: float = _opt(0.0001, "weight of the distillation term")
     grad_accum: int = _opt(1, "batches per optimizer step")
@@ -137,22 +144,37 @@ class StepEncoder(torch.nn.Module):
         return self.model.encode_image(images), self.model.encode_text(tokens)
 
 
-def labeled_loss(frame_emb, text, scale, cfg: TrainConfig, world: World):
-    """Labeled InfoNCE over the global batch. Mean pooling: fitclip_ext.ClipLoss with local rows
-    against all gathered columns (open_clip's local_loss + gather_with_grad); top-k pooling: the
-    fused video loss over the gathered frames and captions. Either way, DDP's mean of the ranks'
-    gradients equals the single-process gradient of the whole batch."""
-    if cfg.loss_pooling == "topk":  # top-k pooled logits, fused (no B x B x T)
+def labeled_loss(frame_emb, text, scale, bias, cfg: TrainConfig, world: World):
+    """The labeled loss over the global batch. Mean pooling: fitclip_ext.ClipLoss with local rows
+    against all gathered columns (open_clip's local_loss + gather_with_grad), or
+    fitclip_ext.SigLipLoss (local videos against all gathered captions, one fused pass); top-k
+    pooling: the fused video InfoNCE over the gathered frames and captions, or SigLIP's loss over
+    their top-k pooled scores (global B x B: small for video batches). Either way, DDP's mean of
+    the ranks' gradients equals the single-process gradient of the whole batch."""
+    k = min(cfg.pool_k, frame_emb.shape[1])
+    if cfg.loss_pooling == "topk":
         frames_all, text_all = world.gather(frame_emb, True), world.gather(text, True)
-        return video_contrastive_loss(frames_all, text_all, scale, k=min(cfg.pool_k, frame_emb.shape[1]))
+        if cfg.loss == "siglip":
+            logits = scale * topk_frame_similarity(text_all, frames_all, k).T + bias  # videos x captions
+            return sigmoid_matrix_loss(logits)
+        return video_contrastive_loss(frames_all, text_all, scale, k=k)  # top-k pooled logits, fused (no B x B x T)
     video = F.normalize(frame_emb.mean(1), dim=-1)
+    if cfg.loss == "siglip":
+        return SigLipLoss(rank=world.rank, world_size=world.world, dist_impl="gather")(video, text, scale, bias)
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=world.rank, world_size=world.world)
     return loss_fn(video, text, scale)
 
 
+def sigmoid_matrix_loss(logits):
+    """SigLIP's loss of a square logits matrix, pair i on the diagonal, summed and divided by the rows."""
+    z = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(z * logits).sum() / logits.shape[0]
+
+
 @torch.no_grad()
 def validation_loss(model, tokenizer, ds, cfg: TrainConfig, device) -> float:
-    """Mean-pooled InfoNCE over the validation clips in batches (uniform frames)."""
+    """The mean-pooled labeled loss (InfoNCE or SigLIP's) over the validation clips in batches
+    (uniform frames)."""
     model.eval()
     total, count = 0.0, 0
     for b0 in range(0, len(ds) - 1, cfg.batch_size):
@@ -161,7 +183,10 @@ def validation_loss(model, tokenizer, ds, cfg: TrainConfig, device) -> float:
             continue
         text = F.normalize(model.encode_text(tokenizer(caps).to(device)), dim=-1)
         video = video_embeddings(model, frames.to(device), text, cfg.num_frames)
-        total += contrastive_loss(video, text, model.logit_scale.exp()).item() * len(caps)
+        if cfg.loss == "siglip":
+            total += sigmoid_loss(video, text, model.logit_scale.exp(), model.logit_bias).item() * len(caps)
+        else:
+            total += contrastive_loss(video, text, model.logit_scale.exp()).item() * len(caps)
         count += len(caps)
     model.train()
     return total / max(1, count)
@@ -264,11 +289,13 @@ def train_step(run: Run, frames, captions, unlabeled, step: int, apply: bool) ->
         frame_emb = F.normalize(img_emb[:n * k].reshape(n, k, -1), dim=-1)
         text = F.normalize(txt_emb[:n], dim=-1)
         scale = model.logit_scale.exp()
-        loss_l = labeled_loss(frame_emb, text, scale, cfg, run.world)
+        loss_l = labeled_loss(frame_emb, text, scale, getattr(model, "logit_bias", None), cfg, run.world)
         loss = cfg.labeled_weight * loss_l
         loss_u = torch.zeros(())
         if uframes is not None:
-            loss_u = unlabeled_loss(run, img_emb[n * k:], txt_emb[n:], uframes, utokens, scale)
+            # (with SigLIP's scale for the labeled loss, the distillation keeps FitCLIP's softmax temperature)
+            d_scale = scale if cfg.loss == "infonce" else 1 / cfg.temperature
+            loss_u = unlabeled_loss(run, img_emb[n * k:], txt_emb[n:], uframes, utokens, d_scale)
             loss = loss + cfg.unlabeled_weight * loss_u
     (loss / cfg.grad_accum).backward()
     out = {"loss": loss, "labeled_loss": loss_l, "unlabeled_loss": loss_u}
@@ -299,6 +326,8 @@ def setup(cfg: TrainConfig):
     device = world.device
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
+    if cfg.loss not in ("infonce", "siglip"):
+        raise ValueError(f"--loss must be 'infonce' or 'siglip', got {cfg.loss!r}")
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") \
         else None
     labeled = load_caption_csv(cfg.train_csv, cfg.video_root)
@@ -316,10 +345,13 @@ def setup(cfg: TrainConfig):
         if cfg.compile:  # the instance's methods, so state_dict and the checkpoints are unchanged
             teacher.encode_image = torch.compile(teacher.encode_image)
             teacher.encode_text = torch.compile(teacher.encode_text)
+    if cfg.loss == "siglip" and fmodel.add_logit_bias(model, -10.0):  # SigLIP's initialisation
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(10.0))
     if world.main and not (out / "zero_shot.safetensors").exists():  # the original model, for `fitclip wise`
         fmodel.save_checkpoint(model.state_dict(), out / "zero_shot.safetensors")
-    model.logit_scale.requires_grad_(cfg.learn_temperature)
-    if not cfg.learn_temperature:
+    model.logit_scale.requires_grad_(cfg.learn_temperature or cfg.loss == "siglip")
+    if not cfg.learn_temperature and cfg.loss == "infonce":
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / cfg.temperature))
     preprocess = frame_preprocess(model)
@@ -554,7 +586,7 @@ def plot_history(log_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["labeled_loss"] for r in rows], label="labeled InfoNCE")
+    ax.plot([r["step"] for r in rows], [r["labeled_loss"] for r in rows], label="labeled loss")
     if any(r["unlabeled_loss"] for r in rows):
         ax.plot([r["step"] for r in rows], [r["unlabeled_loss"] for r in rows], label="distillation (KL x scale^2)")
     val = [json.loads(line) for line in open(log_path) if '"val_loss"' in line]

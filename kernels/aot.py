@@ -45,7 +45,7 @@ def _cases(scope: str = "all"):
     "defaults": for every kernel, dtype, flag combination and size bucket, the configuration the
     dispatcher launches without autotuning (the first candidate); "quick": defaults for bf16 and
     tf32 at D = 512, k = 4 only."""
-    from . import distill, frames, infonce
+    from . import distill, frames, infonce, sigmoid
 
     quick = scope == "quick"
 
@@ -136,6 +136,15 @@ def _cases(scope: str = "all"):
             unit_sig = {"g_ptr": "*fp32", "x_ptr": t, "norm_ptr": "*fp32", "R": "i32", "D": "i32", "T": "i32",
                         "stride_xo": "i32", "stride_xi": "i32", "stride_xd": "i32"}
             yield ("unit_grad", "frames.unit_grad_kernel", dtype, "-", "-", unit_sig, {}, frames.unit_config(512))
+        if prec == "ieee" or dtype != torch.float32:  # no tl.dot (cuBLAS does the GEMMs): one build per G dtype
+            rows_sig = {"s_ptr": "*fp32", "g_ptr": t, "loss_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*fp32",
+                        "scale_ptr": "*fp32", "bias_ptr": "*fp32", "rows": "i32", "m": "i32", "n": "i32", "row0": "i32",
+                        "offset": "i32", "stride_s": "i32", "stride_g": "i32"}
+            cfg = sigmoid.rows_config(small=False)
+            for has_w, with_grad in ((False, True), (True, True), (False, False)):
+                yield ("sigmoid_rows", "sigmoid.sigmoid_rows_kernel", dtype, "-",
+                       ("w " if has_w else "") + ("grad" if with_grad else "loss"), rows_sig,
+                       {"HAS_W": has_w, "WITH_GRAD": with_grad}, cfg)
         sel_sig = {
             "frames_ptr": t, "text_ptr": t, "mask_ptr": "*i8", "idx_ptr": "*i64", "B": "i32", "T": "i32", "D": "i32",
             "k": "i32", "stride_fb": "i32", "stride_ft": "i32", "stride_fd": "i32", "stride_tb": "i32", "stride_td": "i32",

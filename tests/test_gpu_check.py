@@ -25,7 +25,7 @@ def test_gpu_check_tiny_runs_and_renders(tmp_path):
     assert doc["correctness"] and all(c["ok"] for c in doc["correctness"])
     ops = {c["op"] for c in doc["cases"]}
     assert {"contrastive_loss", "contrastive_loss autotune", "infonce large index", "topk_frame_similarity",
-            "video_contrastive_loss", "select_frames", "distillation_loss"} <= ops
+            "video_contrastive_loss", "select_frames", "distillation_loss", "sigmoid_loss"} <= ops
     assert not [c for c in doc["cases"] if "error" in c]
     for op, n_kernels in (("contrastive_loss autotune", 3), ("distillation_loss autotune", 2),
                           ("topk_frame_similarity + video_contrastive_loss + select_frames autotune", 5)):
@@ -37,4 +37,5 @@ def test_gpu_check_tiny_runs_and_renders(tmp_path):
     from benchmarks import report
 
     text = "\n".join(report.gpu_tables(doc))
+    assert "### sigmoid_loss" in text
     assert "### contrastive_loss" in text and "Autotune of contrastive_loss at B=64" in text and "relative errors" in text

@@ -3,6 +3,7 @@ distillation, top-k temporal sampling), broken videos reported, resume == uninte
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -330,6 +331,28 @@ def test_train_options_val_best_topk_loss_class_prompts_workers(video_set, tmp_p
     assert all(r["unlabeled_loss"] > -1e-5 for r in log if "loss" in r), log  # a KL, up to rounding
 
 
+def test_train_siglip_loss(video_set, tmp_path):
+    """--loss siglip, mean and top-k pooling: SigLIP's initialisation (scale 10, bias -10), both
+    learned and checkpointed; the bias travels to zero_shot/last checkpoints that fitclip's own
+    loader reads back into the architecture, and a resumed run continues from it."""
+    from fitclip_ext import model as fmodel
+
+    for pooling in ("mean", "topk"):
+        out = tmp_path / pooling
+        res = train_main(_args(video_set, out, "--loss", "siglip", "--loss-pooling", pooling, "--pool-k", "1",
+                               "--lr", "1e-3", "--val-csv", str(video_set / "train.csv")))
+        log = [r for r in map(json.loads, open(out / "log.jsonl")) if "loss" in r]
+        assert res["steps"] >= 1 and all(math.isfinite(r["labeled_loss"]) and r["labeled_loss"] > 0 for r in log)
+        zero = fmodel.load_state_dict(out / "zero_shot.safetensors")
+        last = fmodel.load_state_dict(out / "last.safetensors")
+        assert zero["logit_bias"].item() == -10.0 and abs(zero["logit_scale"].exp().item() - 10.0) < 1e-4
+        assert last["logit_bias"].item() != -10.0 and last["logit_scale"].item() != zero["logit_scale"].item()
+        model, *_ = fmodel.create("fitclip-tiny", str(out / "last.safetensors"))
+        assert model.logit_bias.item() == last["logit_bias"].item()
+    with pytest.raises(ValueError, match="--loss must be 'infonce' or 'siglip'"):
+        train_main(_args(video_set, tmp_path / "bad", "--loss", "sigmoid"))
+
+
 def _torchrun(nproc, argv, tmp_path):
     """`torchrun --standalone --nproc_per_node N -m fitclip_ext.cli train ...` on the CPU (gloo)."""
     import os
@@ -349,7 +372,8 @@ def _torchrun(nproc, argv, tmp_path):
 @pytest.mark.parametrize("options", [
     ["--candidate-frames", "4"],  # mean pooling (ClipLoss, local loss) + temporal sampling + distillation
     ["--loss-pooling", "topk", "--pool-k", "1", "--class-prompts", "classes.txt"],  # fused top-k loss, prompts
-], ids=["mean-clip-loss", "topk-prompts"])
+    ["--loss", "siglip"],  # SigLipLoss: local videos against the gathered captions, bias learned
+], ids=["mean-clip-loss", "topk-prompts", "siglip"])
 def test_torchrun_two_processes_equal_full_batch_gradients(video_set, tmp_path, options):
     """2 gloo processes with 2 + 2 clips per step give the gradients of one process with 4."""
     rows = [r for r in (video_set / "train.csv").read_text().splitlines() if "broken" not in r]

@@ -34,6 +34,12 @@ Distillation (student Y = s A B^T, teacher X = t C E^T; log-sum-exp statistics [
         -> (row_stats_s, row_stats_t, row_kl, col_stats_s, col_stats_t, col_kl)
     distill_grad(sv, st, tv, tt, s_scale, t_scale, row_stats_s, row_stats_t, row_w, col_stats_s,
                  col_stats_t, col_w) -> (dsv, dst in their dtype, ds_scale 0-d)
+SigLIP (L = scale * query @ keys^T + bias; positive of row i at key offset + i, offset -1: none;
+G = diag(row_w or 1) (sigmoid(L) - positives)):
+    sigmoid_loss(query, keys, scale, bias, offset, row_w, with_grad)
+        -> (loss [n] = sum_j softplus(-z_ij L_ij), then, when with_grad (else empty): G @ keys [n, D],
+           G^T @ query [m, D], stats [2, n] = (sum_j G_ij S_ij, sum_j G_ij)), compute dtype; one pass
+           over the products computes all four
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ class Backend(Protocol):
     def video_block_rows(self, B, T): ...
     def distill_stats(self, sv, st, tv, tt, s_scale, t_scale): ...
     def distill_grad(self, sv, st, tv, tt, s_scale, t_scale, rss, rst, rw, css, cst, cw): ...
+    def sigmoid_loss(self, query, keys, scale, bias, offset, row_w, with_grad): ...
 
 
 def get(name: str) -> ModuleType:
@@ -112,6 +119,7 @@ def load_triton() -> None:
     importlib.import_module("fitclip_ext.kernels.infonce")
     importlib.import_module("fitclip_ext.kernels.frames")
     importlib.import_module("fitclip_ext.kernels.distill")
+    importlib.import_module("fitclip_ext.kernels.sigmoid")
 
 
 def resolve(backend: str | None, device: torch.device) -> str:

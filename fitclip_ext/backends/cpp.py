@@ -108,6 +108,12 @@ def distill_grad(sv, st, tv, tt, s_scale, t_scale, rss, rst, rw, css, cst, cw):
     return _scaled(sv, st, s_scale, ga, gb)
 
 
+# ----------------------------------------------------------------------------- SigLIP
+
+def sigmoid_loss(query, keys, scale, bias, offset, row_w, with_grad):
+    return torch.ops.fitclip_ext.sigmoid_loss(query, keys, _cpu64(scale), _cpu64(bias), offset, row_w, with_grad)
+
+
 # ----------------------------------------------------------------------------- registration
 
 def register() -> None:
@@ -158,6 +164,13 @@ def register() -> None:
           row_stats_t, row_weight, col_stats_s, col_stats_t, col_weight):
         return (student_video.new_empty(student_video.shape, dtype=ct(student_video)),
                 student_text.new_empty(student_text.shape, dtype=ct(student_video)))
+
+    @torch.library.register_fake(_OPS + "sigmoid_loss")
+    def _(query, keys, scale, bias, offset, row_weight, with_grad):
+        n, m, d = query.shape[0], keys.shape[0], query.shape[1]
+        return (query.new_empty(n, dtype=ct(query)), query.new_empty((n if with_grad else 0, d), dtype=ct(query)),
+                query.new_empty((m if with_grad else 0, d), dtype=ct(query)),
+                query.new_empty((2, n if with_grad else 0), dtype=ct(query)))
 
     def lse_setup(ctx, inputs, output):
         query, keys, scale, with_col = inputs

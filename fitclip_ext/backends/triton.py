@@ -79,3 +79,9 @@ def distill_grad(sv, st, tv, tt, s_scale, t_scale, rss, rst, rw, css, cst, cw):
     dv, ds_part = _ops().triton_distill_grad(sv, st, tv, tt, ss, ts, rss, rst, rw, css, cst, cw, True)
     dt, _ = _ops().triton_distill_grad(st, sv, tt, tv, ss, ts, css, cst, cw, rss, rst, rw, False)
     return dv, dt, ds_part.sum()
+
+
+# ----------------------------------------------------------------------------- SigLIP
+
+def sigmoid_loss(query, keys, scale, bias, offset, row_w, with_grad):
+    return _ops().triton_sigmoid_loss(query, keys, scale.detach(), bias.detach(), offset, row_w, with_grad)

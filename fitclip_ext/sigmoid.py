@@ -1,0 +1,135 @@
+"""Memory-efficient SigLIP loss: `sigmoid_loss`, the pairwise sigmoid loss of Zhai et al. (2023)
+that open_clip's `SigLipLoss`, Hugging Face and big_vision compute on materialised logits.
+
+With L = scale * image @ text^T + bias (n x m) and z_ij = +1 for the positive pair
+(j = positive_offset + i) and -1 elsewhere,
+
+    loss_i = sum_j -log sigmoid(z_ij L_ij) = sum_j softplus(-z_ij L_ij)
+    dloss_i / dL_ij = sigmoid(L_ij) - [j = positive_offset + i]
+
+No normalisation couples a row's entries, so the fused backends produce the loss and the
+gradient of sum_i loss_i in one pass over row blocks of the products (backend contract
+`sigmoid_loss`, fitclip_ext/backends/__init__.py): 6 * n * m * D matrix FLOPs for forward and
+backward together, with no n x m matrix stored. The backward of "mean" and "sum" only scales the
+saved gradient by the upstream factor; "none" has per-row upstream weights, so its backward runs
+the pass again with them (8 units in all). Without any input requiring a gradient only the loss
+(2 units) is computed.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import backends, validate
+from .common import compute_dtype, reduce
+from .reference import sigmoid_loss_reference
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+class _SigmoidLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, keys, scale, bias, offset, reduction, backend, need_grad, out_dtype):
+        ops = backends.get(backend)
+        with_grad = need_grad and reduction != "none"
+        with torch.autocast(query.device.type, enabled=False):  # (the backends pick their own precision)
+            loss, gk, gtq, stats = ops.sigmoid_loss(query, keys, scale, bias, offset, None, with_grad)
+        ctx.config = (offset, reduction, backend, with_grad, query.shape[0])
+        ctx.dtypes = (query.dtype, keys.dtype)
+        ctx.bias_meta = (bias.device, bias.dtype)
+        if with_grad:  # the gradient of sum_i loss_i, known up to the upstream factor
+            ctx.save_for_backward(gk, gtq, stats, scale)
+        else:
+            ctx.save_for_backward(query, keys, scale, bias)
+        return reduce(loss, reduction).to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        offset, reduction, backend, with_grad, n = ctx.config
+        if with_grad:
+            gk, gtq, stats, scale = ctx.saved_tensors
+            ct = gk.dtype
+            c = grad_out.to(ct) / n if reduction == "mean" else grad_out.to(ct)
+        else:
+            query, keys, scale, bias = ctx.saved_tensors
+            ct = compute_dtype(query)
+            if reduction == "none":
+                w, c = grad_out.to(ct).contiguous(), torch.ones((), dtype=ct, device=grad_out.device)
+            else:  # (a gradient asked for after a forward that did not expect one)
+                w, c = None, grad_out.to(ct) / n if reduction == "mean" else grad_out.to(ct)
+            with torch.autocast(query.device.type, enabled=False):
+                _, gk, gtq, stats = backends.get(backend).sigmoid_loss(query, keys, scale, bias, offset, w, True)
+        s = scale.detach().to(device=gk.device, dtype=ct).reshape(())
+        need = ctx.needs_input_grad
+        dq = (gk * (c * s)).to(ctx.dtypes[0]) if need[0] else None
+        dk = (gtq * (c * s)).to(ctx.dtypes[1]) if need[1] else None
+        # (a scale or bias may live on the CPU beside CUDA features: its gradient goes back there)
+        dscale = (c * stats[0].sum()).to(device=scale.device, dtype=scale.dtype).reshape(scale.shape) if need[2] else None
+        dbias = (c * stats[1].sum()).to(device=ctx.bias_meta[0], dtype=ctx.bias_meta[1]).reshape(()) if need[3] else None
+        return dq, dk, dscale, dbias, None, None, None, None, None
+
+
+def _apply(query, keys, scale, bias, offset, reduction, backend):
+    """The fused loss; bias None -> 0 (no gradient), offset None -> -1 (negatives only). Under
+    autocast the Triton path takes float32 features in the autocast dtype (tensor-core GEMMs, as
+    autocast runs a matmul), returning the loss in the caller's dtype."""
+    bias_t = bias if bias is not None else torch.zeros((), dtype=torch.float64)
+    need = _needs_grad(query, keys, scale, bias_t)
+    out_dtype = query.dtype
+    dev = query.device.type
+    if backend == "triton" and query.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        query, keys = query.to(low), keys.to(low)
+    return _SigmoidLoss.apply(query, keys, scale, bias_t, -1 if offset is None else offset, reduction, backend, need,
+                              out_dtype)
+
+
+def sigmoid_loss(image_features, text_features, logit_scale, logit_bias=None, *, positive_offset=0,
+                 reduction="mean", backend=None):
+    """SigLIP's pairwise sigmoid loss, a drop-in for the loss of open_clip's SigLipLoss:
+    loss_i = -sum_j log sigmoid(z_ij * (logit_scale * <x_i, y_j> + logit_bias)), z_ij = +1 at
+    j = positive_offset + i and -1 elsewhere.
+
+    Args:
+        image_features: [n, D] float tensor (float32, float64, bfloat16, float16).
+        text_features: [m, D], same dtype and device (m may differ from n: local rows against
+            gathered or received columns).
+        logit_scale: the (already exponentiated) scale, a number or 0-d/1-element tensor.
+        logit_bias: the bias, a number or 0-d/1-element tensor (None: 0); both get gradients when
+            they require them.
+        positive_offset: int, index of image 0's positive text (0 <= offset <= m - n), or None
+            for a block of negatives only (as the blocks received from other ranks are).
+        reduction: "mean" (sum over all pairs / n, as open_clip), "sum", or "none" ([n]).
+        backend: None (auto: "triton" on CUDA, "cpp" on CPU), or "triton", "cpp", "torch"
+            (the reference, which materialises the n x m logits).
+    Returns the loss in the features' dtype. Memory O((n + m) * D) on the fused backends.
+    """
+    validate.features("image_features", image_features)
+    validate.features("text_features", text_features)
+    validate.same_device_dtype(("image_features", "text_features"), image_features, text_features)
+    n, m = image_features.shape[0], text_features.shape[0]
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError("image_features and text_features must have the same feature size D, got "
+                         f"{image_features.shape[1]} and {text_features.shape[1]}")
+    if positive_offset is not None:
+        if isinstance(positive_offset, bool) or not isinstance(positive_offset, int):
+            raise TypeError(f"positive_offset must be an int or None, got {type(positive_offset).__name__}")
+        if not 0 <= positive_offset <= m - n:
+            raise ValueError(
+                f"positive_offset must be in [0, m - n] = [0, {m - n}] so that every image's positive text "
+                f"exists (n={n}, m={m}), or None for negatives only; got {positive_offset}")
+    dev = image_features.device
+    scale = validate.scale("logit_scale", logit_scale, dev)
+    bias = validate.bias("logit_bias", logit_bias, dev)
+    if bias is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(bias.detach())):
+        raise ValueError(f"logit_bias must be finite, got {bias.detach().item()}")
+    reduction = validate.reduction(reduction)
+    backend = backends.resolve(backend, dev)
+    if backend == "torch":
+        return sigmoid_loss_reference(image_features, text_features, scale.to(dev),
+                                      bias if bias is None else bias.to(dev), positive_offset=positive_offset,
+                                      reduction=reduction)
+    return _apply(image_features, text_features, scale, bias, positive_offset, reduction, backend)

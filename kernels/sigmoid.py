@@ -1,0 +1,147 @@
+"""The SigLIP loss on CUDA (`fitclip_ext.sigmoid_loss`): row blocks of the products by cuBLAS, the
+pairwise sigmoid terms by one fused Triton kernel.
+
+The loss needs no normalisation over a row, so every row block [r0, r1) is finished in one pass
+(the structure of csrc/sigmoid.cpp):
+
+    S = Q[r0:r1] @ K^T                              GEMM, float32 output   2 * R * m * D FLOPs
+    loss_i, G = sigmoid(L) - P, sum G S, sum G       `sigmoid_rows_kernel`  elementwise + row sums
+    dQ[r0:r1] = G @ K, dK += G^T @ Q[r0:r1]          2 GEMMs                4 * R * m * D FLOPs
+
+6 * n * m * D matrix FLOPs for the loss and both feature gradients (2 without a gradient), every
+GEMM a large cuBLAS one (R >= 512 rows unless n is smaller) at the library's own rate, instead of
+hand-written tile products that recompute tiles per output chunk. Exact and deterministic: the
+row sums are made by one program per row in a fixed order, the column gradient dK is a GEMM
+accumulation in block order, no atomics, no host synchronisation (scale and bias are read on the
+device). Precision: the logits come from float32-accumulated products written in float32
+(`torch.mm(..., out_dtype=torch.float32)` for half inputs); G is rounded to the inputs' dtype
+only as the operand of the two gradient GEMMs (tensor cores), G itself is at most 1 in
+magnitude and unweighted (the 1 / n of "mean" is applied afterwards), so nothing underflows in
+float16/bfloat16. Memory: the block of R x m float32 (about 2^28 elements, R >= 512) plus its
+half-precision G, and O((n + m) * D).
+
+Under the Triton interpreter (CPU tensors) the GEMMs run on the CPU on the same operands (half
+inputs upcast, G rounded to the inputs' dtype first), so CI checks the GPU's numerics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import launch, scale_tensor, small_configs, triton_op
+
+
+@triton.jit
+def sigmoid_rows_kernel(
+    s_ptr, g_ptr, loss_ptr, stats_ptr, w_ptr, scale_ptr, bias_ptr,
+    rows, m, n, row0, offset, stride_s, stride_g,
+    HAS_W: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Rows r of the block (BLOCK_M per program, columns in order): loss[row0 + r] =
+    sum_j softplus(-z_rj L_rj) with L = scale * S + bias; with WITH_GRAD,
+    G[r, j] = w (sigmoid(L_rj) - [j = offset + row0 + r]) to g_ptr (which may be s_ptr: in place)
+    and stats[:, row0 + r] = (sum_j G_rj S_rj, sum_j G_rj)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = r < rows
+    i = row0 + r
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr)
+    if HAS_W:
+        w = tl.load(w_ptr + i, mask=r_ok, other=0.0)
+    else:
+        w = tl.full((BLOCK_M,), 1.0, tl.float32)
+    pos = tl.where(offset >= 0, offset + i, -1)
+    acc_loss = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_gs = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for c0 in range(0, m, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        ok = r_ok[:, None] & (cols < m)[None, :]
+        x = tl.load(s_ptr + r[:, None] * stride_s + cols[None, :], mask=ok, other=0.0)
+        l = scale * x + bias
+        is_pos = cols[None, :] == pos[:, None]
+        t = tl.where(is_pos, -l, l)  # the pair's loss is softplus(t)
+        e = tl.exp(-tl.abs(t))
+        one_e = 1.0 + e
+        d = one_e - 1.0  # log1p(e) without losing a tiny e (Goldberg)
+        log1p_e = tl.where(d == 0.0, e, tl.log(one_e) * (e / tl.where(d == 0.0, 1.0, d)))
+        sp = tl.maximum(t, 0.0) + log1p_e
+        sp = tl.where(t != t, t, sp)  # NaN in, NaN out
+        acc_loss += tl.where(ok, sp, 0.0)
+        if WITH_GRAD:
+            sig_t = tl.where(t >= 0.0, 1.0, e) / one_e
+            g = w[:, None] * tl.where(is_pos, -sig_t, sig_t)  # sigmoid(L) - [positive]
+            g = tl.where(ok, g, 0.0)
+            acc_gs += g * x
+            acc_g += g
+            tl.store(g_ptr + r[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
+    tl.store(loss_ptr + i, tl.sum(acc_loss, 1), mask=r_ok)
+    if WITH_GRAD:
+        tl.store(stats_ptr + i, tl.sum(acc_gs, 1), mask=r_ok)
+        tl.store(stats_ptr + n + i, tl.sum(acc_g, 1), mask=r_ok)
+
+
+def rows_config(small: bool | None = None) -> dict:
+    """The elementwise kernel's launch keywords (memory-bound: 4 rows x 512 columns per step and
+    program on a GPU; under the interpreter, where each program costs milliseconds, or with
+    FITCLIP_TRITON_CONFIG=small, 64 rows x 128 columns and one warp)."""
+    if small_configs(small):
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=1, num_stages=1)
+    return dict(BLOCK_M=4, BLOCK_N=512, num_warps=4, num_stages=1)
+
+
+def block_rows(n: int, m: int) -> int:
+    """Rows per block: about 2^28 products (1 GB of float32), at least 512 rows (GEMMs that reuse
+    each K row 512 times stay compute bound on an H100) and at most 16384; all of n if fewer.
+    FITCLIP_GPU_BLOCK_ELEMS overrides the 2^28 (tests use it to run several blocks)."""
+    import os
+
+    target = int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0) or (1 << 28)
+    return max(1, min(n, max(512 if target >= (1 << 20) else 1, min(16384, target // max(m, 1)))))
+
+
+# ----------------------------------------------------------------------------- GEMMs
+# Every matrix product goes through `mm32`, so a test can count what a GPU would do.
+
+def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32 with float32 accumulation: cuBLAS with a float32 output for half inputs on
+    CUDA; under the interpreter the same operands upcast on the CPU."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+@triton_op("triton_sigmoid_loss")
+def _sigmoid_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int,
+                row_weight: torch.Tensor | None, with_grad: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backend contract's sigmoid_loss: (loss [n], G @ keys [n, D], G^T @ query [m, D],
+    stats [2, n]) in float32 (the last three empty without with_grad)."""
+    n, D = query.shape
+    m = keys.shape[0]
+    dev = query.device
+    f32 = torch.float32
+    s, b = scale_tensor(scale, dev), scale_tensor(bias, dev)
+    loss = torch.empty(n, device=dev, dtype=f32)
+    gk = torch.empty((n if with_grad else 0, D), device=dev, dtype=f32)
+    gtq = torch.zeros((m if with_grad else 0, D), device=dev, dtype=f32)
+    stats = torch.empty((2, n if with_grad else 0), device=dev, dtype=f32)
+    w = row_weight.to(device=dev, dtype=f32).contiguous() if row_weight is not None else loss
+    R = block_rows(n, m)
+    half = query.dtype != f32
+    kt = keys.t()
+    for r0 in range(0, n, R):
+        rows = min(R, n - r0)
+        q_blk = query[r0:r0 + rows]
+        S = mm32(q_blk, kt)  # [rows, m] float32 (the caching allocator reuses the block's memory)
+        G = torch.empty_like(S, dtype=query.dtype) if with_grad and half else S  # float32: in place
+        cfg = rows_config()
+        launch(sigmoid_rows_kernel, (triton.cdiv(rows, cfg["BLOCK_M"]),), S, G, loss, stats, w, s, b, rows, m, n, r0,
+               offset, S.stride(0), G.stride(0), HAS_W=row_weight is not None, WITH_GRAD=with_grad, **cfg)
+        if with_grad:
+            gk[r0:r0 + rows] = mm32(G, keys)
+            gtq += mm32(G.t(), q_blk)
+    return loss, gk, gtq, stats
