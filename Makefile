@@ -15,13 +15,13 @@ PIP    := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-benchmark>=4" "pytest-xdist>=3" \
         "pybind11>=2.12" "ninja" "cmake>=3.25" "setuptools>=64" "wheel" "numpy" "tqdm" \
-        "safetensors" "matplotlib" \
+        "safetensors" "matplotlib" "flask>=3" "selenium>=4.20" \
         "pandas" "webdataset" "braceexpand"  # open_clip_train's data loading (fitclip_ext.open_clip_train)
 PYTEST_ARGS ?=
 
-.PHONY: setup deps ffmpeg build test demo bench aot aot-triton36 test-gpu-stack gpu-check clean
+.PHONY: setup deps ffmpeg browser build test demo bench aot aot-triton36 test-gpu-stack gpu-check clean
 
-setup: $(VENV)/.deps-stamp ffmpeg build
+setup: $(VENV)/.deps-stamp ffmpeg browser build
 
 # torch's CUDA build and its libraries take about 6 GB in the venv: say so before pip runs out of
 # space half-way (a warning, not a refusal: pip may still fit).
@@ -48,6 +48,20 @@ ffmpeg:
 	  echo "WARNING: FFmpeg's shared libraries (libavcodec etc.) are missing and cannot be installed here"; \
 	  echo "         (not root or no apt-get). Video decoding will fail until you install them, e.g."; \
 	  echo "         'sudo apt-get install ffmpeg' or 'conda install -c conda-forge ffmpeg'."; \
+	fi
+
+# Debian's chromium and its driver for the search page's browser test (skipped, saying why, without them).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  echo "chromium and chromedriver found"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  echo "Installing chromium and chromium-driver (the browser test of fitclip serve)"; \
+	  (apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)) || \
+	  echo "WARNING: could not install chromium; the browser test will be skipped"; \
+	else \
+	  echo "NOTE: chromium/chromedriver missing and not installable here (not root or no apt-get);" \
+	       "the browser test of fitclip serve will be skipped"; \
 	fi
 
 build: $(VENV)/.deps-stamp

@@ -115,7 +115,7 @@ class ResultsFile:
             doc["triton"] = triton.__version__
         except ImportError:
             pass
-        key = lambda c: (c.get("op"), c.get("B"), c.get("C"), c.get("V"), c.get("T"), c.get("D"), c.get("k"), c.get("dtype"))
+        key = lambda c: (c.get("op"), c.get("B"), c.get("N"), c.get("C"), c.get("V"), c.get("T"), c.get("D"), c.get("k"), c.get("dtype"))
         merged = {key(c): c for c in doc.get("cases", [])}
         for c in self.cases:
             merged[key(c)] = c

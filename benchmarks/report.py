@@ -155,6 +155,23 @@ def sigmoid_plot(doc, path: Path) -> bool:
     return _scaling_plot(doc, "sigmoid_loss", path, f"sigmoid_loss (SigLIP) on {doc['device']}")
 
 
+def search_table(doc) -> list[str]:
+    """`fitclip search` query times (synthetic collections) and `fitclip index` throughput."""
+    rows = sorted((c for c in doc["cases"] if c.get("op") == "search query"), key=lambda c: (c["dtype"], c["N"]))
+    out = []
+    if rows:
+        out += ["| videos N | dtype | query ms (product + top-10 + best frames) | product ms | index MB |",
+                "|---|---|---|---|---|"]
+        out += [f"| {c['N']:,} | {c['dtype']} | {_fmt(c['median_ms'], '.1f')} | {_fmt(c['product_ms'], '.1f')} | "
+                f"{_fmt(c['index_mb'])} |" for c in rows]
+        out += ["", f"Target: under {rows[0]['target_ms_at_1M']:.0f} ms a query at N = 1,000,000 (float16).", ""]
+    for c in (c for c in doc["cases"] if c.get("op") == "fitclip index"):
+        runs = ", ".join(f"{k.replace('_', ' ')}: {_fmt(v['videos_per_s'], '.2f')} videos/s" for k, v in c["runs"].items())
+        out += [f"`fitclip index`, {c['model']} ({'random init' if c['pretrained'] == 'none' else c['pretrained']}), "
+                f"{c['frames']} frames of {c['videos']} clips ({c['clip']}): {runs}.", ""]
+    return out
+
+
 def train_table(doc) -> list[str]:
     rows = [c for c in doc["cases"] if c.get("op") == "fitclip train"]
     out = []
@@ -291,6 +308,9 @@ def main():
             png = path.with_name(path.stem + "-sigmoid.png")
             if sigmoid_plot(doc, png):
                 lines += [f"![sigmoid_loss]({png.relative_to(HERE).as_posix()})", ""]
+        t = search_table(doc)
+        if t:
+            lines += ["### text-to-video search (benchmarks/bench_search.py)", ""] + t
         t = train_table(doc)
         if t:
             lines += ["### training step (benchmarks/bench_train.py)", ""] + t

@@ -113,7 +113,9 @@ template <typename T>
 void sigmoid_impl(const at::Tensor& Q, const at::Tensor& K, T scale, T bias, int64_t offset, const T* rw,
                   bool grad, at::Tensor& loss, at::Tensor& dQ, at::Tensor& dK, at::Tensor& stats) {
   const int64_t n = Q.size(0), m = K.size(0);
-  const int64_t bm = rows_per_block(n, m, int64_t(1) << 24, 32);
+  // About 2^23 products per block (32 MB of fp32): half InfoNCE's, since the block is the largest
+  // part of this op's memory beside the saved gradients (B = 16384: 512-row blocks).
+  const int64_t bm = rows_per_block(n, m, int64_t(1) << 23, 32);
   auto S = at::empty({bm, m}, Q.options());
   T* lp = loss.data_ptr<T>();
   T* st = grad ? stats.data_ptr<T>() : nullptr;

@@ -1,4 +1,4 @@
-"""`fitclip` command line: train | eval | wise."""
+"""`fitclip` command line: train | eval | wise | index | search | serve."""
 from __future__ import annotations
 
 import argparse
@@ -23,11 +23,15 @@ def wise_main(argv=None) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "eval", "wise"):
-        print("usage: fitclip {train,eval,wise} ...  (`fitclip COMMAND --help` lists a command's flags)\n"
-              "  train  FitCLIP fine-tuning of an open_clip model on videos\n"
-              "  eval   zero-shot action recognition and text-to-video retrieval metrics\n"
-              "  wise   WiSE-FT weight interpolation of a zero-shot and a fine-tuned checkpoint",
+    if not argv or argv[0] not in ("train", "eval", "wise", "index", "search", "serve"):
+        print("usage: fitclip {train,eval,wise,index,search,serve} ...  (`fitclip COMMAND --help` lists a "
+              "command's flags)\n"
+              "  train   FitCLIP fine-tuning of an open_clip model on videos\n"
+              "  eval    zero-shot action recognition and text-to-video retrieval metrics\n"
+              "  wise    WiSE-FT weight interpolation of a zero-shot and a fine-tuned checkpoint\n"
+              "  index   index a folder of videos for text search\n"
+              "  search  text-to-video search of an index\n"
+              "  serve   a search page and JSON API over an index",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "train":
@@ -38,6 +42,18 @@ def main(argv=None):
         from .evaluate import main as eval_main
 
         eval_main(argv[1:])
+    elif argv[0] == "index":
+        from .search import index_main
+
+        index_main(argv[1:])
+    elif argv[0] == "search":
+        from .search import search_main
+
+        search_main(argv[1:])
+    elif argv[0] == "serve":
+        from .serve import main as serve_main
+
+        serve_main(argv[1:])
     else:
         wise_main(argv[1:])
     return 0

@@ -52,10 +52,12 @@ def frame_indices(num_available: int, num_frames: int, sampling: str = "uniform"
 
 
 def read_frames(path, num_frames: int, *, sampling: str = "uniform", generator: torch.Generator | None = None,
-                num_threads: int = 1, segment: tuple[float, float] | None = None, device: str = "cpu") -> torch.Tensor:
+                num_threads: int = 1, segment: tuple[float, float] | None = None, device: str = "cpu",
+                return_info: bool = False):
     """uint8 [num_frames, 3, H, W] frames of the video at `path` (see `frame_indices`), taken from
     the whole clip or from `segment` = (start, end) seconds, decoded on `device` ("cuda": torchcodec's
-    NVDEC decoder, frames returned on the GPU)."""
+    NVDEC decoder, frames returned on the GPU). return_info: (frames, {"times": each frame's
+    presentation time in seconds, "duration": the video's in seconds})."""
     from torchcodec.decoders import VideoDecoder
 
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
@@ -81,12 +83,19 @@ def read_frames(path, num_frames: int, *, sampling: str = "uniform", generator: 
         first = min(available - 1, max(0, int(segment[0] * fps)))
         available = max(1, min(available, math.ceil(segment[1] * fps)) - first)
     idx = [first + j for j in frame_indices(available, num_frames, sampling, generator)]
+    order = sorted(set(idx))
     try:
-        frames = decoder.get_frames_at(sorted(set(idx))).data
+        batch = decoder.get_frames_at(order)
     except Exception as err:  # a truncated file fails here, past its header
         raise VideoDecodeError(path, f"{type(err).__name__}: {err}") from err
-    pos = {j: n for n, j in enumerate(sorted(set(idx)))}
-    return frames[[pos[j] for j in idx]]
+    where = {j: n for n, j in enumerate(order)}
+    pos = [where[j] for j in idx]
+    frames = batch.data[pos]
+    if not return_info:
+        return frames
+    times = [float(batch.pts_seconds[n]) for n in pos]
+    duration = decoder.metadata.duration_seconds or (times[-1] if times else 0.0)
+    return frames, {"times": times, "duration": float(duration)}
 
 
 # ----------------------------------------------------------------------------- data set layouts

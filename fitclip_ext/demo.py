@@ -240,7 +240,32 @@ def main(argv=None) -> dict:
     plot(results, out / "results.png")
     print(f"\nresults: {(out / 'results.json').resolve()}  plot: {(out / 'results.png').resolve()}  "
           f"({time.time() - t0:.0f} s)")
+    doc["search_index"] = str(index_held_out(out, wise, a.frames))
+    print(f"search the held-out clips with the WiSE-FT model in a browser:\n  fitclip serve {doc['search_index']}"
+          f"   (then open http://127.0.0.1:8000/; or: fitclip search {doc['search_index']} \"a red square spinning\")")
     return doc
+
+
+def index_held_out(out: Path, checkpoint: Path, num_frames: int) -> Path:
+    """`fitclip index` over the held-out clips (linked into out/test_clips) with `checkpoint`."""
+    import os
+    import shutil
+
+    from .search import build_index
+
+    folder = out / "test_clips"
+    folder.mkdir(exist_ok=True)
+    for line in (out / "test.csv").read_text().splitlines()[1:]:
+        src = out / line.split(",")[0]
+        dst = folder / src.name
+        if not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system: a copy
+                shutil.copy2(src, dst)
+    index = out / "search_index"
+    build_index(folder, index, "fitclip-tiny", str(checkpoint), num_frames=num_frames)
+    return index
 
 
 if __name__ == "__main__":

@@ -39,33 +39,35 @@ class _SigmoidLoss(torch.autograd.Function):
         ctx.config = (offset, reduction, backend, with_grad, query.shape[0])
         ctx.dtypes = (query.dtype, keys.dtype)
         ctx.bias_meta = (bias.device, bias.dtype)
-        if with_grad:  # the gradient of sum_i loss_i, known up to the upstream factor
-            ctx.save_for_backward(gk, gtq, stats, scale)
-        else:
-            ctx.save_for_backward(query, keys, scale, bias)
+        # With a gradient: the gradient of sum_i loss_i, known up to the upstream factor. Kept on
+        # ctx (not saved for autograd) so that the first backward can scale it in place and hand
+        # it over as the features' gradients, without a second copy; a later backward through a
+        # retained graph finds it gone and runs the pass again from the saved inputs.
+        ctx.grads = (gk, gtq, stats) if with_grad else None
+        ctx.save_for_backward(query, keys, scale, bias)
         return reduce(loss, reduction).to(out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         offset, reduction, backend, with_grad, n = ctx.config
-        if with_grad:
-            gk, gtq, stats, scale = ctx.saved_tensors
+        query, keys, scale, bias = ctx.saved_tensors
+        if ctx.grads is not None:
+            (gk, gtq, stats), ctx.grads = ctx.grads, None
             ct = gk.dtype
             c = grad_out.to(ct) / n if reduction == "mean" else grad_out.to(ct)
         else:
-            query, keys, scale, bias = ctx.saved_tensors
             ct = compute_dtype(query)
             if reduction == "none":
                 w, c = grad_out.to(ct).contiguous(), torch.ones((), dtype=ct, device=grad_out.device)
             else:  # (a gradient asked for after a forward that did not expect one)
-                w, c = None, grad_out.to(ct) / n if reduction == "mean" else grad_out.to(ct)
+                w, c = None, grad_out.to(ct) / n if reduction == "mean" else grad_out.to(ct)  # (or a second one)
             with torch.autocast(query.device.type, enabled=False):
                 _, gk, gtq, stats = backends.get(backend).sigmoid_loss(query, keys, scale, bias, offset, w, True)
         s = scale.detach().to(device=gk.device, dtype=ct).reshape(())
         need = ctx.needs_input_grad
-        dq = (gk * (c * s)).to(ctx.dtypes[0]) if need[0] else None
-        dk = (gtq * (c * s)).to(ctx.dtypes[1]) if need[1] else None
+        dq = gk.mul_(c * s).to(ctx.dtypes[0]) if need[0] else None  # (in place: these buffers are ours)
+        dk = gtq.mul_(c * s).to(ctx.dtypes[1]) if need[1] else None
         # (a scale or bias may live on the CPU beside CUDA features: its gradient goes back there)
         dscale = (c * stats[0].sum()).to(device=scale.device, dtype=scale.dtype).reshape(scale.shape) if need[2] else None
         dbias = (c * stats[1].sum()).to(device=ctx.bias_meta[0], dtype=ctx.bias_meta[1]).reshape(()) if need[3] else None

@@ -316,6 +316,10 @@ def test_demo_end_to_end_tiny(tmp_path):
     for r in doc["results"].values():
         assert 0 <= r["action_top1"] <= 100 and 0 <= r["t2v_r1"] <= 100
     assert (tmp_path / "demo" / "results.json").exists() and (tmp_path / "demo" / "results.png").exists()
+    from fitclip_ext.search import Index
+
+    index = Index.load(doc["search_index"])  # the held-out clips, searchable with the WiSE-FT model
+    assert len(index.videos) == len((tmp_path / "demo" / "test.csv").read_text().splitlines()) - 1
 
 
 def test_train_options_val_best_topk_loss_class_prompts_workers(video_set, tmp_path):
