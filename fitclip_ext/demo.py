@@ -264,7 +264,7 @@ def index_held_out(out: Path, checkpoint: Path, num_frames: int) -> Path:
             except OSError:  # another file system: a copy
                 shutil.copy2(src, dst)
     index = out / "search_index"
-    build_index(folder, index, "fitclip-tiny", str(checkpoint), num_frames=num_frames)
+    build_index(folder, index, "fitclip-tiny", str(checkpoint), num_frames=num_frames, dtype="float32")
     return index
 
 

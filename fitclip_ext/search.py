@@ -343,10 +343,10 @@ class Searcher:
     def embed(self, text: str) -> torch.Tensor:
         return F.normalize(self.model.encode_text(self.tokenizer([text]).to(self.device)).float(), dim=-1)[0].cpu()
 
-    def query(self, text: str, k: int = 10, rerank: int = 0) -> list[dict]:
+    def query(self, text: str, k: int = 10, rerank: int = 0, rerank_frames: int = 2) -> list[dict]:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the query is empty: type what the video should show")
-        return search(self.index, self.embed(text), k, rerank=rerank)
+        return search(self.index, self.embed(text), k, rerank=rerank, rerank_frames=rerank_frames)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -320,6 +320,21 @@ def test_demo_end_to_end_tiny(tmp_path):
 
     index = Index.load(doc["search_index"])  # the held-out clips, searchable with the WiSE-FT model
     assert len(index.videos) == len((tmp_path / "demo" / "test.csv").read_text().splitlines()) - 1
+    # the search path (top-k re-rank of every clip) gives the demo's own text-to-video R@1 and R@5
+    import csv
+
+    from fitclip_ext.search import Searcher
+
+    searcher = Searcher(doc["search_index"])
+    caption = {r["video"].split("/")[-1]: r["caption"] for r in csv.DictReader(open(tmp_path / "demo" / "test.csv"))}
+    n, ranks = len(index.videos), []
+    for u in sorted(set(caption.values())):
+        order = [r["path"] for r in searcher.query(u, k=n, rerank=n, rerank_frames=3)]
+        ranks.append(next(i for i, p in enumerate(order) if caption[p] == u) + 1)
+    ranks = torch.tensor(ranks, dtype=torch.float32)
+    wise = doc["results"]["fitclip_wise"]
+    assert 100 * (ranks <= 1).float().mean().item() == pytest.approx(wise["t2v_r1"])
+    assert 100 * (ranks <= 5).float().mean().item() == pytest.approx(wise["t2v_r5"])
 
 
 def test_train_options_val_best_topk_loss_class_prompts_workers(video_set, tmp_path):
