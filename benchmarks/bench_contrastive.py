@@ -16,7 +16,7 @@ import torch
 from fitclip_ext.reference import contrastive_loss_reference
 
 from .contrastive_cases import fwd_bwd, loss_fn, make_inputs
-from .harness import child_peak_mb, time_once
+from .harness import child_peak_mb, interleaved, time_once
 
 D = 512
 # rounds per case; B=32768 baselines only run once, in the memory child (each B x B fp32
@@ -32,14 +32,7 @@ def test_contrastive_loss_cpu(benchmark, results, B, rounds):
     candidate = fwd_bwd(loss_fn("fitclip", backend="cpp"), inputs)
     in_process = B <= 16384
     base_fns = {name: fwd_bwd(loss_fn(name), inputs) for name in BASELINES} if in_process else {}
-    if "torch_compile" in base_fns:
-        base_fns["torch_compile"]()  # compile outside the timed rounds
-    base_times = {name: [] for name in base_fns}
-
-    def run_baselines():
-        for name, fn in base_fns.items():
-            base_times[name].append(time_once(fn))
-
+    base_times, run_baselines = interleaved(base_fns)
     candidate()  # warm-up (first-call allocations, MKL buffers)
     benchmark.group = f"contrastive_loss cpu B={B} D={D} fp32"
     benchmark.pedantic(candidate, setup=run_baselines if base_fns else None, rounds=rounds, iterations=1)

@@ -14,7 +14,7 @@ import fitclip_ext
 from fitclip_ext.reference import distillation_loss_reference
 
 from .distill_cases import fwd_bwd, loss_fn, make_inputs
-from .harness import child_peak_mb, time_once
+from .harness import child_peak_mb, interleaved
 
 D = 512
 CASES = [(1024, 10), (4096, 5), (16384, 2)]
@@ -27,13 +27,7 @@ def test_distillation_loss_cpu(benchmark, results, B, rounds):
     inputs = make_inputs(B, D)
     candidate = fwd_bwd(loss_fn("fitclip", backend="cpp"), inputs)
     base_fns = {name: fwd_bwd(loss_fn(name), inputs) for name in BASELINES}
-    base_fns["torch_compile"]()  # compile outside the timed rounds
-    base_times = {name: [] for name in base_fns}
-
-    def run_baselines():
-        for name, fn in base_fns.items():
-            base_times[name].append(time_once(fn))
-
+    base_times, run_baselines = interleaved(base_fns)
     candidate()
     benchmark.group = f"distillation_loss cpu B={B} D={D} fp32"
     benchmark.pedantic(candidate, setup=run_baselines, rounds=rounds, iterations=1)

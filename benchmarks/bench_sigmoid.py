@@ -17,7 +17,7 @@ import torch
 import fitclip_ext
 from fitclip_ext.reference import sigmoid_loss_reference
 
-from .harness import child_peak_mb, time_once
+from .harness import child_peak_mb, interleaved, time_once
 from .sigmoid_cases import fwd_bwd, loss_fn, make_inputs
 
 D = 512
@@ -34,14 +34,7 @@ def test_sigmoid_loss_cpu(benchmark, results, B, rounds):
     inputs = make_inputs(B, D)
     candidate = fwd_bwd(loss_fn("fitclip", backend="cpp"), inputs)
     base_fns = {name: fwd_bwd(loss_fn(name), inputs) for name in BASELINES} if B <= 16384 else {}
-    if "torch_compile" in base_fns:
-        base_fns["torch_compile"]()  # compile outside the timed rounds
-    base_times = {name: [] for name in base_fns}
-
-    def run_baselines():
-        for name, fn in base_fns.items():
-            base_times[name].append(time_once(fn))
-
+    base_times, run_baselines = interleaved(base_fns)
     candidate()  # warm-up
     benchmark.group = f"sigmoid_loss cpu B={B} D={D} fp32"
     benchmark.pedantic(candidate, setup=run_baselines if base_fns else None, rounds=rounds, iterations=1)

@@ -50,6 +50,21 @@ def time_once(fn) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved(base_fns: dict):
+    """(times {name: [seconds]}, run): run() times every baseline once; given as pytest-benchmark's
+    setup hook it runs before each timed round of the candidate, so candidate and baselines
+    interleave in one process. torch_compile, if present, is compiled here, outside the rounds."""
+    if "torch_compile" in base_fns:
+        base_fns["torch_compile"]()
+    times = {name: [] for name in base_fns}
+
+    def run():
+        for name, fn in base_fns.items():
+            times[name].append(time_once(fn))
+
+    return times, run
+
+
 def _rss_kb(field: str) -> int:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):

@@ -75,13 +75,7 @@ def infonce(query, keys, logit_scale, logit_bias=None, *, positive_offset=0, lab
     validate.same_device_dtype(("query", "keys"), query, keys)
     if query.shape[1] != keys.shape[1]:
         raise ValueError(f"query and keys must have the same feature size D, got {query.shape[1]} and {keys.shape[1]}")
-    if isinstance(positive_offset, bool) or not isinstance(positive_offset, int):
-        raise TypeError(f"positive_offset must be an int, got {type(positive_offset).__name__}")
-    if not 0 <= positive_offset <= keys.shape[0] - query.shape[0]:
-        raise ValueError(
-            f"positive_offset must be in [0, m - n] = [0, {keys.shape[0] - query.shape[0]}] so that every "
-            f"query's positive key exists (n={query.shape[0]}, m={keys.shape[0]}), got {positive_offset}"
-        )
+    validate.positive_offset(positive_offset, query.shape[0], keys.shape[0], "query", "key")
     scale, bias, eps, reduction = validate.loss_options(logit_scale, logit_bias, label_smoothing, reduction,
                                                          query.device)
     backend = backends.resolve(backend, query.device)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 from . import data as fdata
 from . import model as fmodel
+from .evaluate import model_identity
+from .frames import select_frames, topk_frame_similarity
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp",
                     ".ogv")
@@ -185,7 +187,7 @@ def build_index(video_dir, out, model_name: str, pretrained: str | None, *, num_
     if dtype not in ("float16", "float32"):
         raise ValueError(f"--dtype must be 'float16' or 'float32', got {dtype!r}")
     world = World(device)
-    identity = _model_identity(model_name, pretrained)
+    identity = model_identity(model_name, pretrained)
     meta = {"format": FORMAT, "model": model_name, "pretrained": pretrained, "model_identity": identity,
             "num_frames": num_frames, "video_dir": str(video_dir), "dtype": dtype}
     old = None
@@ -266,17 +268,10 @@ def build_index(video_dir, out, model_name: str, pretrained: str | None, *, num_
         import torch.distributed as dist
 
         dist.barrier()
-    new_keys = set(todo)
-    return {"index": str(out), "videos": len(videos), "encoded": sum(1 for k in new_keys if encoded[k][1] is not None),
-            "kept": len(videos) - sum(1 for k in new_keys if encoded[k][1] is not None),
+    n_encoded = sum(1 for k in todo if encoded[k][1] is not None)
+    return {"index": str(out), "videos": len(videos), "encoded": n_encoded, "kept": len(videos) - n_encoded,
             "dropped": 0 if old is None else sum(1 for k in previous if k not in set(entries)),
             "unreadable": broken}
-
-
-def _model_identity(name: str, pretrained: str | None) -> str:
-    from .evaluate import model_identity
-
-    return model_identity(name, pretrained)
 
 
 # ----------------------------------------------------------------------------- searching
@@ -308,15 +303,11 @@ def search(index: Index, query: torch.Tensor, k: int = 10, *, rerank: int = 0, r
     s = scores(index, query)
     top_s, top = torch.topk(s, min(n, max(k, rerank)))
     if rerank:
-        from .frames import topk_frame_similarity
-
         cand = index.frames[top].float()
         fine = topk_frame_similarity(query[None], cand, min(rerank_frames, cand.shape[1]))[0]
         order = torch.argsort(fine, descending=True, stable=True)
         top, top_s = top[order], fine[order]
     top, top_s = top[:k], top_s[:k]
-    from .frames import select_frames
-
     frames = index.frames[top].float()
     kf = min(best_frames, frames.shape[1])
     idx, sims = select_frames(frames, query.expand(len(top), -1).contiguous(), kf)

@@ -25,10 +25,6 @@ from .common import compute_dtype, reduce
 from .reference import sigmoid_loss_reference
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-
-
 class _SigmoidLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, keys, scale, bias, offset, reduction, backend, need_grad, out_dtype):
@@ -36,7 +32,7 @@ class _SigmoidLoss(torch.autograd.Function):
         with_grad = need_grad and reduction != "none"
         with torch.autocast(query.device.type, enabled=False):  # (the backends pick their own precision)
             loss, gk, gtq, stats = ops.sigmoid_loss(query, keys, scale, bias, offset, None, with_grad)
-        ctx.config = (offset, reduction, backend, with_grad, query.shape[0])
+        ctx.config = (offset, reduction, backend, query.shape[0])
         ctx.dtypes = (query.dtype, keys.dtype)
         ctx.bias_meta = (bias.device, bias.dtype)
         # With a gradient: the gradient of sum_i loss_i, known up to the upstream factor. Kept on
@@ -50,7 +46,7 @@ class _SigmoidLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        offset, reduction, backend, with_grad, n = ctx.config
+        offset, reduction, backend, n = ctx.config
         query, keys, scale, bias = ctx.saved_tensors
         if ctx.grads is not None:
             (gk, gtq, stats), ctx.grads = ctx.grads, None
@@ -79,7 +75,7 @@ def _apply(query, keys, scale, bias, offset, reduction, backend):
     autocast the Triton path takes float32 features in the autocast dtype (tensor-core GEMMs, as
     autocast runs a matmul), returning the loss in the caller's dtype."""
     bias_t = bias if bias is not None else torch.zeros((), dtype=torch.float64)
-    need = _needs_grad(query, keys, scale, bias_t)
+    need = torch.is_grad_enabled() and any(t.requires_grad for t in (query, keys, scale, bias_t))
     out_dtype = query.dtype
     dev = query.device.type
     if backend == "triton" and query.dtype == torch.float32 and torch.is_autocast_enabled(dev):
@@ -116,18 +112,11 @@ def sigmoid_loss(image_features, text_features, logit_scale, logit_bias=None, *,
     if image_features.shape[1] != text_features.shape[1]:
         raise ValueError("image_features and text_features must have the same feature size D, got "
                          f"{image_features.shape[1]} and {text_features.shape[1]}")
-    if positive_offset is not None:
-        if isinstance(positive_offset, bool) or not isinstance(positive_offset, int):
-            raise TypeError(f"positive_offset must be an int or None, got {type(positive_offset).__name__}")
-        if not 0 <= positive_offset <= m - n:
-            raise ValueError(
-                f"positive_offset must be in [0, m - n] = [0, {m - n}] so that every image's positive text "
-                f"exists (n={n}, m={m}), or None for negatives only; got {positive_offset}")
+    validate.positive_offset(positive_offset, n, m, "image", "text", allow_none=True)
     dev = image_features.device
     scale = validate.scale("logit_scale", logit_scale, dev)
-    bias = validate.bias("logit_bias", logit_bias, dev)
-    if bias is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(bias.detach())):
-        raise ValueError(f"logit_bias must be finite, got {bias.detach().item()}")
+    # (the bias does not cancel here as in a softmax: it must be finite like the scale)
+    bias = None if logit_bias is None else validate.scale("logit_bias", logit_bias, dev)
     reduction = validate.reduction(reduction)
     backend = backends.resolve(backend, dev)
     if backend == "torch":

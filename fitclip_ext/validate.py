@@ -80,6 +80,19 @@ def label_smoothing(value) -> float:
     return float(value)
 
 
+def positive_offset(value, n: int, m: int, rows: str, cols: str, allow_none: bool = False):
+    """The index of row 0's positive column, in [0, m - n] so that every row's positive exists
+    (None, with allow_none: no positives, a block of negatives only)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"positive_offset must be an int{' or None' if allow_none else ''}, got {type(value).__name__}")
+    if not 0 <= value <= m - n:
+        raise ValueError(f"positive_offset must be in [0, m - n] = [0, {m - n}] so that every {rows}'s positive {cols} "
+                         f"exists (n={n}, m={m}){', or None for negatives only' if allow_none else ''}, got {value}")
+    return value
+
+
 def reduction(value) -> str:
     if value not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")

@@ -25,6 +25,8 @@ inputs upcast, G rounded to the inputs' dtype first), so CI checks the GPU's num
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -95,8 +97,6 @@ def block_rows(n: int, m: int) -> int:
     """Rows per block: about 2^28 products (1 GB of float32), at least 512 rows (GEMMs that reuse
     each K row 512 times stay compute bound on an H100) and at most 16384; all of n if fewer.
     FITCLIP_GPU_BLOCK_ELEMS overrides the 2^28 (tests use it to run several blocks)."""
-    import os
-
     target = int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0) or (1 << 28)
     return max(1, min(n, max(512 if target >= (1 << 20) else 1, min(16384, target // max(m, 1)))))
 

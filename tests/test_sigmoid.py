@@ -148,7 +148,7 @@ def test_sigmoid_loss_bad_tensors():
 def test_sigmoid_loss_triton_bfloat16_interpreted(reduction):
     """The Triton path has no tl.dot (its GEMMs are cuBLAS on a GPU), so bf16 runs correctly under the
     interpreter too: the GPU's numerics (bf16 operands, float32 products, G rounded to bf16)."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # on a GPU, backend_cases runs bf16 Triton in the float64 test above
         pytest.skip("covered by the bf16 cases on the GPU")
     dtype = torch.bfloat16
     img, txt = _features(45, 32, dtype, 1), _features(45, 32, dtype, 2)
