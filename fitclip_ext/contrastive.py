@@ -29,8 +29,9 @@ class _InfoNCE(torch.autograd.Function):
         ct = compute_dtype(query)
         n, m = query.shape[0], keys.shape[0]
         s_c = scale.detach().to(device=query.device, dtype=ct)
-        row_lse, col_lse = ops.infonce_lse(query, keys, scale, symmetric)
-        pos = s_c * rowdot(query, keys[offset:offset + n], ct)
+        row_lse, col_lse, pos = ops.infonce_lse(query, keys, scale, symmetric, offset)
+        if pos is None:  # exact products: the O(n D) row dots
+            pos = s_c * rowdot(query, keys[offset:offset + n], ct)
         row_mean = s_c * rowdot(query, keys.sum(0, dtype=ct), ct) / m if eps else None
         if symmetric:
             col_mean = s_c * rowdot(keys, query.sum(0, dtype=ct), ct) / n if eps else None

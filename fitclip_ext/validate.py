@@ -47,8 +47,10 @@ def scale(name: str, value, device: torch.device) -> torch.Tensor:
         raise TypeError(f"{name} must be a real number or a 0-d tensor, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
         value = _scalar_tensor(name, value, device)
-        # A host sync on CUDA: cheap against a loss over thousands of pairs, skipped when compiling.
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(value.detach())):
+        # Checked where that is free: a CUDA scale would need a host sync each step (a NaN one gives
+        # a NaN loss there), and so would a traced graph.
+        if (not torch.compiler.is_compiling() and value.device.type == "cpu"
+                and not bool(torch.isfinite(value.detach()))):
             raise ValueError(f"{name} must be finite, got {value.detach().item()}")
         return value
     if not math.isfinite(float(value)):

@@ -57,33 +57,29 @@ def _cases(scope: str = "all"):
         dtypes = [(torch.bfloat16, "ieee"), (torch.float32, "tf32")]
     for dtype, prec in dtypes:
         t = _ptr(dtype)
+        # InfoNCE: both kernels share the configurations, which depend on D (resident chunks)
         fwd_sig = {
-            "q_ptr": t, "k_ptr": t, "scale_ptr": "*fp32", "row_lse_ptr": "*fp32", "col_shift_ptr": "*fp32",
-            "col_sum_ptr": "*fp32", "col_max_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
+            "q_ptr": t, "k_ptr": t, "scale_ptr": "*fp32", "row_part_ptr": "*fp32", "pos_part_ptr": "*fp32",
+            "col_part_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "row0": "i32", "row_end": "i32",
+            "offset": "i32", "cols_per_split": "i32",
             "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32",
         }
-        # every candidate (FITCLIP_TRITON_AUTOTUNE=1 may pick any); c0 is the default
-        fwd_cands = infonce.fwd_candidates(dtype, 512, small=False, precision=prec)
-        for (i, cfg), with_col in itertools.product(enumerate(pick(fwd_cands)), (True, False)):
-            yield ("infonce_lse_fwd", "infonce.lse_fwd_kernel", dtype, prec, f"c{i} " + ("col" if with_col else "-"),
-                   fwd_sig, {"WITH_COL": with_col}, cfg)
         grad_sig = {
-            "a_ptr": t, "b_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32", "scale_ptr": "*fp32",
-            "a_lse_ptr": "*fp32", "a_w_ptr": "*fp32", "b_lse_ptr": "*fp32", "b_w_ptr": "*fp32",
-            "n_a": "i32", "n_b": "i32", "D": "i32", "off_a": "i32", "off_b": "i32",
-            "eps_a": "fp32", "eps_b": "fp32", "one_minus_eps": "fp32",
-            "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
-            "stride_on": "i32", "stride_od": "i32",
+            "q_ptr": t, "k_ptr": t, "g_ptr": t, "ds_part_ptr": "*fp32", "scale_ptr": "*fp32", "inv_w_ptr": "*fp32",
+            "row_lse_ptr": "*fp32", "row_w_ptr": "*fp32", "col_lse_ptr": "*fp32", "col_w_ptr": "*fp32",
+            "n": "i32", "m": "i32", "D": "i32", "row0": "i32", "row_end": "i32", "offset": "i32",
+            "cols_per_split": "i32", "eps_row": "fp32", "eps_col": "fp32", "one_minus_eps": "fp32",
+            "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32", "stride_g": "i32",
         }
-        # grad_candidates depends on D only through D > 128 and D > 256
-        for D in ((512,) if quick else (128, 512)):
-            cands = infonce.grad_candidates(dtype, D, small=False, precision=prec)
-            for i, cfg in enumerate(pick(cands)):
-                for has_a, has_b, with_ds in ((True, True, True), (True, False, True), (True, True, False),
-                                              (False, True, False)):
-                    flags = {"HAS_A": has_a, "HAS_B": has_b, "WITH_DS": with_ds}
-                    label = f"c{i} D{D} " + ",".join(k for k, v in flags.items() if v)
-                    yield ("infonce_grad", "infonce.grad_kernel", dtype, prec, label, grad_sig, flags, cfg)
+        for D, arch in itertools.product((512,) if quick else (40, 128, 512, 768, 1024), (80, 90)):
+            for name, fn, cands, flag in (
+                    ("infonce_lse_fwd", "infonce.lse_fwd_kernel",
+                     infonce.candidates(dtype, D, small=False, precision=prec, arch=arch), "WITH_COL"),
+                    ("infonce_grad", "infonce.grad_tile_kernel",
+                     infonce.grad_candidates(dtype, D, small=False, precision=prec, arch=arch), "HAS_COL")):
+                for (i, cfg), with_col in itertools.product(enumerate(pick(cands)), (True, False)):
+                    yield (name, fn, dtype, prec, f"c{i} D{D} " + ("col" if with_col else "-"),
+                           fwd_sig if name == "infonce_lse_fwd" else grad_sig, {flag: with_col}, dict(cfg, ARCH=arch))
         dst_sig = {
             "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32",
             "stats_s_ptr": "*fp32", "stats_t_ptr": "*fp32", "kl_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
@@ -175,6 +171,10 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
     import importlib
 
     kernel_name, fn_path, dtype, prec, label, sig, flags, cfg = case
+    cfg = dict(cfg)
+    only_arch = cfg.pop("ARCH", None)  # a configuration the dispatcher picks for that architecture only
+    if only_arch is not None and only_arch != arch:
+        return {"kernel": kernel_name, "skip": True}
     module, attr = fn_path.split(".")
     fn = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
     sig = dict(sig)
@@ -191,8 +191,10 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
     for name in constexprs:
         sig[name] = "constexpr"
     names = fn.arg_names
+    # The resident InfoNCE configurations are only dispatched for D % 16 == 0: D stays divisible.
+    always = {"D"} if cfg.get("RESIDENT") else set()
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-             if v.startswith("*") or (v == "i32" and (div16 or k.startswith("stride_")))}
+             if v.startswith("*") or (v == "i32" and (div16 or k.startswith("stride_") or k in always))}
     row = {"kernel": kernel_name, "dtype": str(dtype).replace("torch.", ""), "precision": prec,
            "label": label + (" /16" if div16 else " odd"), "config": cfg, "arch": f"sm_{arch}"}
     try:
@@ -280,6 +282,7 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(tqdm(pool.map(compile_one, *zip(*jobs)), total=len(jobs), desc="compiling", unit="build",
                          disable=None))
+    rows = [r for r in rows if not r.get("skip")]
     failed = 0
     print(f"{'kernel':17} {'arch':6} {'dtype':9} {'prec':5} {'case':31} {'regs':>4} {'spill':>5} {'smem':>7} mma")
     for row in rows:

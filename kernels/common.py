@@ -133,11 +133,16 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def small_configs(small: bool | None) -> bool:
-    """The minimum tl.dot tiles: under the interpreter, with FITCLIP_TRITON_CONFIG=small, or when
-    `small` says so."""
+    """The minimum tl.dot tiles: when `small` says so, else with FITCLIP_TRITON_CONFIG=small, or
+    under the interpreter unless FITCLIP_TRITON_CONFIG=gpu (the block configurations an H100
+    launches, also under the interpreter: for the tests that count FLOPs and bytes and for bf16
+    numerics at the GPU's tile sizes)."""
     if small is not None:
         return small
-    return interpreting() or os.environ.get("FITCLIP_TRITON_CONFIG") == "small"
+    mode = os.environ.get("FITCLIP_TRITON_CONFIG", "")
+    if mode == "gpu":
+        return False
+    return interpreting() or mode == "small"
 
 
 def block_config(bm, bn, bk, warps, stages, **extra) -> dict:
@@ -161,3 +166,13 @@ def half_grad_candidates(D: int) -> list[dict]:
 def scale_tensor(scale: torch.Tensor, device) -> torch.Tensor:
     """A logit scale as the [1] float32 device tensor the kernels read."""
     return scale.detach().to(device=device, dtype=torch.float32).reshape(1)
+
+
+def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32 with float32 accumulation: cuBLAS with a float32 output for half inputs on
+    CUDA; under the interpreter the same operands upcast on the CPU."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())

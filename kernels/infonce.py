@@ -1,55 +1,141 @@
 """Triton kernels of the chunked InfoNCE loss (`fitclip_ext.contrastive_loss` / `infonce` on CUDA).
 
-Forward (`lse_fwd_kernel`, grid over row blocks): streams the tiles of S = Q @ K^T once, keeping
-per row an online max and sum of exp (the row log-sum-exp) and adding each tile's column sums of
-exp(L - c_j) into a per-column fp32 buffer with atomics. The column shift c_j is column j's
-positive logit L[j, j], so every column sum holds a term equal to 1 and never underflows; the
-tile's column max goes into a second buffer with atomic max, and the few columns whose max lies
-so far above their positive that the shifted sum could overflow are recomputed exactly
-(`triton_infonce_fix_columns`). 2 * n * m * D FLOPs.
+L = scale * S, S = Q @ K^T (n x m). The structure, FLOP-optimal (8 * n * m * D matrix FLOPs for
+the loss and both feature gradients, the floor) and deterministic:
 
-Backward (`grad_kernel`, grid over output row blocks x output D chunks): recomputes each tile,
-builds the full logit gradient G in registers (softmax terms, one-hot positives, label smoothing)
-and accumulates G @ B for its rows; run once for dQ (A = queries) and once for dK (A = keys).
-The scale's gradient sum_ij G_ij S_ij is summed from the tiles of the dQ pass.
+Forward (`lse_fwd_kernel`, 2 n m D): a program owns BLOCK_M query rows, holds them resident (in
+shared memory: loaded once, NUM_K chunks of BLOCK_K features) and streams the key tiles of its
+column range. Per row it keeps the online max and sum of exp (the row log-sum-exp, per column
+range) and the positive logit L[i, i + offset] taken from the same tile product (so a TF32 loss
+compares like with like and cannot come out negative on aligned pairs); per column it writes
+the log-sum-exp over its BLOCK_M rows to a partial buffer [row blocks, m]. The partials are
+reduced by torch (logsumexp over a fixed axis, then merged chunk by chunk with logaddexp): no
+atomics, no column shift to fix up, no host synchronisation. Column ranges are split over
+programs when the row blocks alone would not fill the GPU (each program keeps at least 512
+columns, so the resident block is reused).
+
+Backward (row chunks of R rows, `grad_tile_kernel` + cuBLAS, 6 n m D): one kernel recomputes
+S_c = Q_c K^T with the same resident structure and writes the logit gradient
+G_c = w_row (softmax_rows - (1 - eps) onehot - eps / m) + w_col (softmax_cols - (1 - eps) onehot - eps / n)
+in its epilogue, divided by the largest upstream weight (so the entries are O(1) and cannot
+underflow when rounded to float16), plus per-row partials of the scale's gradient sum G S; then
+cuBLAS computes dQ_c = G_c K (written once per chunk) and dK += G_c^T Q_c, both with float32
+accumulation (`mm32`, `addmm32_`). dK accumulates in float32: in the gradient buffer itself for
+float32 inputs, in an [m, D] float32 buffer for half inputs.
+
+Byte counts (what each program loads, a proxy for L2 traffic): BLOCK_M * D once for the
+resident rows, BLOCK_N * D per key tile, so a program with t key tiles does
+C * BLOCK_M / (BLOCK_M + C) * (2 / itemsize) matrix FLOPs per loaded byte over its C columns:
+at least 102 (bf16, BLOCK_M = 128, C >= 512, the fewest a split leaves), up to 128.
+
+Memory (knob FITCLIP_GPU_BLOCK_ELEMS, the elements of one chunk's [R, m] buffer, default 2^25):
+the forward's partials [R_f / BLOCK_M, m] float32 (at most 2^23 elements), the backward's G_c
+[R, m] in the inputs' dtype and, for half inputs, the float32 dK accumulator [m, D]. A larger
+chunk means fewer read-modify-writes of that accumulator (m * D * 8 bytes per chunk).
 
 Kernels assume valid inputs (the public ops validate). Offsets are int64.
 """
 from __future__ import annotations
 
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import (block_config, configured, half_grad_candidates, input_precision, launch, scale_tensor,
-                     small_configs, tile_product, triton_op)
+from .common import block_config, configured, input_precision, launch, mm32, scale_tensor, small_configs, triton_op
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
-# Columns whose max logit exceeds their positive logit by more than this are recomputed exactly:
-# exp(60) * 2^31 rows stays far below float32's 3.4e38.
-_COL_SHIFT_LIMIT = 60.0
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _q_chunk(q_ptr, rows, row_ok, d0, D, stride_qn, stride_qd, BLOCK_K: tl.constexpr):
+    dk = d0 + tl.arange(0, BLOCK_K)
+    return tl.load(q_ptr + rows[:, None] * stride_qn + dk[None, :] * stride_qd,
+                   mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _k_chunk(k_ptr, cols, col_ok, d0, D, stride_kn, stride_kd, BLOCK_K: tl.constexpr):
+    dk = d0 + tl.arange(0, BLOCK_K)
+    return tl.load(k_ptr + cols[None, :] * stride_kn + dk[:, None] * stride_kd,
+                   mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
+
+
+@triton.jit
+def _resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+                   RESIDENT: tl.constexpr):
+    """The program's query rows as up to 4 chunks of BLOCK_K features (loaded once)."""
+    q0 = _q_chunk(q_ptr, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_K)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if RESIDENT:
+        if NUM_K > 1:
+            q1 = _q_chunk(q_ptr, rows, row_ok, BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
+        if NUM_K > 2:
+            q2 = _q_chunk(q_ptr, rows, row_ok, 2 * BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
+        if NUM_K > 3:
+            q3 = _q_chunk(q_ptr, rows, row_ok, 3 * BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn, stride_kd,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+          RESIDENT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """S[rows, cols] in float32: from the resident chunks (RESIDENT, D <= NUM_K * BLOCK_K), else
+    streaming both operands over D in BLOCK_K steps (large D, float32 inputs)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if RESIDENT:
+        acc = tl.dot(q0, _k_chunk(k_ptr, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_K), acc,
+                     input_precision=INPUT_PRECISION)
+        if NUM_K > 1:
+            acc = tl.dot(q1, _k_chunk(k_ptr, cols, col_ok, BLOCK_K, D, stride_kn, stride_kd, BLOCK_K), acc,
+                         input_precision=INPUT_PRECISION)
+        if NUM_K > 2:
+            acc = tl.dot(q2, _k_chunk(k_ptr, cols, col_ok, 2 * BLOCK_K, D, stride_kn, stride_kd, BLOCK_K), acc,
+                         input_precision=INPUT_PRECISION)
+        if NUM_K > 3:
+            acc = tl.dot(q3, _k_chunk(k_ptr, cols, col_ok, 3 * BLOCK_K, D, stride_kn, stride_kd, BLOCK_K), acc,
+                         input_precision=INPUT_PRECISION)
+    else:
+        for d0 in range(0, D, BLOCK_K):
+            acc = tl.dot(_q_chunk(q_ptr, rows, row_ok, d0, D, stride_qn, stride_qd, BLOCK_K),
+                         _k_chunk(k_ptr, cols, col_ok, d0, D, stride_kn, stride_kd, BLOCK_K), acc,
+                         input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
 def lse_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, row_lse_ptr, col_shift_ptr, col_sum_ptr, col_max_ptr,
-    n, m, D,
+    q_ptr, k_ptr, scale_ptr, row_part_ptr, pos_part_ptr, col_part_ptr,
+    n, m, D, row0, row_end, offset, cols_per_split,
     stride_qn, stride_qd, stride_kn, stride_kd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    WITH_COL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+    RESIDENT: tl.constexpr, WITH_COL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n
+    """Program (row block b of rows [row0, row_end), column range p): row_part[p, i] = log2-sum-exp2
+    of row i's logits (log2 units) over the range, pos_part[p, i] = S[i, i + offset] if that column
+    is in the range (else 0), and with WITH_COL col_part[b, j] = the log2-sum-exp2 of column j
+    over the block's rows."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1).to(tl.int64)
+    rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E  # work in base 2: exp2 is the fast path
+    q0, q1, q2, q3 = _resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K, NUM_K, RESIDENT)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    for c0 in range(0, m, BLOCK_N):
+    pos = tl.zeros((BLOCK_M,), tl.float32)
+    c_begin = pid_p * cols_per_split
+    c_end = tl.minimum(c_begin + cols_per_split, m)
+    for c0 in range(c_begin, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
-        col_ok = cols < m
-        s = tile_product(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn, stride_kd,
-                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        col_ok = cols < c_end
+        s = _tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
+                  stride_kd, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
         x = s * scale2  # logits in log2 units
         x_rows = tl.where(col_ok[None, :], x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x_rows, 1))
@@ -57,201 +143,249 @@ def lse_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x_rows - m_safe[:, None]), 1)
         m_i = m_new
+        pos += tl.sum(tl.where(cols[None, :] == rows[:, None] + offset, s, 0.0), 1)
         if WITH_COL:
-            shift = tl.load(col_shift_ptr + cols, mask=col_ok, other=0.0) * LOG2E
             x_cols = tl.where(row_ok[:, None], x, float("-inf"))
-            tl.atomic_add(col_sum_ptr + cols, tl.sum(tl.exp2(x_cols - shift[None, :]), 0), mask=col_ok)
-            tl.atomic_max(col_max_ptr + cols, tl.max(x_cols, 0) / LOG2E, mask=col_ok)
-    row_lse = (m_i + tl.log2(l_i)) / LOG2E
-    tl.store(row_lse_ptr + rows, row_lse, mask=row_ok)
+            c_max = tl.max(x_cols, 0)
+            c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
+            c_sum = tl.sum(tl.exp2(x_cols - c_safe[None, :]), 0)
+            tl.store(col_part_ptr + pid_b * m + cols, c_safe + tl.log2(c_sum), mask=col_ok)
+    tl.store(row_part_ptr + pid_p * n + rows, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(pos_part_ptr + pid_p * n + rows, pos, mask=row_ok)
 
 
 @triton.jit
-def grad_kernel(
-    a_ptr, b_ptr, out_ptr, ds_part_ptr, scale_ptr,
-    a_lse_ptr, a_w_ptr, b_lse_ptr, b_w_ptr,
-    n_a, n_b, D, off_a, off_b, eps_a, eps_b, one_minus_eps,
-    stride_an, stride_ad, stride_bn, stride_bd, stride_on, stride_od,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    HAS_A: tl.constexpr, HAS_B: tl.constexpr, WITH_DS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def grad_tile_kernel(
+    q_ptr, k_ptr, g_ptr, ds_part_ptr, scale_ptr, inv_w_ptr,
+    row_lse_ptr, row_w_ptr, col_lse_ptr, col_w_ptr,
+    n, m, D, row0, row_end, offset, cols_per_split, eps_row, eps_col, one_minus_eps,
+    stride_qn, stride_qd, stride_kn, stride_kd, stride_g,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+    RESIDENT: tl.constexpr, HAS_COL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """out[a, dchunk] = scale * sum_b G[a, b] * B[b, dchunk], with
-    G[a, b] = HAS_A * wA_a * (exp(L_ab - lseA_a) - (1 - eps) [b - a == off_a] - eps_a)
-            + HAS_B * wB_b * (exp(L_ab - lseB_b) - (1 - eps) [a - b == off_b] - eps_b)."""
-    pid_a = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    ra = pid_a * BLOCK_M + tl.arange(0, BLOCK_M)
-    a_ok = ra < n_a
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    do_ok = do < D
-    scale = tl.load(scale_ptr).to(tl.float32)
-    scale2 = scale * LOG2E
-    if HAS_A:
-        lse_a = tl.load(a_lse_ptr + ra, mask=a_ok, other=0.0) * LOG2E
-        w_a = tl.load(a_w_ptr + ra, mask=a_ok, other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+    """G[i - row0, j] / max w for rows i of [row0, row_end) and the program's column range, with
+    G[i, j] = w_i (exp(L_ij - lse_i) - (1 - eps) [j = i + offset] - eps_row)
+            + HAS_COL * v_j (exp(L_ij - lse'_j) - (1 - eps) [i = j] - eps_col),
+    written in g_ptr's dtype; ds_part[p, i] = sum_j (G / max w)_ij S_ij over the range."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1).to(tl.int64)
+    rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    inv_w = tl.load(inv_w_ptr)
+    lse_r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+    w_r = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0) * inv_w
+    q0, q1, q2, q3 = _resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K, NUM_K, RESIDENT)
     ds_acc = tl.zeros((BLOCK_M,), tl.float32)
-    for c0 in range(0, n_b, BLOCK_N):
-        rb = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
-        b_ok = rb < n_b
-        s = tile_product(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
-                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    c_begin = pid_p * cols_per_split
+    c_end = tl.minimum(c_begin + cols_per_split, m)
+    for c0 in range(c_begin, c_end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < c_end
+        s = _tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
+                  stride_kd, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
         x2 = s * scale2
-        diff = rb[None, :] - ra[:, None]
-        g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if HAS_A:
-            p = tl.exp2(x2 - lse_a[:, None]) - one_minus_eps * (diff == off_a).to(tl.float32) - eps_a
-            g += w_a[:, None] * p
-        if HAS_B:
-            lse_b = tl.load(b_lse_ptr + rb, mask=b_ok, other=0.0) * LOG2E
-            w_b = tl.load(b_w_ptr + rb, mask=b_ok, other=0.0)
-            p = tl.exp2(x2 - lse_b[None, :]) - one_minus_eps * (-diff == off_b).to(tl.float32) - eps_b
-            g += w_b[None, :] * p
-        g = tl.where(a_ok[:, None] & b_ok[None, :], g, 0.0)
-        if WITH_DS:  # the scale's gradient sum_ab G_ab S_ab, per row (registers already live)
-            ds_acc += tl.sum(g * s, 1)
-        yb = tl.load(b_ptr + rb[:, None] * stride_bn + do[None, :] * stride_bd,
-                     mask=b_ok[:, None] & do_ok[None, :], other=0.0)
-        acc = tl.dot(g.to(yb.dtype), yb, acc, input_precision=INPUT_PRECISION)
-    if WITH_DS:
-        tl.store(ds_part_ptr + ra, ds_acc, mask=a_ok & (pid_d == 0))
-    out = (acc * scale).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + ra[:, None] * stride_on + do[None, :] * stride_od, out,
-             mask=a_ok[:, None] & do_ok[None, :])
+        diff = cols[None, :] - rows[:, None]
+        g = w_r[:, None] * (tl.exp2(x2 - lse_r[:, None]) - one_minus_eps * (diff == offset).to(tl.float32) - eps_row)
+        if HAS_COL:
+            lse_c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
+            w_c = tl.load(col_w_ptr + cols, mask=col_ok, other=0.0) * inv_w
+            g += w_c[None, :] * (tl.exp2(x2 - lse_c[None, :]) - one_minus_eps * (diff == 0).to(tl.float32) - eps_col)
+        ok = row_ok[:, None] & col_ok[None, :]
+        g = tl.where(ok, g, 0.0)
+        ds_acc += tl.sum(g * s, 1)
+        tl.store(g_ptr + (rows - row0)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
+    tl.store(ds_part_ptr + pid_p * n + rows, ds_acc, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- configurations
 
-def fwd_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
-    """The forward's block configurations, known good first (the default); the others are timed
-    only under FITCLIP_TRITON_AUTOTUNE=1. All compile without spills for sm_80 and sm_90
-    (`python -m fitclip_ext.kernels.aot`). small (default: under the interpreter, or
-    FITCLIP_TRITON_CONFIG=small) gives the minimum tl.dot tiles."""
-    if small_configs(small):
-        return [block_config(16, 16, 16, 1, 1), block_config(32, 16, 16, 1, 1)]
-    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
-        return [block_config(32, 64, 16, 4, 2)]
-    if dtype == torch.float32:  # TF32
-        return [block_config(128, 64, 32, 8, 3), block_config(64, 64, 32, 4, 3)]
-    return [block_config(128, 128, 64, 8, 3), block_config(128, 128, 64, 8, 4), block_config(128, 64, 64, 4, 4),
-            block_config(128, 64, 64, 8, 3)]
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
 
 
-def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
-    """The backward's block configurations, known good first. The accumulator [BLOCK_M, BLOCK_DO]
-    lives in registers and each output D chunk recomputes the tile, so a wider chunk saves tile
-    products (at D = 512: 2 * 2 + 2 = 6 units of n*m*D per pass with BLOCK_DO = 256, 4 with 512)
-    at the price of smaller tiles (register budget: no spills with Triton 3.6 and 3.8)."""
+def candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None,
+               arch: int = 90) -> list[dict]:
+    """Block configurations of both kernels for compute capability `arch` (80: A100, 90: H100),
+    known good first (the default); the others are timed only under FITCLIP_TRITON_AUTOTUNE=1;
+    all share BLOCK_M (the launchers size the partial buffers by it). bf16/fp16 with D a
+    multiple of 16 keep the query rows resident: NUM_K <= 4 chunks of BLOCK_K = 128 (D <= 512)
+    or 256 features, one pipeline stage (the resident block and one key chunk fill the shared
+    memory), 128 rows where they fit (D <= 768 on sm_90, 512 on sm_80), else 64 (sm_80 up to
+    D = 768); other cases stream both operands. Checked without spills, with HGMMA/HMMA and within shared memory for
+    sm_80/sm_90 by `python -m fitclip_ext.kernels.aot`. small (default under the interpreter,
+    or FITCLIP_TRITON_CONFIG=small; FITCLIP_TRITON_CONFIG=gpu gives the GPU's configurations
+    everywhere) gives the minimum tl.dot tiles."""
     if small_configs(small):
-        return [block_config(16, 16, 16, 1, 1, BLOCK_DO=32), block_config(32, 16, 16, 1, 1, BLOCK_DO=16)]
+        bk = max(16, _pow2_at_least(-(-D // 4)))
+        if bk <= 64:
+            nk = -(-D // bk)
+            return [block_config(16, 16, bk, 1, 1, NUM_K=nk, RESIDENT=True),
+                    block_config(16, 32, bk, 1, 1, NUM_K=nk, RESIDENT=True)]
+        return [block_config(16, 16, 16, 1, 1, NUM_K=1, RESIDENT=False)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
-        return [block_config(32, 32, 16, 4, 2, BLOCK_DO=64)]
-    block_do = 256 if D > 128 else 128
-    if dtype == torch.float32:  # TF32
-        return [block_config(64, 32, 32, 8, 2, BLOCK_DO=block_do), block_config(64, 64, 32, 8, 2, BLOCK_DO=128)]
-    return half_grad_candidates(D)
+        return [block_config(32, 64, 32, 4, 2, NUM_K=1, RESIDENT=False)]
+    if dtype == torch.float32:  # TF32: resident float32 rows would not fit beside the tiles
+        return [block_config(128, 64, 32, 8, 3, NUM_K=1, RESIDENT=False),
+                block_config(128, 32, 32, 8, 3, NUM_K=1, RESIDENT=False)]
+    if D % 16 == 0 and D <= 768:
+        bk = 128 if D <= 512 else 256
+        nk = -(-D // bk)
+        if D <= (768 if arch >= 90 else 512):
+            bn = 64 if bk <= 128 and arch >= 90 else 32
+            out = [block_config(128, bn, bk, 8, 1, NUM_K=nk, RESIDENT=True)]
+            if bn == 64:
+                out.append(block_config(128, 32, bk, 8, 1, NUM_K=nk, RESIDENT=True))
+            return out
+        return [block_config(64, 32, bk, 4, 1, NUM_K=nk, RESIDENT=True)]
+    return [block_config(128, 64, 64, 8, 3, NUM_K=1, RESIDENT=False), block_config(128, 32, 64, 8, 3, NUM_K=1,
+                                                                                  RESIDENT=False)]
+
+
+def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None,
+                    arch: int = 90) -> list[dict]:
+    """The backward kernel's: the forward's with half as many columns per tile (its epilogue holds
+    the logits, the gradient and the weights at once: no spills at the full width's registers)."""
+    cands = candidates(dtype, D, small, precision, arch)
+    if small_configs(small):
+        return cands
+    return [dict(c, BLOCK_N=max(16, c["BLOCK_N"] // 2)) for c in cands]
+
+
+def arch_of(device: torch.device) -> int:
+    """Compute capability as 10 * major + minor (90 under the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill: the device's (a host-side property, no sync); under the
+    interpreter FITCLIP_TRITON_SMS (default 132, an H100's, with FITCLIP_TRITON_CONFIG=gpu; else 1)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    default = "132" if os.environ.get("FITCLIP_TRITON_CONFIG") == "gpu" else "1"
+    return int(os.environ.get("FITCLIP_TRITON_SMS", default))
+
+
+MIN_SPLIT_COLS = 512
+
+
+def column_split(m: int, row_blocks: int, block_n: int, sms: int) -> tuple[int, int]:
+    """(columns per program, programs per row block): split the columns when the row blocks
+    alone leave SMs idle, keeping at least 512 columns per program (the resident block's reuse:
+    with 128 resident rows, 512 / (1 + 512 / 128) = 102 matrix FLOPs per loaded bf16 byte)."""
+    split = max(1, min(-(-sms // max(row_blocks, 1)), m // MIN_SPLIT_COLS))
+    per = -(-(-(-m // split)) // block_n) * block_n
+    return per, -(-m // per)
+
+
+def chunk_elems() -> int:
+    """Elements of one chunk's [rows, m] buffer (FITCLIP_GPU_BLOCK_ELEMS, default 2^25)."""
+    return int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0) or (1 << 25)
+
+
+def chunk_rows(n: int, m: int, block_m: int, elems: int) -> int:
+    """Rows per chunk: a multiple of block_m with rows * m <= elems (at least block_m), at most n."""
+    return min(n, max(block_m, (elems // max(m, 1)) // block_m * block_m))
+
+
+# ----------------------------------------------------------------------------- GEMMs
+# Every torch matrix product goes through these two, so a test can count what a GPU would do.
+
+def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc float32, float32 accumulation (cuBLAS beta = 1 for half inputs on CUDA)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 # ----------------------------------------------------------------------------- launchers
 # Each launcher is a torch custom op (kernels/common.py): fitclip_ext::triton_infonce_lse and
-# fitclip_ext::triton_infonce_grad; the exact column fix-up is data dependent and stays opaque
-# (fitclip_ext::triton_infonce_fix_columns).
+# fitclip_ext::triton_infonce_grad.
+
+_KEY = ["n", "m", "D", "INPUT_PRECISION"]
+
 
 @triton_op("triton_infonce_lse")
-def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool
+def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool, offset: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_lse [n], col_lse [m] from the shifted sums, col_max - col_shift [m]) (empty when not
-    with_col), float32."""
+    """(row_lse [n], col_lse [m] (empty when not with_col), positive logits scale * S[i, i + offset]
+    [n]), float32, the positives from the same tile products as the log-sum-exps."""
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
     s = scale_tensor(scale, dev)
-    row_lse = torch.empty(n, device=dev, dtype=torch.float32)
-    if with_col:
-        col_shift = _positive_logits(query, keys, s)  # c_j = L[j, j] (square: the symmetric loss)
-        col_sum = torch.zeros(m, device=dev, dtype=torch.float32)
-        col_max = torch.full((m,), float("-inf"), device=dev, dtype=torch.float32)
-    else:
-        col_shift = col_sum = col_max = row_lse  # unused pointers
     prec = input_precision(query.dtype)
-    kernel, cfg = configured(lse_fwd_kernel, fwd_candidates(query.dtype, D, precision=prec),
-                             key=["n", "m", "D", "WITH_COL", "INPUT_PRECISION"],
-                             restore_value=("col_sum_ptr", "col_max_ptr"))
-    launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]),),
-           query, keys, s, row_lse, col_shift, col_sum, col_max, n, m, D,
-           query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
-           WITH_COL=with_col, INPUT_PRECISION=prec, **cfg)
-    if not with_col:
-        empty = row_lse.new_empty(0)
-        return row_lse, empty, empty.clone()
-    return row_lse, col_shift + torch.log(col_sum), col_max - col_shift
-
-
-@torch.library.custom_op("fitclip_ext::triton_infonce_fix_columns", mutates_args=())
-def _fix_columns_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, col_lse: torch.Tensor,
-                    gap: torch.Tensor) -> torch.Tensor:
-    """col_lse with the columns the forward kernel flags recomputed exactly: a non-finite shifted
-    sum, or a max more than _COL_SHIFT_LIMIT above the shift (NaN features stay NaN, as in torch)."""
-    out = col_lse.clone()
-    bad = (~torch.isfinite(col_lse) | (gap > _COL_SHIFT_LIMIT)) & torch.isfinite(gap)
-    if bool(bad.any()):
-        idx = bad.nonzero().squeeze(1)
-        s = scale_tensor(scale, query.device)
-        for c0 in range(0, idx.numel(), 1024):
-            cols = idx[c0:c0 + 1024]
-            kc = keys[cols].float()
-            acc = None
-            for r0 in range(0, query.shape[0], 8192):
-                part = torch.logsumexp(s * (query[r0:r0 + 8192].float() @ kc.T), dim=0)
-                acc = part if acc is None else torch.logaddexp(acc, part)
-            out[cols] = acc
-    return out
-
-
-@_fix_columns_op.register_fake
-def _(query, keys, scale, col_lse, gap):
-    return torch.empty_like(col_lse)
-
-
-def _positive_logits(query, keys, s):
-    """scale * <query_i, keys_i> in float32, chunked so no float32 copy of the inputs is made."""
-    out = torch.empty(query.shape[0], device=query.device, dtype=torch.float32)
-    for r0 in range(0, query.shape[0], 65536):
-        out[r0:r0 + 65536] = (query[r0:r0 + 65536].float() * keys[r0:r0 + 65536].float()).sum(1)
-    return out * s
+    cands = candidates(query.dtype, D, precision=prec, arch=arch_of(dev))
+    kernel, cfg = configured(lse_fwd_kernel, cands, key=_KEY + ["WITH_COL"], site="lse")
+    bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]  # every candidate has the same BLOCK_M
+    rows_c = chunk_rows(n, m, bm, min(chunk_elems(), 1 << 23) * bm)  # partials [rows_c / bm, m] <= 2^23
+    blocks = -(-rows_c // bm)
+    per, split = column_split(m, blocks, bn, num_sms(dev))
+    row_part = torch.empty((split, n), device=dev, dtype=torch.float32)
+    pos_part = torch.empty((split, n), device=dev, dtype=torch.float32)
+    col_part = torch.empty((blocks if with_col else 0, m), device=dev, dtype=torch.float32)
+    col_lse = torch.full((m if with_col else 0,), float("-inf"), device=dev, dtype=torch.float32)
+    for r0 in range(0, n, rows_c):
+        r1 = min(n, r0 + rows_c)
+        launch(kernel, lambda c: (triton.cdiv(r1 - r0, c["BLOCK_M"]), split),
+               query, keys, s, row_part, pos_part, col_part if with_col else row_part, n, m, D, r0, r1, offset, per,
+               query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+               WITH_COL=with_col, INPUT_PRECISION=prec, **cfg)
+        if with_col:
+            part = torch.logsumexp(col_part[:-(-(r1 - r0) // bm)] * LN2, 0)
+            col_lse = part if r0 == 0 else torch.logaddexp(col_lse, part)
+    row_lse = torch.logsumexp(row_part * LN2, 0) if split > 1 else row_part[0] * LN2
+    pos = (pos_part.sum(0) if split > 1 else pos_part[0]) * s
+    return row_lse, col_lse, pos
 
 
 @triton_op("triton_infonce_grad")
 def _grad_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor,
              row_weight: torch.Tensor, col_lse: torch.Tensor | None, col_weight: torch.Tensor | None,
              offset: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK in the inputs' dtype, per-row parts of d scale [n] float32)."""
+    """(dQ, dK in the inputs' dtype, d scale [] float32): the full gradient of
+    sum_i w_i CE_row_i (+ sum_j v_j CE_col_j with col_lse)."""
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
+    f32 = torch.float32
     s = scale_tensor(scale, dev)
     sym = col_lse is not None
     prec = input_precision(query.dtype)
-    cands = grad_candidates(query.dtype, D, precision=prec)
-    key = ["n_a", "n_b", "D", "HAS_A", "HAS_B", "WITH_DS", "INPUT_PRECISION"]
-    dq = torch.empty_like(query, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(keys, memory_format=torch.contiguous_format)
-    ds_part = torch.empty(n, device=dev, dtype=torch.float32)
-    row_w = row_weight.float().contiguous()
-    col_w = col_weight.float().contiguous() if sym else row_w
-    col_l = col_lse if sym else row_lse
-    # dQ: A = queries (row stats), B = keys (column stats)
-    kernel, cfg = configured(grad_kernel, cands, key, site="dq")
-    launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
-           query, keys, dq, ds_part, s, row_lse, row_w, col_l, col_w,
-           n, m, D, offset, 0, eps / m, eps / n if sym else 0.0, 1.0 - eps,
-           query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), dq.stride(0), dq.stride(1),
-           HAS_A=True, HAS_B=sym, WITH_DS=True, INPUT_PRECISION=prec, **cfg)
-    # dK: A = keys (column stats), B = queries (row stats)
-    kernel, cfg = configured(grad_kernel, cands, key, site="dk")
-    launch(kernel, lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
-           keys, query, dk, ds_part, s, col_l, col_w, row_lse, row_w,
-           m, n, D, 0, offset, eps / n if sym else 0.0, eps / m, 1.0 - eps,
-           keys.stride(0), keys.stride(1), query.stride(0), query.stride(1), dk.stride(0), dk.stride(1),
-           HAS_A=sym, HAS_B=True, WITH_DS=False, INPUT_PRECISION=prec, **cfg)
-    return dq, dk, ds_part
+    cands = grad_candidates(query.dtype, D, precision=prec, arch=arch_of(dev))
+    kernel, cfg = configured(grad_tile_kernel, cands, key=_KEY + ["HAS_COL"], site="grad")
+    bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]  # every candidate has the same BLOCK_M
+    row_w = row_weight.to(dtype=f32).contiguous()
+    col_w = col_weight.to(dtype=f32).contiguous() if sym else row_w
+    # G / max|w|: O(1) entries, representable in float16 (the weights' scale is put back in float32)
+    w_max = row_w.abs().amax() if not sym else torch.maximum(row_w.abs().amax(), col_w.abs().amax())
+    w_max = torch.where(w_max > 0, w_max, torch.ones_like(w_max)).reshape(1)
+    inv_w = 1.0 / w_max
+    rows_c = chunk_rows(n, m, bm, chunk_elems())
+    per, split = column_split(m, -(-rows_c // bm), bn, num_sms(dev))
+    half = query.dtype != f32
+    dq = torch.empty((n, D), device=dev, dtype=query.dtype)
+    dk32 = torch.zeros((m, D), device=dev, dtype=f32)  # float32 inputs: this is the gradient buffer
+    ds_part = torch.empty((split, n), device=dev, dtype=f32)
+    G = torch.empty((rows_c, m), device=dev, dtype=query.dtype)
+    factor = s * w_max
+    for r0 in range(0, n, rows_c):
+        r1 = min(n, r0 + rows_c)
+        g = G[:r1 - r0]
+        launch(kernel, lambda c: (triton.cdiv(r1 - r0, c["BLOCK_M"]), split),
+               query, keys, g, ds_part, s, inv_w, row_lse, row_w, col_lse if sym else row_lse, col_w,
+               n, m, D, r0, r1, offset, per, eps / m, eps / n if sym else 0.0, 1.0 - eps,
+               query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), g.stride(0),
+               HAS_COL=sym, INPUT_PRECISION=prec, **cfg)
+        q_c = query[r0:r1]
+        dq[r0:r1] = mm32(g, keys).mul_(factor)
+        addmm32_(dk32, g.t(), q_c)
+    dk = dk32.mul_(factor)
+    ds = ds_part.sum() * w_max.reshape(())
+    return dq, (dk.to(keys.dtype) if half else dk), ds

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import launch, scale_tensor, small_configs, triton_op
+from .common import launch, mm32, scale_tensor, small_configs, triton_op
 
 
 @triton.jit
@@ -99,19 +99,6 @@ def block_rows(n: int, m: int) -> int:
     FITCLIP_GPU_BLOCK_ELEMS overrides the 2^28 (tests use it to run several blocks)."""
     target = int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0) or (1 << 28)
     return max(1, min(n, max(512 if target >= (1 << 20) else 1, min(16384, target // max(m, 1)))))
-
-
-# ----------------------------------------------------------------------------- GEMMs
-# Every matrix product goes through `mm32`, so a test can count what a GPU would do.
-
-def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in float32 with float32 accumulation: cuBLAS with a float32 output for half inputs on
-    CUDA; under the interpreter the same operands upcast on the CPU."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
 
 
 @triton_op("triton_sigmoid_loss")

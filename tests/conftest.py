@@ -13,6 +13,19 @@ if not torch.cuda.is_available():
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _exact_bf16_dot_under_the_interpreter():
+    """The interpreter's bf16 tl.dot multiplies raw bit patterns; with the operands widened to
+    float32 first (fitclip_ext.kernels.interpret) every Triton kernel's bf16 path is tested."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        yield
+        return
+    from fitclip_ext.kernels.interpret import exact_bf16_dot
+
+    with exact_bf16_dot():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _skip_cpp_cases_without_extension(request):
     """The GPU check machine runs the tests from the source tree without building the C++

@@ -12,7 +12,9 @@ Every tiled primitive has the same name, arguments and split of work on both fus
 for Triton). "Compute dtype": float64 for float64 inputs on C++, float32 otherwise.
 
 InfoNCE (L = scale * query @ keys^T, n x m; positives at key offset + i; label smoothing eps):
-    infonce_lse(query, keys, scale, with_col) -> (row_lse [n], col_lse [m] or None)
+    infonce_lse(query, keys, scale, with_col, offset=0) -> (row_lse [n], col_lse [m] or None,
+        positives [n] or None): positives = scale * S[i, i + offset] from the same products as
+        the log-sum-exps where those are rounded (TF32 tiles), None where they are exact
     infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps)
         -> (dquery, dkeys in the inputs' dtype, dscale 0-d): the full gradient of
            sum_i row_w_i CE_row_i (+ sum_j col_w_j CE_col_j when col_lse is given), softmax,
@@ -60,7 +62,7 @@ _state: dict = {"cpp_error": None, "cpp_loaded": False, "warned_fallback": False
 class Backend(Protocol):
     """What fitclip_ext.backends.cpp and fitclip_ext.backends.triton provide (see above)."""
 
-    def infonce_lse(self, query, keys, scale, with_col): ...
+    def infonce_lse(self, query, keys, scale, with_col, offset=0): ...
     def infonce_grad(self, query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps): ...
     def row_norms(self, x): ...
     def operand(self, x): ...

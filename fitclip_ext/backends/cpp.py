@@ -23,9 +23,9 @@ def _cpu64(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- InfoNCE
 
-def infonce_lse(query, keys, scale, with_col):
+def infonce_lse(query, keys, scale, with_col, offset=0):
     row_lse, col_lse = torch.ops.fitclip_ext.infonce_lse(query, keys, _cpu64(scale), with_col)
-    return row_lse, (col_lse if with_col else None)
+    return row_lse, (col_lse if with_col else None), None  # exact products: the positives are rowdots
 
 
 def _scaled(query, keys, scale, gk, gtq):

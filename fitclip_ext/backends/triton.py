@@ -15,17 +15,13 @@ def _ops():
 
 # ----------------------------------------------------------------------------- InfoNCE
 
-def infonce_lse(query, keys, scale, with_col):
-    row_lse, col_lse, gap = _ops().triton_infonce_lse(query, keys, scale, with_col)
-    if not with_col:
-        return row_lse, None
-    return row_lse, _ops().triton_infonce_fix_columns(query, keys, scale, col_lse, gap)
+def infonce_lse(query, keys, scale, with_col, offset=0):
+    row_lse, col_lse, pos = _ops().triton_infonce_lse(query, keys, scale, with_col, offset)
+    return row_lse, (col_lse if with_col else None), pos
 
 
 def infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps):
-    dq, dk, ds_part = _ops().triton_infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, offset,
-                                                 float(eps))
-    return dq, dk, ds_part.sum()
+    return _ops().triton_infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, offset, float(eps))
 
 
 # ----------------------------------------------------------------------------- frames

@@ -1,0 +1,117 @@
+"""What the CUDA InfoNCE would do on an H100, counted under the Triton interpreter with the GPU's
+block configurations (FITCLIP_TRITON_CONFIG=gpu): matrix FLOPs of every tl.dot and every torch
+matmul, bytes every Triton load reads; bf16 numerics at the GPU's tile sizes; determinism and
+no host synchronisation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fitclip_ext
+from fitclip_ext.reference import contrastive_loss_reference
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts are made under the interpreter")
+
+
+def _unit(b, d, seed, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
+
+
+@pytest.mark.parametrize("D", [512, 768])
+def test_contrastive_loss_flop_and_byte_budgets(monkeypatch, D):
+    pytest.importorskip("triton")
+    from fitclip_ext.kernels.interpret import count
+
+    monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")
+    B = 512
+    q, k = _unit(B, D, 1).requires_grad_(), _unit(B, D, 2).requires_grad_()
+    with count() as c:
+        loss = fitclip_ext.contrastive_loss(q, k, 20.0, backend="triton")
+        loss.backward()
+    unit = B * B * D
+    assert c.flops <= 8.5 * unit, c
+    assert c.flops == 8 * unit  # forward 2, G recompute 2, dQ and dK GEMMs 2 + 2
+    assert set(c.kernels) == {"lse_fwd_kernel", "grad_tile_kernel"}
+    for name in c.kernels:
+        assert c.flops_per_byte(name) >= 96, (name, c.kernels[name])
+    # and the GPU configuration's bf16 result against float64 on the same bf16 inputs
+    truth_q, truth_k = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    truth = contrastive_loss_reference(truth_q, truth_k, torch.tensor(20.0, dtype=torch.float64))
+    truth.backward()
+    assert abs(loss.double().item() - truth.item()) <= 8e-3 * abs(truth.item())  # the bf16 output's rounding
+    for g, t in ((q.grad, truth_q.grad), (k.grad, truth_k.grad)):
+        assert ((g.double() - t).norm() / t.norm()).item() < 1e-2  # G and the gradient rounded to bf16
+
+
+def test_infonce_gpu_configuration_float32_exact_and_split(monkeypatch):
+    """Float32 at the GPU's tiles, several row chunks and column splits, rectangular with an
+    offset: float64-exact to float32 rounding."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")
+    monkeypatch.setenv("FITCLIP_GPU_BLOCK_ELEMS", str(128 * 1100))  # chunks of 128 rows
+    n, m, D = 300, 1100, 96
+    q, k = _unit(n, D, 3, torch.float32).requires_grad_(), _unit(m, D, 4, torch.float32).requires_grad_()
+    loss = fitclip_ext.infonce(q, k, 17.0, positive_offset=5, label_smoothing=0.1, backend="triton")
+    loss.backward()
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    truth = fitclip_ext.infonce(q64, k64, 17.0, positive_offset=5, label_smoothing=0.1, backend="torch")
+    truth.backward()
+    assert abs(loss.item() - truth.item()) < 1e-5 * abs(truth.item())
+    for g, t in ((q.grad, q64.grad), (k.grad, k64.grad)):
+        assert ((g.double() - t).norm() / t.norm()).item() < 1e-5
+
+
+def test_contrastive_loss_deterministic_and_sync_free(monkeypatch):
+    """Bitwise the same loss and gradients run to run, with column splits and row chunks, and no
+    .item() / bool() / .nonzero() / .tolist() on tensors while the autograd op's forward and
+    backward run (argument validation before it checks a CPU scale's finiteness)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")  # 128-row tiles: few interpreted programs
+    monkeypatch.setenv("FITCLIP_TRITON_SMS", "8")
+    monkeypatch.setenv("FITCLIP_GPU_BLOCK_ELEMS", str(256 * 1040))
+    B, D = 1040, 32
+    img, txt = _unit(B, D, 5, torch.float16), _unit(B, D, 6, torch.float16)
+    scale = torch.tensor(30.0, requires_grad=True)
+
+    def once():
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        s = scale.detach().clone().requires_grad_()
+        loss = fitclip_ext.contrastive_loss(a, b, s, label_smoothing=0.1, backend="triton")
+        loss.backward()
+        return loss.detach(), a.grad, b.grad, s.grad
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("host synchronisation inside the op")
+
+    from fitclip_ext.contrastive import _InfoNCE
+
+    def guarded(fn):
+        def run(*args):
+            with monkeypatch.context() as mp:
+                for name in ("item", "__bool__", "nonzero", "tolist"):
+                    mp.setattr(torch.Tensor, name, forbidden)
+                return fn(*args)
+        return staticmethod(run)
+
+    first = once()
+    with monkeypatch.context() as mp:
+        mp.setattr(_InfoNCE, "forward", guarded(_InfoNCE.forward))
+        mp.setattr(_InfoNCE, "backward", guarded(_InfoNCE.backward))
+        second = once()
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+def test_float16_gradient_does_not_underflow():
+    """A small upstream gradient (as a mean over a large batch gives): the float16 logit gradient
+    is kept O(1) by the largest weight, so the features' gradient keeps its float64 value."""
+    pytest.importorskip("triton")
+    B, D = 96, 32
+    q, k = _unit(B, D, 7, torch.float16).requires_grad_(), _unit(B, D, 8, torch.float16).requires_grad_()
+    loss = fitclip_ext.contrastive_loss(q, k, 10.0, reduction="sum", backend="triton")
+    (loss.float() * 1e-3).backward()
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    (contrastive_loss_reference(q64, k64, torch.tensor(10.0, dtype=torch.float64), reduction="sum") * 1e-3).backward()
+    for g, t in ((q.grad, q64.grad), (k.grad, k64.grad)):
+        assert ((g.double() - t).norm() / t.norm()).item() < 2e-3
