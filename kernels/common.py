@@ -151,8 +151,8 @@ def block_config(bm, bn, bk, warps, stages, **extra) -> dict:
 
 
 def half_grad_candidates(D: int) -> list[dict]:
-    """bf16/fp16 candidates of the gradient kernels that accumulate out[rows, D chunk] =
-    G @ B[:, D chunk] in registers (InfoNCE's and the distillation's), default first: each D chunk
+    """bf16/fp16 candidates of the distillation's gradient kernel, which accumulates
+    out[rows, D chunk] = G @ B[:, D chunk] in registers, default first: each D chunk
     recomputes the tile, so a wider chunk saves tile products at the price of smaller tiles
     (register budget: no spills with Triton 3.6 and 3.8)."""
     block_do = 256 if D > 128 else 128
