@@ -5,7 +5,8 @@
 // Forward streams row blocks of S = Q @ K^T once (one GEMM) and keeps O(n + m) statistics.
 // Backward recomputes each block (GEMM 2), turns it in place into the softmax part of the
 // logit gradient G = diag(w) P_row + P_col diag(v), and accumulates G @ K and G^T @ Q
-// (GEMMs 3 and 4). Memory: O((n + m) * D) plus one block of `block_rows` x m.
+// (GEMMs 3 and 4). Memory: O((n + m) * D) plus one block of `block_rows` x m (forward) or
+// `block_rows` x `block_cols` (backward).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -26,6 +27,20 @@ namespace {
 // 1024-row blocks, 6.6 s with 512, 6.9 s with 256, 8.0 s with 128. The 1024 cap keeps the
 // block a fraction of B x B from B = 2048 up. FITCLIP_CPU_BLOCK_ELEMS overrides the target.
 int64_t block_rows(int64_t n, int64_t m) { return rows_per_block(n, m, int64_t(1) << 24, 32); }
+
+// Columns per block of the backward: a quarter of the forward's block (16 MB of fp32), since
+// the backward's peak also holds both gradients. The rows stay those of the forward (up to
+// 1024), so dK's read-modify-write per row block and the GEMMs' inner dimensions are unchanged;
+// at B = 16384 this cut the peak extra RSS of forward+backward from 161-169 to 113-121 MB
+// (benchmarks/memprobe.py, 3 runs each) and took 7.7-8.1 s against 8.3-9.1 s on 2 cores.
+int64_t block_cols(int64_t m, int64_t rows) {
+  int64_t target = int64_t(1) << 22;
+  if (const char* env = std::getenv("FITCLIP_CPU_BLOCK_ELEMS")) {
+    const long long v = std::atoll(env);
+    if (v > 0) target = std::max<long long>(v / 4, 1);
+  }
+  return std::min(m, std::max<int64_t>(256, target / std::max<int64_t>(rows, 1)));
+}
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "fitclip_ext C++ ops take CPU tensors");
@@ -71,25 +86,29 @@ void grad_impl(const at::Tensor& Q, const at::Tensor& K, T scale, const at::Tens
                at::Tensor& dQ, at::Tensor& dK) {
   const int64_t n = Q.size(0), m = K.size(0);
   const int64_t bm = block_rows(n, m);
-  auto S = at::empty({bm, m}, Q.options());
+  const int64_t bc = block_cols(m, bm);
+  auto S = at::empty({bm * bc}, Q.options());  // (flat: each block is a contiguous rows x cols view)
   const T* rl = row_lse.data_ptr<T>();
   const T* rw = row_w.data_ptr<T>();
   const T* cl = col_lse ? col_lse->data_ptr<T>() : nullptr;
   const T* cw = col_w ? col_w->data_ptr<T>() : nullptr;
-  const at::Tensor Kt = K.t();
   for (int64_t r0 = 0; r0 < n; r0 += bm) {
     const int64_t rows = std::min(bm, n - r0);
-    auto Sb = S.narrow(0, 0, rows);
     auto Qb = Q.narrow(0, r0, rows);
-    at::mm_out(Sb, Qb, Kt);
-    T* sp = Sb.data_ptr<T>();
-    at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r)
-        sgrad<T>(sp + r * m, m, scale, rw[r0 + r], rl[r0 + r], cl, cw);
-    });
     auto dQb = dQ.narrow(0, r0, rows);
-    at::mm_out(dQb, Sb, K);
-    dK.addmm_(Sb.t(), Qb);
+    for (int64_t c0 = 0; c0 < m; c0 += bc) {
+      const int64_t cols = std::min(bc, m - c0);
+      auto Sb = S.narrow(0, 0, rows * cols).view({rows, cols});
+      auto Kb = K.narrow(0, c0, cols);
+      at::mm_out(Sb, Qb, Kb.t());
+      T* sp = Sb.data_ptr<T>();
+      at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r)
+          sgrad<T>(sp + r * cols, cols, scale, rw[r0 + r], rl[r0 + r], cl ? cl + c0 : nullptr, cw ? cw + c0 : nullptr);
+      });
+      if (c0 == 0) at::mm_out(dQb, Sb, Kb); else dQb.addmm_(Sb, Kb);
+      dK.narrow(0, c0, cols).addmm_(Sb.t(), Qb);
+    }
   }
 }
 

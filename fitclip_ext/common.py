@@ -12,6 +12,22 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def autocast_features(backend: str, *features: torch.Tensor):
+    """The features a fused loss computes with, and the dtype of the loss it returns.
+
+    Under torch.autocast on the features' device (CUDA or CPU), floating features other than
+    float64 enter the fused backends in the autocast dtype, as torch.matmul would cast them, and
+    the loss comes back in float32 (autocast runs softmax and cross-entropy in float32). Outside
+    autocast the features' dtype rules. The reference backend ("torch") is left to autocast itself.
+    Returns (features, loss dtype)."""
+    x = features[0]
+    dev = x.device.type
+    if backend == "torch" or x.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
+        return features, x.dtype
+    low = torch.get_autocast_dtype(dev)
+    return tuple(f.to(low) for f in features), torch.float32
+
+
 def rowdot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """sum_d a[i, d] * b[i, d] (b may be a broadcast [D] vector) in `dtype`, chunked over rows."""
     out = torch.empty(a.shape[0], dtype=dtype, device=a.device)
@@ -56,6 +72,13 @@ def symmetric_cross_entropy(row_lse, col_lse, positive, row_mean, col_mean, eps:
         row_ce = row_ce - eps * row_mean
         col_ce = col_ce - eps * col_mean
     return (row_ce + col_ce) / 2
+
+
+def smoothed_cross_entropy(gap, lse, mean, eps: float):
+    """Cross-entropy with label smoothing eps, lse - (1 - eps) * positive - eps * mean, from
+    gap = lse - positive: (1 - eps) * gap + eps * (lse - mean). Both terms are >= 0, so a gap
+    that is exact near 0 (aligned pairs at a large scale) keeps the loss exact there."""
+    return gap if not eps else (1 - eps) * gap + eps * (lse - mean)
 
 
 def zero_bias_term(loss: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -9,41 +9,49 @@ backends compute those in tiles (`infonce_lse`), and the full logit gradient til
     dLoss/dL = diag(w) softmax_rows(L) - (1 - eps) w_i [j = p_i] - eps / m * w_i      (rows)
              + softmax_cols(L) diag(v) - (1 - eps) v_j [i = j] - eps / n * v_j      (columns)
 
-with w, v the per-row/per-column upstream weights. The positive logits and the label-smoothing
-means of the loss are O(n * D) and are computed here. The bias cancels out of the loss (softmax
-is shift invariant) and so gets a zero gradient.
+with w, v the per-row/per-column upstream weights. The backends return each row's (and column's)
+lse - L[i, p_i] directly (`gap`, >= 0); the label-smoothing means are O(n * D) and are computed
+here. The bias cancels out of the loss (softmax is shift invariant) and so gets a zero gradient.
 """
 from __future__ import annotations
 
 import torch
 
 from . import backends, validate
-from .common import compute_dtype, reduce, rowdot, symmetric_cross_entropy, upstream_weights, zero_bias_term
+from .common import (autocast_features, compute_dtype, reduce, rowdot, smoothed_cross_entropy, upstream_weights,
+                     zero_bias_term)
 from .reference import contrastive_loss_reference, infonce_reference
 
 
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, keys, scale, symmetric, offset, eps, reduction, backend):
+    def forward(ctx, query, keys, scale, symmetric, offset, eps, reduction, backend, out_dtype):
+        with torch.autocast(query.device.type, enabled=False):  # (autocast_features chose the precision)
+            return _InfoNCE._forward(ctx, query, keys, scale, symmetric, offset, eps, reduction, backend, out_dtype)
+
+    @staticmethod
+    def _forward(ctx, query, keys, scale, symmetric, offset, eps, reduction, backend, out_dtype):
         ops = backends.get(backend)
         ct = compute_dtype(query)
         n, m = query.shape[0], keys.shape[0]
         s_c = scale.detach().to(device=query.device, dtype=ct)
-        row_lse, col_lse, pos = ops.infonce_lse(query, keys, scale, symmetric, offset)
-        if pos is None:  # exact products: the O(n D) row dots
-            pos = s_c * rowdot(query, keys[offset:offset + n], ct)
+        row_lse, col_lse, row_gap, col_gap = ops.infonce_lse(query, keys, scale, symmetric, offset)
         row_mean = s_c * rowdot(query, keys.sum(0, dtype=ct), ct) / m if eps else None
+        per_item = smoothed_cross_entropy(row_gap, row_lse, row_mean, eps)
         if symmetric:
             col_mean = s_c * rowdot(keys, query.sum(0, dtype=ct), ct) / n if eps else None
-            per_item = symmetric_cross_entropy(row_lse, col_lse, pos, row_mean, col_mean, eps)
-        else:
-            per_item = row_lse - (1 - eps) * pos - (eps * row_mean if eps else 0)
+            per_item = (per_item + smoothed_cross_entropy(col_gap, col_lse, col_mean, eps)) / 2
         ctx.save_for_backward(query, keys, scale, row_lse, col_lse)
         ctx.config = (symmetric, offset, eps, reduction, backend)
-        return reduce(per_item, reduction).to(query.dtype)
+        return reduce(per_item, reduction).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _InfoNCE._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         query, keys, scale, row_lse, col_lse = ctx.saved_tensors
         symmetric, offset, eps, reduction, backend = ctx.config
         row_w = upstream_weights(grad_out, query.shape[0], reduction, symmetric, compute_dtype(query))
@@ -52,7 +60,7 @@ class _InfoNCE(torch.autograd.Function):
                                                                     col_w, offset=offset, eps=eps)
         grad_scale = grad_s.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
         return (grad_q if ctx.needs_input_grad[0] else None, grad_k if ctx.needs_input_grad[1] else None,
-                grad_scale, None, None, None, None, None)
+                grad_scale, None, None, None, None, None, None)
 
 
 def infonce(query, keys, logit_scale, logit_bias=None, *, positive_offset=0, label_smoothing=0.0,
@@ -69,7 +77,8 @@ def infonce(query, keys, logit_scale, logit_bias=None, *, positive_offset=0, lab
         label_smoothing: in [0, 1), as in torch.nn.functional.cross_entropy.
         reduction: "mean" | "sum" | "none" ([n]).
         backend: None (auto), "triton", "cpp" or "torch" (reference, materialises n x m).
-    Returns the loss in the features' dtype; never stores the n x m logits (fused backends).
+    Returns the loss in the features' dtype (float32 under torch.autocast, whose dtype the fused
+    backends then compute the products in, as a matmul would); never stores the n x m logits.
     """
     validate.features("query", query)
     validate.features("keys", keys)
@@ -83,7 +92,8 @@ def infonce(query, keys, logit_scale, logit_bias=None, *, positive_offset=0, lab
     if backend == "torch":
         return infonce_reference(query, keys, scale.to(query.device), bias if bias is None else bias.to(query.device),
                                  positive_offset=positive_offset, label_smoothing=eps, reduction=reduction)
-    loss = _InfoNCE.apply(query, keys, scale, False, positive_offset, eps, reduction, backend)
+    (query, keys), out_dtype = autocast_features(backend, query, keys)
+    loss = _InfoNCE.apply(query, keys, scale, False, positive_offset, eps, reduction, backend, out_dtype)
     return zero_bias_term(loss, bias)
 
 
@@ -101,7 +111,9 @@ def contrastive_loss(image_features, text_features, logit_scale, logit_bias=None
         label_smoothing: in [0, 1), as in torch.nn.functional.cross_entropy.
         reduction: "mean" | "sum" | "none" ([B], mean of image i's and caption i's losses).
         backend: None (auto: "triton" on CUDA, "cpp" on CPU), or "triton", "cpp", "torch".
-    Returns the loss in the features' dtype. Memory O(B * D): the B x B logits are never stored.
+    Returns the loss in the features' dtype; under torch.autocast (CUDA or CPU) float32 features
+    are multiplied in the autocast dtype, as open_clip's matmul would be, and the loss is float32.
+    Memory O(B * D): the B x B logits are never stored.
     """
     validate.features("image_features", image_features)
     validate.features("text_features", text_features)
@@ -119,5 +131,6 @@ def contrastive_loss(image_features, text_features, logit_scale, logit_bias=None
         return contrastive_loss_reference(image_features, text_features, scale.to(dev),
                                           bias if bias is None else bias.to(dev),
                                           label_smoothing=eps, reduction=reduction)
-    loss = _InfoNCE.apply(image_features, text_features, scale, True, 0, eps, reduction, backend)
+    (image_features, text_features), out_dtype = autocast_features(backend, image_features, text_features)
+    loss = _InfoNCE.apply(image_features, text_features, scale, True, 0, eps, reduction, backend, out_dtype)
     return zero_bias_term(loss, bias)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import backends, validate
-from .common import compute_dtype, kl_divisors
+from .common import autocast_features, compute_dtype, kl_divisors
 from .reference import distillation_loss_reference
 
 KL_REDUCTIONS = ("batchmean", "sum", "mean")
@@ -32,7 +32,12 @@ KL_REDUCTIONS = ("batchmean", "sum", "mean")
 
 class _Distill(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sv, st, tv, tt, s_scale, t_scale, reduction, backend):
+    def forward(ctx, sv, st, tv, tt, s_scale, t_scale, reduction, backend, out_dtype):
+        with torch.autocast(sv.device.type, enabled=False):  # (autocast_features chose the precision)
+            return _Distill._forward(ctx, sv, st, tv, tt, s_scale, t_scale, reduction, backend, out_dtype)
+
+    @staticmethod
+    def _forward(ctx, sv, st, tv, tt, s_scale, t_scale, reduction, backend, out_dtype):
         ct = compute_dtype(sv)
         n, m = sv.shape[0], st.shape[0]
         rls, rlt, rkl, cls, clt, ckl = backends.get(backend).distill_stats(sv, st, tv, tt, s_scale, t_scale)
@@ -41,10 +46,15 @@ class _Distill(torch.autograd.Function):
         loss = (rkl.sum() / dr + ckl.sum() / dc) * (t2 / 2)
         ctx.save_for_backward(sv, st, tv, tt, s_scale, t_scale, rls, rlt, cls, clt)
         ctx.config = (reduction, backend)
-        return loss.to(sv.dtype)
+        return loss.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _Distill._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         sv, st, tv, tt, s_scale, t_scale, rls, rlt, cls, clt = ctx.saved_tensors
         reduction, backend = ctx.config
         ct = compute_dtype(sv)
@@ -56,7 +66,7 @@ class _Distill(torch.autograd.Function):
         ga, gb, gs = backends.get(backend).distill_grad(sv, st, tv, tt, s_scale, t_scale, rls, rlt, row_w, cls, clt, col_w)
         need = ctx.needs_input_grad
         return (ga if need[0] else None, gb if need[1] else None, None, None,
-                gs.to(s_scale.dtype).reshape(s_scale.shape) if need[4] else None, None, None, None)
+                gs.to(s_scale.dtype).reshape(s_scale.shape) if need[4] else None, None, None, None, None)
 
 
 def _frozen(name: str, x: torch.Tensor) -> None:
@@ -83,7 +93,8 @@ def distillation_loss(student_video, student_text, teacher_video, teacher_text, 
             correct KL, torch's recommendation), "sum", or "mean" (/ (n * m)).
         backend: None (auto: "triton" on CUDA, "cpp" on CPU), "triton", "cpp" or "torch".
     All four features share dtype (float32, float64, bfloat16, float16) and device. Returns the loss
-    in that dtype; the fused backends never store an n x m matrix.
+    in that dtype (float32 under torch.autocast, whose dtype the fused backends then compute the
+    products in, as a matmul would); the fused backends never store an n x m matrix.
     """
     names = ("student_video", "student_text", "teacher_video", "teacher_text")
     feats = (student_video, student_text, teacher_video, teacher_text)
@@ -112,5 +123,5 @@ def distillation_loss(student_video, student_text, teacher_video, teacher_text, 
         loss = distillation_loss_reference(student_video, student_text, teacher_video, teacher_text,
                                            s_scale.to(dev), t_scale.to(dev), reduction=reduction)
         return loss.to(student_video.dtype)  # the 0-d float64 scales would promote it
-    return _Distill.apply(student_video, student_text, teacher_video, teacher_text, s_scale, t_scale, reduction,
-                          backend)
+    feats, out_dtype = autocast_features(backend, *feats)
+    return _Distill.apply(*feats, s_scale, t_scale, reduction, backend, out_dtype)

@@ -21,7 +21,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import backends, validate
-from .common import compute_dtype, reduce
+from .common import autocast_features, compute_dtype, reduce
 from .reference import sigmoid_loss_reference
 
 
@@ -72,15 +72,11 @@ class _SigmoidLoss(torch.autograd.Function):
 
 def _apply(query, keys, scale, bias, offset, reduction, backend):
     """The fused loss; bias None -> 0 (no gradient), offset None -> -1 (negatives only). Under
-    autocast the Triton path takes float32 features in the autocast dtype (tensor-core GEMMs, as
-    autocast runs a matmul), returning the loss in the caller's dtype."""
+    autocast the features enter in the autocast dtype (tensor-core GEMMs, as autocast runs a
+    matmul) and the loss comes back in float32 (common.autocast_features)."""
     bias_t = bias if bias is not None else torch.zeros((), dtype=torch.float64)
     need = torch.is_grad_enabled() and any(t.requires_grad for t in (query, keys, scale, bias_t))
-    out_dtype = query.dtype
-    dev = query.device.type
-    if backend == "triton" and query.dtype == torch.float32 and torch.is_autocast_enabled(dev):
-        low = torch.get_autocast_dtype(dev)
-        query, keys = query.to(low), keys.to(low)
+    (query, keys), out_dtype = autocast_features(backend, query, keys)
     return _SigmoidLoss.apply(query, keys, scale, bias_t, -1 if offset is None else offset, reduction, backend, need,
                               out_dtype)
 

@@ -59,9 +59,9 @@ def _cases(scope: str = "all"):
         t = _ptr(dtype)
         # InfoNCE: both kernels share the configurations, which depend on D (resident chunks)
         fwd_sig = {
-            "q_ptr": t, "k_ptr": t, "scale_ptr": "*fp32", "row_part_ptr": "*fp32", "pos_part_ptr": "*fp32",
+            "q_ptr": t, "k_ptr": t, "scale_ptr": "*fp32", "row_part_ptr": "*fp32",
             "col_part_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "row0": "i32", "row_end": "i32",
-            "offset": "i32", "cols_per_split": "i32",
+            "offset": "i32", "cols_per_split": "i32", "row_field": "i32", "col_field": "i32",
             "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32",
         }
         grad_sig = {
@@ -82,26 +82,24 @@ def _cases(scope: str = "all"):
                            fwd_sig if name == "infonce_lse_fwd" else grad_sig, {flag: with_col}, dict(cfg, ARCH=arch))
         dst_sig = {
             "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32",
-            "stats_s_ptr": "*fp32", "stats_t_ptr": "*fp32", "kl_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32",
-            "Dt": "i32", "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
+            "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "Dt": "i32",
+            "row0": "i32", "row_end": "i32", "cols_per_split": "i32", "row_field": "i32", "col_field": "i32",
+            "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
             "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32", "stride_ed": "i32",
         }
-        stats_cands = distill.stats_candidates(dtype, small=False, precision=prec)
-        for i, cfg in enumerate(pick(stats_cands)):
-            yield ("distill_stats", "distill.stats_kernel", dtype, prec, f"c{i}", dst_sig, {}, cfg)
+        for i, cfg in enumerate(pick(distill.stats_candidates(dtype, small=False, precision=prec))):
+            yield ("distill_fwd", "distill.kl_fwd_kernel", dtype, prec, f"c{i}", dst_sig, {}, cfg)
         dgr_sig = {
-            "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "out_ptr": t, "ds_part_ptr": "*fp32",
-            "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "a_stats_s_ptr": "*fp32", "a_stats_t_ptr": "*fp32",
-            "a_w_ptr": "*fp32", "b_stats_s_ptr": "*fp32", "b_stats_t_ptr": "*fp32", "b_w_ptr": "*fp32",
-            "n_a": "i32", "n_b": "i32", "D": "i32", "Dt": "i32", "stride_an": "i32", "stride_ad": "i32",
+            "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "g_ptr": t, "ds_part_ptr": "*fp32",
+            "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "inv_w_ptr": "*fp32", "row_s_ptr": "*fp32",
+            "row_t_ptr": "*fp32", "row_w_ptr": "*fp32", "col_s_ptr": "*fp32", "col_t_ptr": "*fp32",
+            "col_w_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "Dt": "i32", "row0": "i32",
+            "row_end": "i32", "cols_per_split": "i32", "stride_an": "i32", "stride_ad": "i32",
             "stride_bn": "i32", "stride_bd": "i32", "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32",
-            "stride_ed": "i32", "stride_on": "i32", "stride_od": "i32",
+            "stride_ed": "i32", "stride_g": "i32",
         }
-        for D in ((512,) if quick else (128, 512)):
-            cands = distill.grad_candidates(dtype, D, small=False, precision=prec)
-            for (i, cfg), with_ds in itertools.product(enumerate(pick(cands)), (True, False)):
-                yield ("distill_grad", "distill.grad_kernel", dtype, prec, f"c{i} D{D}" + (" ds" if with_ds else ""),
-                       dgr_sig, {"WITH_DS": with_ds}, cfg)
+        for i, cfg in enumerate(pick(distill.grad_candidates(dtype, 512, small=False, precision=prec))):
+            yield ("distill_grad", "distill.grad_tile_kernel", dtype, prec, f"c{i}", dgr_sig, {}, cfg)
         # frame kernels: configurations change with K_PAD (the running top-k's width)
         sim_sig = {
             "text_ptr": t, "frames_ptr": t, "mask_ptr": "*i8", "sim_ptr": "*fp32", "bits_ptr": "*i32",

@@ -150,23 +150,12 @@ def block_config(bm, bn, bk, warps, stages, **extra) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra, num_warps=warps, num_stages=stages)
 
 
-def half_grad_candidates(D: int) -> list[dict]:
-    """bf16/fp16 candidates of the distillation's gradient kernel, which accumulates
-    out[rows, D chunk] = G @ B[:, D chunk] in registers, default first: each D chunk
-    recomputes the tile, so a wider chunk saves tile products at the price of smaller tiles
-    (register budget: no spills with Triton 3.6 and 3.8)."""
-    block_do = 256 if D > 128 else 128
-    out = [block_config(64, 64, 64, 8, 2, BLOCK_DO=block_do), block_config(64, 64, 64, 8, 3, BLOCK_DO=block_do),
-           block_config(64, 32, 64, 8, 2, BLOCK_DO=block_do)]
-    if D > 256:
-        out.append(block_config(64, 16, 64, 8, 2, BLOCK_DO=512))  # one chunk up to D = 512: no recomputed tiles
-    return out
-
-
 def scale_tensor(scale: torch.Tensor, device) -> torch.Tensor:
     """A logit scale as the [1] float32 device tensor the kernels read."""
     return scale.detach().to(device=device, dtype=torch.float32).reshape(1)
 
+
+# Every torch matrix product of the kernels' launchers goes through mm32 and addmm32_.
 
 def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in float32 with float32 accumulation: cuBLAS with a float32 output for half inputs on
@@ -176,3 +165,88 @@ def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
+
+
+def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc float32, float32 accumulation (cuBLAS beta = 1 for half inputs on CUDA)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+# ----------------------------------------------------------------------------- launch geometry
+# (shared by the InfoNCE and distillation launchers)
+
+def arch_of(device: torch.device) -> int:
+    """Compute capability as 10 * major + minor (90 under the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill: the device's (a host-side property, no sync); under the
+    interpreter FITCLIP_TRITON_SMS (default 132, an H100's, with FITCLIP_TRITON_CONFIG=gpu; else 1)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    default = "132" if os.environ.get("FITCLIP_TRITON_CONFIG") == "gpu" else "1"
+    return int(os.environ.get("FITCLIP_TRITON_SMS", default))
+
+
+MIN_SPLIT_COLS = 512
+
+
+def column_split(m: int, row_blocks: int, block_n: int, sms: int) -> tuple[int, int]:
+    """(columns per program, programs per row block): split the columns when the row blocks
+    alone leave SMs idle, keeping at least 512 columns per program (the resident block's reuse:
+    with 128 resident rows, 512 / (1 + 512 / 128) = 102 matrix FLOPs per loaded bf16 byte)."""
+    split = max(1, min(-(-sms // max(row_blocks, 1)), m // MIN_SPLIT_COLS))
+    per = -(-(-(-m // split)) // block_n) * block_n
+    return per, -(-m // per)
+
+
+def chunk_elems() -> int:
+    """Elements of one chunk's [rows, m] buffer (FITCLIP_GPU_BLOCK_ELEMS, default 2^25)."""
+    return int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0) or (1 << 25)
+
+
+def chunk_rows(n: int, m: int, block_m: int, elems: int) -> int:
+    """Rows per chunk: a multiple of block_m with rows * m <= elems (at least block_m), at most n."""
+    return min(n, max(block_m, (elems // max(m, 1)) // block_m * block_m))
+
+
+def chunked_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, weights, block_m: int, block_n: int,
+                     tile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward the InfoNCE and distillation launchers share, for logits s * A B^T with upstream
+    weights `weights` (float32 vectors): in row chunks of at most FITCLIP_GPU_BLOCK_ELEMS
+    elements, `tile(g, ds_part, inv_w, r0, r1, cols_per_split, split)` launches the kernel that
+    writes the chunk's logit gradient G divided by the largest weight (O(1) entries: nothing
+    underflows in float16) and per-row partials ds_part[split, n] of sum_j G_ij S_ij; cuBLAS then
+    computes dA_c = G_c B (written once) and dB += G_c^T A_c, both with float32 accumulation
+    (dB accumulates in the gradient buffer itself for float32 inputs, in an [m, D] float32
+    buffer for half ones). Returns (dA, dB in the inputs' dtypes, d scale [] float32)."""
+    n, D = a.shape
+    m = b.shape[0]
+    dev = a.device
+    f32 = torch.float32
+    w_max = torch.stack([w.abs().amax() for w in weights]).amax()
+    w_max = torch.where(w_max > 0, w_max, torch.ones_like(w_max)).reshape(1)
+    rows_c = chunk_rows(n, m, block_m, chunk_elems())
+    per, split = column_split(m, -(-rows_c // block_m), block_n, num_sms(dev))
+    da = torch.empty((n, D), device=dev, dtype=a.dtype)
+    db32 = torch.zeros((m, D), device=dev, dtype=f32)
+    ds_part = torch.empty((split, n), device=dev, dtype=f32)
+    G = torch.empty((rows_c, m), device=dev, dtype=a.dtype)
+    factor = scale * w_max
+    for r0 in range(0, n, rows_c):
+        r1 = min(n, r0 + rows_c)
+        g = G[:r1 - r0]
+        tile(g, ds_part, 1.0 / w_max, r0, r1, per, split)
+        da[r0:r1] = mm32(g, b).mul_(factor)
+        addmm32_(db32, g.t(), a[r0:r1])
+    db = db32.mul_(factor)
+    return da, (db.to(b.dtype) if b.dtype != f32 else db), ds_part.sum() * w_max.reshape(())

@@ -1,19 +1,33 @@
 """Triton kernels of the chunked distillation loss (`fitclip_ext.distillation_loss` on CUDA).
 
-Statistics (`stats_kernel`, grid over row blocks): streams the tiles of the student logits
-Y = s * A @ B^T and the teacher logits X = t * C @ E^T (two tile products per tile) and keeps per
-row, online, the max and sum of exp of both, and the sum of p ((x - mx) - (y - my)) relative to
-the running maxima (p = exp(x - mx)); a row's KL is that sum / a - log a + log c, exact 0 when
-the two rows agree. Each log-sum-exp is stored as a [2, n] pair: the max of the oriented
+Student logits Y = s * A @ B^T (A [n, D] videos, B [m, D] captions), teacher logits
+X = t * C @ E^T (Dt features). The structure mirrors kernels/infonce.py: FLOP-optimal,
+deterministic, no host synchronisation. Matrix FLOPs of forward and backward together:
+
+    forward  2 n m (D + Dt)   both tile products, once
+    backward 2 n m (D + Dt)   both again, in row chunks, for the logit gradient G
+             4 n m D          cuBLAS dA = s G B and dB = s G^T A
+    total    8 n m D + 4 n m Dt   (12 n m D for Dt = D): the floor for a loss that keeps no
+                                   n x m matrix (the forward cannot know G before it has seen
+                                   every row and column; the backward needs G for both GEMMs)
+
+Forward (`kl_fwd_kernel`, grid row blocks x column ranges): per tile both products; per row,
+online, the max and sum of exp of both and the sum of p ((x - mx) - (y - my)) relative to the
+running maxima (p = exp(x - mx)): a row's KL is that sum / a - log a + log c, exactly 0 when the
+two rows agree. The same five numbers per column over the block's rows go to a partial buffer
+[5, row blocks, m]; torch merges partials (`merge`: the online update over a fixed axis) for the
+columns and for split rows. No atomics. Each log-sum-exp is kept as a pair: the max of the oriented
 products sign(scale) * raw and log2 of the sum of exp2 relative to it; the backward's exponent
 |scale| * log2(e) * (raw - max) - log_sum is then exact for a row's dominant entry, even where the
-compiler fuses the product into an FMA (see fitclip_ext/distill.py). Run once for the rows and once, with the operands swapped, for the columns:
-exact, deterministic (no atomics), 2 * 2 * n * m * (D + Dt) FLOPs.
+compiler fuses the product into an FMA (see fitclip_ext/distill.py).
 
-Backward (`grad_kernel`, grid over output row blocks x output D chunks): recomputes both tiles,
-forms G = w_a (q - p) + w_b (q' - p') in registers and accumulates s * G @ B; run once for the
-student videos and once for the student captions. The student scale's gradient sum G * (A B^T)
-is summed per row in the first pass.
+Backward (`grad_tile_kernel`, row chunks): recomputes both tiles, forms
+G = w_a (q - p) + w_b (q' - p') / max w (O(1) entries: nothing underflows in fp16) in its epilogue
+and writes it in the inputs' dtype, with per-row partials of the student scale's gradient
+sum G * (A B^T); cuBLAS then computes dA_c = G_c B and dB += G_c^T A_c with float32 accumulation.
+
+Memory (FITCLIP_GPU_BLOCK_ELEMS, as for InfoNCE): the column partials (at most 2^23 floats), the
+G chunk [R, m] in the inputs' dtype and, for half inputs, a float32 [m, D] accumulator.
 
 Kernels assume valid inputs (the public op validates). Offsets are int64.
 """
@@ -23,43 +37,68 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (block_config, configured, half_grad_candidates, input_precision, launch, scale_tensor,
-                     small_configs, tile_product, triton_op)
+from .common import (block_config, chunk_elems, chunk_rows, chunked_backward, column_split, configured,
+                     input_precision, launch, num_sms, scale_tensor, small_configs, tile_product, triton_op)
 
 LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+LN2 = 0.6931471805599453
 
 
 @triton.jit
-def stats_kernel(
-    a_ptr, b_ptr, c_ptr, e_ptr, s_scale_ptr, t_scale_ptr, stats_s_ptr, stats_t_ptr, kl_ptr,
-    n, m, D, Dt,
+def _signs_and_mags(s_scale_ptr, t_scale_ptr):
+    """Logits as magnitude * oriented product (sign(scale) * raw: larger is a larger logit), base
+    2 (exp2 is the fast path)."""
+    ss = tl.load(s_scale_ptr).to(tl.float32)
+    ts = tl.load(t_scale_ptr).to(tl.float32)
+    return (tl.where(ss < 0, -1.0, 1.0), tl.where(ts < 0, -1.0, 1.0), tl.abs(ss) * LOG2E, tl.abs(ts) * LOG2E)
+
+
+@triton.jit
+def kl_fwd_kernel(
+    a_ptr, b_ptr, c_ptr, e_ptr, s_scale_ptr, t_scale_ptr, row_part_ptr, col_part_ptr,
+    n, m, D, Dt, row0, row_end, cols_per_split, row_field, col_field,
     stride_an, stride_ad, stride_bn, stride_bd, stride_cn, stride_cd, stride_en, stride_ed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n
-    # Logits as magnitude * oriented product (sign(scale) * raw: larger is a larger logit), base 2
-    # (exp2 is the fast path); maxima of the oriented products, differences taken before scaling.
-    ss = tl.load(s_scale_ptr).to(tl.float32)
-    ts = tl.load(t_scale_ptr).to(tl.float32)
-    s_sign = tl.where(ss < 0, -1.0, 1.0)
-    t_sign = tl.where(ts < 0, -1.0, 1.0)
-    s_mag = tl.abs(ss) * LOG2E
-    t_mag = tl.abs(ts) * LOG2E
+    """Program (row block b of rows [row0, row_end), column range p): the five partial statistics
+    (max x, sum exp2 dx, sum exp2(dx) (dx - dy), max y, sum exp2 dy; x, y oriented products, dx,
+    dy scaled base-2 differences to the maxima) of each row over the range to
+    row_part[f, p, i] (field stride row_field) and of each column over the block's rows to
+    col_part[f, b, j] (field stride col_field)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1).to(tl.int64)
+    rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    s_sign, t_sign, s_mag, t_mag = _signs_and_mags(s_scale_ptr, t_scale_ptr)
     mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     my = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     ax = tl.zeros((BLOCK_M,), tl.float32)
     bx = tl.zeros((BLOCK_M,), tl.float32)
     cy = tl.zeros((BLOCK_M,), tl.float32)
-    for c0 in range(0, m, BLOCK_N):
+    c_begin = pid_p * cols_per_split
+    c_end = tl.minimum(c_begin + cols_per_split, m)
+    for c0 in range(c_begin, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
-        col_ok = cols < m
+        col_ok = cols < c_end
         y = tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
-                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * s_sign
+                         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * s_sign
         x = tile_product(c_ptr, e_ptr, rows, cols, row_ok, col_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
-                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * t_sign
+                         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * t_sign
+        # columns over the block's rows (every block has at least one row)
+        xc = tl.where(row_ok[:, None], x, float("-inf"))
+        yc = tl.where(row_ok[:, None], y, float("-inf"))
+        cmx = tl.max(xc, 0)
+        cmy = tl.max(yc, 0)
+        dxc = tl.where(row_ok[:, None], t_mag * (x - cmx[None, :]), float("-inf"))
+        dyc = tl.where(row_ok[:, None], s_mag * (y - cmy[None, :]), float("-inf"))
+        pc = tl.exp2(dxc)
+        cbase = col_part_ptr + pid_b * m + cols
+        tl.store(cbase, cmx, mask=col_ok)
+        tl.store(cbase + col_field, tl.sum(pc, 0), mask=col_ok)
+        tl.store(cbase + 2 * col_field, tl.sum(tl.where(row_ok[:, None], pc * (dxc - dyc), 0.0), 0), mask=col_ok)
+        tl.store(cbase + 3 * col_field, cmy, mask=col_ok)
+        tl.store(cbase + 4 * col_field, tl.sum(tl.exp2(dyc), 0), mask=col_ok)
+        # rows, online over the range's tiles
         x = tl.where(col_ok[None, :], x, float("-inf"))
         y = tl.where(col_ok[None, :], y, float("-inf"))
         nx = tl.maximum(mx, tl.max(x, 1))
@@ -78,141 +117,164 @@ def stats_kernel(
         ax += tl.sum(p, 1)
         bx += tl.sum(tl.where(col_ok[None, :], p * (dx - dy), 0.0), 1)
         cy += tl.sum(tl.exp2(dy), 1)
-    # [2, n] statistics: (max of the oriented products, log2 of the sum of exp2 relative to it)
-    tl.store(stats_s_ptr + rows, my, mask=row_ok)
-    tl.store(stats_s_ptr + n + rows, tl.log2(cy), mask=row_ok)
-    tl.store(stats_t_ptr + rows, mx, mask=row_ok)
-    tl.store(stats_t_ptr + n + rows, tl.log2(ax), mask=row_ok)
-    tl.store(kl_ptr + rows, (bx / ax - tl.log2(ax) + tl.log2(cy)) * LN2, mask=row_ok)
+    rbase = row_part_ptr + pid_p * n + rows
+    tl.store(rbase, mx, mask=row_ok)
+    tl.store(rbase + row_field, ax, mask=row_ok)
+    tl.store(rbase + 2 * row_field, bx, mask=row_ok)
+    tl.store(rbase + 3 * row_field, my, mask=row_ok)
+    tl.store(rbase + 4 * row_field, cy, mask=row_ok)
 
 
 @triton.jit
-def grad_kernel(
-    a_ptr, b_ptr, c_ptr, e_ptr, out_ptr, ds_part_ptr, s_scale_ptr, t_scale_ptr,
-    a_stats_s_ptr, a_stats_t_ptr, a_w_ptr, b_stats_s_ptr, b_stats_t_ptr, b_w_ptr,
-    n_a, n_b, D, Dt,
-    stride_an, stride_ad, stride_bn, stride_bd, stride_cn, stride_cd, stride_en, stride_ed,
-    stride_on, stride_od,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    WITH_DS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def grad_tile_kernel(
+    a_ptr, b_ptr, c_ptr, e_ptr, g_ptr, ds_part_ptr, s_scale_ptr, t_scale_ptr, inv_w_ptr,
+    row_s_ptr, row_t_ptr, row_w_ptr, col_s_ptr, col_t_ptr, col_w_ptr,
+    n, m, D, Dt, row0, row_end, cols_per_split,
+    stride_an, stride_ad, stride_bn, stride_bd, stride_cn, stride_cd, stride_en, stride_ed, stride_g,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """out[a, dchunk] = s * sum_b G[a, b] B[b, dchunk] with
-    G[a, b] = w_a (q_ab - p_ab) + w_b (q'_ab - p'_ab), from the saved (max, log2 sum) pairs."""
-    pid_a = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    ra = pid_a * BLOCK_M + tl.arange(0, BLOCK_M)
-    a_ok = ra < n_a
-    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    do_ok = do < D
-    s_scale = tl.load(s_scale_ptr).to(tl.float32)
-    ts = tl.load(t_scale_ptr).to(tl.float32)
-    s_sign = tl.where(s_scale < 0, -1.0, 1.0)  # as in stats_kernel
-    t_sign = tl.where(ts < 0, -1.0, 1.0)
-    s_mag = tl.abs(s_scale) * LOG2E
-    t_mag = tl.abs(ts) * LOG2E
-    mys = tl.load(a_stats_s_ptr + ra, mask=a_ok, other=0.0)
-    lys = tl.load(a_stats_s_ptr + n_a + ra, mask=a_ok, other=0.0)
-    mxs = tl.load(a_stats_t_ptr + ra, mask=a_ok, other=0.0)
-    lxs = tl.load(a_stats_t_ptr + n_a + ra, mask=a_ok, other=0.0)
-    w_a = tl.load(a_w_ptr + ra, mask=a_ok, other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
+    """G[i - row0, j] / max w for rows i of [row0, row_end) and the program's column range, with
+    G[i, j] = w_i (q_ij - p_ij) + v_j (q'_ij - p'_ij) from the saved (max, log2 sum) pairs,
+    written in g_ptr's dtype; ds_part[p, i] = sum_j (G / max w)_ij (A B^T)_ij over the range."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1).to(tl.int64)
+    rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    s_sign, t_sign, s_mag, t_mag = _signs_and_mags(s_scale_ptr, t_scale_ptr)
+    inv_w = tl.load(inv_w_ptr)
+    mys = tl.load(row_s_ptr + rows, mask=row_ok, other=0.0)
+    lys = tl.load(row_s_ptr + n + rows, mask=row_ok, other=0.0)
+    mxs = tl.load(row_t_ptr + rows, mask=row_ok, other=0.0)
+    lxs = tl.load(row_t_ptr + n + rows, mask=row_ok, other=0.0)
+    w_a = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0) * inv_w
     ds_acc = tl.zeros((BLOCK_M,), tl.float32)
-    for c0 in range(0, n_b, BLOCK_N):
-        rb = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
-        b_ok = rb < n_b
-        s = tile_product(a_ptr, b_ptr, ra, rb, a_ok, b_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
-                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-        x = tile_product(c_ptr, e_ptr, ra, rb, a_ok, b_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
-                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * t_sign
+    c_begin = pid_p * cols_per_split
+    c_end = tl.minimum(c_begin + cols_per_split, m)
+    for c0 in range(c_begin, c_end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < c_end
+        s = tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+                         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        x = tile_product(c_ptr, e_ptr, rows, cols, row_ok, col_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
+                         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * t_sign
         y = s * s_sign
-        myb = tl.load(b_stats_s_ptr + rb, mask=b_ok, other=0.0)
-        lyb = tl.load(b_stats_s_ptr + n_b + rb, mask=b_ok, other=0.0)
-        mxb = tl.load(b_stats_t_ptr + rb, mask=b_ok, other=0.0)
-        lxb = tl.load(b_stats_t_ptr + n_b + rb, mask=b_ok, other=0.0)
-        w_b = tl.load(b_w_ptr + rb, mask=b_ok, other=0.0)
+        myb = tl.load(col_s_ptr + cols, mask=col_ok, other=0.0)
+        lyb = tl.load(col_s_ptr + m + cols, mask=col_ok, other=0.0)
+        mxb = tl.load(col_t_ptr + cols, mask=col_ok, other=0.0)
+        lxb = tl.load(col_t_ptr + m + cols, mask=col_ok, other=0.0)
+        w_b = tl.load(col_w_ptr + cols, mask=col_ok, other=0.0) * inv_w
         g = w_a[:, None] * (tl.exp2(s_mag * (y - mys[:, None]) - lys[:, None])
                             - tl.exp2(t_mag * (x - mxs[:, None]) - lxs[:, None]))
         g += w_b[None, :] * (tl.exp2(s_mag * (y - myb[None, :]) - lyb[None, :])
                              - tl.exp2(t_mag * (x - mxb[None, :]) - lxb[None, :]))
-        g = tl.where(a_ok[:, None] & b_ok[None, :], g, 0.0)
-        if WITH_DS:
-            ds_acc += tl.sum(g * s, 1)
-        yb = tl.load(b_ptr + rb[:, None] * stride_bn + do[None, :] * stride_bd,
-                     mask=b_ok[:, None] & do_ok[None, :], other=0.0)
-        acc = tl.dot(g.to(yb.dtype), yb, acc, input_precision=INPUT_PRECISION)
-    if WITH_DS:
-        tl.store(ds_part_ptr + ra, ds_acc, mask=a_ok & (pid_d == 0))
-    tl.store(out_ptr + ra[:, None] * stride_on + do[None, :] * stride_od, (acc * s_scale).to(out_ptr.dtype.element_ty),
-             mask=a_ok[:, None] & do_ok[None, :])
+        ok = row_ok[:, None] & col_ok[None, :]
+        g = tl.where(ok, g, 0.0)
+        ds_acc += tl.sum(g * s, 1)
+        tl.store(g_ptr + (rows - row0)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
+    tl.store(ds_part_ptr + pid_p * n + rows, ds_acc, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- configurations
 
 def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: str | None = None) -> list[dict]:
-    """The statistics kernel's block configurations, known good first (the default; the others
-    are timed only under FITCLIP_TRITON_AUTOTUNE=1). Two [BLOCK_M, BLOCK_N] fp32 tiles live at
-    once. All compile without spills on sm_80/sm_90 (`python -m fitclip_ext.kernels.aot`)."""
+    """The forward kernel's block configurations, known good first (the default; the others are
+    timed only under FITCLIP_TRITON_AUTOTUNE=1), one BLOCK_M per list (the launcher sizes the
+    partial buffers by it). Two [BLOCK_M, BLOCK_N] fp32 tiles and the row and column statistics
+    live at once: 128 x 64 half tiles spill on sm_80 (and with odd strides on sm_90), so the
+    half default is 128 x 32. All compile without spills on sm_80/sm_90
+    (`python -m fitclip_ext.kernels.aot`)."""
     if small_configs(small):
-        return [block_config(16, 16, 16, 1, 1), block_config(32, 16, 16, 1, 1)]
+        return [block_config(16, 16, 16, 1, 1), block_config(16, 32, 16, 1, 1)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return [block_config(32, 16, 16, 8, 1)]
+        return [block_config(32, 16, 16, 4, 3)]
     if dtype == torch.float32:
-        return [block_config(64, 64, 32, 8, 3), block_config(64, 64, 32, 8, 4), block_config(64, 32, 32, 8, 3)]
-    return [block_config(128, 64, 64, 8, 3), block_config(128, 64, 64, 8, 4), block_config(64, 64, 64, 4, 3),
-            block_config(64, 128, 64, 8, 3)]
+        return [block_config(64, 64, 32, 8, 3), block_config(64, 32, 32, 8, 3)]
+    return [block_config(128, 32, 64, 8, 3), block_config(128, 32, 64, 8, 4), block_config(128, 32, 32, 8, 3)]
 
 
 def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
-    """The gradient kernel's block configurations, known good first: the [BLOCK_M, BLOCK_DO]
-    accumulator lives in registers and each D chunk recomputes both tiles."""
-    if small_configs(small):
-        return [block_config(16, 16, 16, 1, 1, BLOCK_DO=32), block_config(32, 16, 16, 1, 1, BLOCK_DO=16)]
-    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return [block_config(32, 16, 16, 4, 2, BLOCK_DO=64)]  # (32 columns spill with the (max, log-sum) pairs)
-    if dtype == torch.float32:  # tf32: the 256-wide accumulator spills on sm_80
-        return [block_config(64, 64, 32, 8, 2, BLOCK_DO=128), block_config(64, 32, 32, 8, 2, BLOCK_DO=128)]
-    return half_grad_candidates(D)
+    """The gradient tile kernel's (its epilogue holds both products, the gradient and four
+    statistics per row and per column): the forward's."""
+    return stats_candidates(dtype, small, precision)
 
 
 # ----------------------------------------------------------------------------- launchers
 
+def merge(mx, a, b, my, c, t_mag, s_mag):
+    """Merges partial statistics along dim 0 (the kernels' online update over a fixed axis):
+    (mx, a, b, my, c) with maxima shifted to the largest; exact (shift 0) where student and
+    teacher agree."""
+    MX, MY = mx.amax(0), my.amax(0)
+    f = torch.exp2(t_mag * (mx - MX))
+    shift = s_mag * (MY - my) - t_mag * (MX - mx)
+    return MX, (f * a).sum(0), (f * (b + a * shift)).sum(0), MY, (torch.exp2(s_mag * (my - MY)) * c).sum(0)
+
+
+def _finish(mx, a, b, my, c):
+    """([2, k] student (max, log2 sum), [2, k] teacher's, KL [k] in nats) from merged statistics."""
+    la, lc = torch.log2(a), torch.log2(c)
+    return torch.stack([my, lc]), torch.stack([mx, la]), (b / a - la + lc) * LN2
+
+
+_KEY = ["n", "m", "D", "Dt", "INPUT_PRECISION"]
+
+
 @triton_op("triton_distill_stats")
-def _row_stats(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
-               ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """([2, n] (max, log2 sum) of the student rows and of the teacher rows, in base-2 units, and
-    the KL per row [n]) of A @ B^T and C @ E^T."""
+def _stats_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
+              ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
+    """(row student stats [2, n], row teacher stats [2, n], row KL [n], and the same three for the
+    columns [2, m], [2, m], [m]) of Y = s A B^T and X = t C E^T, one pass over the tiles; stats
+    are (max of the oriented products, log2 of the sum of exp2 relative to it), base-2 units."""
     n, D = a.shape
     m, Dt = b.shape[0], c.shape[1]
-    ss, ts = scale_tensor(ss, a.device), scale_tensor(ts, a.device)
-    stats_s, stats_t = (torch.empty(2, n, device=a.device, dtype=torch.float32) for _ in range(2))
-    kl = torch.empty(n, device=a.device, dtype=torch.float32)
+    dev = a.device
+    f32 = torch.float32
+    ss, ts = scale_tensor(ss, dev), scale_tensor(ts, dev)
+    s_mag, t_mag = ss.abs() * LOG2E.value, ts.abs() * LOG2E.value
     prec = input_precision(a.dtype)
-    kernel, cfg = configured(stats_kernel, stats_candidates(a.dtype, precision=prec),
-                             ["n", "m", "D", "Dt", "INPUT_PRECISION"])
-    launch(kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]),),
-           a, b, c, e, ss, ts, stats_s, stats_t, kl, n, m, D, Dt,
-           a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
-           INPUT_PRECISION=prec, **cfg)
-    return stats_s, stats_t, kl
+    cands = stats_candidates(a.dtype, precision=prec)
+    kernel, cfg = configured(kl_fwd_kernel, cands, key=_KEY, site="stats")
+    bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]
+    rows_c = chunk_rows(n, m, bm, min(chunk_elems(), 1 << 23) // 5 * bm)  # column partials <= 2^23 floats
+    blocks = -(-rows_c // bm)
+    per, split = column_split(m, blocks, bn, num_sms(dev))
+    row_part = torch.empty((5, split, n), device=dev, dtype=f32)
+    col_part = torch.empty((5, blocks, m), device=dev, dtype=f32)
+    cols = None
+    for r0 in range(0, n, rows_c):
+        r1 = min(n, r0 + rows_c)
+        launch(kernel, lambda cf: (triton.cdiv(r1 - r0, cf["BLOCK_M"]), split),
+               a, b, c, e, ss, ts, row_part, col_part, n, m, D, Dt, r0, r1, per, split * n, blocks * m,
+               a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
+               INPUT_PRECISION=prec, **cfg)
+        part = merge(*col_part[:, :-(-(r1 - r0) // bm)], t_mag, s_mag)
+        cols = part if cols is None else merge(*(torch.stack([x, y]) for x, y in zip(cols, part)), t_mag, s_mag)
+    rows = merge(*row_part, t_mag, s_mag) if split > 1 else tuple(row_part[:, 0])
+    return (*_finish(*rows), *_finish(*cols))
 
 
 @triton_op("triton_distill_grad")
-def _grad_pass(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
-               ts: torch.Tensor, a_stats_s: torch.Tensor, a_stats_t: torch.Tensor, a_w: torch.Tensor,
-               b_stats_s: torch.Tensor, b_stats_t: torch.Tensor, b_w: torch.Tensor, with_ds: bool
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s * G @ B in A's dtype, per-row parts of sum G * (A B^T) [n_a] float32)."""
-    n_a, D = a.shape
-    n_b, Dt = b.shape[0], c.shape[1]
-    ss, ts = scale_tensor(ss, a.device), scale_tensor(ts, a.device)
-    out = torch.empty_like(a, memory_format=torch.contiguous_format)
-    ds_part = torch.zeros(n_a, device=a.device, dtype=torch.float32)
+def _grad_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
+             ts: torch.Tensor, row_s: torch.Tensor, row_t: torch.Tensor, row_w: torch.Tensor, col_s: torch.Tensor,
+             col_t: torch.Tensor, col_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dA, dB in the inputs' dtypes, d s [] float32): the gradient of
+    sum_i w_i KL_row_i + sum_j v_j KL_col_j with respect to the student's features and scale."""
+    n, D = a.shape
+    m, Dt = b.shape[0], c.shape[1]
+    dev = a.device
+    f32 = torch.float32
+    ss, ts = scale_tensor(ss, dev), scale_tensor(ts, dev)
     prec = input_precision(a.dtype)
-    kernel, cfg = configured(grad_kernel, grad_candidates(a.dtype, D, precision=prec),
-                             ["n_a", "n_b", "D", "Dt", "WITH_DS", "INPUT_PRECISION"])
-    stat = [x.float().contiguous() for x in (a_stats_s, a_stats_t, a_w, b_stats_s, b_stats_t, b_w)]
-    launch(kernel, lambda c: (triton.cdiv(n_a, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_DO"])),
-           a, b, c, e, out, ds_part, ss, ts, *stat, n_a, n_b, D, Dt,
-           a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
-           out.stride(0), out.stride(1), WITH_DS=with_ds, INPUT_PRECISION=prec, **cfg)
-    return out, ds_part
+    cands = grad_candidates(a.dtype, D, precision=prec)
+    kernel, cfg = configured(grad_tile_kernel, cands, key=_KEY, site="grad")
+    bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]
+    stat = [x.to(f32).contiguous() for x in (row_s, row_t, row_w, col_s, col_t, col_w)]
+
+    def tile(g, ds_part, inv_w, r0, r1, per, split):
+        launch(kernel, lambda cf: (triton.cdiv(r1 - r0, cf["BLOCK_M"]), split),
+               a, b, c, e, g, ds_part, ss, ts, inv_w, *stat, n, m, D, Dt, r0, r1, per,
+               a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
+               g.stride(0), INPUT_PRECISION=prec, **cfg)
+
+    return chunked_backward(a, b, ss, (stat[2], stat[5]), bm, bn, tile)

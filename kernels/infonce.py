@@ -5,12 +5,14 @@ the loss and both feature gradients, the floor) and deterministic:
 
 Forward (`lse_fwd_kernel`, 2 n m D): a program owns BLOCK_M query rows, holds them resident (in
 shared memory: loaded once, NUM_K chunks of BLOCK_K features) and streams the key tiles of its
-column range. Per row it keeps the online max and sum of exp (the row log-sum-exp, per column
-range) and the positive logit L[i, i + offset] taken from the same tile product (so a TF32 loss
-compares like with like and cannot come out negative on aligned pairs); per column it writes
-the log-sum-exp over its BLOCK_M rows to a partial buffer [row blocks, m]. The partials are
-reduced by torch (logsumexp over a fixed axis, then merged chunk by chunk with logaddexp): no
-atomics, no column shift to fix up, no host synchronisation. Column ranges are split over
+column range. Per row it keeps the online max and sum of exp (per column range) and the positive
+logit L[i, i + offset] taken from the same tile product; per column it writes the (max, log-sum)
+pair over its BLOCK_M rows to a partial buffer [2, row blocks, m]. The pairs are merged by torch
+over a fixed axis (`merge_pairs`, then chunk by chunk): no atomics, no column shift to fix up, no
+host synchronisation. Each cross-entropy's lse - positive is formed as (max - positive) + log-sum:
+the positive and the max are the same kernel value where the positive dominates and the log-sum
+is >= 0 exactly, so the loss is never negative and is as exact near 0 as log_softmax (aligned
+pairs at scale 100), and a TF32 loss compares like with like. Column ranges are split over
 programs when the row blocks alone would not fill the GPU (each program keeps at least 512
 columns, so the resident block is reused).
 
@@ -29,7 +31,7 @@ C * BLOCK_M / (BLOCK_M + C) * (2 / itemsize) matrix FLOPs per loaded byte over i
 at least 102 (bf16, BLOCK_M = 128, C >= 512, the fewest a split leaves), up to 128.
 
 Memory (knob FITCLIP_GPU_BLOCK_ELEMS, the elements of one chunk's [R, m] buffer, default 2^25):
-the forward's partials [R_f / BLOCK_M, m] float32 (at most 2^23 elements), the backward's G_c
+the forward's partials [2, R_f / BLOCK_M, m] float32 (at most 2^23 elements), the backward's G_c
 [R, m] in the inputs' dtype and, for half inputs, the float32 dK accumulator [m, D]. A larger
 chunk means fewer read-modify-writes of that accumulator (m * D * 8 bytes per chunk).
 
@@ -37,13 +39,12 @@ Kernels assume valid inputs (the public ops validate). Offsets are int64.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import block_config, configured, input_precision, launch, mm32, scale_tensor, small_configs, triton_op
+from .common import (arch_of, block_config, chunk_elems, chunk_rows, chunked_backward, column_split, configured,
+                     input_precision, launch, num_sms, scale_tensor, small_configs, triton_op)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
 LN2 = 0.6931471805599453
@@ -110,16 +111,18 @@ def _tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn
 
 @triton.jit
 def lse_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, row_part_ptr, pos_part_ptr, col_part_ptr,
-    n, m, D, row0, row_end, offset, cols_per_split,
+    q_ptr, k_ptr, scale_ptr, row_part_ptr, col_part_ptr,
+    n, m, D, row0, row_end, offset, cols_per_split, row_field, col_field,
     stride_qn, stride_qd, stride_kn, stride_kd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
     RESIDENT: tl.constexpr, WITH_COL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Program (row block b of rows [row0, row_end), column range p): row_part[p, i] = log2-sum-exp2
-    of row i's logits (log2 units) over the range, pos_part[p, i] = S[i, i + offset] if that column
-    is in the range (else 0), and with WITH_COL col_part[b, j] = the log2-sum-exp2 of column j
-    over the block's rows."""
+    """Program (row block b of rows [row0, row_end), column range p), logits x = scale * S in log2
+    units: row_part[0, p, i] = max of row i's x over the range, row_part[1, p, i] = log2 of the sum
+    of exp2(x - max) (>= 0: the max's own term is exactly 1), row_part[2, p, i] = x[i, i + offset]
+    if that column is in the range (else 0), the same product as the max (field stride
+    row_field); with WITH_COL col_part[0, b, j], col_part[1, b, j] the same pair for column j over
+    the block's rows (field stride col_field)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1).to(tl.int64)
     rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -143,15 +146,19 @@ def lse_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x_rows - m_safe[:, None]), 1)
         m_i = m_new
-        pos += tl.sum(tl.where(cols[None, :] == rows[:, None] + offset, s, 0.0), 1)
+        pos += tl.sum(tl.where(cols[None, :] == rows[:, None] + offset, x, 0.0), 1)
         if WITH_COL:
             x_cols = tl.where(row_ok[:, None], x, float("-inf"))
             c_max = tl.max(x_cols, 0)
             c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
             c_sum = tl.sum(tl.exp2(x_cols - c_safe[None, :]), 0)
-            tl.store(col_part_ptr + pid_b * m + cols, c_safe + tl.log2(c_sum), mask=col_ok)
-    tl.store(row_part_ptr + pid_p * n + rows, m_i + tl.log2(l_i), mask=row_ok)
-    tl.store(pos_part_ptr + pid_p * n + rows, pos, mask=row_ok)
+            cbase = col_part_ptr + pid_b * m + cols
+            tl.store(cbase, c_safe, mask=col_ok)
+            tl.store(cbase + col_field, tl.log2(c_sum), mask=col_ok)
+    rbase = row_part_ptr + pid_p * n + rows
+    tl.store(rbase, m_i, mask=row_ok)
+    tl.store(rbase + row_field, tl.log2(l_i), mask=row_ok)
+    tl.store(rbase + 2 * row_field, pos, mask=row_ok)
 
 
 @triton.jit
@@ -224,7 +231,7 @@ def candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision:
                     block_config(16, 32, bk, 1, 1, NUM_K=nk, RESIDENT=True)]
         return [block_config(16, 16, 16, 1, 1, NUM_K=1, RESIDENT=False)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
-        return [block_config(32, 64, 32, 4, 2, NUM_K=1, RESIDENT=False)]
+        return [block_config(32, 64, 32, 8, 2, NUM_K=1, RESIDENT=False)]
     if dtype == torch.float32:  # TF32: resident float32 rows would not fit beside the tiles
         return [block_config(128, 64, 32, 8, 3, NUM_K=1, RESIDENT=False),
                 block_config(128, 32, 32, 8, 3, NUM_K=1, RESIDENT=False)]
@@ -237,8 +244,8 @@ def candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision:
             if bn == 64:
                 out.append(block_config(128, 32, bk, 8, 1, NUM_K=nk, RESIDENT=True))
             return out
-        return [block_config(64, 32, bk, 4, 1, NUM_K=nk, RESIDENT=True)]
-    return [block_config(128, 64, 64, 8, 3, NUM_K=1, RESIDENT=False), block_config(128, 32, 64, 8, 3, NUM_K=1,
+        return [block_config(64, 32, bk, 8, 1, NUM_K=nk, RESIDENT=True)]
+    return [block_config(128, 64, 64, 8, 3, NUM_K=1, RESIDENT=False), block_config(128, 32, 64, 4, 3, NUM_K=1,
                                                                                   RESIDENT=False)]
 
 
@@ -252,58 +259,6 @@ def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, preci
     return [dict(c, BLOCK_N=max(16, c["BLOCK_N"] // 2)) for c in cands]
 
 
-def arch_of(device: torch.device) -> int:
-    """Compute capability as 10 * major + minor (90 under the interpreter)."""
-    if device.type != "cuda":
-        return 90
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors to fill: the device's (a host-side property, no sync); under the
-    interpreter FITCLIP_TRITON_SMS (default 132, an H100's, with FITCLIP_TRITON_CONFIG=gpu; else 1)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    default = "132" if os.environ.get("FITCLIP_TRITON_CONFIG") == "gpu" else "1"
-    return int(os.environ.get("FITCLIP_TRITON_SMS", default))
-
-
-MIN_SPLIT_COLS = 512
-
-
-def column_split(m: int, row_blocks: int, block_n: int, sms: int) -> tuple[int, int]:
-    """(columns per program, programs per row block): split the columns when the row blocks
-    alone leave SMs idle, keeping at least 512 columns per program (the resident block's reuse:
-    with 128 resident rows, 512 / (1 + 512 / 128) = 102 matrix FLOPs per loaded bf16 byte)."""
-    split = max(1, min(-(-sms // max(row_blocks, 1)), m // MIN_SPLIT_COLS))
-    per = -(-(-(-m // split)) // block_n) * block_n
-    return per, -(-m // per)
-
-
-def chunk_elems() -> int:
-    """Elements of one chunk's [rows, m] buffer (FITCLIP_GPU_BLOCK_ELEMS, default 2^25)."""
-    return int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0) or (1 << 25)
-
-
-def chunk_rows(n: int, m: int, block_m: int, elems: int) -> int:
-    """Rows per chunk: a multiple of block_m with rows * m <= elems (at least block_m), at most n."""
-    return min(n, max(block_m, (elems // max(m, 1)) // block_m * block_m))
-
-
-# ----------------------------------------------------------------------------- GEMMs
-# Every torch matrix product goes through these two, so a test can count what a GPU would do.
-
-def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, acc float32, float32 accumulation (cuBLAS beta = 1 for half inputs on CUDA)."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
 # ----------------------------------------------------------------------------- launchers
 # Each launcher is a torch custom op (kernels/common.py): fitclip_ext::triton_infonce_lse and
 # fitclip_ext::triton_infonce_grad.
@@ -311,11 +266,20 @@ def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 _KEY = ["n", "m", "D", "INPUT_PRECISION"]
 
 
+def merge_pairs(mx: torch.Tensor, ls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merges (max, log2 sum of exp2 relative to it) pairs along dim 0 into one pair, with
+    log2 sum >= 0 kept exactly (the largest max's own term is >= 1)."""
+    top = mx.amax(0)
+    return top, torch.log2(torch.exp2(mx - top + ls).sum(0))
+
+
 @triton_op("triton_infonce_lse")
 def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool, offset: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_lse [n], col_lse [m] (empty when not with_col), positive logits scale * S[i, i + offset]
-    [n]), float32, the positives from the same tile products as the log-sum-exps."""
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_lse [n], col_lse [m], row_gap [n], col_gap [m]; the column ones empty when not
+    with_col), float32: gap = lse - positive logit (row i's positive at column i + offset, column
+    j's at row j), >= 0 exactly, from the same tile products as the log-sum-exps (max minus the
+    positive is exact where the positive is the max)."""
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
@@ -324,25 +288,29 @@ def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_c
     cands = candidates(query.dtype, D, precision=prec, arch=arch_of(dev))
     kernel, cfg = configured(lse_fwd_kernel, cands, key=_KEY + ["WITH_COL"], site="lse")
     bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]  # every candidate has the same BLOCK_M
-    rows_c = chunk_rows(n, m, bm, min(chunk_elems(), 1 << 23) * bm)  # partials [rows_c / bm, m] <= 2^23
+    rows_c = chunk_rows(n, m, bm, min(chunk_elems(), 1 << 22) * bm)  # partials [2, rows_c / bm, m] <= 2^23
     blocks = -(-rows_c // bm)
     per, split = column_split(m, blocks, bn, num_sms(dev))
-    row_part = torch.empty((split, n), device=dev, dtype=torch.float32)
-    pos_part = torch.empty((split, n), device=dev, dtype=torch.float32)
-    col_part = torch.empty((blocks if with_col else 0, m), device=dev, dtype=torch.float32)
-    col_lse = torch.full((m if with_col else 0,), float("-inf"), device=dev, dtype=torch.float32)
+    row_part = torch.empty((3, split, n), device=dev, dtype=torch.float32)
+    col_part = torch.empty((2, blocks if with_col else 0, m), device=dev, dtype=torch.float32)
+    col = None
     for r0 in range(0, n, rows_c):
         r1 = min(n, r0 + rows_c)
         launch(kernel, lambda c: (triton.cdiv(r1 - r0, c["BLOCK_M"]), split),
-               query, keys, s, row_part, pos_part, col_part if with_col else row_part, n, m, D, r0, r1, offset, per,
-               query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+               query, keys, s, row_part, col_part if with_col else row_part, n, m, D, r0, r1, offset, per,
+               split * n, col_part.shape[1] * m, query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
                WITH_COL=with_col, INPUT_PRECISION=prec, **cfg)
         if with_col:
-            part = torch.logsumexp(col_part[:-(-(r1 - r0) // bm)] * LN2, 0)
-            col_lse = part if r0 == 0 else torch.logaddexp(col_lse, part)
-    row_lse = torch.logsumexp(row_part * LN2, 0) if split > 1 else row_part[0] * LN2
-    pos = (pos_part.sum(0) if split > 1 else pos_part[0]) * s
-    return row_lse, col_lse, pos
+            used = -(-(r1 - r0) // bm)
+            part = merge_pairs(col_part[0, :used], col_part[1, :used])
+            col = part if col is None else merge_pairs(*(torch.stack(x) for x in zip(col, part)))
+    row_max, row_ls = merge_pairs(row_part[0], row_part[1]) if split > 1 else (row_part[0, 0], row_part[1, 0])
+    pos = row_part[2].sum(0) if split > 1 else row_part[2, 0]  # (one range holds the positive)
+    row_lse, row_gap = (row_max + row_ls) * LN2, ((row_max - pos) + row_ls) * LN2
+    if not with_col:
+        return row_lse, row_lse.new_empty((0,)), row_gap, row_lse.new_empty((0,))  # (no aliased outputs)
+    # column j's positive is row j's (offset 0: square), the same tile value
+    return row_lse, (col[0] + col[1]) * LN2, row_gap, ((col[0] - pos) + col[1]) * LN2
 
 
 @triton_op("triton_infonce_grad")
@@ -363,29 +331,13 @@ def _grad_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_l
     bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]  # every candidate has the same BLOCK_M
     row_w = row_weight.to(dtype=f32).contiguous()
     col_w = col_weight.to(dtype=f32).contiguous() if sym else row_w
-    # G / max|w|: O(1) entries, representable in float16 (the weights' scale is put back in float32)
-    w_max = row_w.abs().amax() if not sym else torch.maximum(row_w.abs().amax(), col_w.abs().amax())
-    w_max = torch.where(w_max > 0, w_max, torch.ones_like(w_max)).reshape(1)
-    inv_w = 1.0 / w_max
-    rows_c = chunk_rows(n, m, bm, chunk_elems())
-    per, split = column_split(m, -(-rows_c // bm), bn, num_sms(dev))
-    half = query.dtype != f32
-    dq = torch.empty((n, D), device=dev, dtype=query.dtype)
-    dk32 = torch.zeros((m, D), device=dev, dtype=f32)  # float32 inputs: this is the gradient buffer
-    ds_part = torch.empty((split, n), device=dev, dtype=f32)
-    G = torch.empty((rows_c, m), device=dev, dtype=query.dtype)
-    factor = s * w_max
-    for r0 in range(0, n, rows_c):
-        r1 = min(n, r0 + rows_c)
-        g = G[:r1 - r0]
+
+    def tile(g, ds_part, inv_w, r0, r1, per, split):
         launch(kernel, lambda c: (triton.cdiv(r1 - r0, c["BLOCK_M"]), split),
                query, keys, g, ds_part, s, inv_w, row_lse, row_w, col_lse if sym else row_lse, col_w,
                n, m, D, r0, r1, offset, per, eps / m, eps / n if sym else 0.0, 1.0 - eps,
                query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), g.stride(0),
                HAS_COL=sym, INPUT_PRECISION=prec, **cfg)
-        q_c = query[r0:r1]
-        dq[r0:r1] = mm32(g, keys).mul_(factor)
-        addmm32_(dk32, g.t(), q_c)
-    dk = dk32.mul_(factor)
-    ds = ds_part.sum() * w_max.reshape(())
-    return dq, (dk.to(keys.dtype) if half else dk), ds
+
+    return chunked_backward(query, keys, s, (row_w, col_w) if sym else (row_w,), bm, bn, tile)
+

@@ -164,6 +164,26 @@ def _contrastive_case(B: int, D: int, dtype: torch.dtype) -> Counts:
     return c
 
 
+def _distill_case(B: int, D: int, dtype: torch.dtype) -> Counts:
+    import fitclip_ext
+
+    g = torch.Generator().manual_seed(0)
+    sv, st, tv, tt = (torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1).to(dtype) for _ in range(4))
+    sv.requires_grad_()
+    st.requires_grad_()
+    with count() as c:
+        fitclip_ext.distillation_loss(sv, st, tv, tt, 20.0, 66.7, backend="triton").backward()
+    return c
+
+
+def _print(title: str, c: Counts, unit: int) -> None:
+    print(f"{title}: {c.flops / unit:.2f} B^2 D matrix FLOPs fwd+bwd "
+          f"(tl.dot {c.dot_flops / unit:.2f}, cuBLAS {c.torch_flops / unit:.2f})")
+    for name, (f, b) in sorted(c.kernels.items()):
+        print(f"  {name:20} {f / unit:5.2f} B^2 D, {b / 2**20:7.2f} MiB loaded, "
+              f"{f / b if b else float('inf'):6.1f} FLOPs per byte")
+
+
 def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("FITCLIP_TRITON_CONFIG") != "gpu":
         print("run with TRITON_INTERPRET=1 FITCLIP_TRITON_CONFIG=gpu (the GPU's block configurations)",
@@ -171,13 +191,9 @@ def main(argv=None) -> int:
         return 2
     B = 512
     for D in (512, 768):
-        c = _contrastive_case(B, D, torch.bfloat16)
-        unit = B * B * D
-        print(f"contrastive_loss bf16 B={B} D={D}: {c.flops / unit:.2f} B^2 D matrix FLOPs fwd+bwd "
-              f"(tl.dot {c.dot_flops / unit:.2f}, cuBLAS {c.torch_flops / unit:.2f})")
-        for name, (f, b) in sorted(c.kernels.items()):
-            print(f"  {name:20} {f / unit:5.2f} B^2 D, {b / 2**20:7.2f} MiB loaded, "
-                  f"{f / b if b else float('inf'):6.1f} FLOPs per byte")
+        _print(f"contrastive_loss bf16 B={B} D={D}", _contrastive_case(B, D, torch.bfloat16), B * B * D)
+    for D in (512, 768):
+        _print(f"distillation_loss bf16 B={B} D=Dt={D}", _distill_case(B, D, torch.bfloat16), B * B * D)
     return 0
 
 

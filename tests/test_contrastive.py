@@ -100,6 +100,50 @@ def test_infonce_matches_float64(backend, dtype, shape, reduction, eps):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("noise", [0.05, 0.3])
+def test_aligned_pairs_at_scale_100_never_negative(backend, noise):
+    """Aligned pairs at open_clip's largest scale: every per-pair loss is >= 0 and, on Triton
+    (positives and maxima from the same tiles), as exact near 0 as log_softmax on materialised
+    float32 logits; C++ (positives as row dots) clamps the rounding below 0."""
+    g = torch.Generator().manual_seed(int(noise * 100))
+    img = torch.nn.functional.normalize(torch.randn(96, 32, generator=g, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(img + noise * torch.randn(96, 32, generator=g, dtype=torch.float64), dim=-1)
+    i, t = img.float().to(device_for(backend)), txt.float().to(device_for(backend))
+    out = fitclip_ext.contrastive_loss(i, t, 100.0, reduction="none", backend=backend).cpu()
+    truth = contrastive_loss_reference(i.double().cpu(), t.double().cpu(), torch.tensor(100.0, dtype=torch.float64),
+                                       reduction="none")
+    naive = contrastive_loss_reference(i.cpu(), t.cpu(), torch.tensor(100.0), reduction="none")
+    assert (out >= 0).all()
+    err, naive_err = (out.double() - truth).abs().max().item(), (naive.double() - truth).abs().max().item()
+    if backend == "triton":
+        assert err <= naive_err + 1e-6, (err, naive_err)
+    else:
+        assert err <= 1e-4, err
+
+
+@pytest.mark.parametrize("symmetric,n,m,offset", [(True, 300, 300, 0), (False, 70, 611, 333)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_row_and_column_blocks(monkeypatch, symmetric, n, m, offset, dtype):
+    """Small C++ blocks: 32-row forward blocks and backward blocks of 32 rows x 256 columns, so the
+    backward's column blocks (one narrower at the end) and the row blocks are both exercised."""
+    monkeypatch.setenv("FITCLIP_CPU_BLOCK_ELEMS", "4096")
+    q, k = _features(n, 17, dtype, 5), _features(m, 17, dtype, 6)
+    scale = torch.tensor(25.0, dtype=torch.float64)
+    if symmetric:
+        op = lambda a, b, s, bb: fitclip_ext.contrastive_loss(a, b, s, backend="cpp", label_smoothing=0.1)
+        ref = lambda a, b, s, bb: contrastive_loss_reference(a, b, s, label_smoothing=0.1, upcast=True)
+    else:
+        op = lambda a, b, s, bb: fitclip_ext.infonce(a, b, s, positive_offset=offset, reduction="none", backend="cpp")
+        ref = lambda a, b, s, bb: infonce_reference(a, b, s, positive_offset=offset, reduction="none", upcast=True)
+    out, grads = _run(op, [q, k], scale, None, True)
+    truth, tgrads = _run(ref, [q, k], scale, None, True)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert rel_err(out, truth) < tol
+    for g, t in zip(grads[:3], tgrads[:3]):
+        assert rel_err(g, t) < tol
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_large_scale_and_unnormalised_features_stay_finite(backend):
     # Logits up to ~1e3: a naive exp overflows, a log-sum-exp must not.
     dev = device_for(backend)

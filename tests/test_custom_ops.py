@@ -135,7 +135,7 @@ def _triton_samples():
     s = torch.tensor([3.0], device=TDEV)
     q, k = r(5, 16), r(7, 16)
     qs, ks = r(6, 16), r(6, 16)
-    rl, cl, _ = t.triton_infonce_lse(qs, ks, s, True, 0)
+    rl, cl, _, _ = t.triton_infonce_lse(qs, ks, s, True, 0)
     w = torch.full((6,), 0.1, device=TDEV)
     text = torch.nn.functional.normalize(r(6, 16), dim=-1)
     frames = torch.nn.functional.normalize(r(6, 5, 16), dim=-1)
@@ -145,7 +145,6 @@ def _triton_samples():
     raw_t, raw_f = 3.0 * r(6, 16), r(6, 5, 16)
     sv, st, tv, tt = r(6, 16), r(4, 16), r(6, 16), r(4, 16)
     a = t.triton_distill_stats(sv, st, tv, tt, s, s)
-    b = t.triton_distill_stats(st, sv, tt, tv, s, s)
     return [
         (t.triton_infonce_lse, (q, k, s, False, 1)),
         (t.triton_infonce_lse, (qs, ks, s, True, 0)),
@@ -160,8 +159,7 @@ def _triton_samples():
         (t.triton_unit_grad, (r(6, 5, 16), raw_f, raw_f.norm(dim=-1))),
         (t.triton_select_frames, (frames, text, 3, mask)),
         (t.triton_distill_stats, (sv, st, tv, tt, s, s)),
-        (t.triton_distill_grad, (sv, st, tv, tt, s, s, a[0], a[1], w, b[0], b[1], torch.full((4,), 0.2, device=TDEV),
-                                       True)),
+        (t.triton_distill_grad, (sv, st, tv, tt, s, s, a[0], a[1], w, a[3], a[4], torch.full((4,), 0.2, device=TDEV))),
     ]
 
 

@@ -18,6 +18,26 @@ def _unit(b, d, seed, dtype=torch.bfloat16):
     return torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
 
 
+def _without_host_sync(monkeypatch, function_cls, run):
+    """run() with .item() / bool() / .nonzero() / .tolist() on tensors raising while the autograd
+    Function's forward and backward execute."""
+    def forbidden(*_a, **_k):
+        raise AssertionError("host synchronisation inside the op")
+
+    def guarded(fn):
+        def inner(*args):
+            with monkeypatch.context() as mp:
+                for name in ("item", "__bool__", "nonzero", "tolist"):
+                    mp.setattr(torch.Tensor, name, forbidden)
+                return fn(*args)
+        return staticmethod(inner)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(function_cls, "forward", guarded(function_cls.forward))
+        mp.setattr(function_cls, "backward", guarded(function_cls.backward))
+        return run()
+
+
 @pytest.mark.parametrize("D", [512, 768])
 def test_contrastive_loss_flop_and_byte_budgets(monkeypatch, D):
     pytest.importorskip("triton")
@@ -81,24 +101,10 @@ def test_contrastive_loss_deterministic_and_sync_free(monkeypatch):
         loss.backward()
         return loss.detach(), a.grad, b.grad, s.grad
 
-    def forbidden(*_a, **_k):
-        raise AssertionError("host synchronisation inside the op")
-
     from fitclip_ext.contrastive import _InfoNCE
 
-    def guarded(fn):
-        def run(*args):
-            with monkeypatch.context() as mp:
-                for name in ("item", "__bool__", "nonzero", "tolist"):
-                    mp.setattr(torch.Tensor, name, forbidden)
-                return fn(*args)
-        return staticmethod(run)
-
     first = once()
-    with monkeypatch.context() as mp:
-        mp.setattr(_InfoNCE, "forward", guarded(_InfoNCE.forward))
-        mp.setattr(_InfoNCE, "backward", guarded(_InfoNCE.backward))
-        second = once()
+    second = _without_host_sync(monkeypatch, _InfoNCE, once)
     for x, y in zip(first, second):
         assert torch.equal(x, y)
 
@@ -115,3 +121,68 @@ def test_float16_gradient_does_not_underflow():
     (contrastive_loss_reference(q64, k64, torch.tensor(10.0, dtype=torch.float64), reduction="sum") * 1e-3).backward()
     for g, t in ((q.grad, q64.grad), (k.grad, k64.grad)):
         assert ((g.double() - t).norm() / t.norm()).item() < 2e-3
+
+
+@pytest.mark.parametrize("D,Dt", [(512, 512), (768, 768), (512, 256)])
+def test_distillation_loss_flop_budget(monkeypatch, D, Dt):
+    """distillation_loss at the GPU's tiles: 8 n m D + 4 n m Dt matrix FLOPs for forward and
+    backward (the floor: both tile products in the forward and again for the logit gradient, the
+    two gradient GEMMs), within 1.1x; bf16 loss and gradients against float64."""
+    pytest.importorskip("triton")
+    from fitclip_ext.kernels.interpret import count
+    from fitclip_ext.reference import distillation_loss_reference
+
+    monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")
+    n = m = 512
+    sv, st = _unit(n, D, 11).requires_grad_(), _unit(m, D, 12).requires_grad_()
+    tv, tt = _unit(n, Dt, 13), _unit(m, Dt, 14)
+    with count() as c:
+        loss = fitclip_ext.distillation_loss(sv, st, tv, tt, 30.0, 60.0, backend="triton")
+        loss.backward()
+    floor = 8 * n * m * D + 4 * n * m * Dt
+    assert c.flops <= 1.1 * floor, c
+    assert c.flops == floor
+    assert set(c.kernels) == {"kl_fwd_kernel", "grad_tile_kernel"}
+    for name in c.kernels:  # streamed 128 x 32 tiles (both operands per tile): 25.6 at most, below InfoNCE's 96
+        assert c.flops_per_byte(name) >= 25, (name, c.kernels[name])
+    s64, t64 = sv.detach().double().requires_grad_(), st.detach().double().requires_grad_()
+    truth = distillation_loss_reference(s64, t64, tv.double(), tt.double(), 30.0, 60.0)
+    truth.backward()
+    assert abs(loss.double().item() - truth.item()) <= 8e-3 * abs(truth.item())
+    for g, t in ((sv.grad, s64.grad), (st.grad, t64.grad)):
+        assert ((g.double() - t).norm() / t.norm()).item() < 1e-2
+
+
+def test_distillation_gpu_configuration_float32_chunks_and_splits(monkeypatch):
+    """Float32 at the GPU's tiles with several row chunks (column partials merged across chunks)
+    and column splits (row partials merged), rectangular, D != Dt: float64-exact to float32
+    rounding; and bitwise repeatable without host synchronisation inside the op."""
+    pytest.importorskip("triton")
+    from fitclip_ext.distill import _Distill
+    from fitclip_ext.reference import distillation_loss_reference
+
+    monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")
+    monkeypatch.setenv("FITCLIP_TRITON_SMS", "16")
+    monkeypatch.setenv("FITCLIP_GPU_BLOCK_ELEMS", str(64 * 1100))  # chunks of 64 rows
+    n, m, D, Dt = 200, 1100, 48, 40
+    sv, st = _unit(n, D, 15, torch.float32), _unit(m, D, 16, torch.float32)
+    tv, tt = _unit(n, Dt, 17, torch.float32), _unit(m, Dt, 18, torch.float32)
+
+    def once():
+        a, b = sv.clone().requires_grad_(), st.clone().requires_grad_()
+        s = torch.tensor(25.0, requires_grad=True)
+        loss = fitclip_ext.distillation_loss(a, b, tv, tt, s, 50.0, backend="triton")
+        loss.backward()
+        return loss.detach(), a.grad, b.grad, s.grad
+
+    first = once()
+    second = _without_host_sync(monkeypatch, _Distill, once)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    a64, b64 = sv.double().requires_grad_(), st.double().requires_grad_()
+    s64 = torch.tensor(25.0, dtype=torch.float64, requires_grad=True)
+    truth = distillation_loss_reference(a64, b64, tv.double(), tt.double(), s64, 50.0)
+    truth.backward()
+    assert abs(first[0].item() - truth.item()) < 1e-5 * abs(truth.item())
+    for g, t in zip(first[1:], (a64.grad, b64.grad, s64.grad)):
+        assert ((g.double() - t).norm() / t.norm()).item() < 1e-5

@@ -13,8 +13,10 @@ for Triton). "Compute dtype": float64 for float64 inputs on C++, float32 otherwi
 
 InfoNCE (L = scale * query @ keys^T, n x m; positives at key offset + i; label smoothing eps):
     infonce_lse(query, keys, scale, with_col, offset=0) -> (row_lse [n], col_lse [m] or None,
-        positives [n] or None): positives = scale * S[i, i + offset] from the same products as
-        the log-sum-exps where those are rounded (TF32 tiles), None where they are exact
+        row_gap [n], col_gap [m] or None): gap = lse - positive logit (row i's at key offset + i,
+        column j's at query j), each row's (column's) cross-entropy without label smoothing, >= 0;
+        Triton takes it as (max - positive) + log-sum from the same tile products (exact where
+        the positive dominates, as log_softmax is), C++ as lse - the row dot, clamped at 0
     infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps)
         -> (dquery, dkeys in the inputs' dtype, dscale 0-d): the full gradient of
            sum_i row_w_i CE_row_i (+ sum_j col_w_j CE_col_j when col_lse is given), softmax,

@@ -24,8 +24,17 @@ def _cpu64(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- InfoNCE
 
 def infonce_lse(query, keys, scale, with_col, offset=0):
+    """The contract's (row_lse, col_lse, row_gap, col_gap): gap = lse - positive logit, the
+    positives as row dots (exact products, like the GEMM's up to rounding), clamped at 0: a
+    cross-entropy is never negative, and the clamp only removes rounding below the truth."""
     row_lse, col_lse = torch.ops.fitclip_ext.infonce_lse(query, keys, _cpu64(scale), with_col)
-    return row_lse, (col_lse if with_col else None), None  # exact products: the positives are rowdots
+    ct = compute_dtype(query)
+    n = query.shape[0]
+    pos = scale.detach().to(device=query.device, dtype=ct) * rowdot(query, keys[offset:offset + n], ct)
+    row_gap = (row_lse - pos).clamp_min_(0)
+    if not with_col:
+        return row_lse, None, row_gap, None
+    return row_lse, col_lse, row_gap, (col_lse - pos).clamp_min_(0)
 
 
 def _scaled(query, keys, scale, gk, gtq):

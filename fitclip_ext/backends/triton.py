@@ -16,8 +16,8 @@ def _ops():
 # ----------------------------------------------------------------------------- InfoNCE
 
 def infonce_lse(query, keys, scale, with_col, offset=0):
-    row_lse, col_lse, pos = _ops().triton_infonce_lse(query, keys, scale, with_col, offset)
-    return row_lse, (col_lse if with_col else None), pos
+    row_lse, col_lse, row_gap, col_gap = _ops().triton_infonce_lse(query, keys, scale, with_col, offset)
+    return row_lse, (col_lse if with_col else None), row_gap, (col_gap if with_col else None)
 
 
 def infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps):
@@ -64,17 +64,11 @@ def video_block_rows(B: int, T: int) -> int:
 # ----------------------------------------------------------------------------- distillation
 
 def distill_stats(sv, st, tv, tt, s_scale, t_scale):
-    ss, ts = s_scale.detach(), t_scale.detach()
-    rows = _ops().triton_distill_stats(sv, st, tv, tt, ss, ts)
-    cols = _ops().triton_distill_stats(st, sv, tt, tv, ss, ts)
-    return (*rows, *cols)
+    return _ops().triton_distill_stats(sv, st, tv, tt, s_scale.detach(), t_scale.detach())
 
 
 def distill_grad(sv, st, tv, tt, s_scale, t_scale, rss, rst, rw, css, cst, cw):
-    ss, ts = s_scale.detach(), t_scale.detach()
-    dv, ds_part = _ops().triton_distill_grad(sv, st, tv, tt, ss, ts, rss, rst, rw, css, cst, cw, True)
-    dt, _ = _ops().triton_distill_grad(st, sv, tt, tv, ss, ts, css, cst, cw, rss, rst, rw, False)
-    return dv, dt, ds_part.sum()
+    return _ops().triton_distill_grad(sv, st, tv, tt, s_scale.detach(), t_scale.detach(), rss, rst, rw, css, cst, cw)
 
 
 # ----------------------------------------------------------------------------- SigLIP
