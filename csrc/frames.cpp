@@ -517,8 +517,8 @@ void unit_grad_cpu(at::Tensor& grad, const at::Tensor& x, const at::Tensor& norm
   });
 }
 
-// For each b, the k frames of video b most similar to caption b (text already unit length),
-// in ascending time order.
+// For each b, the k frames of video b most similar (cosine) to caption b, in ascending time
+// order (raw or unit captions: a caption's norm does not change its frames' ranking).
 at::Tensor select_frames_cpu(const at::Tensor& frames, const at::Tensor& text, int64_t k,
                              const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(frames.dim() == 3 && text.dim() == 2 && frames.size(0) == text.size(0) && frames.size(2) == text.size(1),
@@ -526,8 +526,8 @@ at::Tensor select_frames_cpu(const at::Tensor& frames, const at::Tensor& text, i
   TORCH_CHECK(k >= 1 && k <= frames.size(1) && frames.size(1) <= 32767, "k must be in [1, T]");
   const auto ct = compute_type(text);
   const int64_t B = frames.size(0), nt = frames.size(1);
-  // Cosine similarity of raw frames with the unit captions: [B, T, D] @ [B, D, 1] / |frame|
-  // (F.normalize's clamp of the norm at 1e-12).
+  // Cosine similarity of raw frames with the captions, times the caption's norm:
+  // [B, T, D] @ [B, D, 1] / |frame| (F.normalize's clamp of the norm at 1e-12).
   const auto f = frames.to(ct);
   auto sims = at::bmm(f, text.to(ct).unsqueeze(2)).squeeze(2).div_(at::linalg_vector_norm(f, 2, {2}).clamp_min_(1e-12)).contiguous();
   at::Tensor mk;

@@ -144,8 +144,9 @@ def select_frames(frame_features, text_features, k, *, mask=None, backend=None):
     if backend == "torch":
         return select_frames_reference(frame_features, text_features, k, mask=mask)
     with torch.no_grad():
-        text_n = F.normalize(text_features.detach(), dim=-1)
-        idx = backends.get(backend).select_frames(frame_features.detach(), text_n, k, mask)
+        # (raw captions: a caption's norm does not change its frames' ranking, and normalising a
+        # half-precision caption first would round it and flip near-ties)
+        idx = backends.get(backend).select_frames(frame_features.detach(), text_features.detach(), k, mask)
     chosen = F.normalize(gather_frames(frame_features, idx), dim=-1)
     scores = torch.einsum("bkd,bd->bk", chosen, F.normalize(text_features, dim=-1))
     return idx, scores

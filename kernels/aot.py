@@ -104,15 +104,17 @@ def _cases(scope: str = "all"):
         sim_sig = {
             "text_ptr": t, "frames_ptr": t, "mask_ptr": "*i8", "sim_ptr": "*fp32", "bits_ptr": "*i32",
             "text_norm_ptr": "*fp32", "frames_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
-            "stride_tc": "i32", "stride_td": "i32", "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
+            "v_block0": "i32", "stride_tc": "i32", "stride_td": "i32", "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
         }
         dtext_sig = {
-            "grad_ptr": "*fp32", "bits_ptr": "*i32", "frames_ptr": t, "out_ptr": "*fp32", "frames_norm_ptr": "*fp32",
+            "grad_ptr": "*fp32", "gscale_ptr": "*fp32", "bits_ptr": "*i32", "frames_ptr": t, "out_ptr": "*fp32",
+            "frames_norm_ptr": "*fp32",
             "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
             "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
         }
         dframes_sig = {
-            "grad_ptr": "*fp32", "bits_ptr": "*i32", "text_ptr": t, "out_ptr": "*fp32", "text_norm_ptr": "*fp32",
+            "grad_ptr": "*fp32", "gscale_ptr": "*fp32", "bits_ptr": "*i32", "text_ptr": t, "out_ptr": "*fp32",
+            "text_norm_ptr": "*fp32",
             "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32", "stride_tc": "i32", "stride_td": "i32",
         }
         for k in ((4,) if quick else (1, 2, 4, 8, 16, 32)):
@@ -144,10 +146,10 @@ def _cases(scope: str = "all"):
             "k": "i32", "stride_fb": "i32", "stride_ft": "i32", "stride_fd": "i32", "stride_tb": "i32", "stride_td": "i32",
         }
         if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
-            for k in ((4,) if quick else (1, 4, 32)):
-                cands = frames.select_candidates(512, k, small=False)
+            for T, D in ([(16, 512)] if quick else [(4, 512), (16, 512), (32, 768), (64, 512), (64, 40)]):
+                cands = frames.select_candidates(D, T, small=False)
                 for i, cfg in enumerate(pick(cands)):
-                    yield ("select_frames", "frames.select_frames_kernel", dtype, "-", f"c{i} k{k} mask", sel_sig,
+                    yield ("select_frames", "frames.select_frames_kernel", dtype, "-", f"c{i} T{T} D{D} mask", sel_sig,
                            {"HAS_MASK": True}, cfg)
 
 

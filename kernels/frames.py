@@ -11,9 +11,13 @@ Backward (no recomputation, the chosen frames are saved as bits):
 `topk_sim_dtext_kernel` (grid: caption blocks x D chunks) accumulates, for each video block and
 frame t, W_t @ frames[v-block, t, D chunk] with W_t[c, v] = grad[c, v] / k * [t chosen for (c, v)];
 `topk_sim_dframes_kernel` (grid: video blocks x frames x D chunks) accumulates W_t^T @ text.
+Both round W / max|grad| to the inputs' dtype (O(1) entries: no float16 underflow however small
+the upstream gradient) and put max|grad| back in float32. The forward launches past 65535 video
+blocks (the grid's y limit, about a million videos) in slices of the y axis.
 
-`select_frames_kernel` (grid: batch blocks): cosine of each caption with its own T frames (one
-read of the frames), the same running top-k, chosen frame indices out (sorted by the launcher).
+`select_frames_kernel` (grid: batch blocks): cosine of each caption with its own T frames, one
+read of the frames and of the captions (float32 products and norms for every dtype), then k rounds
+of max (ties to the earlier frame); chosen frame indices out (sorted by the launcher).
 The similarity kernels take the raw embeddings and their row norms and divide each tile by them
 (F.normalize's clamp included); the gradient kernels give the gradients with respect to the unit
 vectors and `unit_grad_kernel` turns them into the raw inputs' ones, in place: no normalised copy
@@ -28,6 +32,7 @@ import triton.language as tl
 from .common import configured, input_precision, launch, small_configs, triton_op
 
 EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm
+GRID_Y_MAX = 65535  # CUDA's limit on a grid's y and z dimensions
 
 
 @triton.jit
@@ -46,13 +51,13 @@ def _topk_insert(best, best_idx, x, t, slot_ok):
 @triton.jit
 def topk_sim_fwd_kernel(
     text_ptr, frames_ptr, mask_ptr, sim_ptr, bits_ptr, text_norm_ptr, frames_norm_ptr,
-    C, V, T, D, k,
+    C, V, T, D, k, v_block0,
     stride_tc, stride_td, stride_fv, stride_ft, stride_fd,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr,
     N_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_c = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64) + v_block0  # (the grid's y axis stops at 65535: launched in slices)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     c_ok = rc < C
@@ -96,7 +101,7 @@ def topk_sim_fwd_kernel(
 
 @triton.jit
 def topk_sim_dtext_kernel(
-    grad_ptr, bits_ptr, frames_ptr, out_ptr, frames_norm_ptr,
+    grad_ptr, gscale_ptr, bits_ptr, frames_ptr, out_ptr, frames_norm_ptr,
     C, V, T, D, k,
     stride_fv, stride_ft, stride_fd,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr, N_WORDS: tl.constexpr,
@@ -109,11 +114,12 @@ def topk_sim_dtext_kernel(
     do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = do < D
     acc = tl.zeros((BLOCK_C, BLOCK_DO), tl.float32)
+    inv_g = tl.load(gscale_ptr) / k  # weights / max|grad|: O(1), no float16 underflow
     for v0 in range(0, V, BLOCK_V):
         rv = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: row * stride may pass 2^31
         v_ok = rv < V
         ok = c_ok[:, None] & v_ok[None, :]
-        g = tl.load(grad_ptr + rc[:, None] * V + rv[None, :], mask=ok, other=0.0) / k
+        g = tl.load(grad_ptr + rc[:, None] * V + rv[None, :], mask=ok, other=0.0) * inv_g
         pair = (rc[:, None] * V + rv[None, :]) * N_WORDS
         for t in range(0, T):
             word = tl.load(bits_ptr + pair + t // 32, mask=ok, other=0)
@@ -123,12 +129,12 @@ def topk_sim_dtext_kernel(
             f = tl.load(frames_ptr + rv[:, None] * stride_fv + t * stride_ft + do[None, :] * stride_fd,
                         mask=v_ok[:, None] & do_ok[None, :], other=0.0)
             acc = tl.dot(w.to(f.dtype), f, acc, input_precision=INPUT_PRECISION)
-    tl.store(out_ptr + rc[:, None] * D + do[None, :], acc, mask=c_ok[:, None] & do_ok[None, :])
+    tl.store(out_ptr + rc[:, None] * D + do[None, :], acc * tl.load(gscale_ptr + 1), mask=c_ok[:, None] & do_ok[None, :])
 
 
 @triton.jit
 def topk_sim_dframes_kernel(
-    grad_ptr, bits_ptr, text_ptr, out_ptr, text_norm_ptr,
+    grad_ptr, gscale_ptr, bits_ptr, text_ptr, out_ptr, text_norm_ptr,
     C, V, T, D, k,
     stride_tc, stride_td,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr, N_WORDS: tl.constexpr,
@@ -142,11 +148,12 @@ def topk_sim_dframes_kernel(
     do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = do < D
     acc = tl.zeros((BLOCK_V, BLOCK_DO), tl.float32)
+    inv_g = tl.load(gscale_ptr) / k  # weights / max|grad|, as in topk_sim_dtext_kernel
     for c0 in range(0, C, BLOCK_C):
         rc = c0 + tl.arange(0, BLOCK_C).to(tl.int64)  # int64: C * V may pass 2^31
         c_ok = rc < C
         ok = v_ok[:, None] & c_ok[None, :]  # [BV, BC]: transposed tiles
-        g = tl.load(grad_ptr + rc[None, :] * V + rv[:, None], mask=ok, other=0.0) / k
+        g = tl.load(grad_ptr + rc[None, :] * V + rv[:, None], mask=ok, other=0.0) * inv_g
         word = tl.load(bits_ptr + (rc[None, :] * V + rv[:, None]) * N_WORDS + t // 32, mask=ok, other=0)
         w = tl.where(((word >> (t % 32)) & 1) != 0, g, 0.0)
         if NORMALIZE:  # W^T @ unit captions = (W / caption norms)^T @ raw captions
@@ -154,6 +161,7 @@ def topk_sim_dframes_kernel(
         x = tl.load(text_ptr + rc[:, None] * stride_tc + do[None, :] * stride_td,
                     mask=c_ok[:, None] & do_ok[None, :], other=0.0)
         acc = tl.dot(w.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
+    acc = acc * tl.load(gscale_ptr + 1)
     out_off = (rv[:, None] * T + t) * D + do[None, :]
     out_ok = v_ok[:, None] & do_ok[None, :]
     if ACCUMULATE:  # one program owns each output element: a plain read-add-write
@@ -197,34 +205,45 @@ def select_frames_kernel(
     frames_ptr, text_ptr, mask_ptr, idx_ptr,
     B, T, D, k,
     stride_fb, stride_ft, stride_fd, stride_tb, stride_td,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, T_PAD: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
+    """idx[b, :] = the k frames of video b with the largest cosine to caption b (in selection
+    order; the launcher sorts them). Each program streams its videos' [BLOCK_B, T, BLOCK_D] frame
+    chunks once and the captions' [BLOCK_B, BLOCK_D] chunk once per chunk of features (float32
+    products and norms whatever the dtype); the caption's norm does not change the ranking, so raw
+    captions are used. Then k rounds of max: the largest cosine, the earliest frame among equal
+    ones, taken out of the running."""
     pid = tl.program_id(0).to(tl.int64)
     rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = rb < B
+    offs_t = tl.arange(0, T_PAD)
+    t_ok = offs_t < T
     offs_d = tl.arange(0, BLOCK_D)
-    slots = tl.arange(0, K_PAD)
-    slot_ok = (slots < k)[None, None, :]
-    best = tl.full((BLOCK_B, 1, K_PAD), float("-inf"), tl.float32)
-    best_idx = tl.zeros((BLOCK_B, 1, K_PAD), tl.int32) - 1 - slots[None, None, :]
-    for t in range(0, T):
-        dot = tl.zeros((BLOCK_B,), tl.float32)
-        sq = tl.zeros((BLOCK_B,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            m2 = b_ok[:, None] & (dd[None, :] < D)
-            f = tl.load(frames_ptr + rb[:, None] * stride_fb + t * stride_ft + dd[None, :] * stride_fd,
-                        mask=m2, other=0.0).to(tl.float32)
-            x = tl.load(text_ptr + rb[:, None] * stride_tb + dd[None, :] * stride_td, mask=m2, other=0.0).to(tl.float32)
-            dot += tl.sum(f * x, 1)
-            sq += tl.sum(f * f, 1)
-        cos = dot / tl.maximum(tl.sqrt(sq), 1e-12)
-        if HAS_MASK:
-            real = tl.load(mask_ptr + rb * T + t, mask=b_ok, other=0).to(tl.int1)
-            cos = tl.where(real, cos, float("-inf"))
-        best, best_idx = _topk_insert(best, best_idx, cos[:, None], t, slot_ok)
-    off = rb[:, None, None] * k + slots[None, None, :]
-    tl.store(idx_ptr + off, best_idx.to(tl.int64), mask=b_ok[:, None, None] & slot_ok)
+    dot = tl.zeros((BLOCK_B, T_PAD), tl.float32)
+    sq = tl.zeros((BLOCK_B, T_PAD), tl.float32)
+    bt_ok = b_ok[:, None] & t_ok[None, :]
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        d_ok = dd < D
+        x = tl.load(text_ptr + rb[:, None] * stride_tb + dd[None, :] * stride_td,
+                    mask=b_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        f = tl.load(frames_ptr + rb[:, None, None] * stride_fb + offs_t[None, :, None] * stride_ft
+                    + dd[None, None, :] * stride_fd, mask=bt_ok[:, :, None] & d_ok[None, None, :],
+                    other=0.0).to(tl.float32)
+        dot += tl.sum(f * x[:, None, :], 2)
+        sq += tl.sum(f * f, 2)
+    cos = dot / tl.maximum(tl.sqrt(sq), 1e-12)
+    cos = tl.where(cos == cos, cos, float("-inf"))  # (a NaN frame is never preferred)
+    live = bt_ok
+    if HAS_MASK:
+        real = tl.load(mask_ptr + rb[:, None] * T + offs_t[None, :], mask=bt_ok, other=0).to(tl.int1)
+        live = live & real
+    cos = tl.where(live, cos, float("-inf"))
+    for j in range(0, k):
+        best = tl.max(tl.where(live, cos, float("-inf")), 1)
+        pick = tl.min(tl.where(live & (cos == best[:, None]), offs_t[None, :], T_PAD), 1)
+        tl.store(idx_ptr + rb * k + j, pick.to(tl.int64), mask=b_ok)
+        live = live & (offs_t[None, :] != pick[:, None])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -269,7 +288,7 @@ def sim_candidates(dtype, k: int, T: int = 32, small: bool | None = None, precis
         out.append(cfg(bc, bv, warps, 3))
     if k_pad != 8 and not fp32:
         out.append(cfg(bc, bv, warps, 2, 2 * block_k))
-    if bv >= 32:
+    if bv >= 32 and not (fp32 and k_pad <= 2):
         out.append(cfg(bc, bv // 2, 4, 3))
     if bc >= 32 and k_pad >= 4:
         out.append(cfg(bc // 2, bv, 4, 3))
@@ -293,21 +312,21 @@ def grad_candidates(dtype, T: int = 32, small: bool | None = None, precision: st
     return out
 
 
-def select_candidates(D: int, k: int, small: bool | None = None) -> list[dict]:
-    """select_frames' block configurations (memory-bound: one read of the frames), default first."""
-    k_pad = triton.next_power_of_2(k)
+def select_candidates(D: int, T: int, small: bool | None = None) -> list[dict]:
+    """select_frames' block configurations (memory-bound: one read of the frames), default first:
+    [BLOCK_B, T_PAD, BLOCK_D] frame chunks of about 4096 elements in flight per program (no spills,
+    `python -m fitclip_ext.kernels.aot`)."""
+    t_pad = triton.next_power_of_2(T)
     if small_configs(small):
-        return [dict(BLOCK_B=16, BLOCK_D=16, K_PAD=k_pad, num_warps=1, num_stages=1),
-                dict(BLOCK_B=32, BLOCK_D=16, K_PAD=k_pad, num_warps=1, num_stages=1)]
-    block_d = min(64 if k_pad <= 8 else 128, triton.next_power_of_2(D))  # (no spills with Triton 3.6 or 3.8, see aot)
+        return [dict(BLOCK_B=4, BLOCK_D=16, T_PAD=t_pad, num_warps=1, num_stages=1),
+                dict(BLOCK_B=2, BLOCK_D=16, T_PAD=t_pad, num_warps=1, num_stages=1)]
+    block_d = min(128, triton.next_power_of_2(D))
+    block_b = max(1, 4096 // (t_pad * block_d))
 
-    def cfg(b, d, w, st):
-        return dict(BLOCK_B=b, BLOCK_D=d, K_PAD=k_pad, num_warps=w, num_stages=st)
+    def cfg(b, w, st):
+        return dict(BLOCK_B=b, BLOCK_D=block_d, T_PAD=t_pad, num_warps=w, num_stages=st)
 
-    out = [cfg(32, block_d, 4, 2), cfg(32, block_d, 4, 3), cfg(16, block_d, 2, 2)]
-    if k_pad <= 8:  # (spills at k = 32 on sm_80)
-        out.append(cfg(16, block_d, 4, 2))
-    return out
+    return [cfg(block_b, 4, 2), cfg(block_b, 4, 3), cfg(block_b, 8, 2)]
 
 
 def _mask_arg(mask, fallback):
@@ -325,33 +344,49 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
     C, D = text.shape
     V, T, _ = frames.shape
     prec = input_precision(text.dtype)
-    kernel, cfg = configured(topk_sim_fwd_kernel, sim_candidates(text.dtype, k, T, precision=prec),
-                             ["C", "V", "T", "D", "k", "HAS_MASK", "NORMALIZE", "INPUT_PRECISION"])
+    cands = sim_candidates(text.dtype, k, T, precision=prec)
+    kernel, cfg = configured(topk_sim_fwd_kernel, cands, ["C", "V", "T", "D", "k", "HAS_MASK", "NORMALIZE",
+                                                           "INPUT_PRECISION"])
     sim = torch.empty((C, V), device=text.device, dtype=torch.float32)
     bits = torch.empty((C, V, n_words(T)), device=text.device, dtype=torch.int32)
     m, has_mask = _mask_arg(mask, sim)
     normalize = text_norm is not None
-    launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), triton.cdiv(V, c["BLOCK_V"])),
-           text, frames, m, sim, bits, text_norm if normalize else sim, frames_norm if normalize else sim,
-           C, V, T, D, k,
-           text.stride(0), text.stride(1), frames.stride(0), frames.stride(1), frames.stride(2),
-           HAS_MASK=has_mask, NORMALIZE=normalize, INPUT_PRECISION=prec, **cfg)
+    args = (text, frames, m, sim, bits, text_norm if normalize else sim, frames_norm if normalize else sim, C, V, T, D, k)
+    strides = (text.stride(0), text.stride(1), frames.stride(0), frames.stride(1), frames.stride(2))
+    flags = dict(HAS_MASK=has_mask, NORMALIZE=normalize, INPUT_PRECISION=prec)
+    default = cands[0]
+    v_blocks = triton.cdiv(V, default["BLOCK_V"])
+    if v_blocks <= GRID_Y_MAX:
+        launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), triton.cdiv(V, c["BLOCK_V"])), *args, 0, *strides,
+               **flags, **cfg)
+    else:  # past about a million videos: the y axis in slices, with the default configuration
+        for b0 in range(0, v_blocks, GRID_Y_MAX):
+            launch(topk_sim_fwd_kernel, (triton.cdiv(C, default["BLOCK_C"]), min(GRID_Y_MAX, v_blocks - b0)),
+                   *args, b0, *strides, **flags, **default)
     return sim, bits
 
 
-def _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm):
+def grad_scale(grad: torch.Tensor) -> torch.Tensor:
+    """[1 / max|grad|, max|grad|] (float32; 1 where grad is all zero): the backward kernels round
+    grad / max|grad| to the inputs' dtype, so float16 weights never underflow."""
+    g_max = grad.abs().amax() if grad.numel() else torch.ones((), device=grad.device)
+    g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max)).float()
+    return torch.stack([1.0 / g_max, g_max])
+
+
+def _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm, gscale):
     C, D = text.shape
     V, T, _ = frames.shape
     prec = input_precision(text.dtype)
     kernel, cfg = configured(topk_sim_dtext_kernel, grad_candidates(text.dtype, T, precision=prec),
                              ["C", "V", "T", "D", "k", "NORMALIZE", "INPUT_PRECISION"])
     launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), triton.cdiv(D, c["BLOCK_DO"])),
-           grad, bits, frames, dtext, frames_norm if frames_norm is not None else grad, C, V, T, D, k,
+           grad, gscale, bits, frames, dtext, frames_norm if frames_norm is not None else grad, C, V, T, D, k,
            frames.stride(0), frames.stride(1), frames.stride(2), NORMALIZE=frames_norm is not None,
            INPUT_PRECISION=prec, **cfg)
 
 
-def _launch_dframes(text, frames, bits, grad, k, dframes, accumulate, text_norm):
+def _launch_dframes(text, frames, bits, grad, k, dframes, accumulate, text_norm, gscale):
     C, D = text.shape
     V, T, _ = frames.shape
     prec = input_precision(text.dtype)
@@ -360,7 +395,7 @@ def _launch_dframes(text, frames, bits, grad, k, dframes, accumulate, text_norm)
                              ["C", "V", "T", "D", "k", "ACCUMULATE", "NORMALIZE", "INPUT_PRECISION"],
                              restore_value=("out_ptr",) if accumulate else (), site="acc" if accumulate else "")
     launch(kernel, lambda c: (triton.cdiv(V, c["BLOCK_V"]), T, triton.cdiv(D, c["BLOCK_DO"])),
-           grad, bits, text, dframes, text_norm if text_norm is not None else grad, C, V, T, D, k,
+           grad, gscale, bits, text, dframes, text_norm if text_norm is not None else grad, C, V, T, D, k,
            text.stride(0), text.stride(1), ACCUMULATE=accumulate, NORMALIZE=text_norm is not None,
            INPUT_PRECISION=prec, **cfg)
 
@@ -372,8 +407,9 @@ def _topk_sim_bwd_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tenso
     grad = grad.float().contiguous()
     dtext = torch.empty(text.shape, device=text.device, dtype=torch.float32)
     dframes = torch.empty(frames.shape, device=text.device, dtype=torch.float32)
-    _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm)
-    _launch_dframes(text, frames, bits, grad, k, dframes, False, text_norm)
+    gscale = grad_scale(grad)
+    _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm, gscale)
+    _launch_dframes(text, frames, bits, grad, k, dframes, False, text_norm, gscale)
     return dtext, dframes
 
 
@@ -383,8 +419,9 @@ def _topk_sim_bwd_acc_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.T
                          frames_norm: torch.Tensor | None = None) -> torch.Tensor:
     grad = grad.float().contiguous()
     dtext = torch.empty(text.shape, device=text.device, dtype=torch.float32)
-    _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm)
-    _launch_dframes(text, frames, bits, grad, k, dframes_acc, True, text_norm)
+    gscale = grad_scale(grad)
+    _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm, gscale)
+    _launch_dframes(text, frames, bits, grad, k, dframes_acc, True, text_norm, gscale)
     return dtext
 
 
@@ -408,13 +445,13 @@ def _unit_grad_op(grad: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> No
 
 
 @triton_op("triton_select_frames")
-def _select_op(frames: torch.Tensor, text_n: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.Tensor:
+def _select_op(frames: torch.Tensor, text: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.Tensor:
     B, T, D = frames.shape
     idx = torch.empty((B, k), device=frames.device, dtype=torch.int64)
     m, has_mask = _mask_arg(mask, idx)
-    kernel, cfg = configured(select_frames_kernel, select_candidates(D, k), ["B", "T", "D", "k", "HAS_MASK"])
+    kernel, cfg = configured(select_frames_kernel, select_candidates(D, T), ["B", "T", "D", "k", "HAS_MASK"])
     launch(kernel, lambda c: (triton.cdiv(B, c["BLOCK_B"]),),
-           frames, text_n, m, idx, B, T, D, k,
-           frames.stride(0), frames.stride(1), frames.stride(2), text_n.stride(0), text_n.stride(1),
+           frames, text, m, idx, B, T, D, k,
+           frames.stride(0), frames.stride(1), frames.stride(2), text.stride(0), text.stride(1),
            HAS_MASK=has_mask, **cfg)
     return idx.sort(dim=1).values

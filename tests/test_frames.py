@@ -89,7 +89,8 @@ def test_topk_frame_similarity_k_equals_t_is_mean_pooling():
     torch.testing.assert_close(out, mean_pooled, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend,dtype,size,t,k", _cases([(1,), (6,), (33,)], (torch.float64, torch.float32, torch.float16)))
+@pytest.mark.parametrize("backend,dtype,size,t,k", _cases([(1,), (6,), (33,)], (torch.float64, torch.float32, torch.float16,
+                                                                               torch.bfloat16)))
 @pytest.mark.parametrize("masked", [False, True])
 def test_select_frames(backend, dtype, size, t, k, masked):
     (b,) = size
@@ -101,7 +102,79 @@ def test_select_frames(backend, dtype, size, t, k, masked):
     assert idx.dtype == torch.int64 and idx.shape == (b, k)
     assert torch.equal(idx.cpu(), ref_idx.cpu()), f"first mismatch rows: {(idx.cpu() != ref_idx.cpu()).any(1).nonzero()[:5].tolist()}"
     assert (idx.diff(dim=1) > 0).all()  # ascending time order
-    assert rel_err(scores, ref_scores) < {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    assert rel_err(scores, ref_scores) < {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3,
+                                          torch.bfloat16: 1.6e-2}[dtype]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_select_frames_half_agrees_with_float64_on_the_same_inputs(backend, dtype):
+    """Half-precision features: the selection is float64's on the same (rounded) inputs: the
+    captions are not normalised (and rounded) before the kernel, which works in float32."""
+    dev = device_for(backend)
+    frames, text = _rand((410, 16, 64), dtype, 11, dev), _rand((410, 64), dtype, 12, dev)
+    idx, _ = fitclip_ext.select_frames(frames, text, 4, backend=backend)
+    ref_idx, _ = select_frames_reference(frames.cpu().double(), text.cpu().double(), 4)
+    assert torch.equal(idx.cpu(), ref_idx), (idx.cpu() != ref_idx).any(1).sum().item()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_topk_sim_backward_float16_small_gradient_does_not_underflow(backend):
+    """The backward op with float16 features and a float32 upstream gradient of 1e-9 (what the
+    video loss hands it at a large batch): grad / k rounded to float16 would flush to 0, so the
+    weights are grad / max|grad| (O(1)) and the scale is put back in float32."""
+    from fitclip_ext import backends
+
+    dev = device_for(backend)
+    text, frames = _rand((40, 16), torch.float16, 15, dev), _rand((12, 5, 16), torch.float16, 16, dev)
+    ops = backends.get(backends.resolve(backend, text.device))
+    norms = ops.row_norms(text), ops.row_norms(frames)
+    t_op, f_op = ops.operand(text), ops.operand(frames)
+    _, bits = ops.topk_sim(t_op, f_op, 2, None, *norms)
+    grad = 1e-9 * (1 + torch.rand(40, 12, generator=torch.Generator().manual_seed(18))).to(dev)
+    dtext, dframes = ops.topk_sim_bwd(t_op, f_op, bits, grad, 2, *norms)
+    # float64 truth: d unit_text[c] = sum_{v, chosen t} grad / k * unit_frame, and the transpose
+    tn = torch.nn.functional.normalize(text.cpu().double(), dim=-1)
+    fn = torch.nn.functional.normalize(frames.cpu().double(), dim=-1)
+    t_idx = torch.arange(5)
+    chosen = ((bits.cpu()[..., 0:1] >> t_idx) & 1).double()  # [C, V, T]
+    w = grad.cpu().double()[..., None] * chosen / 2
+    assert rel_err(dtext.cpu(), torch.einsum("cvt,vtd->cd", w, fn)) < 1e-3
+    assert rel_err(dframes.cpu(), torch.einsum("cvt,cd->vtd", w, tn)) < 1e-3
+
+
+def test_topk_sim_launches_video_blocks_in_grid_slices(monkeypatch):
+    """Past 65535 video blocks (CUDA's limit on a grid's y axis, about a million videos) the
+    forward launches in slices of the y axis: with the limit set to 2 blocks (1 on a GPU), the
+    slices give the same scores as one launch."""
+    from fitclip_ext.kernels import frames as kframes
+
+    text, frames = _rand((20, 16), torch.float32, 19, "cpu"), _rand((70, 5, 16), torch.float32, 20, "cpu")
+    if torch.cuda.is_available():
+        text, frames = text.cuda(), frames.cuda()
+    whole = fitclip_ext.topk_frame_similarity(text, frames, 2, backend="triton")
+    monkeypatch.setattr(kframes, "GRID_Y_MAX", 1 if torch.cuda.is_available() else 2)
+    sliced = fitclip_ext.topk_frame_similarity(text, frames, 2, backend="triton")
+    assert torch.equal(whole, sliced)
+    ref = topk_frame_similarity_reference(text.cpu().double(), frames.cpu().double(), 2)
+    assert rel_err(sliced.cpu(), ref) < 1e-5
+
+
+def test_select_frames_reads_the_frames_once(monkeypatch):
+    """At the GPU's block configuration the kernel's loads are the frames once, the captions once
+    and the mask: at most 1.1x the frames' bytes at T = 16 (counted under the interpreter)."""
+    if torch.cuda.is_available():
+        pytest.skip("counted under the interpreter")
+    from fitclip_ext.kernels.interpret import count
+
+    monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")
+    B, T, D = 64, 16, 512
+    frames, text = _rand((B, T, D), torch.bfloat16, 13, "cpu"), _rand((B, D), torch.bfloat16, 14, "cpu")
+    mask = torch.ones(B, T, dtype=torch.bool)
+    with count() as c:
+        fitclip_ext.select_frames(frames, text, 4, mask=mask, backend="triton")
+    loaded = c.kernels["select_frames_kernel"][1]
+    assert loaded <= 1.1 * B * T * D * 2, (loaded, B * T * D * 2)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])

@@ -94,8 +94,8 @@ def unit_grad(grad, x, norm):
     return grad
 
 
-def select_frames(frames, text_unit, k, mask):
-    return torch.ops.fitclip_ext.select_frames(frames, text_unit, k, mask)
+def select_frames(frames, text, k, mask):
+    return torch.ops.fitclip_ext.select_frames(frames, text, k, mask)
 
 
 def video_block_rows(B: int, T: int) -> int:

@@ -51,8 +51,8 @@ def unit_grad(grad, x, norm):
     return grad
 
 
-def select_frames(frames, text_unit, k, mask):
-    return _ops().triton_select_frames(frames, text_unit, k, mask)
+def select_frames(frames, text, k, mask):
+    return _ops().triton_select_frames(frames, text, k, mask)
 
 
 def video_block_rows(B: int, T: int) -> int:
