@@ -365,7 +365,8 @@ def frame_correctness() -> list:
     """The frame ops on the device against float64 (the rule), each dtype; select_frames exactly."""
     corr = []
     dtypes = [torch.float32, torch.float16] if ARGS.tiny else [torch.bfloat16, torch.float16, torch.float32]
-    shapes = [(9, 7, 5, 2), (16, 16, 12, 12)] if ARGS.tiny else [(129, 77, 12, 4), (1000, 333, 33, 7), (64, 64, 16, 16)]
+    shapes = [(9, 7, 5, 2), (16, 16, 12, 12), (6, 5, 40, 30)] if ARGS.tiny else \
+        [(129, 77, 12, 4), (1000, 333, 33, 7), (64, 64, 16, 16), (40, 50, 64, 48)]
     for dtype in dtypes:
         for C, V, T, k in shapes:
             label = dict(C=C, V=V, T=T, k=k, dtype=dtype_name(dtype))
@@ -374,7 +375,40 @@ def frame_correctness() -> list:
             except Exception as err:
                 traceback.print_exc()
                 corr.append({"op": "frame ops", **label, "ok": False, "error": repr(err)[:300]})
+    corr.append(frame_large_grid())
     return report("frame-op", corr)
+
+
+def frame_large_grid() -> dict:
+    """topk_frame_similarity past 65535 video blocks (CUDA's grid y limit: the forward launches in
+    slices): 1.2M videos against float32 einsum in chunks; under --tiny the limit is lowered."""
+    from fitclip_ext.kernels import frames as kframes
+
+    C, V, T, D, k = (8, 1_200_000, 2, 32, 1) if not ARGS.tiny else (8, 70, 2, 16, 1)
+    case = {"op": "topk_frame_similarity", "check": "grid past 65535 video blocks", "C": C, "V": V, "T": T}
+    limit = kframes.GRID_Y_MAX
+    try:
+        if ARGS.tiny:
+            kframes.GRID_Y_MAX = 2
+        text = _unit(C, D, 21, torch.bfloat16)
+        frames = _unit(V * T, D, 22, torch.bfloat16).reshape(V, T, D)
+        with torch.no_grad():
+            out = fitclip_ext.topk_frame_similarity(text, frames, k, backend="triton").float()
+            tn = torch.nn.functional.normalize(text.float(), dim=-1)
+            ref = torch.cat([torch.einsum("cd,vtd->cvt", tn, torch.nn.functional.normalize(frames[v0:v0 + 65536].float(),
+                                                                                          dim=-1)).amax(-1)
+                             for v0 in range(0, V, 65536)], 1)
+        err = rel(out, ref)
+        case.update(rel_err=err, ok=err < 1e-2)
+    except Exception as err:
+        traceback.print_exc()
+        case.update(ok=False, error=repr(err)[:300])
+    finally:
+        kframes.GRID_Y_MAX = limit
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    log(json.dumps(case))
+    return case
 
 
 def frame_case_correctness(dtype, C, V, T, k, label) -> list:
