@@ -841,7 +841,7 @@ def main():
     if ARGS.tiny:  # the interpreter's own bf16 tl.dot multiplies raw bit patterns: widen them (as the tests do)
         from fitclip_ext.kernels.interpret import exact_bf16_dot
 
-        stack = contextlib.ExitStack()
+        stack = contextlib.ExitStack()  # (held for the rest of the run: a dropped context manager would restore the dot)
         stack.enter_context(exact_bf16_dot())
     doc["ceilings"] = ceilings()
     log("ceilings", doc["ceilings"])

@@ -238,7 +238,6 @@ def select_frames_kernel(
     if HAS_MASK:
         real = tl.load(mask_ptr + rb[:, None] * T + offs_t[None, :], mask=bt_ok, other=0).to(tl.int1)
         live = live & real
-    cos = tl.where(live, cos, float("-inf"))
     for j in range(0, k):
         best = tl.max(tl.where(live, cos, float("-inf")), 1)
         pick = tl.min(tl.where(live & (cos == best[:, None]), offs_t[None, :], T_PAD), 1)

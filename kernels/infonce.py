@@ -22,7 +22,7 @@ G_c = w_row (softmax_rows - (1 - eps) onehot - eps / m) + w_col (softmax_cols - 
 in its epilogue, divided by the largest upstream weight (so the entries are O(1) and cannot
 underflow when rounded to float16), plus per-row partials of the scale's gradient sum G S; then
 cuBLAS computes dQ_c = G_c K (written once per chunk) and dK += G_c^T Q_c, both with float32
-accumulation (`mm32`, `addmm32_`). dK accumulates in float32: in the gradient buffer itself for
+accumulation (`kernels.common.chunked_backward`, shared with the distillation). dK accumulates in float32: in the gradient buffer itself for
 float32 inputs, in an [m, D] float32 buffer for half inputs.
 
 Byte counts (what each program loads, a proxy for L2 traffic): BLOCK_M * D once for the
@@ -207,10 +207,6 @@ def grad_tile_kernel(
 
 # ----------------------------------------------------------------------------- configurations
 
-def _pow2_at_least(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None,
                arch: int = 90) -> list[dict]:
     """Block configurations of both kernels for compute capability `arch` (80: A100, 90: H100),
@@ -224,7 +220,7 @@ def candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision:
     or FITCLIP_TRITON_CONFIG=small; FITCLIP_TRITON_CONFIG=gpu gives the GPU's configurations
     everywhere) gives the minimum tl.dot tiles."""
     if small_configs(small):
-        bk = max(16, _pow2_at_least(-(-D // 4)))
+        bk = max(16, triton.next_power_of_2(-(-D // 4)))
         if bk <= 64:
             nk = -(-D // bk)
             return [block_config(16, 16, bk, 1, 1, NUM_K=nk, RESIDENT=True),

@@ -163,7 +163,7 @@ def test_topk_sim_launches_video_blocks_in_grid_slices(monkeypatch):
 def test_select_frames_reads_the_frames_once(monkeypatch):
     """At the GPU's block configuration the kernel's loads are the frames once, the captions once
     and the mask: at most 1.1x the frames' bytes at T = 16 (counted under the interpreter)."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # (load bytes are counted by patching the interpreter's builder)
         pytest.skip("counted under the interpreter")
     from fitclip_ext.kernels.interpret import count
 
