@@ -22,8 +22,9 @@ G_c = w_row (softmax_rows - (1 - eps) onehot - eps / m) + w_col (softmax_cols - 
 in its epilogue, divided by the largest upstream weight (so the entries are O(1) and cannot
 underflow when rounded to float16), plus per-row partials of the scale's gradient sum G S; then
 cuBLAS computes dQ_c = G_c K (written once per chunk) and dK += G_c^T Q_c, both with float32
-accumulation (`kernels.common.chunked_backward`, shared with the distillation). dK accumulates in float32: in the gradient buffer itself for
-float32 inputs, in an [m, D] float32 buffer for half inputs.
+accumulation (`kernels.common.chunked_backward`, shared with the distillation). dK accumulates in
+float32: in the gradient buffer itself for float32 inputs, in an [m, D] float32 buffer for half
+inputs.
 
 Byte counts (what each program loads, a proxy for L2 traffic): BLOCK_M * D once for the
 resident rows, BLOCK_N * D per key tile, so a program with t key tiles does
