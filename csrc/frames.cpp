@@ -494,11 +494,18 @@ std::tuple<at::Tensor, at::Tensor> topk_sim_bwd_cpu(const at::Tensor& text, cons
   return {dtext, dframes};
 }
 
+// The video loss's per-video-block backward: adds dtext into dtext_acc (C x D, a small
+// read-modify-write per block) and returns the block's dframes (written once).
 at::Tensor topk_sim_bwd_acc_cpu(const at::Tensor& text, const at::Tensor& frames, const at::Tensor& bits,
-                                const at::Tensor& grad, int64_t k, at::Tensor& dframes_acc,
+                                const at::Tensor& grad, int64_t k, at::Tensor& dtext_acc,
                                 const std::optional<at::Tensor>& text_norm,
                                 const std::optional<at::Tensor>& frames_norm) {
-  return backward(text, frames, bits, grad, k, dframes_acc, text_norm, frames_norm);
+  const auto ct = compute_type(text);
+  TORCH_CHECK(dtext_acc.scalar_type() == ct && dtext_acc.sizes() == text.sizes(),
+              "dtext_acc must be a tensor of the text's shape in the compute dtype");
+  auto dframes = at::zeros(frames.sizes(), frames.options().dtype(ct));
+  dtext_acc.add_(backward(text, frames, bits, grad, k, dframes, text_norm, frames_norm));
+  return dframes;
 }
 
 // In place: grad (the gradient with respect to x / max(|x|, eps), compute dtype, contiguous,
@@ -563,7 +570,7 @@ TORCH_LIBRARY_FRAGMENT(fitclip_ext, m) {
       "topk_sim_bwd(Tensor text, Tensor frames, Tensor bits, Tensor grad, int k, Tensor? text_norm=None, "
       "Tensor? frames_norm=None) -> (Tensor, Tensor)");
   m.def(
-      "topk_sim_bwd_acc(Tensor text, Tensor frames, Tensor bits, Tensor grad, int k, Tensor(a!) dframes_acc, "
+      "topk_sim_bwd_acc(Tensor text, Tensor frames, Tensor bits, Tensor grad, int k, Tensor(a!) dtext_acc, "
       "Tensor? text_norm=None, Tensor? frames_norm=None) -> Tensor");
   m.def("unit_grad(Tensor(a!) grad, Tensor x, Tensor norm) -> ()");
   m.def("select_frames(Tensor frames, Tensor text, int k, Tensor? mask) -> Tensor");

@@ -23,12 +23,15 @@ from .reference import (select_frames_reference, topk_frame_similarity_reference
 
 # ----------------------------------------------------------------------------- autograd
 
-def _mean_unit_frames(frames):
+def _mean_pooling_operands(text, frames):
     """k = T (every frame real, which k = T implies): the mean of a video's T cosine similarities
     to a caption is the caption's similarity to the mean of the unit frames, so the pooled scores
-    are one [C, D] x [D, V] product instead of T of them (computed in float32 for half types)."""
+    are one [C, D] x [D, V] product instead of T of them. The unit captions and mean unit frames
+    are formed in float32 and rounded once to the inputs' dtype: half inputs keep the product on
+    tensor cores (a float32 product would run IEEE CUDA-core FMAs on a GPU)."""
     ct = compute_dtype(frames)
-    return F.normalize(frames.to(ct), dim=-1).mean(1)
+    text_n = F.normalize(text.to(ct), dim=-1).to(text.dtype)
+    return text_n, F.normalize(frames.to(ct), dim=-1).mean(1).to(frames.dtype)
 
 
 def _raw_grads(ops, text, frames, norms, dtext, dframes, dtype):
@@ -57,12 +60,15 @@ class _TopkSimilarity(torch.autograd.Function):
 
 class _VideoInfoNCE(torch.autograd.Function):
     """Symmetric InfoNCE over L = scale * topk_sim(text, frames), one block loop for every
-    backend: each block of captions gets its pooled similarities [rows, B] from the backend's
-    fused top-k op, and they live only for that block; the per-caption log-sum-exp is exact
-    within a block, the per-video one merges across blocks online. The backward recomputes each
-    block, forms the full logit gradient there, and accumulates the frames' gradient (for the
-    unit frames) into one buffer, projected once at the end. Neither B x B nor B x B x T is
-    stored."""
+    backend. The forward goes over blocks of captions: each gets its pooled similarities
+    [rows, B] from the backend's fused top-k op, which live only for that block; the per-caption
+    log-sum-exp is exact within a block, the per-video one merges across blocks online. The
+    backward goes over blocks of videos: it recomputes the block's similarities [B, cols] and
+    chosen frames, forms the full logit gradient there (both log-sum-exps are known), writes the
+    block's frame gradient once and adds into the captions' [B, D] gradient (a read-modify-write
+    T times smaller than the frames' would be). One forward and one recomputed pass of the top-k
+    similarities plus the two gradient passes: 4 passes of 2 B B T D. Neither B x B nor B x B x T
+    is stored."""
 
     @staticmethod
     def forward(ctx, text, frames, scale, k, mask, eps, reduction, backend):
@@ -106,20 +112,21 @@ class _VideoInfoNCE(torch.autograd.Function):
         w = upstream_weights(grad_out, B, reduction, True, cap_lse.dtype)
         f = ops.operand(frames)
         s = scale.detach().to(device=text.device, dtype=cap_lse.dtype)
-        dtext = torch.empty(text.shape, device=text.device, dtype=cap_lse.dtype)
-        dframes = torch.zeros(frames.shape, device=text.device, dtype=cap_lse.dtype)
+        dtext = torch.zeros(text.shape, device=text.device, dtype=cap_lse.dtype)
+        dframes = torch.empty(frames.shape, device=text.device, dtype=cap_lse.dtype)
         ds = torch.zeros((), device=text.device, dtype=cap_lse.dtype)
-        rows = ops.video_block_rows(B, T)
-        for r0 in range(0, B, rows):
-            r1 = min(B, r0 + rows)
-            sim, bits = ops.topk_sim(text[r0:r1], f, k, mask, norms[0][r0:r1], norms[1])
-            logits = s * sim
+        cols = ops.video_block_rows(B, T)
+        for v0 in range(0, B, cols):
+            v1 = min(B, v0 + cols)
+            sim, bits = ops.topk_sim(text, f[v0:v1], k, None if mask is None else mask[v0:v1], norms[0],
+                                     norms[1][v0:v1])
+            logits = s * sim  # [B, cols]: captions x this block's videos
             positive = torch.zeros_like(sim)
-            positive.diagonal(offset=r0).fill_(1.0 - eps)
-            g = w[r0:r1, None] * (torch.exp(logits - cap_lse[r0:r1, None]) - positive - eps / B)
-            g += w[None, :] * (torch.exp(logits - vid_lse[None, :]) - positive - eps / B)
+            positive.diagonal(offset=-v0).fill_(1.0 - eps)
+            g = w[:, None] * (torch.exp(logits - cap_lse[:, None]) - positive - eps / B)
+            g += w[None, v0:v1] * (torch.exp(logits - vid_lse[None, v0:v1]) - positive - eps / B)
             ds += (g * sim).sum()
-            dtext[r0:r1], _ = ops.topk_sim_bwd(text[r0:r1], f, bits, s * g, k, norms[0][r0:r1], norms[1], dframes)
+            _, dframes[v0:v1] = ops.topk_sim_bwd(text, f[v0:v1], bits, s * g, k, norms[0], norms[1][v0:v1], dtext)
         dt, df = _raw_grads(ops, text, f, norms, dtext, dframes, text.dtype)
         grad_scale = ds.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
         return dt, df, grad_scale, None, None, None, None, None
@@ -189,8 +196,8 @@ def topk_frame_similarity(text_features, frame_features, k, *, mask=None, backen
     if backend == "torch":
         return topk_frame_similarity_reference(text_features, frame_features, k, mask=mask)
     if k == frame_features.shape[1]:  # mean pooling (FitCLIP's): one GEMM
-        text_n = F.normalize(text_features.to(compute_dtype(text_features)), dim=-1)
-        return (text_n @ _mean_unit_frames(frame_features).T).to(text_features.dtype)
+        text_n, mean_frames = _mean_pooling_operands(text_features, frame_features)
+        return text_n @ mean_frames.T
     return _TopkSimilarity.apply(text_features, frame_features, k, mask, backend)
 
 
@@ -216,8 +223,8 @@ def video_contrastive_loss(frame_features, text_features, logit_scale, logit_bia
                                                 None if bias is None else bias.to(dev), k=k, mask=mask,
                                                 label_smoothing=eps, reduction=reduction)
     if k == frame_features.shape[1]:  # mean pooling: the fused InfoNCE over mean unit frames
-        text_n = F.normalize(text_features.to(compute_dtype(text_features)), dim=-1)
-        loss = contrastive_loss(_mean_unit_frames(frame_features), text_n, scale, bias, label_smoothing=eps,
+        text_n, mean_frames = _mean_pooling_operands(text_features, frame_features)
+        loss = contrastive_loss(mean_frames, text_n, scale, bias, label_smoothing=eps,
                                 reduction=reduction, backend=backend)
         return loss.to(frame_features.dtype)
     loss = _VideoInfoNCE.apply(text_features, frame_features, scale, k, mask, eps, reduction, backend)

@@ -100,34 +100,37 @@ def _cases(scope: str = "all"):
         }
         for i, cfg in enumerate(pick(distill.grad_candidates(dtype, 512, small=False, precision=prec))):
             yield ("distill_grad", "distill.grad_tile_kernel", dtype, prec, f"c{i}", dgr_sig, {}, cfg)
-        # frame kernels: configurations change with K_PAD (the running top-k's width)
+        # frame kernels: configurations change with T (T_PAD, bit-set words) and, for the resident
+        # forward, with D and the architecture (the InfoNCE forward's); k is a runtime loop bound
         sim_sig = {
             "text_ptr": t, "frames_ptr": t, "mask_ptr": "*i8", "sim_ptr": "*fp32", "bits_ptr": "*i32",
-            "text_norm_ptr": "*fp32", "frames_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
-            "v_block0": "i32", "stride_tc": "i32", "stride_td": "i32", "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
+            "text_norm_ptr": "*fp32", "frames_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32",
+            "k": "i32", "vids_per_split": "i32", "stride_tc": "i32", "stride_td": "i32", "stride_fv": "i32",
+            "stride_ft": "i32", "stride_fd": "i32",
         }
         dtext_sig = {
             "grad_ptr": "*fp32", "gscale_ptr": "*fp32", "bits_ptr": "*i32", "frames_ptr": t, "out_ptr": "*fp32",
-            "frames_norm_ptr": "*fp32",
-            "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
-            "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
+            "frames_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
+            "vids_per_split": "i32", "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
         }
         dframes_sig = {
             "grad_ptr": "*fp32", "gscale_ptr": "*fp32", "bits_ptr": "*i32", "text_ptr": t, "out_ptr": "*fp32",
-            "text_norm_ptr": "*fp32",
-            "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32", "stride_tc": "i32", "stride_td": "i32",
+            "text_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
+            "caps_per_split": "i32", "stride_tc": "i32", "stride_td": "i32",
         }
-        for k in ((4,) if quick else (1, 2, 4, 8, 16, 32)):
-            cands = frames.sim_candidates(dtype, k, T=32, small=False, precision=prec)
+        frame_ts = (16,) if quick else (4, 16, 32, 64)
+        for D, T, arch in itertools.product((512,) if quick else (512, 768), frame_ts, (80, 90)):
+            cands = frames.sim_candidates(dtype, D, T, small=False, precision=prec, arch=arch)
             for i, cfg in enumerate(pick(cands)):
-                yield ("topk_sim_fwd", "frames.topk_sim_fwd_kernel", dtype, prec, f"c{i} k{k} mask norm", sim_sig,
-                       {"HAS_MASK": True, "NORMALIZE": True}, cfg)
-        gcands = frames.grad_candidates(dtype, T=32, small=False, precision=prec)
-        for i, gcfg in enumerate(pick(gcands)):
-            yield ("topk_sim_dtext", "frames.topk_sim_dtext_kernel", dtype, prec, f"c{i} T<=32 norm", dtext_sig,
-                   {"NORMALIZE": True}, gcfg)
-            yield ("topk_sim_dframes", "frames.topk_sim_dframes_kernel", dtype, prec, f"c{i} T<=32 acc norm",
-                   dframes_sig, {"ACCUMULATE": True, "NORMALIZE": True}, gcfg)
+                yield ("topk_sim_fwd", "frames.topk_sim_fwd_kernel", dtype, prec, f"c{i} D{D} T{T} mask norm",
+                       sim_sig, {"HAS_MASK": True, "NORMALIZE": True}, dict(cfg, ARCH=arch))
+        for T in frame_ts:
+            for i, gcfg in enumerate(pick(frames.dtext_candidates(dtype, T, small=False, precision=prec))):
+                yield ("topk_sim_dtext", "frames.topk_sim_dtext_kernel", dtype, prec, f"c{i} T{T} norm", dtext_sig,
+                       {"NORMALIZE": True}, gcfg)
+            for i, gcfg in enumerate(pick(frames.dframes_candidates(dtype, T, small=False, precision=prec))):
+                yield ("topk_sim_dframes", "frames.topk_sim_dframes_kernel", dtype, prec, f"c{i} T{T} norm",
+                       dframes_sig, {"NORMALIZE": True}, gcfg)
         if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
             unit_sig = {"g_ptr": "*fp32", "x_ptr": t, "norm_ptr": "*fp32", "R": "i32", "D": "i32", "T": "i32",
                         "stride_xo": "i32", "stride_xi": "i32", "stride_xd": "i32"}
@@ -218,9 +221,11 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
                               text=True).stdout if sass_check else None
     want = None
     if prec != "-" and (dtype != torch.float32 or prec == "tf32"):
-        # Hopper's warpgroup MMA needs 64 rows per warpgroup; smaller tiles (the top-k kernels,
-        # whose running top-k bounds the tile) use the mma.sync tensor-core path.
-        m_block = cfg.get("BLOCK_M", cfg.get("BLOCK_C" if kernel_name != "topk_sim_dframes" else "BLOCK_V", 0))
+        # Hopper's warpgroup MMA needs 64 rows per warpgroup; smaller tiles use the mma.sync
+        # tensor-core path (d frames' rows are BLOCK_V * T_PAD frames).
+        m_block = cfg.get("BLOCK_M", cfg.get("BLOCK_C", 0))
+        if kernel_name == "topk_sim_dframes":
+            m_block = cfg["BLOCK_V"] * cfg["T_PAD"]
         want = "HGMMA" if arch >= 90 and m_block >= 64 else "HMMA"
     row["matrix_instr"] = want
     if want:

@@ -125,6 +125,68 @@ def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_
     return acc
 
 
+@triton.jit
+def _q_chunk(q_ptr, rows, row_ok, d0, D, stride_qn, stride_qd, BLOCK_K: tl.constexpr):
+    dk = d0 + tl.arange(0, BLOCK_K)
+    return tl.load(q_ptr + rows[:, None] * stride_qn + dk[None, :] * stride_qd,
+                   mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _k_chunk(k_ptr, col_off, col_ok, d0, D, stride_kd, BLOCK_K: tl.constexpr):
+    """[BLOCK_K, cols]: features d0.. of the key rows starting at element offsets col_off."""
+    dk = d0 + tl.arange(0, BLOCK_K)
+    return tl.load(k_ptr + col_off[None, :] + dk[:, None] * stride_kd,
+                   mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
+
+
+@triton.jit
+def resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+                  RESIDENT: tl.constexpr):
+    """A program's query rows as up to 4 chunks of BLOCK_K features, loaded once (RESIDENT)."""
+    q0 = _q_chunk(q_ptr, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_K)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if RESIDENT:
+        if NUM_K > 1:
+            q1 = _q_chunk(q_ptr, rows, row_ok, BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
+        if NUM_K > 2:
+            q2 = _q_chunk(q_ptr, rows, row_ok, 2 * BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
+        if NUM_K > 3:
+            q3 = _q_chunk(q_ptr, rows, row_ok, 3 * BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def resident_tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, col_off, row_ok, col_ok, D, stride_qn, stride_qd, stride_kd,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+                  RESIDENT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Q[rows] @ K^T over the key rows at element offsets col_off ([BLOCK_N], int64), float32:
+    from the resident chunks of `resident_rows` (RESIDENT, D <= NUM_K * BLOCK_K), else streaming
+    both operands over D in BLOCK_K steps (large D, float32 inputs). The InfoNCE and frame
+    kernels share it; the frame kernels' key rows are frames (video, t) of any strides."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if RESIDENT:
+        acc = tl.dot(q0, _k_chunk(k_ptr, col_off, col_ok, 0, D, stride_kd, BLOCK_K), acc,
+                     input_precision=INPUT_PRECISION)
+        if NUM_K > 1:
+            acc = tl.dot(q1, _k_chunk(k_ptr, col_off, col_ok, BLOCK_K, D, stride_kd, BLOCK_K), acc,
+                         input_precision=INPUT_PRECISION)
+        if NUM_K > 2:
+            acc = tl.dot(q2, _k_chunk(k_ptr, col_off, col_ok, 2 * BLOCK_K, D, stride_kd, BLOCK_K), acc,
+                         input_precision=INPUT_PRECISION)
+        if NUM_K > 3:
+            acc = tl.dot(q3, _k_chunk(k_ptr, col_off, col_ok, 3 * BLOCK_K, D, stride_kd, BLOCK_K), acc,
+                         input_precision=INPUT_PRECISION)
+    else:
+        for d0 in range(0, D, BLOCK_K):
+            acc = tl.dot(_q_chunk(q_ptr, rows, row_ok, d0, D, stride_qn, stride_qd, BLOCK_K),
+                         _k_chunk(k_ptr, col_off, col_ok, d0, D, stride_kd, BLOCK_K), acc,
+                         input_precision=INPUT_PRECISION)
+    return acc
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's float32 matmul setting; half types run on tensor cores anyway."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
@@ -200,11 +262,12 @@ def num_sms(device: torch.device) -> int:
 MIN_SPLIT_COLS = 512
 
 
-def column_split(m: int, row_blocks: int, block_n: int, sms: int) -> tuple[int, int]:
+def column_split(m: int, row_blocks: int, block_n: int, sms: int, min_cols: int = MIN_SPLIT_COLS) -> tuple[int, int]:
     """(columns per program, programs per row block): split the columns when the row blocks
-    alone leave SMs idle, keeping at least 512 columns per program (the resident block's reuse:
-    with 128 resident rows, 512 / (1 + 512 / 128) = 102 matrix FLOPs per loaded bf16 byte)."""
-    split = max(1, min(-(-sms // max(row_blocks, 1)), m // MIN_SPLIT_COLS))
+    alone leave SMs idle, keeping at least min_cols (512) columns per program (the resident
+    block's reuse: with 128 resident rows, 512 / (1 + 512 / 128) = 102 matrix FLOPs per loaded
+    bf16 byte). Columns per program are a multiple of block_n."""
+    split = max(1, min(-(-sms // max(row_blocks, 1)), m // max(min_cols, 1)))
     per = -(-(-(-m // split)) // block_n) * block_n
     return per, -(-m // per)
 

@@ -1,19 +1,32 @@
 """Triton kernels of the frame ops: caption-frame cosine similarity fused with top-k selection.
 
-`topk_sim_fwd_kernel` (grid: caption blocks x video blocks): for each frame t, one tile product
-text[c-block] @ frames[v-block, t]^T gives [BLOCK_C, BLOCK_V] similarities; a running top-k per
-(caption, video) pair lives in registers as [BLOCK_C, BLOCK_V, K_PAD] (insert by evicting the
-smallest kept value, the latest frame among equal ones, so ties keep the earlier frame). Writes
-the pooled mean [C, V] and the chosen frames as bit sets [C, V, ceil(T / 32)] (int32, bit t % 32
-of word t // 32: the format the C++ backend uses too) for the backward.
+The frames [V, T, D] are one matrix of V * T rows (frame t of video v at v * stride_v +
+t * stride_t, any strides); a tile's columns are BLOCK_V whole videos of T_PAD (T rounded up to a
+power of two) frames, BLOCK_V * T_PAD columns in all, so every tile product is a full-size
+tensor-core `tl.dot` and each video's frames sit in one tile.
 
-Backward (no recomputation, the chosen frames are saved as bits):
-`topk_sim_dtext_kernel` (grid: caption blocks x D chunks) accumulates, for each video block and
-frame t, W_t @ frames[v-block, t, D chunk] with W_t[c, v] = grad[c, v] / k * [t chosen for (c, v)];
-`topk_sim_dframes_kernel` (grid: video blocks x frames x D chunks) accumulates W_t^T @ text.
-Both round W / max|grad| to the inputs' dtype (O(1) entries: no float16 underflow however small
-the upstream gradient) and put max|grad| back in float32. The forward launches past 65535 video
-blocks (the grid's y limit, about a million videos) in slices of the y axis.
+`topk_sim_fwd_kernel` (grid: caption blocks x video ranges): a program keeps its BLOCK_C caption
+rows resident (loaded once, as the InfoNCE forward does: kernels/common.resident_rows) and
+streams the frame tiles of its range of videos; the epilogue of each tile reshapes the
+[BLOCK_C, BLOCK_V * T_PAD] similarities to [BLOCK_C, BLOCK_V, T_PAD] and takes k rounds of
+(max, index of the first max) over the frames: the pooled mean [C, V] and the chosen frames as
+bit sets [C, V, ceil(T / 32)] (int32, bit t % 32 of word t // 32: the C++ backend's format),
+saved for the backward. Ties go to the earlier frame; a NaN similarity makes the pair's score
+NaN. Video ranges are split over programs when the caption blocks alone would not fill the GPU
+(each program keeps at least 512 frame columns: >= 102 matrix FLOPs per loaded bf16 byte).
+
+Backward (no recomputation: the chosen frames come from the forward's bits). The weights
+W[c, (v, t)] = grad[c, v] / k * [t chosen for (c, v)] are built in registers, tile by tile, from
+grad and the bits ([BLOCK_C, BLOCK_V] loads expanded over the frames), rounded to the inputs'
+dtype after division by max|grad| (O(1) entries: no float16 underflow however small the upstream
+gradient; max|grad| is put back in float32):
+- `topk_sim_dtext_kernel` (grid: caption blocks x D chunks x video ranges): dtext = W @ frames,
+  frame tiles of BLOCK_V whole videos streaming;
+- `topk_sim_dframes_kernel` (grid: video blocks x D chunks x caption ranges): dframes = W^T @ text,
+  each program owning BLOCK_V * T_PAD frame rows of the output, written once.
+Both are dense tensor-core products over the padded frames (one pass of 2 C V T D each).
+A range split (when the blocks alone would leave SMs idle) writes float32 partials [split, ...]
+that torch sums; without a split the output is written once.
 
 `select_frames_kernel` (grid: batch blocks): cosine of each caption with its own T frames, one
 read of the frames and of the captions (float32 products and norms for every dtype), then k rounds
@@ -29,144 +42,197 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import configured, input_precision, launch, small_configs, triton_op
+from . import infonce
+from .common import (arch_of, column_split, configured, input_precision, launch, num_sms, resident_rows,
+                     resident_tile, small_configs, triton_op)
 
 EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm
-GRID_Y_MAX = 65535  # CUDA's limit on a grid's y and z dimensions
+MAX_T = 64  # frames per video the similarity kernels take (T_PAD columns of one tile; 128 spills)
+MIN_SPLIT_CAPTIONS = 256  # captions per program at least when d frames splits them
 
 
 @triton.jit
-def _topk_insert(best, best_idx, x, t, slot_ok):
-    """Inserts x [BC, BV] (frame t) into the running top-k (best, best_idx [BC, BV, KP])."""
-    cur_min = tl.min(tl.where(slot_ok, best, float("inf")), 2)
-    is_min = (best == cur_min[:, :, None]) & slot_ok
-    evict = tl.max(tl.where(is_min, best_idx, -2147483647), 2)  # the latest frame among ties
-    take = x > cur_min  # strict: an equal later frame does not displace an earlier one
-    replace = take[:, :, None] & (best_idx == evict[:, :, None]) & slot_ok
-    best = tl.where(replace, x[:, :, None], best)
-    best_idx = tl.where(replace, t, best_idx)
-    return best, best_idx
+def _frame_columns(v0, v_end, T, stride_fv, stride_ft, BLOCK_V: tl.constexpr, T_PAD: tl.constexpr):
+    """The BLOCK_V * T_PAD frame columns of videos v0, v0 + 1, ...: (video [BN] int64, frame
+    index [BN], element offset of the frame's row, in range: video < v_end and t < T)."""
+    j = tl.arange(0, BLOCK_V * T_PAD)
+    vid = v0 + (j // T_PAD).to(tl.int64)
+    t = j % T_PAD
+    return vid, t, vid * stride_fv + t * stride_ft, (vid < v_end) & (t < T)
+
+
+@triton.jit
+def _load_words(bits_ptr, pair, ok, N_WORDS: tl.constexpr):
+    """Up to 4 int32 bit-set words of the pairs at `pair` (pair index, any shape)."""
+    w0 = tl.load(bits_ptr + pair * N_WORDS, mask=ok, other=0)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if N_WORDS > 1:
+        w1 = tl.load(bits_ptr + pair * N_WORDS + 1, mask=ok, other=0)
+    if N_WORDS > 2:
+        w2 = tl.load(bits_ptr + pair * N_WORDS + 2, mask=ok, other=0)
+    if N_WORDS > 3:
+        w3 = tl.load(bits_ptr + pair * N_WORDS + 3, mask=ok, other=0)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _chosen(w0, w1, w2, w3, tt, N_WORDS: tl.constexpr):
+    """Bit tt of the words (broadcast: words and tt of compatible shapes), as a bool."""
+    word = w0
+    if N_WORDS > 1:
+        word = tl.where(tt >= 32, w1, word)
+    if N_WORDS > 2:
+        word = tl.where(tt >= 64, w2, word)
+    if N_WORDS > 3:
+        word = tl.where(tt >= 96, w3, word)
+    return ((word >> (tt % 32)) & 1) != 0
 
 
 @triton.jit
 def topk_sim_fwd_kernel(
     text_ptr, frames_ptr, mask_ptr, sim_ptr, bits_ptr, text_norm_ptr, frames_norm_ptr,
-    C, V, T, D, k, v_block0,
+    C, V, T, D, k, vids_per_split,
     stride_tc, stride_td, stride_fv, stride_ft, stride_fd,
-    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr,
-    N_WORDS: tl.constexpr, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, T_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_K: tl.constexpr, RESIDENT: tl.constexpr, N_WORDS: tl.constexpr, HAS_MASK: tl.constexpr,
+    NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """sim[c, v] = mean of the k largest cosines of caption c with video v's real frames, and the
+    chosen frames' bits [C, V, N_WORDS], for the program's caption block and video range."""
     pid_c = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64) + v_block0  # (the grid's y axis stops at 65535: launched in slices)
+    pid_p = tl.program_id(1).to(tl.int64)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     c_ok = rc < C
-    v_ok = rv < V
-    offs_k = tl.arange(0, BLOCK_K)
-    slots = tl.arange(0, K_PAD)
-    slot_ok = (slots < k)[None, None, :]
-    # Free slots start at -inf with distinct negative indices so they fill in slot order.
-    best = tl.full((BLOCK_C, BLOCK_V, K_PAD), float("-inf"), tl.float32)
-    best_idx = tl.zeros((BLOCK_C, BLOCK_V, K_PAD), tl.int32) - 1 - slots[None, None, :]
-    nan_seen = tl.zeros((BLOCK_C, BLOCK_V), tl.int32)
+    q0, q1, q2, q3 = resident_rows(text_ptr, rc, c_ok, D, stride_tc, stride_td, BLOCK_K, NUM_K, RESIDENT)
     if NORMALIZE:  # cosine of the raw rows: divide by max(norm, eps) as F.normalize does
         inv_c = 1.0 / tl.maximum(tl.load(text_norm_ptr + rc, mask=c_ok, other=1.0), EPS)
-    for t in range(0, T):
-        s = tl.zeros((BLOCK_C, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_K):
-            dk = d0 + offs_k
-            a = tl.load(text_ptr + rc[:, None] * stride_tc + dk[None, :] * stride_td,
-                        mask=c_ok[:, None] & (dk[None, :] < D), other=0.0)
-            b = tl.load(frames_ptr + rv[None, :] * stride_fv + t * stride_ft + dk[:, None] * stride_fd,
-                        mask=v_ok[None, :] & (dk[:, None] < D), other=0.0)
-            s = tl.dot(a, b, s, input_precision=INPUT_PRECISION)
+    tt = tl.arange(0, T_PAD)[None, None, :]
+    v_begin = pid_p * vids_per_split
+    v_end = tl.minimum(v_begin + vids_per_split, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        vid, t, off, ok = _frame_columns(v0, v_end, T, stride_fv, stride_ft, BLOCK_V, T_PAD)
+        s = resident_tile(q0, q1, q2, q3, text_ptr, frames_ptr, rc, off, c_ok, ok, D, stride_tc, stride_td,
+                          stride_fd, BLOCK_C, BLOCK_V * T_PAD, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
         if NORMALIZE:
-            inv_v = 1.0 / tl.maximum(tl.load(frames_norm_ptr + rv * T + t, mask=v_ok, other=1.0), EPS)
-            s = s * inv_c[:, None] * inv_v[None, :]
+            inv_f = 1.0 / tl.maximum(tl.load(frames_norm_ptr + vid * T + t, mask=ok, other=1.0), EPS)
+            s = s * inv_c[:, None] * inv_f[None, :]
+        live = ok
         if HAS_MASK:
-            real = tl.load(mask_ptr + rv * T + t, mask=v_ok, other=0).to(tl.int1)
-            s = tl.where(real[None, :], s, float("-inf"))
-        nan_seen = nan_seen | (s != s).to(tl.int32)
-        best, best_idx = _topk_insert(best, best_idx, s, t, slot_ok)
-    total = tl.sum(tl.where(slot_ok, best, 0.0), 2) / k
-    total = tl.where(nan_seen != 0, float("nan"), total)
-    out_ok = c_ok[:, None] & v_ok[None, :]
-    tl.store(sim_ptr + rc[:, None] * V + rv[None, :], total, mask=out_ok)
-    # The chosen frames as bit sets, one int32 word per 32 frames: [C, V, N_WORDS].
-    for w in tl.static_range(N_WORDS):
-        in_word = slot_ok & (best_idx >= 32 * w) & (best_idx < 32 * w + 32)
-        word = tl.sum(tl.where(in_word, 1 << (best_idx - 32 * w), 0), 2)  # distinct bits: sum == or
-        tl.store(bits_ptr + (rc[:, None] * V + rv[None, :]) * N_WORDS + w, word, mask=out_ok)
+            live = live & (tl.load(mask_ptr + vid * T + t, mask=ok, other=0) != 0)
+        nan = tl.max(tl.reshape(((s != s) & ok[None, :]).to(tl.int32), (BLOCK_C, BLOCK_V, T_PAD)), 2)
+        s3 = tl.reshape(tl.where(live[None, :] & (s == s), s, float("-inf")), (BLOCK_C, BLOCK_V, T_PAD))
+        total = tl.zeros((BLOCK_C, BLOCK_V), tl.float32)
+        w0 = tl.zeros((BLOCK_C, BLOCK_V), tl.int32)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        for _ in range(0, k):  # k rounds of max: the largest, the earliest frame among equal ones
+            best, idx = tl.max(s3, 2, return_indices=True, return_indices_tie_break_left=True)
+            total += best
+            bit = 1 << (idx % 32)
+            w0 |= tl.where(idx < 32, bit, 0)
+            if N_WORDS > 1:
+                w1 |= tl.where((idx >= 32) & (idx < 64), bit, 0)
+            if N_WORDS > 2:
+                w2 |= tl.where((idx >= 64) & (idx < 96), bit, 0)
+            if N_WORDS > 3:
+                w3 |= tl.where(idx >= 96, bit, 0)
+            s3 = tl.where(tt == idx[:, :, None], float("-inf"), s3)
+        total = tl.where(nan != 0, float("nan"), total / k)
+        rv = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        out_ok = c_ok[:, None] & (rv < v_end)[None, :]
+        pair = rc[:, None] * V + rv[None, :]
+        tl.store(sim_ptr + pair, total, mask=out_ok)
+        tl.store(bits_ptr + pair * N_WORDS, w0, mask=out_ok)
+        if N_WORDS > 1:
+            tl.store(bits_ptr + pair * N_WORDS + 1, w1, mask=out_ok)
+        if N_WORDS > 2:
+            tl.store(bits_ptr + pair * N_WORDS + 2, w2, mask=out_ok)
+        if N_WORDS > 3:
+            tl.store(bits_ptr + pair * N_WORDS + 3, w3, mask=out_ok)
 
 
 @triton.jit
 def topk_sim_dtext_kernel(
     grad_ptr, gscale_ptr, bits_ptr, frames_ptr, out_ptr, frames_norm_ptr,
-    C, V, T, D, k,
+    C, V, T, D, k, vids_per_split,
     stride_fv, stride_ft, stride_fd,
-    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr, N_WORDS: tl.constexpr,
-    NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, T_PAD: tl.constexpr, BLOCK_DO: tl.constexpr,
+    N_WORDS: tl.constexpr, NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """out[p, c, d] = sum over the videos of range p of W[c, (v, t)] frames[v, t, d] (unit frames
+    when NORMALIZE: W divided by the frames' norms), W = grad / k on the chosen frames."""
     pid_c = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(2).to(tl.int64)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
     do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = do < D
     acc = tl.zeros((BLOCK_C, BLOCK_DO), tl.float32)
     inv_g = tl.load(gscale_ptr) / k  # weights / max|grad|: O(1), no float16 underflow
-    for v0 in range(0, V, BLOCK_V):
-        rv = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: row * stride may pass 2^31
-        v_ok = rv < V
-        ok = c_ok[:, None] & v_ok[None, :]
-        g = tl.load(grad_ptr + rc[:, None] * V + rv[None, :], mask=ok, other=0.0) * inv_g
-        pair = (rc[:, None] * V + rv[None, :]) * N_WORDS
-        for t in range(0, T):
-            word = tl.load(bits_ptr + pair + t // 32, mask=ok, other=0)
-            w = tl.where(((word >> (t % 32)) & 1) != 0, g, 0.0)
-            if NORMALIZE:  # W @ unit frames = (W / frame norms) @ raw frames
-                w = w / tl.maximum(tl.load(frames_norm_ptr + rv * T + t, mask=v_ok, other=1.0), EPS)[None, :]
-            f = tl.load(frames_ptr + rv[:, None] * stride_fv + t * stride_ft + do[None, :] * stride_fd,
-                        mask=v_ok[:, None] & do_ok[None, :], other=0.0)
-            acc = tl.dot(w.to(f.dtype), f, acc, input_precision=INPUT_PRECISION)
-    tl.store(out_ptr + rc[:, None] * D + do[None, :], acc * tl.load(gscale_ptr + 1), mask=c_ok[:, None] & do_ok[None, :])
+    tt = tl.arange(0, T_PAD)[None, None, :]
+    v_begin = pid_p * vids_per_split
+    v_end = tl.minimum(v_begin + vids_per_split, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        rv = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: pair and row offsets may pass 2^31
+        ok = c_ok[:, None] & (rv < v_end)[None, :]
+        pair = rc[:, None] * V + rv[None, :]
+        g = tl.load(grad_ptr + pair, mask=ok, other=0.0) * inv_g
+        w0, w1, w2, w3 = _load_words(bits_ptr, pair, ok, N_WORDS)
+        on = _chosen(w0[:, :, None], w1[:, :, None], w2[:, :, None], w3[:, :, None], tt, N_WORDS)
+        w = tl.reshape(tl.where(on, g[:, :, None], 0.0), (BLOCK_C, BLOCK_V * T_PAD))
+        vid, t, off, f_ok = _frame_columns(v0, v_end, T, stride_fv, stride_ft, BLOCK_V, T_PAD)
+        if NORMALIZE:  # W @ unit frames = (W / frame norms) @ raw frames
+            w = w / tl.maximum(tl.load(frames_norm_ptr + vid * T + t, mask=f_ok, other=1.0), EPS)[None, :]
+        f = tl.load(frames_ptr + off[:, None] + do[None, :] * stride_fd, mask=f_ok[:, None] & do_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(w.to(f.dtype), f, acc, input_precision=INPUT_PRECISION)
+    out = out_ptr + pid_p * C * D + rc[:, None] * D + do[None, :]
+    tl.store(out, acc * tl.load(gscale_ptr + 1), mask=c_ok[:, None] & do_ok[None, :])
 
 
 @triton.jit
 def topk_sim_dframes_kernel(
     grad_ptr, gscale_ptr, bits_ptr, text_ptr, out_ptr, text_norm_ptr,
-    C, V, T, D, k,
+    C, V, T, D, k, caps_per_split,
     stride_tc, stride_td,
-    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr, N_WORDS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, T_PAD: tl.constexpr, BLOCK_DO: tl.constexpr,
+    N_WORDS: tl.constexpr, NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """out[p, v, t, d] = sum over the captions of range p of W[c, (v, t)] text[c, d] (unit
+    captions when NORMALIZE) for the program's BLOCK_V videos: [V, T, D] float32 per range."""
     pid_v = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1)
-    pid_d = tl.program_id(2).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(2).to(tl.int64)
     rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = rv < V
     do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = do < D
-    acc = tl.zeros((BLOCK_V, BLOCK_DO), tl.float32)
+    acc = tl.zeros((BLOCK_V * T_PAD, BLOCK_DO), tl.float32)
     inv_g = tl.load(gscale_ptr) / k  # weights / max|grad|, as in topk_sim_dtext_kernel
-    for c0 in range(0, C, BLOCK_C):
-        rc = c0 + tl.arange(0, BLOCK_C).to(tl.int64)  # int64: C * V may pass 2^31
-        c_ok = rc < C
-        ok = v_ok[:, None] & c_ok[None, :]  # [BV, BC]: transposed tiles
-        g = tl.load(grad_ptr + rc[None, :] * V + rv[:, None], mask=ok, other=0.0) * inv_g
-        word = tl.load(bits_ptr + (rc[None, :] * V + rv[:, None]) * N_WORDS + t // 32, mask=ok, other=0)
-        w = tl.where(((word >> (t % 32)) & 1) != 0, g, 0.0)
+    tt = tl.arange(0, T_PAD)[None, :, None]
+    c_begin = pid_p * caps_per_split
+    c_end = tl.minimum(c_begin + caps_per_split, C)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        rc = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        c_ok = rc < c_end
+        ok = v_ok[:, None] & c_ok[None, :]  # [BLOCK_V, BLOCK_C]: transposed pairs
+        pair = rc[None, :] * V + rv[:, None]
+        g = tl.load(grad_ptr + pair, mask=ok, other=0.0) * inv_g
         if NORMALIZE:  # W^T @ unit captions = (W / caption norms)^T @ raw captions
-            w = w / tl.maximum(tl.load(text_norm_ptr + rc, mask=c_ok, other=1.0), EPS)[None, :]
+            g = g / tl.maximum(tl.load(text_norm_ptr + rc, mask=c_ok, other=1.0), EPS)[None, :]
+        w0, w1, w2, w3 = _load_words(bits_ptr, pair, ok, N_WORDS)
+        on = _chosen(w0[:, None, :], w1[:, None, :], w2[:, None, :], w3[:, None, :], tt, N_WORDS)
+        wt = tl.reshape(tl.where(on, g[:, None, :], 0.0), (BLOCK_V * T_PAD, BLOCK_C))
         x = tl.load(text_ptr + rc[:, None] * stride_tc + do[None, :] * stride_td,
                     mask=c_ok[:, None] & do_ok[None, :], other=0.0)
-        acc = tl.dot(w.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
-    acc = acc * tl.load(gscale_ptr + 1)
-    out_off = (rv[:, None] * T + t) * D + do[None, :]
-    out_ok = v_ok[:, None] & do_ok[None, :]
-    if ACCUMULATE:  # one program owns each output element: a plain read-add-write
-        acc += tl.load(out_ptr + out_off, mask=out_ok, other=0.0)
-    tl.store(out_ptr + out_off, acc, mask=out_ok)
+        acc = tl.dot(wt.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
+    vid, t, _, f_ok = _frame_columns(pid_v * BLOCK_V, V, T, 0, 0, BLOCK_V, T_PAD)
+    out = out_ptr + pid_p * V * T * D + (vid * T + t)[:, None] * D + do[None, :]
+    tl.store(out, acc * tl.load(gscale_ptr + 1), mask=f_ok[:, None] & do_ok[None, :])
 
 
 @triton.jit
@@ -251,64 +317,59 @@ def n_words(T: int) -> int:
     return triton.cdiv(T, 32)
 
 
-def sim_candidates(dtype, k: int, T: int = 32, small: bool | None = None, precision: str | None = None) -> list[dict]:
+def sim_candidates(dtype, D: int, T: int, small: bool | None = None, precision: str | None = None,
+                   arch: int = 90) -> list[dict]:
     """The similarity forward's block configurations, known good first (the default; the others
-    are timed only under FITCLIP_TRITON_AUTOTUNE=1). The running top-k holds
-    2 * BLOCK_C * BLOCK_V * K_PAD values per program in registers: tiles shrink as k grows so it
-    stays near 64 registers a thread. Every candidate compiles without spills with Triton 3.6
-    and 3.8 (see aot)."""
-    k_pad = triton.next_power_of_2(k)
-    block_k = 64 if dtype != torch.float32 else 32
-    words = n_words(T)
-    if small_configs(small):
-        return [dict(BLOCK_C=16, BLOCK_V=16, BLOCK_K=16, K_PAD=k_pad, N_WORDS=words, num_warps=1, num_stages=1),
-                dict(BLOCK_C=16, BLOCK_V=32, BLOCK_K=16, K_PAD=k_pad, N_WORDS=words, num_warps=1, num_stages=1)]
-    fp32 = dtype == torch.float32
-    fma = fp32 and (precision or input_precision(dtype)) == "ieee"  # CUDA-core dot: registers are tighter
-    if fma:
-        bc, bv, warps = (16, 16, 4) if k_pad <= 16 else (16, 16, 8)
-    elif k_pad <= 2 and not fp32:
-        bc, bv, warps = 64, 32, 8
-    elif k_pad <= 4:
-        bc, bv, warps = 32, 32, 8
-    elif k_pad <= 8:
-        bc, bv, warps = 32, 16, 8
-    else:
-        bc, bv, warps = 16, 16, 8
-
-    def cfg(c, v, w, st, bk=block_k):
-        return dict(BLOCK_C=c, BLOCK_V=v, BLOCK_K=bk, K_PAD=k_pad, N_WORDS=words, num_warps=w, num_stages=st)
-
-    out = [cfg(bc, bv, warps, 2)]
-    if fma:
-        return out
-    # the variants that spill somewhere (sm_80 or sm_90, Triton 3.6 or 3.8) are left out
-    if k_pad != 4:
-        out.append(cfg(bc, bv, warps, 3))
-    if k_pad != 8 and not fp32:
-        out.append(cfg(bc, bv, warps, 2, 2 * block_k))
-    if bv >= 32 and not (fp32 and k_pad <= 2):
-        out.append(cfg(bc, bv // 2, 4, 3))
-    if bc >= 32 and k_pad >= 4:
-        out.append(cfg(bc // 2, bv, 4, 3))
+    are timed only under FITCLIP_TRITON_AUTOTUNE=1): the InfoNCE forward's resident caption rows
+    and BLOCK_K chunks (kernels/infonce.candidates), with tiles of BLOCK_V = BLOCK_N / T_PAD
+    whole videos (at least one: T_PAD columns). Compiled without spills for sm_80/sm_90 with
+    Triton 3.6 and 3.8 (`python -m fitclip_ext.kernels.aot`)."""
+    t_pad = triton.next_power_of_2(T)
+    out = []
+    for i, c in enumerate(infonce.candidates(dtype, D, small, precision, arch)):
+        if i and t_pad < 16 and dtype == torch.float32 and not small_configs(small):
+            continue  # (the TF32 32-column variant spills on sm_80 at T <= 8)
+        bn = max(c["BLOCK_N"], t_pad)
+        cfg = dict(BLOCK_C=c["BLOCK_M"], BLOCK_V=bn // t_pad, T_PAD=t_pad, BLOCK_K=c["BLOCK_K"], NUM_K=c["NUM_K"],
+                   RESIDENT=c["RESIDENT"], N_WORDS=n_words(T), num_warps=c["num_warps"], num_stages=c["num_stages"])
+        if cfg not in out:
+            out.append(cfg)
     return out
 
 
-def grad_candidates(dtype, T: int = 32, small: bool | None = None, precision: str | None = None) -> list[dict]:
-    """The similarity backward's block configurations (d text and d frames kernels), default first."""
-    words = n_words(T)
+def _grad_cfg(block_c, block_n, t_pad, block_do, warps, stages, words):
+    return dict(BLOCK_C=block_c, BLOCK_V=max(1, block_n // t_pad), T_PAD=t_pad, BLOCK_DO=block_do, N_WORDS=words,
+                num_warps=warps, num_stages=stages)
 
-    def cfg(c, v, do, w, st):
-        return dict(BLOCK_C=c, BLOCK_V=v, BLOCK_DO=do, N_WORDS=words, num_warps=w, num_stages=st)
 
+def dtext_candidates(dtype, T: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
+    """d text's block configurations, default first: 128 captions against frame tiles of
+    BLOCK_V whole videos (16 columns or one video) and BLOCK_DO output features (bf16/fp16: about
+    101 matrix FLOPs per loaded byte at T = 16, D chunks of 128; wider column tiles or chunks of
+    256, which would reach 113, spill in the odd-size builds)."""
+    t_pad, words = triton.next_power_of_2(T), n_words(T)
     if small_configs(small):
-        return [cfg(16, 16, 16, 1, 1), cfg(16, 32, 32, 1, 1)]
+        return [_grad_cfg(16, 16, t_pad, 16, 1, 1, words), _grad_cfg(16, 32, t_pad, 32, 1, 1, words)]
     if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee":
-        return [cfg(32, 16, 64, 4, 2)]
-    out = [cfg(64, 32, 128, 8, 2), cfg(64, 32, 128, 8, 3), cfg(64, 32, 64, 8, 3)]
-    if dtype != torch.float32:  # (the TF32 build of this one spills)
-        out.append(cfg(64, 32, 64, 4, 3))
-    return out
+        return [_grad_cfg(32, 32, t_pad, 64 if t_pad < 64 else 32, 4, 2, words)]
+    if dtype == torch.float32:  # TF32
+        return [_grad_cfg(64, 32, t_pad, 64, 8, 2, words)]
+    block_do = 128 if t_pad >= 16 else 64  # (short videos: more words and weights per column, 128 spills)
+    return [_grad_cfg(128, 16, t_pad, block_do, 8, 2, words), _grad_cfg(128, 16, t_pad, block_do, 8, 3, words)]
+
+
+def dframes_candidates(dtype, T: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
+    """d frames' block configurations, default first: 128 frame rows (BLOCK_V whole videos)
+    against caption tiles of BLOCK_C and BLOCK_DO output features (bf16/fp16: about 101 matrix
+    FLOPs per loaded byte at T = 16)."""
+    t_pad, words = triton.next_power_of_2(T), n_words(T)
+    if small_configs(small):
+        return [_grad_cfg(16, 16, t_pad, 16, 1, 1, words), _grad_cfg(32, 16, t_pad, 32, 1, 1, words)]
+    if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee":
+        return [_grad_cfg(32, 32, t_pad, 64 if t_pad < 128 else 32, 4, 2, words)]
+    if dtype == torch.float32:
+        return [_grad_cfg(32, 128, t_pad, 64, 8, 2, words)]
+    return [_grad_cfg(64, 128, t_pad, 128, 8, 2, words), _grad_cfg(64, 128, t_pad, 128, 8, 3, words)]
 
 
 def select_candidates(D: int, T: int, small: bool | None = None) -> list[dict]:
@@ -332,6 +393,12 @@ def _mask_arg(mask, fallback):
     return (mask.to(torch.int8).contiguous(), True) if mask is not None else (fallback, False)
 
 
+def _range_split(n: int, blocks: int, per_step: int, min_len: int, device) -> tuple[int, int]:
+    """(length of each program's range of n, ranges): split when `blocks` programs per range would
+    leave SMs idle (kernels.common.column_split)."""
+    return column_split(n, blocks, per_step, num_sms(device), min_cols=min_len)
+
+
 # The similarity ops take the raw embeddings and their row norms (text_norm [C], frames_norm
 # [V, T], float32), or None for inputs that are already unit vectors; the gradient ops return the
 # gradients with respect to the unit vectors, which `unit_grad` turns into the raw inputs' ones.
@@ -342,26 +409,22 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     C, D = text.shape
     V, T, _ = frames.shape
+    dev = text.device
     prec = input_precision(text.dtype)
-    cands = sim_candidates(text.dtype, k, T, precision=prec)
+    cands = sim_candidates(text.dtype, D, T, precision=prec, arch=arch_of(dev))
     kernel, cfg = configured(topk_sim_fwd_kernel, cands, ["C", "V", "T", "D", "k", "HAS_MASK", "NORMALIZE",
                                                            "INPUT_PRECISION"])
-    sim = torch.empty((C, V), device=text.device, dtype=torch.float32)
-    bits = torch.empty((C, V, n_words(T)), device=text.device, dtype=torch.int32)
+    sim = torch.empty((C, V), device=dev, dtype=torch.float32)
+    bits = torch.empty((C, V, n_words(T)), device=dev, dtype=torch.int32)
     m, has_mask = _mask_arg(mask, sim)
     normalize = text_norm is not None
-    args = (text, frames, m, sim, bits, text_norm if normalize else sim, frames_norm if normalize else sim, C, V, T, D, k)
-    strides = (text.stride(0), text.stride(1), frames.stride(0), frames.stride(1), frames.stride(2))
-    flags = dict(HAS_MASK=has_mask, NORMALIZE=normalize, INPUT_PRECISION=prec)
-    default = cands[0]
-    v_blocks = triton.cdiv(V, default["BLOCK_V"])
-    if v_blocks <= GRID_Y_MAX:
-        launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), triton.cdiv(V, c["BLOCK_V"])), *args, 0, *strides,
-               **flags, **cfg)
-    else:  # past about a million videos: the y axis in slices, with the default configuration
-        for b0 in range(0, v_blocks, GRID_Y_MAX):
-            launch(topk_sim_fwd_kernel, (triton.cdiv(C, default["BLOCK_C"]), min(GRID_Y_MAX, v_blocks - b0)),
-                   *args, b0, *strides, **flags, **default)
+    default = cands[0]  # (every candidate has the same BLOCK_C; BLOCK_V may differ: ranges in its multiples)
+    step = max(c["BLOCK_V"] for c in cands)
+    per, split = _range_split(V, triton.cdiv(C, default["BLOCK_C"]), step, triton.cdiv(512, default["T_PAD"]), dev)
+    launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), split),
+           text, frames, m, sim, bits, text_norm if normalize else sim, frames_norm if normalize else sim,
+           C, V, T, D, k, per, text.stride(0), text.stride(1), frames.stride(0), frames.stride(1), frames.stride(2),
+           HAS_MASK=has_mask, NORMALIZE=normalize, INPUT_PRECISION=prec, **cfg)
     return sim, bits
 
 
@@ -373,30 +436,44 @@ def grad_scale(grad: torch.Tensor) -> torch.Tensor:
     return torch.stack([1.0 / g_max, g_max])
 
 
-def _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm, gscale):
+def _dtext(text, frames, bits, grad, k, frames_norm, gscale) -> torch.Tensor:
+    """[C, D] float32: the unit captions' gradient."""
     C, D = text.shape
     V, T, _ = frames.shape
+    dev = text.device
     prec = input_precision(text.dtype)
-    kernel, cfg = configured(topk_sim_dtext_kernel, grad_candidates(text.dtype, T, precision=prec),
-                             ["C", "V", "T", "D", "k", "NORMALIZE", "INPUT_PRECISION"])
-    launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), triton.cdiv(D, c["BLOCK_DO"])),
-           grad, gscale, bits, frames, dtext, frames_norm if frames_norm is not None else grad, C, V, T, D, k,
+    cands = dtext_candidates(text.dtype, T, precision=prec)
+    kernel, cfg = configured(topk_sim_dtext_kernel, cands, ["C", "V", "T", "D", "k", "NORMALIZE", "INPUT_PRECISION"])
+    d0 = cands[0]
+    step = max(c["BLOCK_V"] for c in cands)
+    blocks = triton.cdiv(C, d0["BLOCK_C"]) * triton.cdiv(D, d0["BLOCK_DO"])
+    per, split = _range_split(V, blocks, step, triton.cdiv(512, d0["T_PAD"]), dev)
+    out = torch.empty((split, C, D), device=dev, dtype=torch.float32)
+    launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), triton.cdiv(D, c["BLOCK_DO"]), split),
+           grad, gscale, bits, frames, out, frames_norm if frames_norm is not None else grad, C, V, T, D, k, per,
            frames.stride(0), frames.stride(1), frames.stride(2), NORMALIZE=frames_norm is not None,
            INPUT_PRECISION=prec, **cfg)
+    return out[0] if split == 1 else out.sum(0)
 
 
-def _launch_dframes(text, frames, bits, grad, k, dframes, accumulate, text_norm, gscale):
+def _dframes(text, frames, bits, grad, k, text_norm, gscale) -> torch.Tensor:
+    """[V, T, D] float32: the unit frames' gradient, each element written once (without a split)."""
     C, D = text.shape
     V, T, _ = frames.shape
+    dev = text.device
     prec = input_precision(text.dtype)
-    # accumulating into dframes (the video loss's caption blocks): restored between timings
-    kernel, cfg = configured(topk_sim_dframes_kernel, grad_candidates(text.dtype, T, precision=prec),
-                             ["C", "V", "T", "D", "k", "ACCUMULATE", "NORMALIZE", "INPUT_PRECISION"],
-                             restore_value=("out_ptr",) if accumulate else (), site="acc" if accumulate else "")
-    launch(kernel, lambda c: (triton.cdiv(V, c["BLOCK_V"]), T, triton.cdiv(D, c["BLOCK_DO"])),
-           grad, gscale, bits, text, dframes, text_norm if text_norm is not None else grad, C, V, T, D, k,
-           text.stride(0), text.stride(1), ACCUMULATE=accumulate, NORMALIZE=text_norm is not None,
-           INPUT_PRECISION=prec, **cfg)
+    cands = dframes_candidates(text.dtype, T, precision=prec)
+    kernel, cfg = configured(topk_sim_dframes_kernel, cands, ["C", "V", "T", "D", "k", "NORMALIZE",
+                                                              "INPUT_PRECISION"])
+    d0 = cands[0]
+    step = max(c["BLOCK_C"] for c in cands)
+    blocks = triton.cdiv(V, d0["BLOCK_V"]) * triton.cdiv(D, d0["BLOCK_DO"])
+    per, split = _range_split(C, blocks, step, MIN_SPLIT_CAPTIONS, dev)
+    out = torch.empty((split, V, T, D), device=dev, dtype=torch.float32)
+    launch(kernel, lambda c: (triton.cdiv(V, c["BLOCK_V"]), triton.cdiv(D, c["BLOCK_DO"]), split),
+           grad, gscale, bits, text, out, text_norm if text_norm is not None else grad, C, V, T, D, k, per,
+           text.stride(0), text.stride(1), NORMALIZE=text_norm is not None, INPUT_PRECISION=prec, **cfg)
+    return out[0] if split == 1 else out.sum(0)
 
 
 @triton_op("triton_topk_sim_bwd")
@@ -404,24 +481,21 @@ def _topk_sim_bwd_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tenso
                      text_norm: torch.Tensor | None = None, frames_norm: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     grad = grad.float().contiguous()
-    dtext = torch.empty(text.shape, device=text.device, dtype=torch.float32)
-    dframes = torch.empty(frames.shape, device=text.device, dtype=torch.float32)
     gscale = grad_scale(grad)
-    _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm, gscale)
-    _launch_dframes(text, frames, bits, grad, k, dframes, False, text_norm, gscale)
-    return dtext, dframes
+    return (_dtext(text, frames, bits, grad, k, frames_norm, gscale),
+            _dframes(text, frames, bits, grad, k, text_norm, gscale))
 
 
-@triton_op("triton_topk_sim_bwd_acc", mutates_args=("dframes_acc",))
+@triton_op("triton_topk_sim_bwd_acc", mutates_args=("dtext_acc",))
 def _topk_sim_bwd_acc_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
-                         dframes_acc: torch.Tensor, text_norm: torch.Tensor | None = None,
+                         dtext_acc: torch.Tensor, text_norm: torch.Tensor | None = None,
                          frames_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The video loss's per-video-block backward: adds d text into dtext_acc ([C, D] float32, a
+    small read-modify-write per block) and returns d frames for the block's videos."""
     grad = grad.float().contiguous()
-    dtext = torch.empty(text.shape, device=text.device, dtype=torch.float32)
     gscale = grad_scale(grad)
-    _launch_dtext(text, frames, bits, grad, k, dtext, frames_norm, gscale)
-    _launch_dframes(text, frames, bits, grad, k, dframes_acc, True, text_norm, gscale)
-    return dtext
+    dtext_acc += _dtext(text, frames, bits, grad, k, frames_norm, gscale)
+    return _dframes(text, frames, bits, grad, k, text_norm, gscale)
 
 
 def unit_config(D: int) -> dict:

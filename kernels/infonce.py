@@ -45,69 +45,11 @@ import triton
 import triton.language as tl
 
 from .common import (arch_of, block_config, chunk_elems, chunk_rows, chunked_backward, column_split, configured,
-                     input_precision, launch, num_sms, scale_tensor, small_configs, triton_op)
+                     input_precision, launch, num_sms, resident_rows, resident_tile, scale_tensor, small_configs,
+                     triton_op)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
 LN2 = 0.6931471805599453
-
-
-@triton.jit
-def _q_chunk(q_ptr, rows, row_ok, d0, D, stride_qn, stride_qd, BLOCK_K: tl.constexpr):
-    dk = d0 + tl.arange(0, BLOCK_K)
-    return tl.load(q_ptr + rows[:, None] * stride_qn + dk[None, :] * stride_qd,
-                   mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
-
-
-@triton.jit
-def _k_chunk(k_ptr, cols, col_ok, d0, D, stride_kn, stride_kd, BLOCK_K: tl.constexpr):
-    dk = d0 + tl.arange(0, BLOCK_K)
-    return tl.load(k_ptr + cols[None, :] * stride_kn + dk[:, None] * stride_kd,
-                   mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
-
-
-@triton.jit
-def _resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-                   RESIDENT: tl.constexpr):
-    """The program's query rows as up to 4 chunks of BLOCK_K features (loaded once)."""
-    q0 = _q_chunk(q_ptr, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_K)
-    q1 = q0
-    q2 = q0
-    q3 = q0
-    if RESIDENT:
-        if NUM_K > 1:
-            q1 = _q_chunk(q_ptr, rows, row_ok, BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
-        if NUM_K > 2:
-            q2 = _q_chunk(q_ptr, rows, row_ok, 2 * BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
-        if NUM_K > 3:
-            q3 = _q_chunk(q_ptr, rows, row_ok, 3 * BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
-    return q0, q1, q2, q3
-
-
-@triton.jit
-def _tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn, stride_kd,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-          RESIDENT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """S[rows, cols] in float32: from the resident chunks (RESIDENT, D <= NUM_K * BLOCK_K), else
-    streaming both operands over D in BLOCK_K steps (large D, float32 inputs)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if RESIDENT:
-        acc = tl.dot(q0, _k_chunk(k_ptr, cols, col_ok, 0, D, stride_kn, stride_kd, BLOCK_K), acc,
-                     input_precision=INPUT_PRECISION)
-        if NUM_K > 1:
-            acc = tl.dot(q1, _k_chunk(k_ptr, cols, col_ok, BLOCK_K, D, stride_kn, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION)
-        if NUM_K > 2:
-            acc = tl.dot(q2, _k_chunk(k_ptr, cols, col_ok, 2 * BLOCK_K, D, stride_kn, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION)
-        if NUM_K > 3:
-            acc = tl.dot(q3, _k_chunk(k_ptr, cols, col_ok, 3 * BLOCK_K, D, stride_kn, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION)
-    else:
-        for d0 in range(0, D, BLOCK_K):
-            acc = tl.dot(_q_chunk(q_ptr, rows, row_ok, d0, D, stride_qn, stride_qd, BLOCK_K),
-                         _k_chunk(k_ptr, cols, col_ok, d0, D, stride_kn, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION)
-    return acc
 
 
 @triton.jit
@@ -129,7 +71,7 @@ def lse_fwd_kernel(
     rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E  # work in base 2: exp2 is the fast path
-    q0, q1, q2, q3 = _resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K, NUM_K, RESIDENT)
+    q0, q1, q2, q3 = resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K, NUM_K, RESIDENT)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     pos = tl.zeros((BLOCK_M,), tl.float32)
@@ -138,8 +80,8 @@ def lse_fwd_kernel(
     for c0 in range(c_begin, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         col_ok = cols < c_end
-        s = _tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
-                  stride_kd, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
+        s = resident_tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols * stride_kn, row_ok, col_ok, D, stride_qn,
+                          stride_qd, stride_kd, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
         x = s * scale2  # logits in log2 units
         x_rows = tl.where(col_ok[None, :], x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x_rows, 1))
@@ -183,15 +125,15 @@ def grad_tile_kernel(
     inv_w = tl.load(inv_w_ptr)
     lse_r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     w_r = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0) * inv_w
-    q0, q1, q2, q3 = _resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K, NUM_K, RESIDENT)
+    q0, q1, q2, q3 = resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K, NUM_K, RESIDENT)
     ds_acc = tl.zeros((BLOCK_M,), tl.float32)
     c_begin = pid_p * cols_per_split
     c_end = tl.minimum(c_begin + cols_per_split, m)
     for c0 in range(c_begin, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < c_end
-        s = _tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_qn, stride_qd, stride_kn,
-                  stride_kd, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
+        s = resident_tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols * stride_kn, row_ok, col_ok, D, stride_qn,
+                          stride_qd, stride_kd, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
         x2 = s * scale2
         diff = cols[None, :] - rows[:, None]
         g = w_r[:, None] * (tl.exp2(x2 - lse_r[:, None]) - one_minus_eps * (diff == offset).to(tl.float32) - eps_row)

@@ -38,12 +38,12 @@ def _samples():
         (ops.infonce_grad, (qs, ks, s, rl, w, cl, w)),
         (ops.topk_sim, (text, frames, 2, mask)),
         (ops.topk_sim_bwd, (text, frames, bits, torch.randn(6, 6, generator=g), 2)),
-        (ops.topk_sim_bwd_acc, (text, frames, bits, torch.randn(6, 6, generator=g), 2, torch.zeros(6, 5, 8))),
+        (ops.topk_sim_bwd_acc, (text, frames, bits, torch.randn(6, 6, generator=g), 2, torch.zeros(6, 8))),
         (ops.unit_grad, (torch.randn(6, 5, 8, generator=g), frames, fn)),
         (ops.select_frames, (frames, text, 3, mask)),
         (ops.topk_sim, (text, frames, 2, mask, tn, fn)),  # normalisation folded in
         (ops.topk_sim_bwd, (text, frames, bits, torch.randn(6, 6, generator=g), 2, tn, fn)),
-        (ops.topk_sim_bwd_acc, (text, frames, bits, torch.randn(6, 6, generator=g), 2, torch.zeros(6, 5, 8), tn, fn)),
+        (ops.topk_sim_bwd_acc, (text, frames, bits, torch.randn(6, 6, generator=g), 2, torch.zeros(6, 8), tn, fn)),
         (ops.distill_stats, (sv, st, tv, tt, s, s)),
         (ops.distill_grad, (sv, st, tv, tt, s, s, dstats[0], dstats[1], torch.full((6,), 0.3), dstats[3], dstats[4],
                             torch.full((4,), 0.2))),
@@ -155,7 +155,7 @@ def _triton_samples():
         (t.triton_topk_sim, (raw_t, raw_f, 2, mask, raw_t.norm(dim=-1), raw_f.norm(dim=-1))),  # normalisation folded in
         (t.triton_topk_sim_bwd, (text, frames, bits, r(6, 6), 2)),
         (t.triton_topk_sim_bwd, (raw_t, raw_f, bits, r(6, 6), 2, raw_t.norm(dim=-1), raw_f.norm(dim=-1))),
-        (t.triton_topk_sim_bwd_acc, (text, frames, bits, r(6, 6), 2, torch.zeros(6, 5, 16, device=TDEV))),
+        (t.triton_topk_sim_bwd_acc, (text, frames, bits, r(6, 6), 2, torch.zeros(6, 16, device=TDEV))),
         (t.triton_unit_grad, (r(6, 5, 16), raw_f, raw_f.norm(dim=-1))),
         (t.triton_select_frames, (frames, text, 3, mask)),
         (t.triton_distill_stats, (sv, st, tv, tt, s, s)),

@@ -28,7 +28,7 @@ def test_gpu_check_tiny_runs_and_renders(tmp_path):
             "video_contrastive_loss", "select_frames", "distillation_loss", "sigmoid_loss"} <= ops
     assert not [c for c in doc["cases"] if "error" in c]
     for op, n_kernels in (("contrastive_loss autotune", 2), ("distillation_loss autotune", 2),
-                          ("topk_frame_similarity + video_contrastive_loss + select_frames autotune", 5)):
+                          ("topk_frame_similarity + video_contrastive_loss + select_frames autotune", 4)):
         tune = next(c for c in doc["cases"] if c["op"] == op)
         assert len(tune["kernels"]) >= n_kernels and tune["tuned_ms"] > 0, op
         assert all(len(k["timings_ms"] or {}) > 1 for k in tune["kernels"][-1:]), op

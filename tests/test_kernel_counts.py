@@ -186,3 +186,88 @@ def test_distillation_gpu_configuration_float32_chunks_and_splits(monkeypatch):
     assert abs(first[0].item() - truth.item()) < 1e-5 * abs(truth.item())
     for g, t in zip(first[1:], (a64.grad, b64.grad, s64.grad)):
         assert ((g.double() - t).norm() / t.norm()).item() < 1e-5
+
+
+# ----------------------------------------------------------------------------- frame ops
+
+def _frame_inputs(C, V, T, D, seed, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(C, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    frames = torch.randn(V, T, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return text, frames
+
+
+def _frame_op(op, text, frames, k):
+    if op == "topk_frame_similarity":
+        out = fitclip_ext.topk_frame_similarity(text, frames, k, backend="triton")
+        w = torch.rand(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        loss = (out.double() * w).sum()
+    else:
+        loss = fitclip_ext.video_contrastive_loss(frames, text, 30.0, k=k, backend="triton")
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("op,budget,floor", [("topk_frame_similarity", 3.2, 3), ("video_contrastive_loss", 4.3, 4)])
+def test_frame_ops_flop_and_byte_budgets(monkeypatch, op, budget, floor):
+    """C = V = 256, T = 16, D = 512, k = 4, bf16, at the GPU's tiles: forward + backward within the
+    budget in passes of 2 C V T D (the similarity forward, d text and d frames, plus the video
+    loss's recomputed forward), at least 96 matrix FLOPs per loaded byte in every kernel that
+    does matrix work; and the result against float64 on the same bf16 inputs."""
+    pytest.importorskip("triton")
+    from fitclip_ext.kernels.interpret import count
+    from fitclip_ext.reference import topk_frame_similarity_reference, video_contrastive_loss_reference
+
+    monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")
+    C = V = 256
+    T, D, k = 16, 512, 4
+    text, frames = _frame_inputs(C, V, T, D, 21)
+    with count() as c:
+        loss = _frame_op(op, text, frames, k)
+    unit = 2 * C * V * T * D
+    assert c.flops <= budget * unit, c
+    assert c.flops == floor * unit, c  # every pass a dense tensor-core product over the (padded) frames
+    matrix = {name for name, (f, _) in c.kernels.items() if f}
+    assert matrix == {"topk_sim_fwd_kernel", "topk_sim_dtext_kernel", "topk_sim_dframes_kernel"}, c
+    for name in matrix:
+        assert c.flops_per_byte(name) >= 96, (name, c.kernels[name])
+    t64, f64 = text.detach().double().requires_grad_(), frames.detach().double().requires_grad_()
+    if op == "topk_frame_similarity":
+        truth = (topk_frame_similarity_reference(t64, f64, k)
+                 * torch.rand(C, V, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).sum()
+    else:
+        truth = video_contrastive_loss_reference(f64, t64, torch.tensor(30.0, dtype=torch.float64), k=k)
+    truth.backward()
+    assert abs(loss.double().item() - truth.item()) <= 8e-3 * abs(truth.item())
+    for g, t in ((text.grad, t64.grad), (frames.grad, f64.grad)):
+        assert ((g.double() - t).norm() / t.norm()).item() < 1e-2
+
+
+def test_frame_ops_mean_pooling_flop_budget(monkeypatch):
+    """k = T (FitCLIP's mean pooling), same sizes: one product with the mean unit frames, so far
+    below the budgets (1/T of a pass forward, 3/T with the backward; the video loss is the
+    InfoNCE's 8 B^2 D = 4/T passes). The similarity's matrix products are plain torch ones,
+    forward and backward (FlopCounterMode sees the autograd engine's); the video loss's are all
+    inside the InfoNCE ops (kernels.interpret.count sees them), whose kernels at this size load
+    the 128 resident rows and all 256 columns: 2 * 128 * 256 / (2 * 384) = 85 FLOPs per byte, the
+    most a 256-column problem allows (the InfoNCE test has >= 96 at B = 512)."""
+    pytest.importorskip("triton")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fitclip_ext.kernels.interpret import count
+
+    monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")
+    C = V = 256
+    T, D = 16, 512
+    unit = 2 * C * V * T * D
+    text, frames = _frame_inputs(C, V, T, D, 22)
+    with FlopCounterMode(display=False) as fc:
+        _frame_op("topk_frame_similarity", text, frames, T)
+    assert fc.get_total_flops() == 3 * unit // T
+    text, frames = _frame_inputs(C, V, T, D, 23)
+    with count() as c:
+        _frame_op("video_contrastive_loss", text, frames, T)
+    assert c.flops == 4 * unit // T <= 4.3 * unit, c
+    assert set(c.kernels) == {"lse_fwd_kernel", "grad_tile_kernel"}
+    for name in c.kernels:
+        assert c.flops_per_byte(name) >= 84, (name, c.kernels[name])

@@ -26,12 +26,14 @@ unit inputs; chosen frames: int32 bit sets [C, V, ceil(T / 32)], bit t % 32 of w
     row_norms(x) -> [...] norms of x's last-dimension rows, compute dtype
     operand(x) -> x in the form the ops read without a copy (made once per loss, not per block)
     topk_sim(text, frames, k, mask, text_norm, frames_norm) -> (sim [C, V] compute dtype, bits)
-    topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm, dframes=None)
+    topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm, dtext=None)
         -> (dtext, dframes) with respect to the unit vectors, compute dtype; accumulates into
-           `dframes` (contiguous, frames' shape, compute dtype) when given
+           `dtext` (text's shape, compute dtype) when given (the video loss's backward loops over
+           video blocks: each block's dframes is written once, dtext [C, D] accumulates)
     unit_grad(grad, x, norm) -> grad: in place, the unit vectors' gradient -> the raw x's
     select_frames(frames, text, k, mask) -> [B, k] int64, ascending (the ranking of cosines; text raw)
-    video_block_rows(B, T) -> captions per block of the video InfoNCE's block loop
+    video_block_rows(B, T) -> captions (forward) and videos (backward) per block of the video
+        InfoNCE's block loops
 Distillation (student Y = s A B^T, teacher X = t C E^T; log-sum-exp statistics [2, n] as
 (max, log-sum) in the backend's own units, read only by the same backend):
     distill_stats(sv, st, tv, tt, s_scale, t_scale)
@@ -69,7 +71,7 @@ class Backend(Protocol):
     def row_norms(self, x): ...
     def operand(self, x): ...
     def topk_sim(self, text, frames, k, mask, text_norm, frames_norm): ...
-    def topk_sim_bwd(self, text, frames, bits, grad, k, text_norm, frames_norm, dframes=None): ...
+    def topk_sim_bwd(self, text, frames, bits, grad, k, text_norm, frames_norm, dtext=None): ...
     def unit_grad(self, grad, x, norm): ...
     def select_frames(self, frames, text, k, mask): ...
     def video_block_rows(self, B, T): ...

@@ -81,11 +81,11 @@ def topk_sim(text, frames, k, mask, text_norm, frames_norm):
     return torch.ops.fitclip_ext.topk_sim(text, frames, k, mask, text_norm, frames_norm)
 
 
-def topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm, dframes=None):
+def topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm, dtext=None):
     grad = grad.to(compute_dtype(text)).contiguous()
-    if dframes is None:
+    if dtext is None:
         return torch.ops.fitclip_ext.topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm)
-    dtext = torch.ops.fitclip_ext.topk_sim_bwd_acc(text, frames, bits, grad, k, dframes, text_norm, frames_norm)
+    dframes = torch.ops.fitclip_ext.topk_sim_bwd_acc(text, frames, bits, grad, k, dtext, text_norm, frames_norm)
     return dtext, dframes
 
 
@@ -151,8 +151,8 @@ def register() -> None:
         return text.new_empty(text.shape, dtype=ct(text)), frames.new_empty(frames.shape, dtype=ct(text))
 
     @torch.library.register_fake(_OPS + "topk_sim_bwd_acc")
-    def _(text, frames, bits, grad, k, dframes_acc, text_norm=None, frames_norm=None):
-        return text.new_empty(text.shape, dtype=ct(text))
+    def _(text, frames, bits, grad, k, dtext_acc, text_norm=None, frames_norm=None):
+        return frames.new_empty(frames.shape, dtype=ct(text))
 
     @torch.library.register_fake(_OPS + "unit_grad")
     def _(grad, x, norm):
