@@ -71,8 +71,8 @@ constexpr int64_t kLanes = 16;
 
 template <typename T>
 FITCLIP_INLINE void topk_lanes(const T* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl, int64_t nt,
-                               int64_t k, const bool* mask_tm, T* best, int32_t* bidx, T* out, int32_t* bits_out,
-                               int64_t words) {
+                               int64_t k, const bool* mask_tm, const T* scale_tm, T* best, int32_t* bidx, T* out,
+                               int32_t* bits_out, int64_t words) {
   constexpr int64_t L = kLanes;
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < k * L; ++i) {
@@ -84,7 +84,14 @@ FITCLIP_INLINE void topk_lanes(const T* sims, int64_t t_stride, int64_t V, int64
     T xv[L];
     int32_t xi[L];
     const T* x = sims + t * t_stride + v0;
-    if (nl == L && !mask_tm) {  // the common case: one straight vector load
+    const T* sc = scale_tm ? scale_tm + t * V + v0 : nullptr;
+    if (nl == L && !mask_tm && sc) {  // the common cases: straight vector loads (frames' inverse norms)
+      for (int64_t l = 0; l < L; ++l) {
+        xv[l] = x[l] * sc[l];
+        nan[l] |= xv[l] != xv[l];
+        xi[l] = static_cast<int32_t>(t);
+      }
+    } else if (nl == L && !mask_tm) {
       for (int64_t l = 0; l < L; ++l) {
         xv[l] = x[l];
         nan[l] |= x[l] != x[l];
@@ -92,7 +99,7 @@ FITCLIP_INLINE void topk_lanes(const T* sims, int64_t t_stride, int64_t V, int64
       }
     } else {
       for (int64_t l = 0; l < L; ++l) {
-        T val = l < nl ? x[l < nl ? l : 0] : ninf;
+        T val = l < nl ? x[l < nl ? l : 0] * (sc ? sc[l < nl ? l : 0] : T(1)) : ninf;
         if (mask_tm) val = (l < nl && mask_tm[t * V + v0 + (l < nl ? l : 0)]) ? val : ninf;
         nan[l] |= val != val;
         xv[l] = val;
@@ -129,35 +136,37 @@ FITCLIP_INLINE void topk_lanes(const T* sims, int64_t t_stride, int64_t V, int64
 }
 
 static FITCLIP_CLONES void topk_lanes_f(const float* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl,
-                                        int64_t nt, int64_t k, const bool* mask_tm, float* best, int32_t* bidx,
-                                        float* out, int32_t* bits_out, int64_t words) {
-  topk_lanes<float>(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, bits_out, words);
+                                        int64_t nt, int64_t k, const bool* mask_tm, const float* scale_tm,
+                                        float* best, int32_t* bidx, float* out, int32_t* bits_out, int64_t words) {
+  topk_lanes<float>(sims, t_stride, V, v0, nl, nt, k, mask_tm, scale_tm, best, bidx, out, bits_out, words);
 }
 template <typename T>
 inline void topk_lanes_any(const T* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl, int64_t nt,
-                           int64_t k, const bool* mask_tm, T* best, int32_t* bidx, T* out, int32_t* bits_out,
-                           int64_t words) {
-  topk_lanes<T>(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, bits_out, words);
+                           int64_t k, const bool* mask_tm, const T* scale_tm, T* best, int32_t* bidx, T* out,
+                           int32_t* bits_out, int64_t words) {
+  topk_lanes<T>(sims, t_stride, V, v0, nl, nt, k, mask_tm, scale_tm, best, bidx, out, bits_out, words);
 }
 template <>
 inline void topk_lanes_any<float>(const float* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nl,
-                                  int64_t nt, int64_t k, const bool* mask_tm, float* best, int32_t* bidx,
-                                  float* out, int32_t* bits_out, int64_t words) {
-  topk_lanes_f(sims, t_stride, V, v0, nl, nt, k, mask_tm, best, bidx, out, bits_out, words);
+                                  int64_t nt, int64_t k, const bool* mask_tm, const float* scale_tm, float* best,
+                                  int32_t* bidx, float* out, int32_t* bits_out, int64_t words) {
+  topk_lanes_f(sims, t_stride, V, v0, nl, nt, k, mask_tm, scale_tm, best, bidx, out, bits_out, words);
 }
 
-// sims [T][rows][V] (frame t of row r at sims + t * t_stride + r * V) -> out[r * ld_out + v] =
-// mean of the top k of video v; the chosen frames go to bits [rows, V, words].
+// sims [T][rows][V] (frame t of row r at sims + t * t_stride + r * V), times scale_tm[t * V + v]
+// when given (the frames' inverse norms, applied as the values are read instead of in a pass of
+// their own over the block) -> out[r * ld_out + v] = mean of the top k of video v; the chosen
+// frames go to bits [rows, V, words].
 template <typename T>
 void topk_pool_tile(const T* sims, int64_t t_stride, int64_t rows, int64_t V, int64_t nt, int64_t k,
-                    const bool* mask_tm, T* out, int64_t ld_out, int32_t* bits, int64_t words) {
+                    const bool* mask_tm, const T* scale_tm, T* out, int64_t ld_out, int32_t* bits, int64_t words) {
   at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
     std::vector<T> best(k * kLanes);
     std::vector<int32_t> bidx(k * kLanes);
     for (int64_t r = b; r < e; ++r) {
       for (int64_t v0 = 0; v0 < V; v0 += kLanes) {
         const int64_t nl = std::min(kLanes, V - v0);
-        topk_lanes_any<T>(sims + r * V, t_stride, V, v0, nl, nt, k, mask_tm, best.data(), bidx.data(),
+        topk_lanes_any<T>(sims + r * V, t_stride, V, v0, nl, nt, k, mask_tm, scale_tm, best.data(), bidx.data(),
                           out + r * ld_out + v0, bits + (r * V + v0) * words, words);
       }
     }
@@ -248,7 +257,11 @@ static FITCLIP_CLONES void dframes_block_f(const float* grad, const int32_t* bit
 template <typename T>
 void sparse_dtext(const T* grad, const int32_t* bits, int64_t words, const T* frames, const T* fscale, int64_t C,
                   int64_t V, int64_t nt, int64_t D, int64_t k, T* dtext) {
-  constexpr int64_t kCaptions = 32;  // 32 rows of D accumulators; video v's T x D frames stay hot
+  // Caption blocks whose D-wide accumulator rows fill half of a 1 MB L2 (256 rows at D = 512):
+  // the frames (V x T x D, larger than L3 at real sizes) stream from memory once per block, so
+  // the block is as large as L2 allows (32 rows streamed them 8x more often); video v's T x D
+  // frames stay in L1 while the block's rows take them.
+  const int64_t kCaptions = std::max<int64_t>(32, (int64_t(1) << 19) / (D * int64_t(sizeof(T))));
   at::parallel_for(0, (C + kCaptions - 1) / kCaptions, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kCaptions, c1 = std::min(C, c0 + kCaptions);
@@ -327,22 +340,13 @@ FrameInputs prepare(const at::Tensor& text, const at::Tensor& frames, int64_t k,
 // Similarities of captions [r0, r0 + rows) with every frame, time-major: S[t][r][v] (S is a
 // [T, block rows, V] buffer), one GEMM per frame index straight from the strided frames[:, t]
 // (no transposed copy of the frames): each frame's V videos are then contiguous, the SIMD
-// lanes of the top-k.
+// lanes of the top-k. The frames' inverse norms are applied by the top-k as it reads S.
 template <typename T>
 void similarity_block(const FrameInputs& in, int64_t r0, int64_t rows, at::Tensor& S) {
   const auto text = in.text.narrow(0, r0, rows);
   for (int64_t t = 0; t < in.nt; ++t) {
     auto out = S.select(0, t).narrow(0, 0, rows);
     at::mm_out(out, text, in.frames.select(1, t).t());
-    if (in.normalize) {  // cosine: divide by the frames' norms (the captions are unit already)
-      T* o = out.data_ptr<T>();
-      const T* sc = in.inv_f_tm.data_ptr<T>() + t * in.V;
-      const int64_t V = in.V;
-      at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r)
-          for (int64_t v = 0; v < V; ++v) o[r * V + v] *= sc[v];
-      });
-    }
   }
 }
 
@@ -430,7 +434,8 @@ void topk_sim_impl(const FrameInputs& in, int64_t k, at::Tensor& sim, at::Tensor
   for (int64_t r0 = 0; r0 < in.C; r0 += bc) {
     const int64_t rows = std::min(bc, in.C - r0);
     similarity_block<T>(in, r0, rows, S);
-    topk_pool_tile<T>(S.data_ptr<T>(), bc * in.V, rows, in.V, in.nt, k, mk, sim.data_ptr<T>() + r0 * in.V, in.V,
+    topk_pool_tile<T>(S.data_ptr<T>(), bc * in.V, rows, in.V, in.nt, k, mk,
+                      in.normalize ? in.inv_f_tm.data_ptr<T>() : nullptr, sim.data_ptr<T>() + r0 * in.V, in.V,
                       bits.data_ptr<int32_t>() + r0 * in.V * in.words, in.words);
   }
 }

@@ -272,9 +272,16 @@ def column_split(m: int, row_blocks: int, block_n: int, sms: int, min_cols: int 
     return per, -(-m // per)
 
 
-def chunk_elems() -> int:
-    """Elements of one chunk's [rows, m] buffer (FITCLIP_GPU_BLOCK_ELEMS, default 2^25)."""
-    return int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0) or (1 << 25)
+CHUNK_BYTES = 1 << 25  # 32 MB: the default G chunk of the chunked backward
+
+
+def chunk_elems(itemsize: int = 2) -> int:
+    """Elements of one chunk's [rows, m] buffer: FITCLIP_GPU_BLOCK_ELEMS, by default 32 MB of
+    `itemsize`-byte elements (2^24 in bf16/fp16). With the float32 dK accumulator's excess over
+    the bf16 gradient (m D 2 bytes: 32 MB at B = 32768, D = 512) the backward then needs 64 MB
+    above its inputs and gradients at that size; a larger chunk (2^25: +32 MB) halves the
+    accumulator's read-modify-writes (m D 8 bytes of HBM traffic per chunk)."""
+    return int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0) or CHUNK_BYTES // itemsize
 
 
 def chunk_rows(n: int, m: int, block_m: int, elems: int) -> int:
@@ -298,7 +305,7 @@ def chunked_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, weig
     f32 = torch.float32
     w_max = torch.stack([w.abs().amax() for w in weights]).amax()
     w_max = torch.where(w_max > 0, w_max, torch.ones_like(w_max)).reshape(1)
-    rows_c = chunk_rows(n, m, block_m, chunk_elems())
+    rows_c = chunk_rows(n, m, block_m, chunk_elems(a.element_size()))
     per, split = column_split(m, -(-rows_c // block_m), block_n, num_sms(dev))
     da = torch.empty((n, D), device=dev, dtype=a.dtype)
     db32 = torch.zeros((m, D), device=dev, dtype=f32)
@@ -311,5 +318,6 @@ def chunked_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, weig
         tile(g, ds_part, 1.0 / w_max, r0, r1, per, split)
         da[r0:r1] = mm32(g, b).mul_(factor)
         addmm32_(db32, g.t(), a[r0:r1])
+    del G, g  # (freed before dB's copy in the inputs' dtype is made)
     db = db32.mul_(factor)
     return da, (db.to(b.dtype) if b.dtype != f32 else db), ds_part.sum() * w_max.reshape(())

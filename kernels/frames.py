@@ -330,7 +330,8 @@ def sim_candidates(dtype, D: int, T: int, small: bool | None = None, precision: 
         if i and t_pad < 16 and dtype == torch.float32 and not small_configs(small):
             continue  # (the TF32 32-column variant spills on sm_80 at T <= 8)
         bn = max(c["BLOCK_N"], t_pad)
-        cfg = dict(BLOCK_C=c["BLOCK_M"], BLOCK_V=bn // t_pad, T_PAD=t_pad, BLOCK_K=c["BLOCK_K"], NUM_K=c["NUM_K"],
+        fma = dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee"
+        cfg = dict(BLOCK_C=c["BLOCK_M"] if not (fma and t_pad >= 64 and not small_configs(small)) else 16, BLOCK_V=bn // t_pad, T_PAD=t_pad, BLOCK_K=c["BLOCK_K"], NUM_K=c["NUM_K"],
                    RESIDENT=c["RESIDENT"], N_WORDS=n_words(T), num_warps=c["num_warps"], num_stages=c["num_stages"])
         if cfg not in out:
             out.append(cfg)
@@ -344,7 +345,7 @@ def _grad_cfg(block_c, block_n, t_pad, block_do, warps, stages, words):
 
 def dtext_candidates(dtype, T: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
     """d text's block configurations, default first: 128 captions against frame tiles of
-    BLOCK_V whole videos (16 columns or one video) and BLOCK_DO output features (bf16/fp16: about
+    BLOCK_V whole videos (32 columns or one video) and BLOCK_DO output features (bf16/fp16: about
     101 matrix FLOPs per loaded byte at T = 16, D chunks of 128; wider column tiles or chunks of
     256, which would reach 113, spill in the odd-size builds)."""
     t_pad, words = triton.next_power_of_2(T), n_words(T)
@@ -354,8 +355,11 @@ def dtext_candidates(dtype, T: int, small: bool | None = None, precision: str | 
         return [_grad_cfg(32, 32, t_pad, 64 if t_pad < 64 else 32, 4, 2, words)]
     if dtype == torch.float32:  # TF32
         return [_grad_cfg(64, 32, t_pad, 64, 8, 2, words)]
-    block_do = 128 if t_pad >= 16 else 64  # (short videos: more words and weights per column, 128 spills)
-    return [_grad_cfg(128, 16, t_pad, block_do, 8, 2, words), _grad_cfg(128, 16, t_pad, block_do, 8, 3, words)]
+    if t_pad >= 64:  # one 64-frame video a tile: 64 captions (128 spill in the odd-size builds)
+        return [_grad_cfg(64, 64, t_pad, 128, 8, 2, words)]
+    block_do = 128 if t_pad >= 16 else 64  # (128 spills where a tile holds 4+ short videos' words)
+    # 16 warps: 8 spill in the odd-size builds (Triton 3.6 at every T, 3.8 at wider tiles)
+    return [_grad_cfg(128, 32, t_pad, block_do, 16, 2, words), _grad_cfg(128, 16, t_pad, block_do, 16, 2, words)]
 
 
 def dframes_candidates(dtype, T: int, small: bool | None = None, precision: str | None = None) -> list[dict]:

@@ -13,7 +13,7 @@ the kernels would do on a GPU.
   configurations: run with FITCLIP_TRITON_CONFIG=gpu (slow; B = 512 with 128-wide tiles takes
   seconds).
 
-    python -m fitclip_ext.kernels.interpret   # the table of docs/DESIGN.md (counts at B = 512)
+    python -m fitclip_ext.kernels.interpret   # the tables of docs/DESIGN.md (B = 512; frames C = V = 256)
 """
 from __future__ import annotations
 
@@ -176,11 +176,25 @@ def _distill_case(B: int, D: int, dtype: torch.dtype) -> Counts:
     return c
 
 
-def _print(title: str, c: Counts, unit: int) -> None:
-    print(f"{title}: {c.flops / unit:.2f} B^2 D matrix FLOPs fwd+bwd "
+def _frame_case(op: str, C: int, T: int, D: int, k: int, dtype: torch.dtype) -> Counts:
+    import fitclip_ext
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(C, D, generator=g).to(dtype).requires_grad_()
+    frames = torch.randn(C, T, D, generator=g).to(dtype).requires_grad_()
+    with count() as c:
+        if op == "topk_frame_similarity":
+            fitclip_ext.topk_frame_similarity(text, frames, k, backend="triton").float().sum().backward()
+        else:
+            fitclip_ext.video_contrastive_loss(frames, text, 30.0, k=k, backend="triton").backward()
+    return c
+
+
+def _print(title: str, c: Counts, unit: int, units: str = "B^2 D") -> None:
+    print(f"{title}: {c.flops / unit:.2f} {units} matrix FLOPs fwd+bwd "
           f"(tl.dot {c.dot_flops / unit:.2f}, cuBLAS {c.torch_flops / unit:.2f})")
     for name, (f, b) in sorted(c.kernels.items()):
-        print(f"  {name:20} {f / unit:5.2f} B^2 D, {b / 2**20:7.2f} MiB loaded, "
+        print(f"  {name:24} {f / unit:5.2f} {units}, {b / 2**20:7.2f} MiB loaded, "
               f"{f / b if b else float('inf'):6.1f} FLOPs per byte")
 
 
@@ -194,6 +208,10 @@ def main(argv=None) -> int:
         _print(f"contrastive_loss bf16 B={B} D={D}", _contrastive_case(B, D, torch.bfloat16), B * B * D)
     for D in (512, 768):
         _print(f"distillation_loss bf16 B={B} D=Dt={D}", _distill_case(B, D, torch.bfloat16), B * B * D)
+    C, T, D, k = 256, 16, 512, 4
+    for op in ("topk_frame_similarity", "video_contrastive_loss"):
+        _print(f"{op} bf16 C=V={C} T={T} D={D} k={k}", _frame_case(op, C, T, D, k, torch.bfloat16),
+               2 * C * C * T * D, "passes of 2 C V T D,")
     return 0
 
 
