@@ -325,13 +325,15 @@ def sim_candidates(dtype, D: int, T: int, small: bool | None = None, precision: 
     whole videos (at least one: T_PAD columns). Compiled without spills for sm_80/sm_90 with
     Triton 3.6 and 3.8 (`python -m fitclip_ext.kernels.aot`)."""
     t_pad = triton.next_power_of_2(T)
+    gpu = not small_configs(small)
+    fma = dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee"
     out = []
     for i, c in enumerate(infonce.candidates(dtype, D, small, precision, arch)):
-        if i and t_pad < 16 and dtype == torch.float32 and not small_configs(small):
+        if i and t_pad < 16 and dtype == torch.float32 and gpu:
             continue  # (the TF32 32-column variant spills on sm_80 at T <= 8)
         bn = max(c["BLOCK_N"], t_pad)
-        fma = dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee"
-        cfg = dict(BLOCK_C=c["BLOCK_M"] if not (fma and t_pad >= 64 and not small_configs(small)) else 16, BLOCK_V=bn // t_pad, T_PAD=t_pad, BLOCK_K=c["BLOCK_K"], NUM_K=c["NUM_K"],
+        block_c = 16 if fma and t_pad >= 64 and gpu else c["BLOCK_M"]  # (CUDA-core FMAs: 32 rows spill at T = 64)
+        cfg = dict(BLOCK_C=block_c, BLOCK_V=bn // t_pad, T_PAD=t_pad, BLOCK_K=c["BLOCK_K"], NUM_K=c["NUM_K"],
                    RESIDENT=c["RESIDENT"], N_WORDS=n_words(T), num_warps=c["num_warps"], num_stages=c["num_stages"])
         if cfg not in out:
             out.append(cfg)
@@ -413,6 +415,9 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     C, D = text.shape
     V, T, _ = frames.shape
+    if T > MAX_T:
+        raise ValueError(f"frame_features has T = {T} frames per video; the Triton backend's fused top-k takes at "
+                         f"most {MAX_T} (a video's frames are one tile): pass fewer frames or backend='torch'")
     dev = text.device
     prec = input_precision(text.dtype)
     cands = sim_candidates(text.dtype, D, T, precision=prec, arch=arch_of(dev))
@@ -422,7 +427,7 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
     bits = torch.empty((C, V, n_words(T)), device=dev, dtype=torch.int32)
     m, has_mask = _mask_arg(mask, sim)
     normalize = text_norm is not None
-    default = cands[0]  # (every candidate has the same BLOCK_C; BLOCK_V may differ: ranges in its multiples)
+    default = cands[0]  # (candidates share BLOCK_C; ranges are multiples of the widest BLOCK_V)
     step = max(c["BLOCK_V"] for c in cands)
     per, split = _range_split(V, triton.cdiv(C, default["BLOCK_C"]), step, triton.cdiv(512, default["T_PAD"]), dev)
     launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), split),

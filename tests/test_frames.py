@@ -144,6 +144,16 @@ def test_topk_sim_backward_float16_small_gradient_does_not_underflow(backend):
     assert rel_err(dframes.cpu(), torch.einsum("cvt,cd->vtd", w, tn)) < 1e-3
 
 
+def test_triton_topk_takes_at_most_64_frames_per_video():
+    """A video's frames are one tile of the Triton forward: past 64 frames a clear error (the C++
+    and torch backends take any T)."""
+    dev = device_for("triton")
+    text, frames = _rand((3, 16), torch.float32, 41, dev), _rand((2, 65, 16), torch.float32, 42, dev)
+    with pytest.raises(ValueError, match="T = 65 frames per video.*at most 64"):
+        fitclip_ext.topk_frame_similarity(text, frames, 2, backend="triton")
+    assert fitclip_ext.topk_frame_similarity(text.cpu(), frames.cpu(), 2, backend="torch").shape == (3, 2)
+
+
 @pytest.mark.parametrize("sms", ["1", "64"])
 @pytest.mark.parametrize("c,v", [(20, 200), (150, 4)])
 def test_topk_sim_range_splits_give_the_same_result(monkeypatch, sms, c, v):

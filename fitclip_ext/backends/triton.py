@@ -35,14 +35,7 @@ def operand(x):
     return x
 
 
-MAX_T = 64  # kernels.frames.MAX_T (not imported here: this module must not import Triton)
-
-
 def topk_sim(text, frames, k, mask, text_norm, frames_norm):
-    if frames.shape[1] > MAX_T:
-        raise ValueError(f"frame_features has T = {frames.shape[1]} frames per video; the Triton backend's fused "
-                         f"top-k takes at most {MAX_T} (a video's frames are one tile): pass fewer frames or "
-                         "backend='torch'")
     return _ops().triton_topk_sim(text, frames, k, mask, text_norm, frames_norm)
 
 
