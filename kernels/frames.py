@@ -392,7 +392,10 @@ def select_candidates(D: int, T: int, small: bool | None = None) -> list[dict]:
     def cfg(b, w, st):
         return dict(BLOCK_B=b, BLOCK_D=block_d, T_PAD=t_pad, num_warps=w, num_stages=st)
 
-    return [cfg(block_b, 4, 2), cfg(block_b, 4, 3), cfg(block_b, 8, 2)]
+    out = [cfg(block_b, 4, 2), cfg(block_b, 4, 3)]
+    if t_pad < 64:  # (8 warps kept an 8-byte stack slot at T = 64 with Triton 3.6)
+        out.append(cfg(block_b, 8, 2))
+    return out
 
 
 def _mask_arg(mask, fallback):
