@@ -272,16 +272,28 @@ def column_split(m: int, row_blocks: int, block_n: int, sms: int, min_cols: int 
     return per, -(-m // per)
 
 
-CHUNK_BYTES = 1 << 25  # 32 MB: the default G chunk of the chunked backward
+def chunk_elems() -> int:
+    """Elements of one chunk's [rows, m] buffer: FITCLIP_GPU_BLOCK_ELEMS (0 or unset: the default
+    of the caller)."""
+    return int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0)
 
 
-def chunk_elems(itemsize: int = 2) -> int:
-    """Elements of one chunk's [rows, m] buffer: FITCLIP_GPU_BLOCK_ELEMS, by default 32 MB of
-    `itemsize`-byte elements (2^24 in bf16/fp16). With the float32 dK accumulator's excess over
-    the bf16 gradient (m D 2 bytes: 32 MB at B = 32768, D = 512) the backward then needs 64 MB
-    above its inputs and gradients at that size; a larger chunk (2^25: +32 MB) halves the
-    accumulator's read-modify-writes (m D 8 bytes of HBM traffic per chunk)."""
-    return int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0) or CHUNK_BYTES // itemsize
+MEMORY_BUDGET = 64 << 20  # bytes above inputs and gradients the chunked backward aims for
+CHUNK_TEMPS = 2 << 20  # its per-chunk temporaries besides G (the float32 dA product, ds partials)
+
+
+def backward_chunk_elems(m: int, D: int, itemsize: int) -> int:
+    """Elements of the chunked backward's G buffer [rows, m]: FITCLIP_GPU_BLOCK_ELEMS, else as many
+    as fit in 64 MB beside the float32 dB accumulator's excess over the gradient it becomes
+    (m D (4 - itemsize) bytes) and the per-chunk temporaries: at B = 32768, D = 512 in bf16, 384
+    rows (24 MB) and 57 MB in all. Where the accumulator leaves less than 16 MB for G (m D large:
+    64 MB cannot be met anyway), 2^25 elements, which halve the accumulator's read-modify-writes
+    (m D 8 bytes each) against 2^24."""
+    env = chunk_elems()
+    if env:
+        return env
+    room = MEMORY_BUDGET - m * D * (4 - itemsize) - CHUNK_TEMPS
+    return room // itemsize if room >= (16 << 20) else (1 << 25)
 
 
 def chunk_rows(n: int, m: int, block_m: int, elems: int) -> int:
@@ -305,7 +317,7 @@ def chunked_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, weig
     f32 = torch.float32
     w_max = torch.stack([w.abs().amax() for w in weights]).amax()
     w_max = torch.where(w_max > 0, w_max, torch.ones_like(w_max)).reshape(1)
-    rows_c = chunk_rows(n, m, block_m, chunk_elems(a.element_size()))
+    rows_c = chunk_rows(n, m, block_m, backward_chunk_elems(m, D, a.element_size()))
     per, split = column_split(m, -(-rows_c // block_m), block_n, num_sms(dev))
     da = torch.empty((n, D), device=dev, dtype=a.dtype)
     db32 = torch.zeros((m, D), device=dev, dtype=f32)

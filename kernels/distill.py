@@ -241,7 +241,8 @@ def _stats_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor
     cands = stats_candidates(a.dtype, precision=prec)
     kernel, cfg = configured(kl_fwd_kernel, cands, key=_KEY, site="stats")
     bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]
-    rows_c = chunk_rows(n, m, bm, min(chunk_elems(), 1 << 23) // 5 * bm)  # column partials <= 2^23 floats
+    part_elems = min(chunk_elems() or (1 << 23), 1 << 23)  # column partials <= 2^23 floats
+    rows_c = chunk_rows(n, m, bm, part_elems // 5 * bm)
     blocks = -(-rows_c // bm)
     per, split = column_split(m, blocks, bn, num_sms(dev))
     row_part = torch.empty((5, split, n), device=dev, dtype=f32)

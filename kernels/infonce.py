@@ -31,12 +31,13 @@ resident rows, BLOCK_N * D per key tile, so a program with t key tiles does
 C * BLOCK_M / (BLOCK_M + C) * (2 / itemsize) matrix FLOPs per loaded byte over its C columns:
 at least 102 (bf16, BLOCK_M = 128, C >= 512, the fewest a split leaves), up to 128.
 
-Memory (knob FITCLIP_GPU_BLOCK_ELEMS, the elements of one chunk's [R, m] buffer, default 32 MB
-of them): the forward's partials [2, R_f / BLOCK_M, m] float32 (at most 2^22 elements, 16 MB,
-merged in 8 MB slices), the backward's G_c [R, m] in the inputs' dtype and, for half inputs, the
-float32 dK accumulator [m, D] (m D 2 bytes more than the gradient it becomes): 64 MB above the
-inputs and gradients at B = 32768, D = 512. A larger chunk means fewer read-modify-writes of that
-accumulator (m * D * 8 bytes per chunk).
+Memory (knob FITCLIP_GPU_BLOCK_ELEMS, the elements of one chunk's [R, m] buffer): the forward's
+partials [2, R_f / BLOCK_M, m] float32 (at most 2^22 elements, 16 MB, merged in 8 MB slices),
+the backward's G_c [R, m] in the inputs' dtype and, for half inputs, the float32 dK accumulator
+[m, D] (m D 2 bytes more than the gradient it becomes). By default G is sized so that the
+backward stays within 64 MB above inputs and gradients (kernels.common.backward_chunk_elems: 384
+rows at B = 32768, D = 512 in bf16, 57 MB in all). A larger chunk means fewer read-modify-writes
+of the accumulator (m * D * 8 bytes per chunk).
 
 Kernels assume valid inputs (the public ops validate). Offsets are int64.
 """
@@ -231,7 +232,7 @@ def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_c
     cands = candidates(query.dtype, D, precision=prec, arch=arch_of(dev))
     kernel, cfg = configured(lse_fwd_kernel, cands, key=_KEY + ["WITH_COL"], site="lse")
     bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]  # every candidate has the same BLOCK_M
-    rows_c = chunk_rows(n, m, bm, min(chunk_elems(), 1 << 21) * bm)  # partials [2, rows_c / bm, m] <= 2^22
+    rows_c = chunk_rows(n, m, bm, min(chunk_elems() or (1 << 21), 1 << 21) * bm)  # partials [2, rows_c / bm, m] <= 2^22
     blocks = -(-rows_c // bm)
     per, split = column_split(m, blocks, bn, num_sms(dev))
     row_part = torch.empty((3, split, n), device=dev, dtype=torch.float32)

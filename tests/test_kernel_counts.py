@@ -271,3 +271,21 @@ def test_frame_ops_mean_pooling_flop_budget(monkeypatch):
     assert set(c.kernels) == {"lse_fwd_kernel", "grad_tile_kernel"}
     for name in c.kernels:
         assert c.flops_per_byte(name) >= 84, (name, c.kernels[name])
+
+
+def test_backward_chunk_fits_the_memory_budget(monkeypatch):
+    """The InfoNCE backward's default G chunk at B = 32768, D = 512 keeps G, the float32 dK
+    accumulator's excess over the bf16 gradient and the per-chunk temporaries within 64 MB; the
+    knob overrides it; where the accumulator alone leaves too little room, 2^25 elements."""
+    pytest.importorskip("triton")
+    from fitclip_ext.kernels import common
+
+    monkeypatch.delenv("FITCLIP_GPU_BLOCK_ELEMS", raising=False)
+    B, D = 32768, 512
+    rows = common.chunk_rows(B, B, 128, common.backward_chunk_elems(B, D, 2))
+    assert rows == 384
+    extra = rows * B * 2 + B * D * 2 + rows * D * 4 + 3 * B * 4  # G, dK excess, dQ product, ds partials
+    assert extra <= common.MEMORY_BUDGET
+    assert common.chunk_rows(B, B, 128, common.backward_chunk_elems(B, 768, 2)) == 1024  # D = 768: over anyway
+    monkeypatch.setenv("FITCLIP_GPU_BLOCK_ELEMS", str(1 << 25))
+    assert common.chunk_rows(B, B, 128, common.backward_chunk_elems(B, D, 2)) == 1024
