@@ -287,8 +287,8 @@ def backward_chunk_elems(m: int, D: int, itemsize: int) -> int:
     as fit in 64 MB beside the float32 dB accumulator's excess over the gradient it becomes
     (m D (4 - itemsize) bytes) and the per-chunk temporaries: at B = 32768, D = 512 in bf16, 384
     rows (24 MB) and 57 MB in all. Where the accumulator leaves less than 16 MB for G (m D large:
-    64 MB cannot be met anyway), 2^25 elements, which halve the accumulator's read-modify-writes
-    (m D 8 bytes each) against 2^24."""
+    64 MB cannot be met anyway), 2^25 elements: larger chunks, fewer read-modify-writes of the
+    accumulator (m D 8 bytes each)."""
     env = chunk_elems()
     if env:
         return env

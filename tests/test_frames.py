@@ -164,6 +164,8 @@ def test_topk_sim_range_splits_give_the_same_result(monkeypatch, sms, c, v):
     from fitclip_ext.kernels import frames as kframes
 
     if torch.cuda.is_available():
+        # On CUDA num_sms() reads the device's SM count, so FITCLIP_TRITON_SMS cannot force (or
+        # prevent) the splits this test compares; the same kernels run there in the dtype tests.
         pytest.skip("the SM count is the device's on a GPU")
     monkeypatch.setenv("FITCLIP_TRITON_SMS", sms)
     monkeypatch.setattr(kframes, "MIN_SPLIT_CAPTIONS", 64)
