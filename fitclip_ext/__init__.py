@@ -52,9 +52,10 @@ from .frames import gather_frames, select_frames, topk_frame_similarity, video_c
 from .reference import (contrastive_loss_reference, distillation_loss_reference, infonce_reference, select_frames_reference,
                         sigmoid_loss_reference, topk_frame_similarity_reference, video_contrastive_loss_reference)  # noqa: E402
 
-# Register the C++ ops now (a cheap import of the built module; nothing is compiled, no device is
-# queried), so that code traced by torch.compile never reaches an import. A missing extension
-# is recorded and reported when backend="cpp" is asked for.
+# Register the C++ ops now (a cheap import of the built module; nothing is compiled), and the
+# Triton ops where they can run, so that code traced by torch.compile never reaches an import. A
+# missing extension is recorded and reported when backend="cpp" is asked for.
 from . import backends  # noqa: E402
 
 backends.load_cpp()
+backends.load_triton_where_usable()

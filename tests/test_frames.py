@@ -81,6 +81,27 @@ def test_topk_frame_similarity(backend, dtype, size, t, k, masked):
         assert_within_rule(name, g_, ng, tg, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("block_elems", ["4096", "0"])  # small ragged forward tiles; the default
+def test_cpp_tiles_and_caption_blocks(monkeypatch, dtype, block_elems):
+    """The C++ forward's caption x video tiles (ragged in both directions at FITCLIP_CPU_BLOCK_ELEMS
+    = 4096: 2 captions x 292 videos at T = 7) and the sparse backward's caption blocks of d frames
+    (64 or 128 captions at D = 512, so 300 captions make 3-5 of them, the last ragged) against
+    float64."""
+    monkeypatch.setenv("FITCLIP_CPU_BLOCK_ELEMS", block_elems)
+    c, v, t, k, d = 300, 301, 7, 2, 512
+    text, frames = _rand((c, d), dtype, 11, "cpu"), _rand((v, t, d), dtype, 12, "cpu")
+    mask = _random_mask(v, t, k, 13, "cpu")
+    out, grads = _grads(lambda a, b: fitclip_ext.topk_frame_similarity(a, b, k, mask=mask, backend="cpp"),
+                        [text, frames])
+    naive, ngrads = _grads(lambda a, b: topk_frame_similarity_reference(a, b, k, mask=mask), [text, frames])
+    truth, tgrads = _grads(lambda a, b: topk_frame_similarity_reference(a, b, k, mask=mask, upcast=True),
+                           [text, frames])
+    assert_within_rule("sim", out, naive, truth, dtype)
+    for name, g_, ng, tg in zip(["d_text", "d_frames"], grads, ngrads, tgrads):
+        assert_within_rule(name, g_, ng, tg, dtype)
+
+
 def test_topk_frame_similarity_k_equals_t_is_mean_pooling():
     text, frames = _rand((6, 8), torch.float64, 4, "cpu"), _rand((5, 4, 8), torch.float64, 5, "cpu")
     out = fitclip_ext.topk_frame_similarity(text, frames, 4, backend="cpp")

@@ -128,6 +128,19 @@ def load_triton() -> None:
     importlib.import_module("fitclip_ext.kernels.sigmoid")
 
 
+def load_triton_where_usable() -> None:
+    """At import, where the Triton backend can run (a CUDA device, or TRITON_INTERPRET=1): registers
+    its ops, so that a first call that torch.compile traces finds them (tracing cannot import;
+    about a second, so CPU-only machines skip it and import on first use). A missing or broken
+    Triton is left for that first use to report."""
+    if not (interpreting() or torch.cuda.is_available()):
+        return
+    try:
+        load_triton()
+    except ImportError:
+        pass
+
+
 def resolve(backend: str | None, device: torch.device) -> str:
     """Returns the backend to run for tensors on `device`, raising a clear error otherwise."""
     if backend is not None and backend not in BACKENDS:
