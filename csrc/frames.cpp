@@ -66,8 +66,10 @@ T topk_sum(const T* x, const bool* mask, int64_t nt, int64_t k, int16_t* idx, T*
 
 // Top-k pooling of one row of similarities laid out time-major (sims[t * V + v]) for videos
 // [v0, v0 + L): the L videos are SIMD lanes and each frame goes through a branch-free insertion
-// network of k compare-and-swap steps (strict >, so an equal later frame never displaces an
-// earlier one). best/bidx: scratch of k * L.
+// network of k compare-and-swap steps ordered by (value, earlier frame), so that of equal values
+// the earlier frame is kept (frames in order with a strict > are not enough: a value displaced
+// from slot j would stop above an equal value of a later frame in slot j + 1).
+// best/bidx: scratch of k * L.
 constexpr int64_t kLanes = 16;
 
 template <typename T>
@@ -81,7 +83,7 @@ FITCLIP_INLINE void topk_lanes(const T* sims, int64_t t_stride, int64_t V, int64
     bidx[i] = -1;
   }
   int32_t nan[L] = {0};
-  for (int64_t t = 0; t < nt; ++t) {
+  for (int64_t t = nt - 1; t >= 0; --t) {  // reverse order: see the comparison below
     T xv[L];
     int32_t xi[L];
     const T* x = sims + t * t_stride + v0;
@@ -111,7 +113,10 @@ FITCLIP_INLINE void topk_lanes(const T* sims, int64_t t_stride, int64_t V, int64
       T* bj = best + j * L;
       int32_t* ij = bidx + j * L;
       for (int64_t l = 0; l < L; ++l) {
-        const bool sw = xv[l] > bj[l];
+        // >= with the frames in reverse order keeps the list in (value, earlier frame) order: a
+        // new value, from the earliest frame so far, goes above equal ones, and a displaced one
+        // stays above the equal ones below it. Masked frames (-inf) never enter.
+        const bool sw = xv[l] >= bj[l] && xv[l] != ninf;
         const T b = bj[l];
         const int32_t bi = ij[l];
         bj[l] = sw ? xv[l] : b;
@@ -136,10 +141,11 @@ FITCLIP_INLINE void topk_lanes(const T* sims, int64_t t_stride, int64_t V, int64
   }
 }
 
-// The same network for float, a fixed k and 16 full unmasked lanes (the common case), in GCC
+// The same selection for float, a fixed k and 16 full unmasked lanes (the common case), in GCC
 // vector registers: the k best values and frames stay in 2k registers across the T frames
 // instead of going through memory every step (the loop above, which the compiler does not keep
-// in registers for a runtime k). Same comparisons in the same order, so the same results.
+// in registers for a runtime k). The same frames, and the same sum (the k values in the same
+// descending order).
 template <int K>
 FITCLIP_INLINE void topk_lanes_fixed(const float* sims, int64_t t_stride, int64_t V, int64_t v0, int64_t nt,
                                      const float* scale_tm, float* out, int32_t* bits_out, int64_t words) {
@@ -153,7 +159,8 @@ FITCLIP_INLINE void topk_lanes_fixed(const float* sims, int64_t t_stride, int64_
     bidx[j] = iv{} - 1;
   }
   iv nan = iv{};
-  for (int64_t t = 0; t < nt; ++t) {
+  // frames in reverse order with >=, as above (no masked -inf here)
+  for (int64_t t = nt - 1; t >= 0; --t) {
     fv x;
     __builtin_memcpy(&x, sims + t * t_stride + v0, sizeof(fv));
     if (scale_tm) {
@@ -164,7 +171,7 @@ FITCLIP_INLINE void topk_lanes_fixed(const float* sims, int64_t t_stride, int64_
     nan |= x != x;
     iv xi = iv{} + static_cast<int32_t>(t);
     for (int j = 0; j < K; ++j) {
-      const iv sw = x > best[j];
+      const iv sw = x >= best[j];
       const fv b = best[j];
       const iv bi = bidx[j];
       best[j] = sw ? x : b;

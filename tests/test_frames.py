@@ -102,6 +102,64 @@ def test_cpp_tiles_and_caption_blocks(monkeypatch, dtype, block_elems):
         assert_within_rule(name, g_, ng, tg, dtype)
 
 
+@pytest.mark.parametrize("k", range(1, 11))
+def test_cpp_topk_every_k_with_nan_and_ties(k):
+    """Every k the C++ top-k specialises (1-8, 16 videos per vector) and past it (9, 10), over 33
+    videos (two full groups and a partial one): scores and gradients as float64's, a NaN frame
+    makes its video's scores NaN, and a tie goes to the earlier frame (the gradient lands there)."""
+    c, v, t, d = 5, 33, 12, 16
+    text, frames = _rand((c, d), torch.float64, 21, "cpu"), _rand((v, t, d), torch.float64, 22, "cpu")
+    frames[3, 5, 0] = float("nan")
+    frames[20, 7] = frames[20, 2]  # a tie in every caption's ranking of video 20
+
+    def ours(a, b):
+        return fitclip_ext.topk_frame_similarity(a, b, k, backend="cpp")
+
+    out, ref = ours(text, frames), topk_frame_similarity_reference(text, frames, k)
+    assert out[:, 3].isnan().all() and ref[:, 3].isnan().all()
+    torch.testing.assert_close(out[:, 20], ref[:, 20], rtol=1e-12, atol=1e-12)  # a tie: the same sum
+    keep = torch.ones(v, dtype=torch.bool)
+    keep[[3, 20]] = False  # torch.topk breaks ties in no documented order
+    torch.testing.assert_close(out[:, keep], ref[:, keep], rtol=1e-12, atol=1e-12)
+    frames[3, 5, 0] = 0.5  # gradients without the NaN (which reaches every caption's through the products)
+    w = torch.rand(c, v, dtype=torch.float64) * keep  # away from the tie
+    _, (gt, gf) = _grads(lambda a, b: ours(a, b) * w, [text, frames])
+    _, (rt, rf) = _grads(lambda a, b: topk_frame_similarity_reference(a, b, k) * w, [text, frames])
+    torch.testing.assert_close(gt, rt, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gf[keep], rf[keep], rtol=1e-10, atol=1e-12)
+    for i in range(c):  # per caption: frame 7 is never chosen over the equal, earlier frame 2
+        w = torch.zeros(c, v, dtype=torch.float64)
+        w[i, 20] = 1
+        _, (_, gf) = _grads(lambda a, b: ours(a, b) * w, [text, frames])
+        assert gf[20, 2].abs().sum() > 0 or gf[20, 7].abs().sum() == 0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_topk_sim_ties_go_to_the_earlier_frame(backend, masked):
+    """Frames 2 and 7 of every video equal: whichever k, a caption never takes frame 7 without
+    frame 2, nor a masked frame (the chosen bit sets, read directly)."""
+    from fitclip_ext import backends
+
+    dev = device_for(backend)
+    c, v, t, d = 5, 33, 12, 16
+    text, frames = _rand((c, d), torch.float32, 31, dev), _rand((v, t, d), torch.float32, 32, dev)
+    frames[:, 7] = frames[:, 2]
+    ops = backends.get(backends.resolve(backend, torch.device(dev)))
+    norms = ops.row_norms(text), ops.row_norms(frames)
+    for k in (1, 2, 3, 4, 6, 9, 11):  # the C++ top-k's fixed-k registers (k <= 8) and its loop
+        mask = None
+        if masked:
+            mask = _random_mask(v, t, k, 33 + k, dev)
+            mask[:, [2, 7]] = True
+        _, bits = ops.topk_sim(text, frames, k, mask, *norms)
+        b = bits[..., 0].cpu()
+        assert not ((b >> 7) & 1 & ~(b >> 2)).any(), f"k = {k}: frame 7 taken over the equal frame 2"
+        if masked:
+            masked_word = ((~mask.cpu()).int() << torch.arange(t)).sum(1).int()  # [V] bit sets
+            assert not (b & masked_word).any(), f"k = {k}: a masked frame chosen"
+
+
 def test_topk_frame_similarity_k_equals_t_is_mean_pooling():
     text, frames = _rand((6, 8), torch.float64, 4, "cpu"), _rand((5, 4, 8), torch.float64, 5, "cpu")
     out = fitclip_ext.topk_frame_similarity(text, frames, 4, backend="cpp")
