@@ -311,22 +311,23 @@ static FITCLIP_CLONES void dtext_block_f(const float* grad, const int32_t* bits,
 }
 
 // dframes[v, t] = sum_c grad[c, v] / k * text[c] over the captions that chose frame t of video
-// v, for videos [v0, v1) (written, not accumulated). Gathered per output row: the block's
+// v, for videos [v0, v1) (no zero-filled buffer needed). Gathered per output row: the block's
 // (caption, weight) pairs are bucketed by chosen frame (captions ascending within a bucket), then
 // each row is summed in registers, DC features at a time, and stored once per caption block.
 // The captions go in blocks of 256 KB of rows (128 at D = 512 fp32) that stay in L2 while the
 // block's T x (v1 - v0) rows take them; each row's bucket is caption-ascending, so a cursor per
 // row walks the blocks. One L2 read per vector FMA, where scattering axpys into the rows (the
 // first form of this op) read and wrote a gradient row through L2 per FMA: 1.3x faster here.
-// cnt: scratch of (v1 - v0) * nt + 1 entries; cs, ws: of C * (v1 - v0) * k.
+// Captions [c0, c1) at a time (the sums of several chunks add up in the rows; the first chunk
+// zeroes them first). cnt: scratch of (v1 - v0) * nt + 1 entries; cs, ws: of (c1 - c0) * (v1 - v0) * k.
 template <typename T, int DC>
-FITCLIP_INLINE void dframes_rows(const T* grad, const int32_t* bits, int64_t words, const T* text, int64_t C,
-                                 int64_t v0, int64_t v1, int64_t V, int64_t nt, int64_t D, int64_t k, T* dframes,
-                                 int32_t* cnt, int32_t* cs, T* ws) {
+FITCLIP_INLINE void dframes_rows(const T* grad, const int32_t* bits, int64_t words, const T* text, int64_t c0,
+                                 int64_t c1, int64_t v0, int64_t v1, int64_t V, int64_t nt, int64_t D, int64_t k,
+                                 T* dframes, int32_t* cnt, int32_t* cs, T* ws) {
   const int64_t rows = (v1 - v0) * nt;
   const T inv_k = T(1) / static_cast<T>(k);
   std::fill(cnt, cnt + rows + 1, 0);
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     for (int64_t v = v0; v < v1; ++v) {
       if (grad[c * V + v] == T(0)) continue;
       const int32_t* w = bits + (c * V + v) * words;
@@ -337,7 +338,7 @@ FITCLIP_INLINE void dframes_rows(const T* grad, const int32_t* bits, int64_t wor
   }
   for (int64_t r = 0; r < rows; ++r) cnt[r + 1] += cnt[r];
   std::vector<int32_t> cur(cnt, cnt + rows);
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     for (int64_t v = v0; v < v1; ++v) {
       const T g = grad[c * V + v];
       if (g == T(0)) continue;
@@ -351,15 +352,15 @@ FITCLIP_INLINE void dframes_rows(const T* grad, const int32_t* bits, int64_t wor
         }
     }
   }
-  std::fill(dframes + v0 * nt * D, dframes + v1 * nt * D, T(0));
+  if (c0 == 0) std::fill(dframes + v0 * nt * D, dframes + v1 * nt * D, T(0));
   std::copy(cnt, cnt + rows, cur.begin());
   // GCC vector extensions: explicit registers (a plain T[DC] accumulator is scalarised)
   typedef T vec __attribute__((vector_size(64)));
   constexpr int L = 64 / sizeof(T), NV = DC / L;
   static_assert(DC % L == 0, "DC must be a whole number of vectors");
   const int64_t kCB = std::max<int64_t>(16, (int64_t(1) << 18) / (D * int64_t(sizeof(T))));
-  for (int64_t cb = 0; cb < C; cb += kCB) {
-    const int32_t cend = static_cast<int32_t>(std::min(C, cb + kCB));
+  for (int64_t cb = c0; cb < c1; cb += kCB) {
+    const int32_t cend = static_cast<int32_t>(std::min(c1, cb + kCB));
     for (int64_t r = 0; r < rows; ++r) {
       const int32_t e0 = cur[r];
       int32_t e1 = e0;
@@ -389,9 +390,10 @@ FITCLIP_INLINE void dframes_rows(const T* grad, const int32_t* bits, int64_t wor
   }
 }
 static FITCLIP_CLONES void dframes_rows_f(const float* grad, const int32_t* bits, int64_t words, const float* text,
-                                          int64_t C, int64_t v0, int64_t v1, int64_t V, int64_t nt, int64_t D,
-                                          int64_t k, float* dframes, int32_t* cnt, int32_t* cs, float* ws) {
-  dframes_rows<float, 128>(grad, bits, words, text, C, v0, v1, V, nt, D, k, dframes, cnt, cs, ws);
+                                          int64_t c0, int64_t c1, int64_t v0, int64_t v1, int64_t V, int64_t nt,
+                                          int64_t D, int64_t k, float* dframes, int32_t* cnt, int32_t* cs,
+                                          float* ws) {
+  dframes_rows<float, 128>(grad, bits, words, text, c0, c1, v0, v1, V, nt, D, k, dframes, cnt, cs, ws);
 }
 
 template <typename T>
@@ -416,16 +418,23 @@ template <typename T>
 void sparse_dframes(const T* grad, const int32_t* bits, int64_t words, const T* text, int64_t C, int64_t V,
                     int64_t nt, int64_t D, int64_t k, T* dframes) {
   constexpr int64_t kVideos = 8;  // 128 rows at T = 16 share each caption block (4-32 ran alike)
+  // Captions in chunks of at most 2^16 bucketed pairs (512 KB of scratch a thread, whatever C;
+  // all 2048 captions at once at k = 4), at least 256 captions.
+  const int64_t chunk = std::min(C, std::max<int64_t>(256, (int64_t(1) << 16) / (kVideos * k)));
   at::parallel_for(0, (V + kVideos - 1) / kVideos, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int32_t> cnt(kVideos * nt + 1), cs(C * kVideos * k);
-    std::vector<T> ws(C * kVideos * k);
+    std::vector<int32_t> cnt(kVideos * nt + 1), cs(chunk * kVideos * k);
+    std::vector<T> ws(chunk * kVideos * k);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * kVideos, v1 = std::min(V, v0 + kVideos);
-      if constexpr (std::is_same_v<T, float>)
-        dframes_rows_f(grad, bits, words, text, C, v0, v1, V, nt, D, k, dframes, cnt.data(), cs.data(), ws.data());
-      else
-        dframes_rows<T, 64>(grad, bits, words, text, C, v0, v1, V, nt, D, k, dframes, cnt.data(), cs.data(),
-                            ws.data());
+      for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+        const int64_t c1 = std::min(C, c0 + chunk);
+        if constexpr (std::is_same_v<T, float>)
+          dframes_rows_f(grad, bits, words, text, c0, c1, v0, v1, V, nt, D, k, dframes, cnt.data(), cs.data(),
+                         ws.data());
+        else
+          dframes_rows<T, 64>(grad, bits, words, text, c0, c1, v0, v1, V, nt, D, k, dframes, cnt.data(), cs.data(),
+                              ws.data());
+      }
     }
   });
 }

@@ -90,6 +90,16 @@ def test_cpp_tiles_and_caption_blocks(monkeypatch, dtype, block_elems):
     float64."""
     monkeypatch.setenv("FITCLIP_CPU_BLOCK_ELEMS", block_elems)
     c, v, t, k, d = 300, 301, 7, 2, 512
+    _check_cpp_against_float64(c, v, t, k, d, dtype)
+
+
+def test_cpp_sparse_backward_caption_chunks():
+    """The sparse d frames' scratch is bounded: at k = 30 its captions go in chunks of 273, so 600
+    captions make three, whose sums add up in the rows."""
+    _check_cpp_against_float64(600, 20, 64, 30, 8, torch.float64)
+
+
+def _check_cpp_against_float64(c, v, t, k, d, dtype):
     text, frames = _rand((c, d), dtype, 11, "cpu"), _rand((v, t, d), dtype, 12, "cpu")
     mask = _random_mask(v, t, k, 13, "cpu")
     out, grads = _grads(lambda a, b: fitclip_ext.topk_frame_similarity(a, b, k, mask=mask, backend="cpp"),
