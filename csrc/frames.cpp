@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -326,32 +325,28 @@ FITCLIP_INLINE void dframes_rows(const T* grad, const int32_t* bits, int64_t wor
                                  T* dframes, int32_t* cnt, int32_t* cs, T* ws) {
   const int64_t rows = (v1 - v0) * nt;
   const T inv_k = T(1) / static_cast<T>(k);
-  std::fill(cnt, cnt + rows + 1, 0);
-  for (int64_t c = c0; c < c1; ++c) {
-    for (int64_t v = v0; v < v1; ++v) {
-      if (grad[c * V + v] == T(0)) continue;
-      const int32_t* w = bits + (c * V + v) * words;
-      int32_t* cv = cnt + 1 + (v - v0) * nt;
-      for (int64_t i = 0; i < words; ++i)
-        for (uint32_t b = static_cast<uint32_t>(w[i]); b; b &= b - 1) ++cv[i * 32 + __builtin_ctz(b)];
+  // f(row of the block, caption, gradient) for every chosen frame of every pair with a gradient
+  auto for_each_choice = [&](auto&& f) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t v = v0; v < v1; ++v) {
+        const T g = grad[c * V + v];
+        if (g == T(0)) continue;
+        const int32_t* w = bits + (c * V + v) * words;
+        const int64_t r0 = (v - v0) * nt;
+        for (int64_t i = 0; i < words; ++i)
+          for (uint32_t b = static_cast<uint32_t>(w[i]); b; b &= b - 1) f(r0 + i * 32 + __builtin_ctz(b), c, g);
+      }
     }
-  }
+  };
+  std::fill(cnt, cnt + rows + 1, 0);
+  for_each_choice([&](int64_t r, int64_t, T) { ++cnt[r + 1]; });
   for (int64_t r = 0; r < rows; ++r) cnt[r + 1] += cnt[r];
   std::vector<int32_t> cur(cnt, cnt + rows);
-  for (int64_t c = c0; c < c1; ++c) {
-    for (int64_t v = v0; v < v1; ++v) {
-      const T g = grad[c * V + v];
-      if (g == T(0)) continue;
-      const int32_t* w = bits + (c * V + v) * words;
-      int32_t* pv = cur.data() + (v - v0) * nt;
-      for (int64_t i = 0; i < words; ++i)
-        for (uint32_t b = static_cast<uint32_t>(w[i]); b; b &= b - 1) {
-          const int32_t e = pv[i * 32 + __builtin_ctz(b)]++;
-          cs[e] = static_cast<int32_t>(c);
-          ws[e] = g * inv_k;
-        }
-    }
-  }
+  for_each_choice([&](int64_t r, int64_t c, T g) {
+    const int32_t e = cur[r]++;
+    cs[e] = static_cast<int32_t>(c);
+    ws[e] = g * inv_k;
+  });
   if (c0 == 0) std::fill(dframes + v0 * nt * D, dframes + v1 * nt * D, T(0));
   std::copy(cnt, cnt + rows, cur.begin());
   // GCC vector extensions: explicit registers (a plain T[DC] accumulator is scalarised)
@@ -513,11 +508,7 @@ void similarity_tile(const FrameInputs& in, int64_t r0, int64_t rows, int64_t v0
 // once per call: the more caption rows share a packing the faster the products (1024 x 256
 // tiles ran 1.15-1.3x faster than 128 x 2048 ones at C = V = 2048, T = 16, D = 512 here).
 void forward_tile(int64_t C, int64_t V, int64_t nt, int64_t& rows, int64_t& vids) {
-  int64_t target = int64_t(1) << 22;
-  if (const char* env = std::getenv("FITCLIP_CPU_BLOCK_ELEMS")) {
-    const long long v = std::atoll(env);
-    if (v > 0) target = v;
-  }
+  const int64_t target = block_elems(int64_t(1) << 22);
   rows = std::min(C, std::clamp<int64_t>(target / (nt * std::min<int64_t>(V, 256)), 1, 1024));
   vids = std::min(V, std::max<int64_t>(1, target / (nt * rows)));
 }

@@ -20,14 +20,20 @@ inline at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Rows per block of an n x m product streamed in row blocks: about `target` elements per block
-// buffer (FITCLIP_CPU_BLOCK_ELEMS overrides it), clamped to [min_rows, 1024] and to n.
-inline int64_t rows_per_block(int64_t n, int64_t m, int64_t target, int64_t min_rows) {
+// Elements per block buffer: `target`, or FITCLIP_CPU_BLOCK_ELEMS when set (tests use it to force
+// many small blocks).
+inline int64_t block_elems(int64_t target) {
   if (const char* env = std::getenv("FITCLIP_CPU_BLOCK_ELEMS")) {
     const long long v = std::atoll(env);
-    if (v > 0) target = v;
+    if (v > 0) return v;
   }
-  return std::min(std::clamp<int64_t>(target / std::max<int64_t>(m, 1), min_rows, 1024), n);
+  return target;
+}
+
+// Rows per block of an n x m product streamed in row blocks: about block_elems(target) elements
+// per block buffer, clamped to [min_rows, 1024] and to n.
+inline int64_t rows_per_block(int64_t n, int64_t m, int64_t target, int64_t min_rows) {
+  return std::min(std::clamp<int64_t>(block_elems(target) / std::max<int64_t>(m, 1), min_rows, 1024), n);
 }
 
 // Multiversioned hot loops: GCC emits AVX-512, AVX2+FMA and baseline clones and picks one

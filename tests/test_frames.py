@@ -252,11 +252,8 @@ def test_topk_sim_range_splits_give_the_same_result(monkeypatch, sms, c, v):
     (2^31 - 1). Many SMs against one: the same scores and gradients, float64's."""
     from fitclip_ext.kernels import frames as kframes
 
-    if torch.cuda.is_available():
-        # On CUDA num_sms() reads the device's SM count, so FITCLIP_TRITON_SMS cannot force (or
-        # prevent) the splits this test compares; the same kernels run there in the dtype tests.
-        pytest.skip("the SM count is the device's on a GPU")
-    monkeypatch.setenv("FITCLIP_TRITON_SMS", sms)
+    dev = device_for("triton")
+    monkeypatch.setattr(kframes, "num_sms", lambda device: int(sms))  # the device's count on CUDA
     monkeypatch.setattr(kframes, "MIN_SPLIT_CAPTIONS", 64)
     splits = []
     split_of = kframes._range_split
@@ -267,11 +264,12 @@ def test_topk_sim_range_splits_give_the_same_result(monkeypatch, sms, c, v):
         return out
 
     monkeypatch.setattr(kframes, "_range_split", recorded)
-    text, frames = _rand((c, 16), torch.float32, 19, "cpu"), _rand((v, 5, 16), torch.float32, 20, "cpu")
+    text, frames = _rand((c, 16), torch.float32, 19, dev), _rand((v, 5, 16), torch.float32, 20, dev)
     sim, (dt, df) = _grads(lambda x, f: fitclip_ext.topk_frame_similarity(x, f, 2, backend="triton"), [text, frames])
-    ref, (dt_ref, df_ref) = _grads(lambda x, f: topk_frame_similarity_reference(x, f, 2), [text.double(), frames.double()])
-    assert rel_err(sim, ref) < 1e-5
-    assert rel_err(dt, dt_ref) < 1e-5 and rel_err(df, df_ref) < 1e-5
+    ref, (dt_ref, df_ref) = _grads(lambda x, f: topk_frame_similarity_reference(x, f, 2),
+                                   [text.cpu().double(), frames.cpu().double()])
+    assert rel_err(sim.cpu(), ref) < 1e-5
+    assert rel_err(dt.cpu(), dt_ref) < 1e-5 and rel_err(df.cpu(), df_ref) < 1e-5
     split_fwd, split_dtext, split_dframes = splits
     if sms == "1":
         assert splits == [1, 1, 1]
