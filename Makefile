@@ -5,6 +5,9 @@
 #   make aot    - compile every candidate Triton kernel configuration for sm_80/sm_90 without a GPU (make test compiles the defaults)
 #   make aot-triton36 - the same with Triton 3.6 (the GPU test machine's) in .triton36/
 #   make test-gpu-stack - the Triton tests (interpreter) on the GPU machine's torch 2.11 + Triton 3.6
+#   make wheels    - the fused-loss peers' pure-Python wheels into .whl/ (carried to the GPU machine)
+#   make gpu-stack-check - gpu_check.sh --tiny exactly as a device call runs it: the device's stack
+#                    (torch 2.11, Triton 3.6, no open_clip), an export of HEAD, the wheels in .whl/
 #   make gpu-check - on a CUDA machine: the GPU correctness check and benchmarks
 
 PYTHON ?= python3
@@ -19,7 +22,8 @@ DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-be
         "pandas" "webdataset" "braceexpand"  # open_clip_train's data loading (fitclip_ext.open_clip_train)
 PYTEST_ARGS ?=
 
-.PHONY: setup deps ffmpeg browser build test demo bench aot aot-triton36 test-gpu-stack gpu-check clean
+.PHONY: setup deps ffmpeg browser build test demo bench aot aot-triton36 test-gpu-stack gpu-stack-venv wheels \
+        gpu-stack-check gpu-check clean
 
 setup: $(VENV)/.deps-stamp ffmpeg browser build
 
@@ -92,13 +96,29 @@ aot-triton36: setup
 # built for another torch). numpy < 2.4: Triton 3.6's interpreter converts 1-element arrays to
 # Python ints, which numpy 2.4 refuses.
 GPU_STACK := .venv-gpu-stack
-test-gpu-stack:
+gpu-stack-venv:
 	test -x $(GPU_STACK)/bin/python || ($(PYTHON) -m venv $(GPU_STACK) && \
 	  $(GPU_STACK)/bin/pip install -q torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest pytest-benchmark)
+
+test-gpu-stack: gpu-stack-venv
 	rm -rf $(GPU_STACK)/src && mkdir -p $(GPU_STACK)/src && git archive HEAD | tar -x -C $(GPU_STACK)/src
 	cd $(GPU_STACK)/src && PYTHONPATH=. FITCLIP_ALLOW_NO_CPP=1 TRITON_INTERPRET=1 ../bin/python -m pytest \
-	  tests/test_contrastive.py tests/test_distill.py tests/test_custom_ops.py tests/test_frames.py \
-	  -q -k triton -p no:cacheprovider -W ignore::DeprecationWarning $(PYTEST_ARGS)
+	  tests/test_contrastive.py tests/test_distill.py tests/test_triton_ops.py tests/test_frames.py \
+	  tests/test_sigmoid.py -q -k triton -p no:cacheprovider -W ignore::DeprecationWarning $(PYTEST_ARGS)
+
+# The peers the GPU check runs beside ours: pure-Python wheels (no network on the GPU machine).
+PEER_WHEELS := open_clip_torch==3.3.0 inf-cl==1.2.1 memeff==0.3.1 siglip-kernel==0.1.2
+wheels:
+	mkdir -p .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl $(PEER_WHEELS)
+
+# What a device call does, here: the device's stack, a clean export of HEAD with .whl/ beside it,
+# gpu_check.sh --tiny, then the results checked (finished, every section, every peer named).
+gpu-stack-check: gpu-stack-venv wheels
+	rm -rf $(GPU_STACK)/check && mkdir -p $(GPU_STACK)/check/out && git archive HEAD | tar -x -C $(GPU_STACK)/check
+	cp -r .whl $(GPU_STACK)/check/.whl
+	cd $(GPU_STACK)/check && OUT=out PYTHON=../bin/python FITCLIP_COMMIT=$$(git rev-parse --short HEAD) \
+	  bash benchmarks/gpu_check.sh --tiny
+	cd $(GPU_STACK)/check && PYTHONPATH=. ../bin/python -m benchmarks.gpucheck.verify out/tiny-cpu-*.json --all-done
 
 # On a CUDA machine: Triton kernels vs float64 on the GPU, then the GPU benchmarks.
 gpu-check:

@@ -172,9 +172,13 @@ def gather_frames(x, indices):
         raise ValueError(f"indices must have x's batch size {x.shape[0]} rows, got {indices.shape[0]}")
     if indices.device != x.device:
         raise ValueError(f"indices must be on {x.device}, got {indices.device}")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= x.shape[1]):
-        raise ValueError(f"indices must be in [0, T) = [0, {x.shape[1]}), got values in "
-                         f"[{int(indices.min())}, {int(indices.max())}]")
+    if indices.numel() and indices.device.type == "cpu":  # host values are free: say which
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= x.shape[1]:
+            raise ValueError(f"indices must be in [0, T) = [0, {x.shape[1]}), got values in [{lo}, {hi}]")
+    elif indices.numel():  # no host sync: a device-side assertion (fails, never silently)
+        torch._assert_async(((indices >= 0) & (indices < x.shape[1])).all(),
+                            f"indices must be in [0, T) = [0, {x.shape[1]})")
     rows = torch.arange(x.shape[0], device=x.device)[:, None]
     return x[rows, indices.long()]
 

@@ -38,31 +38,45 @@ def _scalar_tensor(name: str, value: torch.Tensor, device: torch.device) -> torc
         raise TypeError(f"{name} must be a floating point tensor, got {value.dtype}")
     if value.device != device and value.device.type != "cpu":
         raise ValueError(f"{name} must be on {device} (or the CPU), got {value.device}")
-    return value.reshape(())
+    value = value.reshape(())
+    if value.device != device and not value.requires_grad:
+        # a CPU scalar for features elsewhere: read on the host (free for a CPU tensor) and made
+        # on the device, so no pageable host-to-device copy (a sync, and a broken CUDA-graph
+        # capture) happens per call. One that requires a gradient is copied (its gradient must
+        # come back to the CPU anyway): keep such a parameter on the features' device.
+        return device_scalar(float(value), device, value.dtype)
+    return value
+
+
+def device_scalar(value: float, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A Python number as a 0-d tensor made on `device` by a fill kernel: the value travels as a
+    kernel argument, so there is no host-to-device copy and no host sync, and a CUDA graph can
+    capture it. float64 by default: the float64 ops keep every bit, the others round it once."""
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def scale(name: str, value, device: torch.device) -> torch.Tensor:
-    """A finite Python number or 0-d/1-element float tensor -> 0-d tensor (autograd preserved)."""
+    """A finite Python number or 0-d/1-element float tensor -> 0-d tensor (autograd preserved);
+    numbers become tensors on `device` without a host-to-device copy."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name} must be a real number or a 0-d tensor, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
-        value = _scalar_tensor(name, value, device)
         # Checked where that is free: a CUDA scale would need a host sync each step (a NaN one gives
         # a NaN loss there), and so would a traced graph.
-        if (not torch.compiler.is_compiling() and value.device.type == "cpu"
-                and not bool(torch.isfinite(value.detach()))):
-            raise ValueError(f"{name} must be finite, got {value.detach().item()}")
-        return value
+        if (not torch.compiler.is_compiling() and value.device.type == "cpu" and value.numel() == 1
+                and not bool(torch.isfinite(value.detach()).all())):
+            raise ValueError(f"{name} must be finite, got {value.detach().reshape(()).item()}")
+        return _scalar_tensor(name, value, device)
     if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value}")
-    return torch.tensor(float(value), dtype=torch.float64)
+    return device_scalar(float(value), device)
 
 
 def bias(name: str, value, device: torch.device) -> torch.Tensor | None:
     if value is None:
         return None
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=torch.float64)
+        return device_scalar(float(value), device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be None, a real number or a 0-d tensor, got {type(value).__name__}")
     return _scalar_tensor(name, value, device)
@@ -135,10 +149,13 @@ def frame_mask(mask, videos: int, num_frames: int, k: int, device) -> torch.Tens
     if mask.device != device:
         raise ValueError(f"mask must be on {device}, got {mask.device}")
     real = mask.sum(1)
-    short = (real < k).nonzero()
-    if short.numel():
-        v = short[0, 0].item()
-        raise ValueError(f"mask leaves video {v} with {real[v].item()} real frames, fewer than k={k}")
+    if mask.device.type == "cpu":  # host values are free: name the first video
+        short = (real < k).nonzero()
+        if short.numel():
+            v = short[0, 0].item()
+            raise ValueError(f"mask leaves video {v} with {real[v].item()} real frames, fewer than k={k}")
+    else:  # no host sync: a device-side assertion (fails the next synchronising call, never silently)
+        torch._assert_async((real >= k).all(), f"mask leaves a video with fewer than k={k} real frames")
     return mask.contiguous()
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def _ptr(dtype):
@@ -45,115 +45,124 @@ def _cases(scope: str = "all"):
     "defaults": for every kernel, dtype, flag combination and size bucket, the configuration the
     dispatcher launches without autotuning (the first candidate); "quick": defaults for bf16 and
     tf32 at D = 512, k = 4 only."""
-    from . import distill, frames, infonce, sigmoid
-
     quick = scope == "quick"
 
     def pick(cands):  # the default is each candidate list's first entry
         return cands if scope == "all" else cands[:1]
 
-    dtypes = [(torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")]
+    dtypes = [(torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee"),
+              (torch.float64, "ieee")]
     if quick:
         dtypes = [(torch.bfloat16, "ieee"), (torch.float32, "tf32")]
     for dtype, prec in dtypes:
-        t = _ptr(dtype)
-        # InfoNCE: both kernels share the configurations, which depend on D (resident chunks)
-        fwd_sig = {
-            "q_ptr": t, "k_ptr": t, "scale_ptr": "*fp32", "row_part_ptr": "*fp32",
-            "col_part_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "row0": "i32", "row_end": "i32",
-            "offset": "i32", "cols_per_split": "i32", "row_field": "i32", "col_field": "i32",
-            "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32",
-        }
-        grad_sig = {
-            "q_ptr": t, "k_ptr": t, "g_ptr": t, "ds_part_ptr": "*fp32", "scale_ptr": "*fp32", "inv_w_ptr": "*fp32",
-            "row_lse_ptr": "*fp32", "row_w_ptr": "*fp32", "col_lse_ptr": "*fp32", "col_w_ptr": "*fp32",
-            "n": "i32", "m": "i32", "D": "i32", "row0": "i32", "row_end": "i32", "offset": "i32",
-            "cols_per_split": "i32", "eps_row": "fp32", "eps_col": "fp32", "one_minus_eps": "fp32",
-            "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32", "stride_g": "i32",
-        }
-        for D, arch in itertools.product((512,) if quick else (40, 128, 512, 768, 1024), (80, 90)):
-            for name, fn, cands, flag in (
-                    ("infonce_lse_fwd", "infonce.lse_fwd_kernel",
-                     infonce.candidates(dtype, D, small=False, precision=prec, arch=arch), "WITH_COL"),
-                    ("infonce_grad", "infonce.grad_tile_kernel",
-                     infonce.grad_candidates(dtype, D, small=False, precision=prec, arch=arch), "HAS_COL")):
-                for (i, cfg), with_col in itertools.product(enumerate(pick(cands)), (True, False)):
-                    yield (name, fn, dtype, prec, f"c{i} D{D} " + ("col" if with_col else "-"),
-                           fwd_sig if name == "infonce_lse_fwd" else grad_sig, {flag: with_col}, dict(cfg, ARCH=arch))
-        dst_sig = {
-            "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32",
-            "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "Dt": "i32",
-            "row0": "i32", "row_end": "i32", "cols_per_split": "i32", "row_field": "i32", "col_field": "i32",
-            "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
-            "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32", "stride_ed": "i32",
-        }
-        for i, cfg in enumerate(pick(distill.stats_candidates(dtype, small=False, precision=prec))):
-            yield ("distill_fwd", "distill.kl_fwd_kernel", dtype, prec, f"c{i}", dst_sig, {}, cfg)
-        dgr_sig = {
-            "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "g_ptr": t, "ds_part_ptr": "*fp32",
-            "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "inv_w_ptr": "*fp32", "row_s_ptr": "*fp32",
-            "row_t_ptr": "*fp32", "row_w_ptr": "*fp32", "col_s_ptr": "*fp32", "col_t_ptr": "*fp32",
-            "col_w_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "Dt": "i32", "row0": "i32",
-            "row_end": "i32", "cols_per_split": "i32", "stride_an": "i32", "stride_ad": "i32",
-            "stride_bn": "i32", "stride_bd": "i32", "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32",
-            "stride_ed": "i32", "stride_g": "i32",
-        }
-        for i, cfg in enumerate(pick(distill.grad_candidates(dtype, 512, small=False, precision=prec))):
-            yield ("distill_grad", "distill.grad_tile_kernel", dtype, prec, f"c{i}", dgr_sig, {}, cfg)
-        # frame kernels: configurations change with T (T_PAD, bit-set words) and, for the resident
-        # forward, with D and the architecture (the InfoNCE forward's); k is a runtime loop bound
-        sim_sig = {
-            "text_ptr": t, "frames_ptr": t, "mask_ptr": "*i8", "sim_ptr": "*fp32", "bits_ptr": "*i32",
-            "text_norm_ptr": "*fp32", "frames_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32",
-            "k": "i32", "vids_per_split": "i32", "stride_tc": "i32", "stride_td": "i32", "stride_fv": "i32",
-            "stride_ft": "i32", "stride_fd": "i32",
-        }
-        dtext_sig = {
-            "grad_ptr": "*fp32", "gscale_ptr": "*fp32", "bits_ptr": "*i32", "frames_ptr": t, "out_ptr": "*fp32",
-            "frames_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
-            "vids_per_split": "i32", "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
-        }
-        dframes_sig = {
-            "grad_ptr": "*fp32", "gscale_ptr": "*fp32", "bits_ptr": "*i32", "text_ptr": t, "out_ptr": "*fp32",
-            "text_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
-            "caps_per_split": "i32", "stride_tc": "i32", "stride_td": "i32",
-        }
-        frame_ts = (16,) if quick else (4, 16, 32, 64)
-        for D, T, arch in itertools.product((512,) if quick else (512, 768), frame_ts, (80, 90)):
-            cands = frames.sim_candidates(dtype, D, T, small=False, precision=prec, arch=arch)
+        for case in _dtype_cases(dtype, prec, quick, pick):
+            if dtype == torch.float64:  # the kernels' buffers are in the compute dtype
+                case = case[:5] + ({k: ("*fp64" if v == "*fp32" else v) for k, v in case[5].items()},) + case[6:]
+            yield case
+
+
+def _dtype_cases(dtype, prec, quick, pick):
+    """The builds of one (dtype, precision): see _cases."""
+    from . import distill, frames, infonce, sigmoid
+
+    t = _ptr(dtype)
+    # InfoNCE: both kernels share the configurations, which depend on D (resident chunks)
+    fwd_sig = {
+        "q_ptr": t, "k_ptr": t, "scale_ptr": "*fp32", "row_part_ptr": "*fp32",
+        "col_part_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "row0": "i32", "row_end": "i32",
+        "offset": "i32", "cols_per_split": "i32", "row_field": "i32", "col_field": "i32",
+        "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32",
+    }
+    grad_sig = {
+        "q_ptr": t, "k_ptr": t, "g_ptr": t, "ds_part_ptr": "*fp32", "scale_ptr": "*fp32", "inv_w_ptr": "*fp32",
+        "row_lse_ptr": "*fp32", "row_w_ptr": "*fp32", "col_lse_ptr": "*fp32", "col_w_ptr": "*fp32",
+        "eps_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "row0": "i32", "row_end": "i32", "offset": "i32",
+        "cols_per_split": "i32",
+        "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32", "stride_g": "i32",
+    }
+    for D, arch in itertools.product((512,) if quick else (40, 128, 512, 768, 1024), (80, 90)):
+        for name, fn, cands, flag in (
+                ("infonce_lse_fwd", "infonce.lse_fwd_kernel",
+                 infonce.candidates(dtype, D, small=False, precision=prec, arch=arch), "WITH_COL"),
+                ("infonce_grad", "infonce.grad_tile_kernel",
+                 infonce.grad_candidates(dtype, D, small=False, precision=prec, arch=arch), "HAS_COL")):
+            for (i, cfg), with_col in itertools.product(enumerate(pick(cands)), (True, False)):
+                yield (name, fn, dtype, prec, f"c{i} D{D} " + ("col" if with_col else "-"),
+                       fwd_sig if name == "infonce_lse_fwd" else grad_sig, {flag: with_col}, dict(cfg, ARCH=arch))
+    dst_sig = {
+        "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32",
+        "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "Dt": "i32",
+        "row0": "i32", "row_end": "i32", "cols_per_split": "i32", "row_field": "i32", "col_field": "i32",
+        "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
+        "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32", "stride_ed": "i32",
+    }
+    for i, cfg in enumerate(pick(distill.stats_candidates(dtype, small=False, precision=prec))):
+        yield ("distill_fwd", "distill.kl_fwd_kernel", dtype, prec, f"c{i}", dst_sig, {}, cfg)
+    dgr_sig = {
+        "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "g_ptr": t, "ds_part_ptr": "*fp32",
+        "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "inv_w_ptr": "*fp32", "row_s_ptr": "*fp32",
+        "row_t_ptr": "*fp32", "row_w_ptr": "*fp32", "col_s_ptr": "*fp32", "col_t_ptr": "*fp32",
+        "col_w_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "Dt": "i32", "row0": "i32",
+        "row_end": "i32", "cols_per_split": "i32", "stride_an": "i32", "stride_ad": "i32",
+        "stride_bn": "i32", "stride_bd": "i32", "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32",
+        "stride_ed": "i32", "stride_g": "i32",
+    }
+    for i, cfg in enumerate(pick(distill.grad_candidates(dtype, 512, small=False, precision=prec))):
+        yield ("distill_grad", "distill.grad_tile_kernel", dtype, prec, f"c{i}", dgr_sig, {}, cfg)
+    # frame kernels: configurations change with T (T_PAD, bit-set words) and, for the resident
+    # forward, with D and the architecture (the InfoNCE forward's); k is a runtime loop bound
+    sim_sig = {
+        "text_ptr": t, "frames_ptr": t, "mask_ptr": "*i8", "sim_ptr": "*fp32", "bits_ptr": "*i32",
+        "text_norm_ptr": "*fp32", "frames_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32",
+        "k": "i32", "vids_per_split": "i32", "stride_tc": "i32", "stride_td": "i32", "stride_fv": "i32",
+        "stride_ft": "i32", "stride_fd": "i32",
+    }
+    dtext_sig = {
+        "grad_ptr": "*fp32", "gscale_ptr": "*fp32", "bits_ptr": "*i32", "frames_ptr": t, "out_ptr": "*fp32",
+        "frames_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
+        "vids_per_split": "i32", "stride_fv": "i32", "stride_ft": "i32", "stride_fd": "i32",
+    }
+    dframes_sig = {
+        "grad_ptr": "*fp32", "gscale_ptr": "*fp32", "bits_ptr": "*i32", "text_ptr": t, "out_ptr": "*fp32",
+        "text_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32", "k": "i32",
+        "caps_per_split": "i32", "stride_tc": "i32", "stride_td": "i32",
+    }
+    frame_ts = (16,) if quick else (4, 16, 32, 64)
+    for D, T, arch in itertools.product((512,) if quick else (512, 768), frame_ts, (80, 90)):
+        cands = frames.sim_candidates(dtype, D, T, small=False, precision=prec, arch=arch)
+        for i, cfg in enumerate(pick(cands)):
+            yield ("topk_sim_fwd", "frames.topk_sim_fwd_kernel", dtype, prec, f"c{i} D{D} T{T} mask norm",
+                   sim_sig, {"HAS_MASK": True, "NORMALIZE": True}, dict(cfg, ARCH=arch))
+    for T in frame_ts:
+        for i, gcfg in enumerate(pick(frames.dtext_candidates(dtype, T, small=False, precision=prec))):
+            yield ("topk_sim_dtext", "frames.topk_sim_dtext_kernel", dtype, prec, f"c{i} T{T} norm", dtext_sig,
+                   {"NORMALIZE": True}, gcfg)
+        for i, gcfg in enumerate(pick(frames.dframes_candidates(dtype, T, small=False, precision=prec))):
+            yield ("topk_sim_dframes", "frames.topk_sim_dframes_kernel", dtype, prec, f"c{i} T{T} norm",
+                   dframes_sig, {"NORMALIZE": True}, gcfg)
+    if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
+        unit_sig = {"g_ptr": "*fp32", "x_ptr": t, "norm_ptr": "*fp32", "R": "i32", "D": "i32", "T": "i32",
+                    "stride_xo": "i32", "stride_xi": "i32", "stride_xd": "i32"}
+        yield ("unit_grad", "frames.unit_grad_kernel", dtype, "-", "-", unit_sig, {}, frames.unit_config(512, dtype))
+    if prec == "ieee" or dtype != torch.float32:  # no tl.dot (cuBLAS does the GEMMs): one build per G dtype
+        rows_sig = {"s_ptr": "*fp32", "g_ptr": t, "loss_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*fp32",
+                    "scale_ptr": "*fp32", "bias_ptr": "*fp32", "rows": "i32", "m": "i32", "n": "i32", "row0": "i32",
+                    "offset": "i32", "stride_s": "i32", "stride_g": "i32"}
+        cfg = sigmoid.rows_config(small=False, dtype=dtype)
+        for has_w, with_grad in ((False, True), (True, True), (False, False)):
+            yield ("sigmoid_rows", "sigmoid.sigmoid_rows_kernel", dtype, "-",
+                   ("w " if has_w else "") + ("grad" if with_grad else "loss"), rows_sig,
+                   {"HAS_W": has_w, "WITH_GRAD": with_grad}, cfg)
+    sel_sig = {
+        "frames_ptr": t, "text_ptr": t, "mask_ptr": "*i8", "idx_ptr": "*i64", "B": "i32", "T": "i32", "D": "i32",
+        "k": "i32", "stride_fb": "i32", "stride_ft": "i32", "stride_fd": "i32", "stride_tb": "i32", "stride_td": "i32",
+    }
+    if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
+        for T, D in ([(16, 512)] if quick else [(4, 512), (16, 512), (32, 768), (64, 512), (64, 40)]):
+            cands = frames.select_candidates(D, T, small=False, dtype=dtype)
             for i, cfg in enumerate(pick(cands)):
-                yield ("topk_sim_fwd", "frames.topk_sim_fwd_kernel", dtype, prec, f"c{i} D{D} T{T} mask norm",
-                       sim_sig, {"HAS_MASK": True, "NORMALIZE": True}, dict(cfg, ARCH=arch))
-        for T in frame_ts:
-            for i, gcfg in enumerate(pick(frames.dtext_candidates(dtype, T, small=False, precision=prec))):
-                yield ("topk_sim_dtext", "frames.topk_sim_dtext_kernel", dtype, prec, f"c{i} T{T} norm", dtext_sig,
-                       {"NORMALIZE": True}, gcfg)
-            for i, gcfg in enumerate(pick(frames.dframes_candidates(dtype, T, small=False, precision=prec))):
-                yield ("topk_sim_dframes", "frames.topk_sim_dframes_kernel", dtype, prec, f"c{i} T{T} norm",
-                       dframes_sig, {"NORMALIZE": True}, gcfg)
-        if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
-            unit_sig = {"g_ptr": "*fp32", "x_ptr": t, "norm_ptr": "*fp32", "R": "i32", "D": "i32", "T": "i32",
-                        "stride_xo": "i32", "stride_xi": "i32", "stride_xd": "i32"}
-            yield ("unit_grad", "frames.unit_grad_kernel", dtype, "-", "-", unit_sig, {}, frames.unit_config(512))
-        if prec == "ieee" or dtype != torch.float32:  # no tl.dot (cuBLAS does the GEMMs): one build per G dtype
-            rows_sig = {"s_ptr": "*fp32", "g_ptr": t, "loss_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*fp32",
-                        "scale_ptr": "*fp32", "bias_ptr": "*fp32", "rows": "i32", "m": "i32", "n": "i32", "row0": "i32",
-                        "offset": "i32", "stride_s": "i32", "stride_g": "i32"}
-            cfg = sigmoid.rows_config(small=False)
-            for has_w, with_grad in ((False, True), (True, True), (False, False)):
-                yield ("sigmoid_rows", "sigmoid.sigmoid_rows_kernel", dtype, "-",
-                       ("w " if has_w else "") + ("grad" if with_grad else "loss"), rows_sig,
-                       {"HAS_W": has_w, "WITH_GRAD": with_grad}, cfg)
-        sel_sig = {
-            "frames_ptr": t, "text_ptr": t, "mask_ptr": "*i8", "idx_ptr": "*i64", "B": "i32", "T": "i32", "D": "i32",
-            "k": "i32", "stride_fb": "i32", "stride_ft": "i32", "stride_fd": "i32", "stride_tb": "i32", "stride_td": "i32",
-        }
-        if prec == "ieee" or dtype != torch.float32:  # no tl.dot: one build per storage dtype
-            for T, D in ([(16, 512)] if quick else [(4, 512), (16, 512), (32, 768), (64, 512), (64, 40)]):
-                cands = frames.select_candidates(D, T, small=False)
-                for i, cfg in enumerate(pick(cands)):
-                    yield ("select_frames", "frames.select_frames_kernel", dtype, "-", f"c{i} T{T} D{D} mask", sel_sig,
-                           {"HAS_MASK": True}, cfg)
+                yield ("select_frames", "frames.select_frames_kernel", dtype, "-", f"c{i} T{T} D{D} mask", sel_sig,
+                       {"HAS_MASK": True}, cfg)
 
 
 def _bin(name: str) -> str:
@@ -220,7 +229,9 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
         sass = subprocess.run([_bin("cuobjdump"), "--dump-sass", str(cubin)], capture_output=True,
                               text=True).stdout if sass_check else None
     want = None
-    if prec != "-" and (dtype != torch.float32 or prec == "tf32"):
+    if prec != "-" and dtype == torch.float64:
+        want = "DMMA"  # (float64 mma.sync on sm_80 and sm_90)
+    elif prec != "-" and (dtype != torch.float32 or prec == "tf32"):
         # Hopper's warpgroup MMA needs 64 rows per warpgroup; smaller tiles use the mma.sync
         # tensor-core path (d frames' rows are BLOCK_V * T_PAD frames).
         m_block = cfg.get("BLOCK_M", cfg.get("BLOCK_C", 0))
@@ -238,7 +249,7 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
     return row
 
 
-PTX_MMA = {"HGMMA": "wgmma.mma_async", "HMMA": "mma.sync"}
+PTX_MMA = {"HGMMA": "wgmma.mma_async", "HMMA": "mma.sync", "DMMA": "mma.sync.aligned.m8n8k4.row.col.f64"}
 
 
 # Shared memory a block may use (opt-in maximum): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB; a
@@ -273,11 +284,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sass", action="store_true",
                         help="check the matrix instructions in the PTX instead of the disassembled SASS (faster)")
     parser.add_argument("--kernels", nargs="+", help="only these kernels (names as in the table, e.g. topk_sim_fwd)")
+    parser.add_argument("--dtypes", nargs="+", help="only these dtypes (bfloat16, float16, float32, float64)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    cases = [c for c in _cases(args.scope) if not args.kernels or c[0] in args.kernels]
+    cases = [c for c in _cases(args.scope) if (not args.kernels or c[0] in args.kernels)
+             and (not args.dtypes or str(c[2]).replace("torch.", "") in args.dtypes)]
     # a configuration marked ARCH is one the dispatcher picks for that architecture only
     jobs = [job for job in itertools.product(cases, args.arch, (True, False), (not args.no_sass,))
             if job[0][7].get("ARCH", job[1]) == job[1]]

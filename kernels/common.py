@@ -110,11 +110,22 @@ def configured(kernel, candidates: list[dict], key: list[str], restore_value: tu
 # ----------------------------------------------------------------------------- tiles and configurations
 
 @triton.jit
+def acc_zeros(operand_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A zero [BLOCK_M, BLOCK_N] accumulator for tile products of operand_ptr's dtype: float64 for
+    float64 operands (tl.dot then runs in float64), float32 for every other dtype."""
+    if operand_ptr.dtype.element_ty == tl.float64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    return acc
+
+
+@triton.jit
 def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """A[rows] @ B[cols]^T, float32 accumulate."""
+    """A[rows] @ B[cols]^T, float32 accumulate (float64 for float64 operands)."""
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = acc_zeros(a_ptr, BLOCK_M, BLOCK_N)
     for d0 in range(0, D, BLOCK_K):
         dk = d0 + offs_k
         a = tl.load(a_ptr + rows[:, None] * stride_an + dk[None, :] * stride_ad,
@@ -165,8 +176,9 @@ def resident_tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, col_off, row_ok, col_ok, D
     """Q[rows] @ K^T over the key rows at element offsets col_off ([BLOCK_N], int64), float32:
     from the resident chunks of `resident_rows` (RESIDENT, D <= NUM_K * BLOCK_K), else streaming
     both operands over D in BLOCK_K steps (large D, float32 inputs). The InfoNCE and frame
-    kernels share it; the frame kernels' key rows are frames (video, t) of any strides."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    kernels share it; the frame kernels' key rows are frames (video, t) of any strides. float32
+    accumulation (float64 for float64 operands)."""
+    acc = acc_zeros(q_ptr, BLOCK_M, BLOCK_N)
     if RESIDENT:
         acc = tl.dot(q0, _k_chunk(k_ptr, col_off, col_ok, 0, D, stride_kd, BLOCK_K), acc,
                      input_precision=INPUT_PRECISION)
@@ -187,9 +199,29 @@ def resident_tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, col_off, row_ok, col_ok, D
     return acc
 
 
+def tf32_enabled() -> bool:
+    """Whether torch multiplies float32 CUDA matrices in TF32: the newer fp32_precision setting
+    (torch >= 2.9) where the user set it (on cuda.matmul, else the global one), else the legacy
+    allow_tf32 flag (which raises on torch >= 2.9 when read after fp32_precision was set)."""
+    for holder in (torch.backends.cuda.matmul, torch.backends):
+        prec = getattr(holder, "fp32_precision", None)
+        if prec not in (None, "none"):
+            return prec == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def set_tf32(enabled: bool) -> None:
+    """Sets torch's float32 CUDA matmul precision through the API this torch has."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
 def input_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's float32 matmul setting; half types run on tensor cores anyway."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+    """fp32 inputs follow torch's float32 matmul setting; half types run on tensor cores anyway;
+    float64 is always IEEE."""
+    if dtype == torch.float32 and not interpreting() and tf32_enabled():
         return "tf32"
     return "ieee"
 
@@ -212,29 +244,56 @@ def block_config(bm, bn, bk, warps, stages, **extra) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **extra, num_warps=warps, num_stages=stages)
 
 
-def scale_tensor(scale: torch.Tensor, device) -> torch.Tensor:
-    """A logit scale as the [1] float32 device tensor the kernels read."""
-    return scale.detach().to(device=device, dtype=torch.float32).reshape(1)
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels compute and accumulate in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def device_scalars(values, like: torch.Tensor) -> torch.Tensor:
+    """Python numbers as a [len(values)] device tensor of `like`'s compute dtype, made by fill
+    kernels (no host copy, no sync): what a kernel reads where a float argument (always float32 in
+    Triton's signature) would round a float64 value."""
+    ct = compute_dtype(like.dtype)
+    return torch.stack([torch.full((), float(v), dtype=ct, device=like.device) for v in values])
+
+
+def scale_tensor(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A logit scale as the [1] device tensor of `like`'s compute dtype that the kernels read (a
+    device-side cast: the public ops made it on the device, no host copy). The kernels take their
+    compute dtype from this pointer."""
+    return scale.detach().to(device=like.device, dtype=compute_dtype(like.dtype)).reshape(1)
 
 
 # Every torch matrix product of the kernels' launchers goes through mm32 and addmm32_.
 
 def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in float32 with float32 accumulation: cuBLAS with a float32 output for half inputs on
-    CUDA; under the interpreter the same operands upcast on the CPU."""
-    if a.dtype == torch.float32:
+    """a @ b in the compute dtype (float32 with float32 accumulation; float64 for float64): cuBLAS
+    with a float32 output for half inputs on CUDA; under the interpreter the same operands upcast
+    on the CPU."""
+    if a.dtype in (torch.float32, torch.float64):
         return torch.mm(a, b)
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
 
 
+ADDMM_SLICE_BYTES = 16 << 20  # the traced accumulation's temporary
+
+
 def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, acc float32, float32 accumulation (cuBLAS beta = 1 for half inputs on CUDA)."""
-    if a.dtype == torch.float32:
+    """acc += a @ b, acc in the compute dtype, float32 accumulation for half inputs: cuBLAS with
+    beta = 1 when run eagerly on CUDA. Traced (torch.compile, opcheck, fake tensors), torch 2.11's
+    fake addmm with out_dtype binds out_dtype to beta and fails, so the product goes through
+    mm(out_dtype=float32), which traces on every torch, in row slices of acc (a temporary of at
+    most 16 MB)."""
+    if a.dtype in (torch.float32, torch.float64):
         acc.addmm_(a, b)
-    elif a.is_cuda:
+    elif a.is_cuda and not _tracing():
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif a.is_cuda:
+        step = max(1, ADDMM_SLICE_BYTES // (4 * max(1, acc.shape[1])))
+        for r0 in range(0, acc.shape[0], step):
+            acc[r0:r0 + step] += torch.mm(a[r0:r0 + step], b, out_dtype=torch.float32)
     else:
         acc.addmm_(a.float(), b.float())
 
@@ -301,35 +360,46 @@ def chunk_rows(n: int, m: int, block_m: int, elems: int) -> int:
     return min(n, max(block_m, (elems // max(m, 1)) // block_m * block_m))
 
 
+# float16 has 5 exponent bits: the logit gradient's O(1) entries (after division by the largest
+# upstream weight) are scaled by 2^14 before rounding, so entries down to about 4e-12 stay
+# representable (6e-8 / 2^14) instead of flushing to zero below 6e-8 (softmax entries at
+# B = 32768 are mostly 1e-9 to 1e-5). |G| <= 2 before the scale: 32768 < float16's 65504.
+G_SCALE = {torch.float16: 2.0 ** 14}
+
+
 def chunked_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, weights, block_m: int, block_n: int,
                      tile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward the InfoNCE and distillation launchers share, for logits s * A B^T with upstream
-    weights `weights` (float32 vectors): in row chunks of at most FITCLIP_GPU_BLOCK_ELEMS
-    elements, `tile(g, ds_part, inv_w, r0, r1, cols_per_split, split)` launches the kernel that
-    writes the chunk's logit gradient G divided by the largest weight (O(1) entries: nothing
-    underflows in float16) and per-row partials ds_part[split, n] of sum_j G_ij S_ij; cuBLAS then
-    computes dA_c = G_c B (written once) and dB += G_c^T A_c, both with float32 accumulation
-    (dB accumulates in the gradient buffer itself for float32 inputs, in an [m, D] float32
-    buffer for half ones). Returns (dA, dB in the inputs' dtypes, d scale [] float32)."""
+    weights `weights` (vectors in the compute dtype): in row chunks of at most
+    FITCLIP_GPU_BLOCK_ELEMS elements, `tile(g, ds_part, inv_w, r0, r1, cols_per_split, split)`
+    launches the kernel that writes the chunk's logit gradient G times inv_w = g_scale / the
+    largest weight (O(1) entries, and 2^14 times that for float16: nothing underflows) and
+    per-row partials ds_part[split, n] of sum_j (inv_w G)_ij S_ij; cuBLAS then computes
+    dA_c = G_c B (written once) and dB += G_c^T A_c, both accumulated in the compute dtype
+    (float32; float64 for float64 inputs; dB in the gradient buffer itself for float32/float64
+    inputs, in an [m, D] float32 buffer for half ones). Returns (dA, dB in the inputs' dtype,
+    d scale [] in the compute dtype)."""
     n, D = a.shape
     m = b.shape[0]
     dev = a.device
-    f32 = torch.float32
+    ct = compute_dtype(a.dtype)
     w_max = torch.stack([w.abs().amax() for w in weights]).amax()
-    w_max = torch.where(w_max > 0, w_max, torch.ones_like(w_max)).reshape(1)
+    w_max = torch.where(w_max > 0, w_max, torch.ones_like(w_max)).reshape(1).to(ct)
+    g_scale = G_SCALE.get(a.dtype, 1.0)
     rows_c = chunk_rows(n, m, block_m, backward_chunk_elems(m, D, a.element_size()))
     per, split = column_split(m, -(-rows_c // block_m), block_n, num_sms(dev))
     da = torch.empty((n, D), device=dev, dtype=a.dtype)
-    db32 = torch.zeros((m, D), device=dev, dtype=f32)
-    ds_part = torch.empty((split, n), device=dev, dtype=f32)
+    db_acc = torch.zeros((m, D), device=dev, dtype=ct)
+    ds_part = torch.empty((split, n), device=dev, dtype=ct)
     G = torch.empty((rows_c, m), device=dev, dtype=a.dtype)
-    factor = scale * w_max
+    inv_w = g_scale / w_max
+    factor = scale * (w_max / g_scale)
     for r0 in range(0, n, rows_c):
         r1 = min(n, r0 + rows_c)
         g = G[:r1 - r0]
-        tile(g, ds_part, 1.0 / w_max, r0, r1, per, split)
+        tile(g, ds_part, inv_w, r0, r1, per, split)
         da[r0:r1] = mm32(g, b).mul_(factor)
-        addmm32_(db32, g.t(), a[r0:r1])
+        addmm32_(db_acc, g.t(), a[r0:r1])
     del G, g  # (freed before dB's copy in the inputs' dtype is made)
-    db = db32.mul_(factor)
-    return da, (db.to(b.dtype) if b.dtype != f32 else db), ds_part.sum() * w_max.reshape(())
+    db = db_acc.mul_(factor)
+    return da, (db.to(b.dtype) if b.dtype != ct else db), ds_part.sum() * (w_max / g_scale).reshape(())

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (block_config, chunk_elems, chunk_rows, chunked_backward, column_split, configured,
+from .common import (block_config, chunk_elems, chunk_rows, chunked_backward, column_split, compute_dtype, configured,
                      input_precision, launch, num_sms, scale_tensor, small_configs, tile_product, triton_op)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -48,8 +48,8 @@ LN2 = 0.6931471805599453
 def _signs_and_mags(s_scale_ptr, t_scale_ptr):
     """Logits as magnitude * oriented product (sign(scale) * raw: larger is a larger logit), base
     2 (exp2 is the fast path)."""
-    ss = tl.load(s_scale_ptr).to(tl.float32)
-    ts = tl.load(t_scale_ptr).to(tl.float32)
+    ss = tl.load(s_scale_ptr)  # (the compute dtype: float32, float64 for float64 inputs)
+    ts = tl.load(t_scale_ptr)
     return (tl.where(ss < 0, -1.0, 1.0), tl.where(ts < 0, -1.0, 1.0), tl.abs(ss) * LOG2E, tl.abs(ts) * LOG2E)
 
 
@@ -70,11 +70,12 @@ def kl_fwd_kernel(
     rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     s_sign, t_sign, s_mag, t_mag = _signs_and_mags(s_scale_ptr, t_scale_ptr)
-    mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    my = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    ax = tl.zeros((BLOCK_M,), tl.float32)
-    bx = tl.zeros((BLOCK_M,), tl.float32)
-    cy = tl.zeros((BLOCK_M,), tl.float32)
+    CT = s_scale_ptr.dtype.element_ty  # compute dtype
+    mx = tl.full((BLOCK_M,), float("-inf"), CT)
+    my = tl.full((BLOCK_M,), float("-inf"), CT)
+    ax = tl.zeros((BLOCK_M,), CT)
+    bx = tl.zeros((BLOCK_M,), CT)
+    cy = tl.zeros((BLOCK_M,), CT)
     c_begin = pid_p * cols_per_split
     c_end = tl.minimum(c_begin + cols_per_split, m)
     for c0 in range(c_begin, c_end, BLOCK_N):
@@ -147,7 +148,7 @@ def grad_tile_kernel(
     mxs = tl.load(row_t_ptr + rows, mask=row_ok, other=0.0)
     lxs = tl.load(row_t_ptr + n + rows, mask=row_ok, other=0.0)
     w_a = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0) * inv_w
-    ds_acc = tl.zeros((BLOCK_M,), tl.float32)
+    ds_acc = tl.zeros((BLOCK_M,), s_scale_ptr.dtype.element_ty)
     c_begin = pid_p * cols_per_split
     c_end = tl.minimum(c_begin + cols_per_split, m)
     for c0 in range(c_begin, c_end, BLOCK_N):
@@ -185,6 +186,8 @@ def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: s
     (`python -m fitclip_ext.kernels.aot`)."""
     if small_configs(small):
         return [block_config(16, 16, 16, 1, 1), block_config(16, 32, 16, 1, 1)]
+    if dtype == torch.float64:  # the float64 path (exactness, not speed; two stages spill on sm_80)
+        return [block_config(32, 16, 16, 4, 1)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
         return [block_config(32, 16, 16, 4, 3)]
     # (TF32: two pipeline stages; three kept an 8-byte stack slot with Triton 3.6 on sm_80, or
@@ -234,8 +237,8 @@ def _stats_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor
     n, D = a.shape
     m, Dt = b.shape[0], c.shape[1]
     dev = a.device
-    f32 = torch.float32
-    ss, ts = scale_tensor(ss, dev), scale_tensor(ts, dev)
+    ct = compute_dtype(a.dtype)
+    ss, ts = scale_tensor(ss, a), scale_tensor(ts, a)
     s_mag, t_mag = ss.abs() * LOG2E.value, ts.abs() * LOG2E.value
     prec = input_precision(a.dtype)
     cands = stats_candidates(a.dtype, precision=prec)
@@ -245,8 +248,8 @@ def _stats_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor
     rows_c = chunk_rows(n, m, bm, part_elems // 5 * bm)
     blocks = -(-rows_c // bm)
     per, split = column_split(m, blocks, bn, num_sms(dev))
-    row_part = torch.empty((5, split, n), device=dev, dtype=f32)
-    col_part = torch.empty((5, blocks, m), device=dev, dtype=f32)
+    row_part = torch.empty((5, split, n), device=dev, dtype=ct)
+    col_part = torch.empty((5, blocks, m), device=dev, dtype=ct)
     cols = None
     for r0 in range(0, n, rows_c):
         r1 = min(n, r0 + rows_c)
@@ -269,13 +272,13 @@ def _grad_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor,
     n, D = a.shape
     m, Dt = b.shape[0], c.shape[1]
     dev = a.device
-    f32 = torch.float32
-    ss, ts = scale_tensor(ss, dev), scale_tensor(ts, dev)
+    ct = compute_dtype(a.dtype)
+    ss, ts = scale_tensor(ss, a), scale_tensor(ts, a)
     prec = input_precision(a.dtype)
     cands = grad_candidates(a.dtype, D, precision=prec)
     kernel, cfg = configured(grad_tile_kernel, cands, key=_KEY, site="grad")
     bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]
-    stat = [x.to(f32).contiguous() for x in (row_s, row_t, row_w, col_s, col_t, col_w)]
+    stat = [x.to(ct).contiguous() for x in (row_s, row_t, row_w, col_s, col_t, col_w)]
 
     def tile(g, ds_part, inv_w, r0, r1, per, split):
         launch(kernel, lambda cf: (triton.cdiv(r1 - r0, cf["BLOCK_M"]), split),

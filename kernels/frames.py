@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from . import infonce
-from .common import (arch_of, column_split, configured, input_precision, launch, num_sms, resident_rows,
-                     resident_tile, small_configs, triton_op)
+from .common import (acc_zeros, arch_of, column_split, compute_dtype, configured, input_precision, launch, num_sms,
+                     resident_rows, resident_tile, small_configs, triton_op)
 
 EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm
 MAX_T = 64  # frames per video the similarity kernels take (T_PAD columns of one tile; 128 spills)
@@ -123,7 +123,7 @@ def topk_sim_fwd_kernel(
             live = live & (tl.load(mask_ptr + vid * T + t, mask=ok, other=0) != 0)
         nan = tl.max(tl.reshape(((s != s) & ok[None, :]).to(tl.int32), (BLOCK_C, BLOCK_V, T_PAD)), 2)
         s3 = tl.reshape(tl.where(live[None, :] & (s == s), s, float("-inf")), (BLOCK_C, BLOCK_V, T_PAD))
-        total = tl.zeros((BLOCK_C, BLOCK_V), tl.float32)
+        total = tl.zeros((BLOCK_C, BLOCK_V), sim_ptr.dtype.element_ty)
         w0 = tl.zeros((BLOCK_C, BLOCK_V), tl.int32)
         w1 = w0
         w2 = w0
@@ -171,7 +171,7 @@ def topk_sim_dtext_kernel(
     c_ok = rc < C
     do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = do < D
-    acc = tl.zeros((BLOCK_C, BLOCK_DO), tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_DO), out_ptr.dtype.element_ty)
     inv_g = tl.load(gscale_ptr) / k  # weights / max|grad|: O(1), no float16 underflow
     tt = tl.arange(0, T_PAD)[None, None, :]
     v_begin = pid_p * vids_per_split
@@ -211,7 +211,7 @@ def topk_sim_dframes_kernel(
     v_ok = rv < V
     do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = do < D
-    acc = tl.zeros((BLOCK_V * T_PAD, BLOCK_DO), tl.float32)
+    acc = tl.zeros((BLOCK_V * T_PAD, BLOCK_DO), out_ptr.dtype.element_ty)
     inv_g = tl.load(gscale_ptr) / k  # weights / max|grad|, as in topk_sim_dtext_kernel
     tt = tl.arange(0, T_PAD)[None, :, None]
     c_begin = pid_p * caps_per_split
@@ -250,19 +250,19 @@ def unit_grad_kernel(
     offs = tl.arange(0, BLOCK_D)
     nrm = tl.load(norm_ptr + rr, mask=r_ok, other=1.0)
     inv = 1.0 / tl.maximum(nrm, EPS)
-    dot = tl.zeros((BLOCK_R,), tl.float32)
+    dot = tl.zeros((BLOCK_R,), g_ptr.dtype.element_ty)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + offs
         m2 = r_ok[:, None] & (dd[None, :] < D)
         g = tl.load(g_ptr + rr[:, None] * D + dd[None, :], mask=m2, other=0.0)
-        x = tl.load(x_ptr + x_row[:, None] + dd[None, :] * stride_xd, mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_row[:, None] + dd[None, :] * stride_xd, mask=m2, other=0.0).to(g_ptr.dtype.element_ty)
         dot += tl.sum(g * x, 1)
     coef = tl.where(nrm > EPS, dot * inv * inv, 0.0)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + offs
         m2 = r_ok[:, None] & (dd[None, :] < D)
         g = tl.load(g_ptr + rr[:, None] * D + dd[None, :], mask=m2, other=0.0)
-        x = tl.load(x_ptr + x_row[:, None] + dd[None, :] * stride_xd, mask=m2, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_row[:, None] + dd[None, :] * stride_xd, mask=m2, other=0.0).to(g_ptr.dtype.element_ty)
         tl.store(g_ptr + rr[:, None] * D + dd[None, :], (g - coef[:, None] * x) * inv[:, None], mask=m2)
 
 
@@ -285,17 +285,17 @@ def select_frames_kernel(
     offs_t = tl.arange(0, T_PAD)
     t_ok = offs_t < T
     offs_d = tl.arange(0, BLOCK_D)
-    dot = tl.zeros((BLOCK_B, T_PAD), tl.float32)
-    sq = tl.zeros((BLOCK_B, T_PAD), tl.float32)
+    dot = acc_zeros(frames_ptr, BLOCK_B, T_PAD)  # float32 (float64 for float64 inputs)
+    sq = acc_zeros(frames_ptr, BLOCK_B, T_PAD)
     bt_ok = b_ok[:, None] & t_ok[None, :]
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + offs_d
         d_ok = dd < D
         x = tl.load(text_ptr + rb[:, None] * stride_tb + dd[None, :] * stride_td,
-                    mask=b_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                    mask=b_ok[:, None] & d_ok[None, :], other=0.0).to(dot.dtype)
         f = tl.load(frames_ptr + rb[:, None, None] * stride_fb + offs_t[None, :, None] * stride_ft
                     + dd[None, None, :] * stride_fd, mask=bt_ok[:, :, None] & d_ok[None, None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0).to(dot.dtype)
         dot += tl.sum(f * x[:, None, :], 2)
         sq += tl.sum(f * f, 2)
     cos = dot / tl.maximum(tl.sqrt(sq), 1e-12)
@@ -326,7 +326,7 @@ def sim_candidates(dtype, D: int, T: int, small: bool | None = None, precision: 
     Triton 3.6 and 3.8 (`python -m fitclip_ext.kernels.aot`)."""
     t_pad = triton.next_power_of_2(T)
     gpu = not small_configs(small)
-    fma = dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee"
+    fma = dtype == torch.float64 or (dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee")
     out = []
     for i, c in enumerate(infonce.candidates(dtype, D, small, precision, arch)):
         if i and t_pad < 16 and dtype == torch.float32 and gpu:
@@ -353,6 +353,8 @@ def dtext_candidates(dtype, T: int, small: bool | None = None, precision: str | 
     t_pad, words = triton.next_power_of_2(T), n_words(T)
     if small_configs(small):
         return [_grad_cfg(16, 16, t_pad, 16, 1, 1, words), _grad_cfg(16, 32, t_pad, 32, 1, 1, words)]
+    if dtype == torch.float64:  # the float64 path (exactness, not speed; 32 output features spill at T >= 32)
+        return [_grad_cfg(32, 32, t_pad, 16, 4, 2, words)]
     if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee":
         return [_grad_cfg(32, 32, t_pad, 64 if t_pad < 64 else 32, 4, 2, words)]
     if dtype == torch.float32:  # TF32
@@ -371,6 +373,8 @@ def dframes_candidates(dtype, T: int, small: bool | None = None, precision: str 
     t_pad, words = triton.next_power_of_2(T), n_words(T)
     if small_configs(small):
         return [_grad_cfg(16, 16, t_pad, 16, 1, 1, words), _grad_cfg(32, 16, t_pad, 32, 1, 1, words)]
+    if dtype == torch.float64:  # the float64 path (exactness, not speed)
+        return [_grad_cfg(32, 32, t_pad, 32, 4, 2, words)]
     if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee":
         return [_grad_cfg(32, 32, t_pad, 64 if t_pad < 128 else 32, 4, 2, words)]
     if dtype == torch.float32:
@@ -378,7 +382,7 @@ def dframes_candidates(dtype, T: int, small: bool | None = None, precision: str 
     return [_grad_cfg(64, 128, t_pad, 128, 8, 2, words), _grad_cfg(64, 128, t_pad, 128, 8, 3, words)]
 
 
-def select_candidates(D: int, T: int, small: bool | None = None) -> list[dict]:
+def select_candidates(D: int, T: int, small: bool | None = None, dtype: torch.dtype | None = None) -> list[dict]:
     """select_frames' block configurations (memory-bound: one read of the frames), default first:
     [BLOCK_B, T_PAD, BLOCK_D] frame chunks of about 4096 elements in flight per program (no spills,
     `python -m fitclip_ext.kernels.aot`)."""
@@ -386,7 +390,7 @@ def select_candidates(D: int, T: int, small: bool | None = None) -> list[dict]:
     if small_configs(small):
         return [dict(BLOCK_B=4, BLOCK_D=16, T_PAD=t_pad, num_warps=1, num_stages=1),
                 dict(BLOCK_B=2, BLOCK_D=16, T_PAD=t_pad, num_warps=1, num_stages=1)]
-    block_d = min(128, triton.next_power_of_2(D))
+    block_d = min(64 if dtype == torch.float64 else 128, triton.next_power_of_2(D))  # (float64: 128 spills)
     block_b = max(1, 4096 // (t_pad * block_d))
 
     def cfg(b, w, st):
@@ -426,7 +430,7 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
     cands = sim_candidates(text.dtype, D, T, precision=prec, arch=arch_of(dev))
     kernel, cfg = configured(topk_sim_fwd_kernel, cands, ["C", "V", "T", "D", "k", "HAS_MASK", "NORMALIZE",
                                                            "INPUT_PRECISION"])
-    sim = torch.empty((C, V), device=dev, dtype=torch.float32)
+    sim = torch.empty((C, V), device=dev, dtype=compute_dtype(text.dtype))
     bits = torch.empty((C, V, n_words(T)), device=dev, dtype=torch.int32)
     m, has_mask = _mask_arg(mask, sim)
     normalize = text_norm is not None
@@ -441,15 +445,15 @@ def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.T
 
 
 def grad_scale(grad: torch.Tensor) -> torch.Tensor:
-    """[1 / max|grad|, max|grad|] (float32; 1 where grad is all zero): the backward kernels round
-    grad / max|grad| to the inputs' dtype, so float16 weights never underflow."""
-    g_max = grad.abs().amax() if grad.numel() else torch.ones((), device=grad.device)
-    g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max)).float()
+    """[1 / max|grad|, max|grad|] (grad's dtype, the compute dtype; 1 where grad is all zero): the
+    backward kernels round grad / max|grad| to the inputs' dtype, so float16 weights never underflow."""
+    g_max = grad.abs().amax() if grad.numel() else torch.ones((), device=grad.device, dtype=grad.dtype)
+    g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max))
     return torch.stack([1.0 / g_max, g_max])
 
 
 def _dtext(text, frames, bits, grad, k, frames_norm, gscale) -> torch.Tensor:
-    """[C, D] float32: the unit captions' gradient."""
+    """[C, D] in the compute dtype: the unit captions' gradient."""
     C, D = text.shape
     V, T, _ = frames.shape
     dev = text.device
@@ -460,7 +464,7 @@ def _dtext(text, frames, bits, grad, k, frames_norm, gscale) -> torch.Tensor:
     step = max(c["BLOCK_V"] for c in cands)
     blocks = triton.cdiv(C, d0["BLOCK_C"]) * triton.cdiv(D, d0["BLOCK_DO"])
     per, split = _range_split(V, blocks, step, triton.cdiv(512, d0["T_PAD"]), dev)
-    out = torch.empty((split, C, D), device=dev, dtype=torch.float32)
+    out = torch.empty((split, C, D), device=dev, dtype=grad.dtype)
     launch(kernel, lambda c: (triton.cdiv(C, c["BLOCK_C"]), triton.cdiv(D, c["BLOCK_DO"]), split),
            grad, gscale, bits, frames, out, frames_norm if frames_norm is not None else grad, C, V, T, D, k, per,
            frames.stride(0), frames.stride(1), frames.stride(2), NORMALIZE=frames_norm is not None,
@@ -469,7 +473,7 @@ def _dtext(text, frames, bits, grad, k, frames_norm, gscale) -> torch.Tensor:
 
 
 def _dframes(text, frames, bits, grad, k, text_norm, gscale) -> torch.Tensor:
-    """[V, T, D] float32: the unit frames' gradient, each element written once (without a split)."""
+    """[V, T, D] in the compute dtype: the unit frames' gradient, each element written once (without a split)."""
     C, D = text.shape
     V, T, _ = frames.shape
     dev = text.device
@@ -481,7 +485,7 @@ def _dframes(text, frames, bits, grad, k, text_norm, gscale) -> torch.Tensor:
     step = max(c["BLOCK_C"] for c in cands)
     blocks = triton.cdiv(V, d0["BLOCK_V"]) * triton.cdiv(D, d0["BLOCK_DO"])
     per, split = _range_split(C, blocks, step, MIN_SPLIT_CAPTIONS, dev)
-    out = torch.empty((split, V, T, D), device=dev, dtype=torch.float32)
+    out = torch.empty((split, V, T, D), device=dev, dtype=grad.dtype)
     launch(kernel, lambda c: (triton.cdiv(V, c["BLOCK_V"]), triton.cdiv(D, c["BLOCK_DO"]), split),
            grad, gscale, bits, text, out, text_norm if text_norm is not None else grad, C, V, T, D, k, per,
            text.stride(0), text.stride(1), NORMALIZE=text_norm is not None, INPUT_PRECISION=prec, **cfg)
@@ -492,7 +496,7 @@ def _dframes(text, frames, bits, grad, k, text_norm, gscale) -> torch.Tensor:
 def _topk_sim_bwd_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
                      text_norm: torch.Tensor | None = None, frames_norm: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    grad = grad.float().contiguous()
+    grad = grad.to(compute_dtype(text.dtype)).contiguous()
     gscale = grad_scale(grad)
     return (_dtext(text, frames, bits, grad, k, frames_norm, gscale),
             _dframes(text, frames, bits, grad, k, text_norm, gscale))
@@ -502,30 +506,31 @@ def _topk_sim_bwd_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tenso
 def _topk_sim_bwd_acc_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
                          dtext_acc: torch.Tensor, text_norm: torch.Tensor | None = None,
                          frames_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """The video loss's per-video-block backward: adds d text into dtext_acc ([C, D] float32, a
+    """The video loss's per-video-block backward: adds d text into dtext_acc ([C, D] compute dtype, a
     small read-modify-write per block) and returns d frames for the block's videos."""
-    grad = grad.float().contiguous()
+    grad = grad.to(compute_dtype(text.dtype)).contiguous()
     gscale = grad_scale(grad)
     dtext_acc += _dtext(text, frames, bits, grad, k, frames_norm, gscale)
     return _dframes(text, frames, bits, grad, k, text_norm, gscale)
 
 
-def unit_config(D: int) -> dict:
+def unit_config(D: int, dtype: torch.dtype | None = None) -> dict:
     if small_configs(None):
         return dict(BLOCK_R=16, BLOCK_D=16, num_warps=1, num_stages=1)
-    return dict(BLOCK_R=16, BLOCK_D=min(128, triton.next_power_of_2(D)), num_warps=4, num_stages=2)
+    block_d = min(64 if dtype == torch.float64 else 128, triton.next_power_of_2(D))  # (float64: 128 spills on sm_80)
+    return dict(BLOCK_R=16, BLOCK_D=block_d, num_warps=4, num_stages=2)
 
 
 @triton_op("triton_unit_grad", mutates_args=("grad",))
 def _unit_grad_op(grad: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> None:
-    """grad (float32, contiguous, x's shape) <- the gradient with respect to the raw x of a loss
+    """grad (compute dtype, contiguous, x's shape) <- the gradient with respect to the raw x of a loss
     whose gradient with respect to x / max(|x|, eps) is grad; x is [R, D] or [V, T, D]."""
     D = x.shape[-1]
     if x.dim() == 2:
         R, T, so, si, sd = x.shape[0], 1, x.stride(0), 0, x.stride(1)
     else:
         R, T, so, si, sd = x.shape[0] * x.shape[1], x.shape[1], x.stride(0), x.stride(1), x.stride(2)
-    cfg = unit_config(D)
+    cfg = unit_config(D, x.dtype)
     launch(unit_grad_kernel, (triton.cdiv(R, cfg["BLOCK_R"]),), grad, x, norm, R, D, T, so, si, sd, **cfg)
 
 
@@ -534,7 +539,7 @@ def _select_op(frames: torch.Tensor, text: torch.Tensor, k: int, mask: torch.Ten
     B, T, D = frames.shape
     idx = torch.empty((B, k), device=frames.device, dtype=torch.int64)
     m, has_mask = _mask_arg(mask, idx)
-    kernel, cfg = configured(select_frames_kernel, select_candidates(D, T), ["B", "T", "D", "k", "HAS_MASK"])
+    kernel, cfg = configured(select_frames_kernel, select_candidates(D, T, dtype=frames.dtype), ["B", "T", "D", "k", "HAS_MASK"])
     launch(kernel, lambda c: (triton.cdiv(B, c["BLOCK_B"]),),
            frames, text, m, idx, B, T, D, k,
            frames.stride(0), frames.stride(1), frames.stride(2), text.stride(0), text.stride(1),

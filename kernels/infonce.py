@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (arch_of, block_config, chunk_elems, chunk_rows, chunked_backward, column_split, configured,
-                     input_precision, launch, num_sms, resident_rows, resident_tile, scale_tensor, small_configs,
+from .common import (arch_of, block_config, chunk_elems, chunk_rows, chunked_backward, column_split, compute_dtype,
+                     configured, device_scalars, input_precision, launch, num_sms, resident_rows, resident_tile, scale_tensor, small_configs,
                      triton_op)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
@@ -73,11 +73,12 @@ def lse_fwd_kernel(
     pid_p = tl.program_id(1).to(tl.int64)
     rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E  # work in base 2: exp2 is the fast path
+    CT = scale_ptr.dtype.element_ty  # compute dtype: float32 (float64 for float64 inputs)
+    scale2 = tl.load(scale_ptr) * LOG2E  # work in base 2: exp2 is the fast path
     q0, q1, q2, q3 = resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K, NUM_K, RESIDENT)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    pos = tl.zeros((BLOCK_M,), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), CT)
+    l_i = tl.zeros((BLOCK_M,), CT)
+    pos = tl.zeros((BLOCK_M,), CT)
     c_begin = pid_p * cols_per_split
     c_end = tl.minimum(c_begin + cols_per_split, m)
     for c0 in range(c_begin, c_end, BLOCK_N):
@@ -111,7 +112,7 @@ def lse_fwd_kernel(
 def grad_tile_kernel(
     q_ptr, k_ptr, g_ptr, ds_part_ptr, scale_ptr, inv_w_ptr,
     row_lse_ptr, row_w_ptr, col_lse_ptr, col_w_ptr,
-    n, m, D, row0, row_end, offset, cols_per_split, eps_row, eps_col, one_minus_eps,
+    eps_ptr, n, m, D, row0, row_end, offset, cols_per_split,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_g,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
     RESIDENT: tl.constexpr, HAS_COL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -124,12 +125,16 @@ def grad_tile_kernel(
     pid_p = tl.program_id(1).to(tl.int64)
     rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
-    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E
+    CT = scale_ptr.dtype.element_ty  # compute dtype: float32 (float64 for float64 inputs)
+    scale2 = tl.load(scale_ptr) * LOG2E
     inv_w = tl.load(inv_w_ptr)
+    eps_row = tl.load(eps_ptr)  # (in the compute dtype: a float argument would be float32)
+    eps_col = tl.load(eps_ptr + 1)
+    one_minus_eps = tl.load(eps_ptr + 2)
     lse_r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     w_r = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0) * inv_w
     q0, q1, q2, q3 = resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K, NUM_K, RESIDENT)
-    ds_acc = tl.zeros((BLOCK_M,), tl.float32)
+    ds_acc = tl.zeros((BLOCK_M,), CT)
     c_begin = pid_p * cols_per_split
     c_end = tl.minimum(c_begin + cols_per_split, m)
     for c0 in range(c_begin, c_end, BLOCK_N):
@@ -139,11 +144,11 @@ def grad_tile_kernel(
                           stride_qd, stride_kd, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
         x2 = s * scale2
         diff = cols[None, :] - rows[:, None]
-        g = w_r[:, None] * (tl.exp2(x2 - lse_r[:, None]) - one_minus_eps * (diff == offset).to(tl.float32) - eps_row)
+        g = w_r[:, None] * (tl.exp2(x2 - lse_r[:, None]) - one_minus_eps * (diff == offset).to(CT) - eps_row)
         if HAS_COL:
             lse_c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
             w_c = tl.load(col_w_ptr + cols, mask=col_ok, other=0.0) * inv_w
-            g += w_c[None, :] * (tl.exp2(x2 - lse_c[None, :]) - one_minus_eps * (diff == 0).to(tl.float32) - eps_col)
+            g += w_c[None, :] * (tl.exp2(x2 - lse_c[None, :]) - one_minus_eps * (diff == 0).to(CT) - eps_col)
         ok = row_ok[:, None] & col_ok[None, :]
         g = tl.where(ok, g, 0.0)
         ds_acc += tl.sum(g * s, 1)
@@ -172,6 +177,8 @@ def candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision:
             return [block_config(16, 16, bk, 1, 1, NUM_K=nk, RESIDENT=True),
                     block_config(16, 32, bk, 1, 1, NUM_K=nk, RESIDENT=True)]
         return [block_config(16, 16, 16, 1, 1, NUM_K=1, RESIDENT=False)]
+    if dtype == torch.float64:  # the float64 path (exactness, not speed): CUDA-core DFMA/DMMA
+        return [block_config(32, 32, 16, 4, 2, NUM_K=1, RESIDENT=False)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
         return [block_config(32, 64, 32, 8, 2, NUM_K=1, RESIDENT=False)]
     if dtype == torch.float32:  # TF32: resident float32 rows would not fit beside the tiles
@@ -196,7 +203,7 @@ def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, preci
     """The backward kernel's: the forward's with half as many columns per tile (its epilogue holds
     the logits, the gradient and the weights at once: no spills at the full width's registers)."""
     cands = candidates(dtype, D, small, precision, arch)
-    if small_configs(small):
+    if small_configs(small) or dtype == torch.float64:
         return cands
     # (IEEE float32: a quarter, 32 x 32 kept an 8-byte stack slot with Triton 3.6 and odd strides)
     div = 4 if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee" else 2
@@ -221,13 +228,14 @@ def merge_pairs(mx: torch.Tensor, ls: torch.Tensor) -> tuple[torch.Tensor, torch
 def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool, offset: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row_lse [n], col_lse [m], row_gap [n], col_gap [m]; the column ones empty when not
-    with_col), float32: gap = lse - positive logit (row i's positive at column i + offset, column
+    with_col), compute dtype (float32; float64 for float64 inputs): gap = lse - positive logit (row i's positive at column i + offset, column
     j's at row j), >= 0 exactly, from the same tile products as the log-sum-exps (max minus the
     positive is exact where the positive is the max)."""
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
-    s = scale_tensor(scale, dev)
+    s = scale_tensor(scale, query)
+    ct = compute_dtype(query.dtype)
     prec = input_precision(query.dtype)
     cands = candidates(query.dtype, D, precision=prec, arch=arch_of(dev))
     kernel, cfg = configured(lse_fwd_kernel, cands, key=_KEY + ["WITH_COL"], site="lse")
@@ -235,8 +243,8 @@ def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_c
     rows_c = chunk_rows(n, m, bm, min(chunk_elems() or (1 << 21), 1 << 21) * bm)  # partials [2, rows_c / bm, m] <= 2^22
     blocks = -(-rows_c // bm)
     per, split = column_split(m, blocks, bn, num_sms(dev))
-    row_part = torch.empty((3, split, n), device=dev, dtype=torch.float32)
-    col_part = torch.empty((2, blocks if with_col else 0, m), device=dev, dtype=torch.float32)
+    row_part = torch.empty((3, split, n), device=dev, dtype=ct)
+    col_part = torch.empty((2, blocks if with_col else 0, m), device=dev, dtype=ct)
     col = None
     for r0 in range(0, n, rows_c):
         r1 = min(n, r0 + rows_c)
@@ -261,25 +269,26 @@ def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_c
 def _grad_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor,
              row_weight: torch.Tensor, col_lse: torch.Tensor | None, col_weight: torch.Tensor | None,
              offset: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK in the inputs' dtype, d scale [] float32): the full gradient of
+    """(dQ, dK in the inputs' dtype, d scale [] in the compute dtype): the full gradient of
     sum_i w_i CE_row_i (+ sum_j v_j CE_col_j with col_lse)."""
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
-    f32 = torch.float32
-    s = scale_tensor(scale, dev)
+    ct = compute_dtype(query.dtype)
+    s = scale_tensor(scale, query)
     sym = col_lse is not None
     prec = input_precision(query.dtype)
     cands = grad_candidates(query.dtype, D, precision=prec, arch=arch_of(dev))
     kernel, cfg = configured(grad_tile_kernel, cands, key=_KEY + ["HAS_COL"], site="grad")
     bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]  # every candidate has the same BLOCK_M
-    row_w = row_weight.to(dtype=f32).contiguous()
-    col_w = col_weight.to(dtype=f32).contiguous() if sym else row_w
+    row_w = row_weight.to(dtype=ct).contiguous()
+    col_w = col_weight.to(dtype=ct).contiguous() if sym else row_w
+    eps_t = device_scalars((eps / m, eps / n if sym else 0.0, 1.0 - eps), query)
 
     def tile(g, ds_part, inv_w, r0, r1, per, split):
         launch(kernel, lambda c: (triton.cdiv(r1 - r0, c["BLOCK_M"]), split),
                query, keys, g, ds_part, s, inv_w, row_lse, row_w, col_lse if sym else row_lse, col_w,
-               n, m, D, r0, r1, offset, per, eps / m, eps / n if sym else 0.0, 1.0 - eps,
+               eps_t, n, m, D, r0, r1, offset, per,
                query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), g.stride(0),
                HAS_COL=sym, INPUT_PRECISION=prec, **cfg)
 

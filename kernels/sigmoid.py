@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import launch, mm32, scale_tensor, small_configs, triton_op
+from .common import compute_dtype, launch, mm32, scale_tensor, small_configs, triton_op
 
 
 @triton.jit
@@ -52,11 +52,12 @@ def sigmoid_rows_kernel(
     if HAS_W:
         w = tl.load(w_ptr + i, mask=r_ok, other=0.0)
     else:
-        w = tl.full((BLOCK_M,), 1.0, tl.float32)
+        w = tl.full((BLOCK_M,), 1.0, scale_ptr.dtype.element_ty)
     pos = tl.where(offset >= 0, offset + i, -1)
-    acc_loss = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_gs = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    CT = scale_ptr.dtype.element_ty  # compute dtype: float32 (float64 for float64 inputs)
+    acc_loss = tl.zeros((BLOCK_M, BLOCK_N), CT)
+    acc_gs = tl.zeros((BLOCK_M, BLOCK_N), CT)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), CT)
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         ok = r_ok[:, None] & (cols < m)[None, :]
@@ -84,13 +85,14 @@ def sigmoid_rows_kernel(
         tl.store(stats_ptr + n + i, tl.sum(acc_g, 1), mask=r_ok)
 
 
-def rows_config(small: bool | None = None) -> dict:
+def rows_config(small: bool | None = None, dtype: torch.dtype | None = None) -> dict:
     """The elementwise kernel's launch keywords (memory-bound: 4 rows x 512 columns per step and
     program on a GPU; under the interpreter, where each program costs milliseconds, or with
-    FITCLIP_TRITON_CONFIG=small, 64 rows x 128 columns and one warp)."""
+    FITCLIP_TRITON_CONFIG=small, 64 rows x 128 columns and one warp); float64, 128 columns (the
+    three accumulators of 512 spill)."""
     if small_configs(small):
         return dict(BLOCK_M=64, BLOCK_N=128, num_warps=1, num_stages=1)
-    return dict(BLOCK_M=4, BLOCK_N=512, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=4, BLOCK_N=128 if dtype == torch.float64 else 512, num_warps=4, num_stages=1)
 
 
 def block_rows(n: int, m: int) -> int:
@@ -110,22 +112,22 @@ def _sigmoid_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, bi
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
-    f32 = torch.float32
-    s, b = scale_tensor(scale, dev), scale_tensor(bias, dev)
-    loss = torch.empty(n, device=dev, dtype=f32)
-    gk = torch.empty((n if with_grad else 0, D), device=dev, dtype=f32)
-    gtq = torch.zeros((m if with_grad else 0, D), device=dev, dtype=f32)
-    stats = torch.empty((2, n if with_grad else 0), device=dev, dtype=f32)
-    w = row_weight.to(device=dev, dtype=f32).contiguous() if row_weight is not None else loss
+    ct = compute_dtype(query.dtype)
+    s, b = scale_tensor(scale, query), scale_tensor(bias, query)
+    loss = torch.empty(n, device=dev, dtype=ct)
+    gk = torch.empty((n if with_grad else 0, D), device=dev, dtype=ct)
+    gtq = torch.zeros((m if with_grad else 0, D), device=dev, dtype=ct)
+    stats = torch.empty((2, n if with_grad else 0), device=dev, dtype=ct)
+    w = row_weight.to(device=dev, dtype=ct).contiguous() if row_weight is not None else loss
     R = block_rows(n, m)
-    half = query.dtype != f32
+    half = query.dtype != ct
     kt = keys.t()
     for r0 in range(0, n, R):
         rows = min(R, n - r0)
         q_blk = query[r0:r0 + rows]
         S = mm32(q_blk, kt)  # [rows, m] float32 (the caching allocator reuses the block's memory)
         G = torch.empty_like(S, dtype=query.dtype) if with_grad and half else S  # float32: in place
-        cfg = rows_config()
+        cfg = rows_config(dtype=query.dtype)
         launch(sigmoid_rows_kernel, (triton.cdiv(rows, cfg["BLOCK_M"]),), S, G, loss, stats, w, s, b, rows, m, n, r0,
                offset, S.stride(0), G.stride(0), HAS_W=row_weight is not None, WITH_GRAD=with_grad, **cfg)
         if with_grad:

@@ -17,17 +17,15 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 def backend_cases(shapes, dtypes):
     """(backend, dtype, shape) triples. The C++ backend takes every case. The Triton backend runs
-    on CUDA when present; otherwise through the interpreter, which is slow (small shapes only)
-    and has no float64 path in the kernels (CUDA ops take half/float32); its bf16 tl.dot is made
+    on CUDA when present; otherwise through the interpreter, which is slow (small shapes only;
+    float64, which the kernels compute in float64, on the smaller ones); its bf16 tl.dot is made
     exact by tests/conftest.py (operands widened to float32), so bf16 runs here too."""
     cases = []
     for dtype in dtypes:
         for shape in shapes:
             cases.append(pytest.param("cpp", dtype, shape, id=f"cpp-{dtype}-{shape}"))
             on_gpu = torch.cuda.is_available()
-            if dtype == torch.float64:
-                continue
-            if on_gpu or max(shape) <= 130:
+            if on_gpu or max(shape) <= (70 if dtype == torch.float64 else 130):
                 cases.append(pytest.param("triton", dtype, shape, id=f"triton-{dtype}-{shape}"))
     return cases
 
@@ -157,7 +155,7 @@ def test_large_scale_and_unnormalised_features_stay_finite(backend):
         assert rel_err(g, tg) < 1e-4
 
 
-@pytest.mark.parametrize("backend", ["cpp"])  # the Triton kernels compute in float32, not float64
+@pytest.mark.parametrize("backend", ["cpp", "triton"])  # both compute float64 inputs in float64
 def test_gradcheck_float64(backend):
     img = _features(5, 3, torch.float64, 7).requires_grad_()
     txt = _features(5, 3, torch.float64, 8).requires_grad_()

@@ -9,7 +9,7 @@ against the `Backend` protocol below; `get(name)` returns the module that implem
 
 Every tiled primitive has the same name, arguments and split of work on both fused backends
 (the torch custom ops under them are fitclip_ext::<name> for C++ and fitclip_ext::triton_<name>
-for Triton). "Compute dtype": float64 for float64 inputs on C++, float32 otherwise.
+for Triton). "Compute dtype": float64 for float64 inputs on both, float32 otherwise.
 
 InfoNCE (L = scale * query @ keys^T, n x m; positives at key offset + i; label smoothing eps):
     infonce_lse(query, keys, scale, with_col, offset=0) -> (row_lse [n], col_lse [m] or None,

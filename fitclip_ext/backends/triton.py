@@ -1,12 +1,13 @@
 """The Triton backend (CUDA tensors; CPU tensors under TRITON_INTERPRET=1): the `Backend`
 contract of fitclip_ext.backends over the launchers in kernels/ (torch custom ops
 torch.ops.fitclip_ext.triton_<name>, registered when fitclip_ext.kernels.* is imported, which
-`backends.resolve` does before any call here). Every kernel computes in float32."""
+`backends.resolve` does before any call here). Every kernel computes in float32, and in float64
+for float64 inputs (Triton's float64 tl.dot: DMMA on sm_80+)."""
 from __future__ import annotations
 
 import torch
 
-from ..common import row_norms as _norms
+from ..common import compute_dtype, row_norms as _norms
 
 
 def _ops():
@@ -27,7 +28,7 @@ def infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, 
 # ----------------------------------------------------------------------------- frames
 
 def row_norms(x):
-    return _norms(x, torch.float32)
+    return _norms(x, compute_dtype(x))
 
 
 def operand(x):
