@@ -132,7 +132,7 @@ def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_
                     mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
         b = tl.load(b_ptr + cols[None, :] * stride_bn + dk[:, None] * stride_bd,
                     mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -181,21 +181,21 @@ def resident_tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, col_off, row_ok, col_ok, D
     acc = acc_zeros(q_ptr, BLOCK_M, BLOCK_N)
     if RESIDENT:
         acc = tl.dot(q0, _k_chunk(k_ptr, col_off, col_ok, 0, D, stride_kd, BLOCK_K), acc,
-                     input_precision=INPUT_PRECISION)
+                     input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         if NUM_K > 1:
             acc = tl.dot(q1, _k_chunk(k_ptr, col_off, col_ok, BLOCK_K, D, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION)
+                         input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         if NUM_K > 2:
             acc = tl.dot(q2, _k_chunk(k_ptr, col_off, col_ok, 2 * BLOCK_K, D, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION)
+                         input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         if NUM_K > 3:
             acc = tl.dot(q3, _k_chunk(k_ptr, col_off, col_ok, 3 * BLOCK_K, D, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION)
+                         input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     else:
         for d0 in range(0, D, BLOCK_K):
             acc = tl.dot(_q_chunk(q_ptr, rows, row_ok, d0, D, stride_qn, stride_qd, BLOCK_K),
                          _k_chunk(k_ptr, col_off, col_ok, d0, D, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION)
+                         input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     return acc
 
 

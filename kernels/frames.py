@@ -189,7 +189,7 @@ def topk_sim_dtext_kernel(
             w = w / tl.maximum(tl.load(frames_norm_ptr + vid * T + t, mask=f_ok, other=1.0), EPS)[None, :]
         f = tl.load(frames_ptr + off[:, None] + do[None, :] * stride_fd, mask=f_ok[:, None] & do_ok[None, :],
                     other=0.0)
-        acc = tl.dot(w.to(f.dtype), f, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(w.to(f.dtype), f, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     out = out_ptr + pid_p * C * D + rc[:, None] * D + do[None, :]
     tl.store(out, acc * tl.load(gscale_ptr + 1), mask=c_ok[:, None] & do_ok[None, :])
 
@@ -229,7 +229,7 @@ def topk_sim_dframes_kernel(
         wt = tl.reshape(tl.where(on, g[:, None, :], 0.0), (BLOCK_V * T_PAD, BLOCK_C))
         x = tl.load(text_ptr + rc[:, None] * stride_tc + do[None, :] * stride_td,
                     mask=c_ok[:, None] & do_ok[None, :], other=0.0)
-        acc = tl.dot(wt.to(x.dtype), x, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(wt.to(x.dtype), x, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     vid, t, _, f_ok = _frame_columns(pid_v * BLOCK_V, V, T, 0, 0, BLOCK_V, T_PAD)
     out = out_ptr + pid_p * V * T * D + (vid * T + t)[:, None] * D + do[None, :]
     tl.store(out, acc * tl.load(gscale_ptr + 1), mask=f_ok[:, None] & do_ok[None, :])
@@ -539,7 +539,8 @@ def _select_op(frames: torch.Tensor, text: torch.Tensor, k: int, mask: torch.Ten
     B, T, D = frames.shape
     idx = torch.empty((B, k), device=frames.device, dtype=torch.int64)
     m, has_mask = _mask_arg(mask, idx)
-    kernel, cfg = configured(select_frames_kernel, select_candidates(D, T, dtype=frames.dtype), ["B", "T", "D", "k", "HAS_MASK"])
+    kernel, cfg = configured(select_frames_kernel, select_candidates(D, T, dtype=frames.dtype),
+                             ["B", "T", "D", "k", "HAS_MASK"])
     launch(kernel, lambda c: (triton.cdiv(B, c["BLOCK_B"]),),
            frames, text, m, idx, B, T, D, k,
            frames.stride(0), frames.stride(1), frames.stride(2), text.stride(0), text.stride(1),

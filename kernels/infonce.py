@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from .common import (arch_of, block_config, chunk_elems, chunk_rows, chunked_backward, column_split, compute_dtype,
-                     configured, device_scalars, input_precision, launch, num_sms, resident_rows, resident_tile, scale_tensor, small_configs,
-                     triton_op)
+                     configured, device_scalars, input_precision, launch, num_sms, resident_rows, resident_tile,
+                     scale_tensor, small_configs, triton_op)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
 LN2 = 0.6931471805599453
@@ -228,8 +228,8 @@ def merge_pairs(mx: torch.Tensor, ls: torch.Tensor) -> tuple[torch.Tensor, torch
 def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool, offset: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row_lse [n], col_lse [m], row_gap [n], col_gap [m]; the column ones empty when not
-    with_col), compute dtype (float32; float64 for float64 inputs): gap = lse - positive logit (row i's positive at column i + offset, column
-    j's at row j), >= 0 exactly, from the same tile products as the log-sum-exps (max minus the
+    with_col), in the compute dtype (float32; float64 for float64 inputs): gap = lse - positive
+    logit (row i's positive at column i + offset, column j's at row j), >= 0 exactly, from the same tile products as the log-sum-exps (max minus the
     positive is exact where the positive is the max)."""
     n, D = query.shape
     m = keys.shape[0]
