@@ -123,6 +123,42 @@ def gpu_tables(doc) -> list[str]:
     t = sigmoid_table(doc)
     if t:
         out += ["### sigmoid_loss (SigLIP), forward + backward", ""] + t + [""]
+    t = peers_table(doc)
+    if t:
+        out += ["### the fused peers, same process, same inputs", ""] + t + [""]
+    return out
+
+
+PEERS = ("open_clip", "inf_cl", "memeff", "siglip_kernel", "siglip_kernel_chunked_bf16")
+
+
+def peers_table(doc) -> list[str]:
+    """The GPU check's peers: agreement with float64 (or why one did not run), then each timed
+    case's peer times beside ours (ms, our speedup over it, peak MB)."""
+    peers = doc.get("peers") or {}
+    if not peers:
+        return []
+    out = ["| peer | status | rel. err loss / d_image / d_text | ours |", "|---|---|---|---|"]
+    for key, rec in peers.items():
+        if rec.get("status") == "run":
+            e, o = rec.get("rel_err", {}), rec.get("ours_rel_err", {})
+            fmt = lambda d: " / ".join(_fmt(d.get(k), ".1e") for k in ("loss", "d_image", "d_text"))  # noqa: E731
+            out.append(f"| {key} ({rec.get('version') or rec.get('wheel')}) | run, "
+                       f"{'agrees' if rec.get('agrees') else 'DISAGREES'} | {fmt(e)} | {fmt(o)} |")
+        else:
+            out.append(f"| {key} | not run: {rec.get('reason')} | | |")
+    out += ["", "| op | B | D | fitclip ms | peer: ms (our speedup), peak MB |", "|---|---|---|---|---|"]
+    for c in doc.get("cases", []):
+        cells = []
+        for n in PEERS:
+            b = (c.get("baselines") or {}).get(n)
+            if b is None:
+                continue
+            cells.append(f"{n}: {_fmt(b.get('median_ms'), '.2f')} ({_fmt(b.get('speedup'), '.2f')}x), "
+                         f"{_fmt(b.get('peak_mb'))} MB" if b.get("median_ms") else f"{n}: {b.get('error')}")
+        if cells:
+            out.append(f"| {c['op']} | {c.get('B')} | {c.get('D')} | {_fmt(c.get('median_ms'), '.2f')} | "
+                       + "; ".join(cells) + " |")
     return out
 
 

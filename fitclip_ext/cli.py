@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import InputError, existing_file
+
 
 def wise_main(argv=None) -> str:
     from . import model as fmodel
@@ -15,7 +17,17 @@ def wise_main(argv=None) -> str:
     p.add_argument("--fine-tuned", required=True, help="checkpoint of the fine-tuned model")
     p.add_argument("--out", required=True, help="output .safetensors")
     a = p.parse_args(argv)
-    merged = fmodel.wise_ft(fmodel.load_state_dict(a.zero_shot), fmodel.load_state_dict(a.fine_tuned), a.alpha)
+    if not 0.0 <= a.alpha <= 1.0:
+        raise InputError(f"--alpha must be in [0, 1], got {a.alpha}")
+    states = []
+    for flag, path in (("--zero-shot", a.zero_shot), ("--fine-tuned", a.fine_tuned)):
+        existing_file(flag, path)
+        try:
+            states.append(fmodel.load_state_dict(path))
+        except Exception as err:  # (safetensors' and torch's own errors for a file that is not a checkpoint)
+            raise InputError(f"{flag}: {path} is not a safetensors or torch checkpoint ({type(err).__name__}: "
+                             f"{str(err)[:200]})") from err
+    merged = fmodel.wise_ft(states[0], states[1], a.alpha)
     fmodel.save_checkpoint(merged, a.out, metadata={"wise_alpha": str(a.alpha)})
     print(f"wrote {a.out}")
     return a.out
@@ -34,30 +46,37 @@ def main(argv=None):
               "  serve   a search page and JSON API over an index",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if argv[0] == "train":
-        from .train import main as train_main
-
-        train_main(argv[1:])
-    elif argv[0] == "eval":
-        from .evaluate import main as eval_main
-
-        eval_main(argv[1:])
-    elif argv[0] == "index":
-        from .search import index_main
-
-        index_main(argv[1:])
-    elif argv[0] == "search":
-        from .search import search_main
-
-        search_main(argv[1:])
-    elif argv[0] == "serve":
-        from .serve import main as serve_main
-
-        serve_main(argv[1:])
-    else:
-        wise_main(argv[1:])
+    try:
+        _run(argv[0], argv[1:])
+    except InputError as err:  # bad input: one line, argparse's convention; anything else keeps its traceback
+        print(f"fitclip {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
+
+def _run(command: str, argv: list[str]) -> None:
+    if command == "train":
+        from .train import main as train_main
+
+        train_main(argv)
+    elif command == "eval":
+        from .evaluate import main as eval_main
+
+        eval_main(argv)
+    elif command == "index":
+        from .search import index_main
+
+        index_main(argv)
+    elif command == "search":
+        from .search import search_main
+
+        search_main(argv)
+    elif command == "serve":
+        from .serve import main as serve_main
+
+        serve_main(argv)
+    else:
+        wise_main(argv)
 
 if __name__ == "__main__":
     sys.exit(main())

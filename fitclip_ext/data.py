@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
+
 SAMPLINGS = ("uniform", "random")
 
 
@@ -128,7 +130,7 @@ def load_caption_csv(csv_path, video_root=None, *, video_column=None, caption_co
         video_column = video_column or next((c for c in ("video", "path", "video_path", "filename") if c in cols), None)
         id_column = id_column or next((c for c in ("videoid", "video_id", "id") if c in cols), None)
         if caption_column is None or (video_column is None and id_column is None):
-            raise ValueError(f"{csv_path}: needs a caption column and a video path or id column, got columns {cols}")
+            raise InputError(f"{csv_path}: needs a caption column and a video path or id column, got columns {cols}")
         out = []
         for row in reader:
             video = row[video_column] if video_column else row[id_column] + extension
@@ -189,7 +191,7 @@ def load_hmdb51(root, split_dir, split: int = 1, subset: str = "test") -> tuple[
     root, split_dir = Path(root), Path(split_dir)
     files = sorted(split_dir.glob(f"*_test_split{split}.txt"))
     if not files:
-        raise ValueError(f"no *_test_split{split}.txt files in {split_dir}")
+        raise InputError(f"no *_test_split{split}.txt files in {split_dir}")
     want = "1" if subset == "train" else "2"
     class_names = [f.name[: -len(f"_test_split{split}.txt")] for f in files]
     out = []

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as fdata
+from .errors import existing_dir, existing_file, pretrained_path
 from . import metrics
 from . import model as fmodel
 from .frames import topk_frame_similarity
@@ -143,6 +144,22 @@ def print_table(results: dict) -> None:
         print(f"{len(unreadable)} unreadable videos skipped, e.g. {unreadable[:3]}")
 
 
+def check_paths(a) -> None:
+    """Every path flag of `fitclip eval` names what exists, and a CSV has the columns it needs
+    (errors.InputError otherwise)."""
+    if a.task == "csv":
+        existing_file("--root (the CSV of --task csv)", a.root)
+        fdata.load_caption_csv(a.root, a.video_root)  # (its columns, before any model is created)
+    else:
+        existing_dir("--root", a.root)
+    for flag, value, check in (("--classes", a.classes, existing_file), ("--video-root", a.video_root, existing_dir),
+                               ("--hmdb-splits", a.hmdb_splits, existing_dir)):
+        if value:
+            check(flag, value)
+    if a.pretrained not in ("none", "None"):
+        pretrained_path("--pretrained", a.pretrained)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="fitclip eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ViT-B-16", help="open_clip architecture name")
@@ -171,6 +188,7 @@ def main(argv=None) -> dict:
                         "another --pooling, --k or prompt set does not decode again (random-init models are not "
                         "cached)")
     a = p.parse_args(argv)
+    check_paths(a)  # before the model is created (which may download weights)
     pretrained = None if a.pretrained in ("none", "None") else a.pretrained
     model, _, _, tok = fmodel.create(a.model, pretrained, device=a.device)
     templates = metrics.ucf101_templates() if a.templates == "ucf101" else ["{}"]

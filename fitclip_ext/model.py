@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
+
 # Tiny configurations (random init, offline): the tests' and the demo's stand-ins for ViT-B/16.
 TINY_CONFIGS = {
     "fitclip-tiny": {
@@ -128,15 +130,15 @@ def wise_ft(zero_shot: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tens
     """Weight-space ensemble (WiSE-FT): (1 - alpha) * zero_shot + alpha * fine_tuned, per tensor.
     Non-floating tensors (buffers such as position ids) must agree and are taken as they are."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise InputError(f"alpha must be in [0, 1], got {alpha}")
     if zero_shot.keys() != fine_tuned.keys():
         missing = sorted(set(zero_shot) ^ set(fine_tuned))[:5]
-        raise ValueError(f"zero-shot and fine-tuned checkpoints hold different tensors, e.g. {missing}")
+        raise InputError(f"zero-shot and fine-tuned checkpoints hold different tensors, e.g. {missing}")
     out = {}
     for k, a in zero_shot.items():
         b = fine_tuned[k]
         if a.shape != b.shape:
-            raise ValueError(f"tensor {k} has shape {tuple(a.shape)} in the zero-shot and {tuple(b.shape)} in the fine-tuned checkpoint")
+            raise InputError(f"tensor {k} has shape {tuple(a.shape)} in the zero-shot and {tuple(b.shape)} in the fine-tuned checkpoint")
         if a.is_floating_point():
             out[k] = ((1 - alpha) * a.double() + alpha * b.double()).to(a.dtype)
         else:

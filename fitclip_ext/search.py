@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import data as fdata
 from . import model as fmodel
+from .errors import InputError, existing_dir, pretrained_path
 from .evaluate import model_identity
 from .frames import select_frames, topk_frame_similarity
 
@@ -43,7 +44,7 @@ THUMB_HEIGHT = 64
 CHUNK_ROWS = 1 << 16  # rows of the mean embeddings per product: bounds the float32 temporaries
 
 
-class BadIndex(ValueError):
+class BadIndex(InputError):
     """A missing, corrupt or incompatible index (the message says which and how to fix it)."""
 
 
@@ -181,7 +182,7 @@ def build_index(video_dir, out, model_name: str, pretrained: str | None, *, num_
 
     video_dir, out = Path(video_dir).resolve(), Path(out)
     if not video_dir.is_dir():
-        raise ValueError(f"VIDEO_DIR must be a folder of videos, got {video_dir} (not a folder)")
+        raise InputError(f"VIDEO_DIR must be a folder of videos, got {video_dir} (not a folder)")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"--num-frames must be an int >= 1, got {num_frames!r}")
     if dtype not in ("float16", "float32"):
@@ -355,6 +356,8 @@ def index_main(argv=None) -> dict:
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                    help="stored embedding precision (default: %(default)s)")
     a = p.parse_args(argv)
+    existing_dir("VIDEO_DIR", a.video_dir)  # (before the model is loaded)
+    pretrained_path("--pretrained", a.pretrained)
     rep = build_index(a.video_dir, a.out, a.model, None if a.pretrained == "none" else a.pretrained,
                       num_frames=a.num_frames, batch_size=a.batch_size, workers=a.workers, device=a.device,
                       dtype=a.dtype)

@@ -42,6 +42,7 @@ from .data import (ClipDataset, EpochBatches, check_decode_device, collate, epoc
                    load_caption_csv, split_camel_case)
 from .distill import distillation_loss
 from .distributed import ClipLoss, SigLipLoss, World
+from .errors import existing_dir, existing_file, pretrained_path
 from .frames import gather_frames, select_frames, topk_frame_similarity, video_contrastive_loss
 from .sigmoid import sigmoid_loss
 
@@ -615,4 +616,17 @@ def main(argv=None) -> dict:
             parser.add_argument(name, type=typ, default=f.default, help=help + " (default: %(default)s)")
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{k: (None if v in ("none", "None") else v) for k, v in vars(args).items()})
+    check_paths(cfg)  # before any model is loaded or video decoded
     return train(cfg)
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Every path flag names what exists (errors.InputError naming the flag otherwise)."""
+    existing_file("--train-csv", cfg.train_csv)
+    for flag, value in (("--unlabeled-csv", cfg.unlabeled_csv), ("--val-csv", cfg.val_csv),
+                        ("--class-prompts", cfg.class_prompts)):
+        if value:
+            existing_file(flag, value)
+    if cfg.video_root:
+        existing_dir("--video-root", cfg.video_root)
+    pretrained_path("--pretrained", cfg.pretrained)

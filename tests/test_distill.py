@@ -53,7 +53,11 @@ def test_distillation_loss_matches_float64(backend, dtype, shape, reduction):
                                                                            reduction=reduction, upcast=True),
                          sv, st, tv, tt, s_scale)
     assert out.dtype == dtype and out.shape == ()
-    assert_within_rule("loss", out, naive, truth, dtype)
+    # A half-precision "sum" over many pairs can exceed the dtype itself (float16 at (1000, 17):
+    # the true loss is 1.6e5 > 65504): then +inf is the one right answer, and the rule checks that
+    # the loss is exactly that, declared here (the naive float16 result overflows too and bounds nothing).
+    overflow = dtype in (torch.float16, torch.bfloat16) and bool(truth.abs() > torch.finfo(dtype).max)
+    assert_within_rule("loss", out, naive, truth, dtype, overflow=overflow)
     for name, g, ng, tg in zip(["d_student_video", "d_student_text", "d_student_scale"], grads, ngrads, tgrads):
         assert g.dtype == ng.dtype and g.shape == tg.shape, name
         assert_within_rule(name, g, ng, tg, dtype)

@@ -57,7 +57,7 @@ def test_gpu_check_tiny_runs_and_renders(tmp_path):
     from benchmarks import report
 
     text = "\n".join(report.gpu_tables(doc))
-    assert "### sigmoid_loss" in text
+    assert "### sigmoid_loss" in text and "### the fused peers" in text and "contrastive/memeff | not run" in text
     assert "### contrastive_loss" in text and "Autotune of contrastive_loss at B=64" in text and "relative errors" in text
 
 

@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import math
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -165,7 +166,9 @@ def check_all(cases: list[tuple[str, str]], B: int, D: int, dtype) -> dict:
                 rec.update(status="not run", reason="out of time")
                 raise
             except Exception as err:
-                rec.update(status="not run", reason=f"{type(err).__name__}: {err}"[:300])
+                where = traceback.extract_tb(err.__traceback__)[-1]
+                rec.update(status="not run",
+                           reason=f"{type(err).__name__}: {err} (at {Path(where.filename).name}:{where.lineno})"[:300])
         h.log(f"peer {key}: {rec['status']}", rec.get("reason", rec.get("rel_err", "")))
         h.save()
     return out
