@@ -10,8 +10,12 @@ sizes), reads the registers and the stack frame (spills) of the cubin Triton bui
 matrix instructions expected (HGMMA on sm_90, HMMA on sm_80, for bf16/fp16/tf32 dots) in the
 SASS (or, with --no-sass, the PTX instructions ptxas turns into them). Exits non-zero on a
 compile failure, a spill, a missing matrix instruction, or more shared memory than the
-architecture gives a block. Must run without TRITON_INTERPRET (interpreted kernels cannot be
-compiled). `make test` runs --scope defaults --no-sass (every launch the dispatcher makes by
+architecture gives a block. Each build also reports what its PTX says about overlapping loads
+with products: the pipeline stages, the cp.async (and TMA) copies, the wgmma.wait_group values
+(>= 1: a warpgroup MMA group left in flight) and the CTAs per SM its shared memory and registers
+allow; --require-pipeline fails an aligned bf16/fp16 tensor-core build that does not overlap
+(the resident-row InfoNCE and similarity kernels do not yet: issue 28). Must run without
+TRITON_INTERPRET (interpreted kernels cannot be compiled). `make test` runs --scope defaults --no-sass (every launch the dispatcher makes by
 default, about 2 minutes on 2 cores with a cold cache); `make aot` runs everything.
 """
 from __future__ import annotations
@@ -214,6 +218,7 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
         row["error"] = f"{type(err).__name__}: {lines[-1][:300] if lines else ''}"
         return row
     row["shared_bytes"] = ck.metadata.shared
+    row.update(pipeline_stats(ck.asm["ptx"], launch, ck.metadata.shared, arch))
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(ck.asm["cubin"])
@@ -249,6 +254,43 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
     return row
 
 
+def pipeline_stats(ptx: str, launch: dict, shared: int, arch: int) -> dict:
+    """What the PTX says about overlapping loads with products: the pipeline stages asked for,
+    asynchronous global-to-shared copies (cp.async; cp.async.bulk is TMA), the values of
+    wgmma.wait_group (a value >= 1 leaves a warpgroup MMA group in flight while the next is
+    issued) and the CTAs per SM that the shared memory allows (registers are counted after
+    the cubin is read, in `ctas_per_sm`)."""
+    waits = sorted({int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})
+    return {"stages": launch.get("num_stages"), "warps": launch.get("num_warps"),
+            "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg)\.shared", ptx)),
+            "tma": len(re.findall(r"cp\.async\.bulk", ptx)), "wgmma_waits": waits,
+            "smem_ctas": SMEM_PER_SM[arch] // max(shared, 1) if shared else None}
+
+
+# Shared memory per SM a kernel's blocks share, and registers per SM (64K 32-bit on both).
+SMEM_PER_SM = {80: 167936, 90: 233472}
+REGS_PER_SM = 65536
+
+
+def ctas_per_sm(row) -> int | None:
+    """Resident CTAs per SM given the build's shared memory and registers (at most 32)."""
+    if row.get("registers") is None or not row.get("warps"):
+        return None
+    by_regs = REGS_PER_SM // (row["registers"] * 32 * row["warps"])
+    by_smem = row.get("smem_ctas") or 32
+    return max(0, min(32, by_regs, by_smem))
+
+
+def overlaps(row) -> bool:
+    """A tensor-core build that overlaps its loads with its products: asynchronous copies (cp.async
+    or TMA) and, on sm_90 with warpgroup MMAs, a wait that leaves a group in flight."""
+    if not (row.get("cp_async") or row.get("tma")):
+        return False
+    if row["arch"] == "sm_90" and row.get("matrix_instr") == "HGMMA":
+        return any(w >= 1 for w in row.get("wgmma_waits") or [])
+    return True
+
+
 PTX_MMA = {"HGMMA": "wgmma.mma_async", "HMMA": "mma.sync", "DMMA": "mma.sync.aligned.m8n8k4.row.col.f64"}
 
 
@@ -257,8 +299,11 @@ PTX_MMA = {"HGMMA": "wgmma.mma_async", "HMMA": "mma.sync", "DMMA": "mma.sync.ali
 SMEM_LIMIT = {"sm_80": 166912, "sm_90": 232448}
 
 
-def _problems(row) -> list[str]:
+def _problems(row, require_pipeline: bool = False) -> list[str]:
     out = []
+    if (require_pipeline and "error" not in row and row.get("matrix_instr") in ("HGMMA", "HMMA")
+            and row["dtype"] in ("bfloat16", "float16") and row["label"].endswith("/16") and not overlaps(row)):
+        out.append("tensor-core loop not pipelined (no cp.async/TMA, or no wgmma group left in flight)")
     if "error" in row:
         out.append("compile failed: " + row["error"])
     else:
@@ -285,6 +330,9 @@ def main(argv=None) -> int:
                         help="check the matrix instructions in the PTX instead of the disassembled SASS (faster)")
     parser.add_argument("--kernels", nargs="+", help="only these kernels (names as in the table, e.g. topk_sim_fwd)")
     parser.add_argument("--dtypes", nargs="+", help="only these dtypes (bfloat16, float16, float32, float64)")
+    parser.add_argument("--require-pipeline", action="store_true",
+                        help="fail bf16/fp16 tensor-core builds (16-aligned) whose loads do not overlap their products "
+                             "(no cp.async/TMA, or every wgmma.wait_group waits for 0 groups)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -300,17 +348,25 @@ def main(argv=None) -> int:
         rows = list(tqdm(pool.map(compile_one, *zip(*jobs)), total=len(jobs), desc="compiling", unit="build",
                          disable=None))
     failed = 0
-    print(f"{'kernel':17} {'arch':6} {'dtype':9} {'prec':5} {'case':31} {'regs':>4} {'spill':>5} {'smem':>7} mma")
+    unpipelined = 0
+    print(f"{'kernel':17} {'arch':6} {'dtype':9} {'prec':5} {'case':31} {'regs':>4} {'spill':>5} {'smem':>7} "
+          f"{'mma':5} {'stg':>3} {'cp.async':>8} {'tma':>3} {'waits':7} {'cta/sm':>6}")
     for row in rows:
-        probs = _problems(row)
+        row["ctas_per_sm"] = ctas_per_sm(row)
+        probs = _problems(row, args.require_pipeline)
         failed += bool(probs)
+        tensor_core = row.get("matrix_instr") in ("HGMMA", "HMMA") and row["dtype"] in ("bfloat16", "float16")
+        unpipelined += tensor_core and row["label"].endswith("/16") and "error" not in row and not overlaps(row)
         mma = "-" if row.get("matrix_instr") is None else (row["matrix_instr"] if row.get("matrix_instr_found") else "MISSING")
+        waits = ",".join(map(str, row.get("wgmma_waits") or [])) or "-"
         print(f"{row['kernel']:17} {row['arch']:6} {row['dtype']:9} {row['precision']:5} {row['label']:31} "
-              f"{row.get('registers') or '-':>4} {row.get('spill_bytes', '-'):>5} {row.get('shared_bytes', '-'):>7} {mma}"
-              + ("   <-- " + "; ".join(probs) if probs else ""))
+              f"{row.get('registers') or '-':>4} {row.get('spill_bytes', '-'):>5} {row.get('shared_bytes', '-'):>7} "
+              f"{mma:5} {row.get('stages') or '-':>3} {row.get('cp_async', '-'):>8} {row.get('tma', '-'):>3} "
+              f"{waits:7} {row.get('ctas_per_sm') or '-':>6}" + ("   <-- " + "; ".join(probs) if probs else ""))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
-    print(f"{len(rows)} kernel builds, {failed} with problems")
+    print(f"{len(rows)} kernel builds, {failed} with problems; {unpipelined} aligned bf16/fp16 tensor-core builds "
+          "do not overlap loads with products" + ("" if args.require_pipeline else " (--require-pipeline fails them)"))
     return 1 if failed else 0
 
 
