@@ -1,6 +1,7 @@
 # One entry point for setting up and running everything, on a fresh machine.
 #   make demo   - create .venv, install pins + FFmpeg, build the C++ extension, run the FitCLIP demo
 #   make test   - the same set-up, then the test suite
+#   make test-fast - the edit-test loop (a few minutes on a set-up venv): see docs/TESTING.md
 #   make bench  - the CPU benchmarks (pytest-benchmark), results under benchmarks/results/
 #   make aot    - compile every candidate Triton kernel configuration for sm_80/sm_90 without a GPU (make test compiles the defaults)
 #   make aot-triton36 - the same with Triton 3.6 (the GPU test machine's) in .triton36/
@@ -22,7 +23,7 @@ DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-be
         "pandas" "webdataset" "braceexpand"  # open_clip_train's data loading (fitclip_ext.open_clip_train)
 PYTEST_ARGS ?=
 
-.PHONY: setup deps ffmpeg browser build test demo bench aot aot-triton36 test-gpu-stack gpu-stack-venv wheels \
+.PHONY: setup deps ffmpeg browser build test test-fast demo bench aot aot-triton36 test-gpu-stack gpu-stack-venv wheels \
         gpu-stack-check gpu-check clean
 
 setup: $(VENV)/.deps-stamp ffmpeg browser build
@@ -73,6 +74,13 @@ build: $(VENV)/.deps-stamp
 
 test: setup
 	$(PY) -m pytest tests -q -n auto $(PYTEST_ARGS)
+
+# The edit-test loop on a set-up venv: every op on every backend and dtype against float64 (the
+# first shapes of each), validation, the command line and the trainer's unit tests; the build,
+# packaging, ahead-of-time, browser, GPU-script and end-to-end tests (marked slow) are left to make test.
+test-fast:
+	@test -x $(PY) || (echo "make test-fast runs on a set-up venv: run make setup (or make test) first" && exit 2)
+	$(PY) -m pytest tests -q -n auto --fast $(PYTEST_ARGS)
 
 # The main job: FitCLIP on a synthetic video world, offline on a CPU (about 2-3 minutes).
 demo: setup

@@ -41,7 +41,34 @@ def _skip_cpp_cases_without_extension(request):
             pytest.skip("C++ extension fitclip_ext._C not built")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_addoption(parser):
+    parser.addoption("--fast", action="store_true",
+                     help="the edit-test loop (make test-fast): no test marked slow (build, packaging, ahead-of-time "
+                          "compile, browser, GPU script, trainer end to end), and of each parametrized test the first "
+                          f"{FAST_CASES} cases of every (backend, dtype): every op on every backend and dtype against "
+                          "float64, on fewer shapes")
+
+
+FAST_CASES = 2
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--fast"):
+        keep, dropped, seen = [], [], {}
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if item.get_closest_marker("slow") is not None:
+                dropped.append(item)
+                continue
+            if "backend" in params and "dtype" in params:
+                key = (item.module.__name__, item.originalname, params["backend"], str(params["dtype"]))
+                seen[key] = seen.get(key, 0) + 1
+                if seen[key] > FAST_CASES:
+                    dropped.append(item)
+                    continue
+            keep.append(item)
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
     # The few long tests (marked slow) first, so that under pytest-xdist (make test runs -n auto)
     # they overlap with the many short ones instead of running alone at the end.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

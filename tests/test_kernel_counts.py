@@ -10,7 +10,9 @@ import torch
 import fitclip_ext
 from fitclip_ext.reference import contrastive_loss_reference
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts are made under the interpreter")
+# (slow: the GPU's block configurations under the interpreter, tens of seconds each; make test-fast leaves them out)
+pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="counts are made under the interpreter"),
+              pytest.mark.slow]
 
 
 def _unit(b, d, seed, dtype=torch.bfloat16):

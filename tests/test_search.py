@@ -240,6 +240,7 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+@pytest.mark.slow  # (a browser: make test, not make test-fast)
 def test_page_in_headless_chromium(client, tmp_path):
     """Types a query into the real page, waits for the results, checks the first one against the
     API and its highlighted frames, and saves a screenshot (tmp_path / "search_page.png")."""
