@@ -224,13 +224,25 @@ def merge_pairs(mx: torch.Tensor, ls: torch.Tensor) -> tuple[torch.Tensor, torch
     return top, torch.log2(torch.exp2(mx - top + ls).sum(0))
 
 
+def lse_plan(n: int, m: int, cfg: dict, sms: int) -> tuple[int, int, int, int]:
+    """The forward's launch plan for the block configuration cfg (every candidate has the same
+    BLOCK_M): (rows per chunk, row blocks per chunk, columns per program, programs per row block);
+    the partials [2, row blocks, m] stay within 2^22 elements."""
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    rows_c = chunk_rows(n, m, bm, min(chunk_elems() or (1 << 21), 1 << 21) * bm)
+    blocks = -(-rows_c // bm)
+    per, split = column_split(m, blocks, bn, sms)
+    return rows_c, blocks, per, split
+
+
 @triton_op("triton_infonce_lse")
 def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool, offset: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row_lse [n], col_lse [m], row_gap [n], col_gap [m]; the column ones empty when not
     with_col), in the compute dtype (float32; float64 for float64 inputs): gap = lse - positive
-    logit (row i's positive at column i + offset, column j's at row j), >= 0 exactly, from the same tile products as the log-sum-exps (max minus the
-    positive is exact where the positive is the max)."""
+    logit (row i's positive at column i + offset, column j's at row j), >= 0 exactly, from the
+    same tile products as the log-sum-exps (max minus the positive is exact where the positive is
+    the max)."""
     n, D = query.shape
     m = keys.shape[0]
     dev = query.device
@@ -239,10 +251,7 @@ def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_c
     prec = input_precision(query.dtype)
     cands = candidates(query.dtype, D, precision=prec, arch=arch_of(dev))
     kernel, cfg = configured(lse_fwd_kernel, cands, key=_KEY + ["WITH_COL"], site="lse")
-    bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]  # every candidate has the same BLOCK_M
-    rows_c = chunk_rows(n, m, bm, min(chunk_elems() or (1 << 21), 1 << 21) * bm)  # partials [2, rows_c / bm, m] <= 2^22
-    blocks = -(-rows_c // bm)
-    per, split = column_split(m, blocks, bn, num_sms(dev))
+    rows_c, blocks, per, split = lse_plan(n, m, cands[0], num_sms(dev))
     row_part = torch.empty((3, split, n), device=dev, dtype=ct)
     col_part = torch.empty((2, blocks if with_col else 0, m), device=dev, dtype=ct)
     col = None
@@ -253,7 +262,7 @@ def _lse_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_c
                split * n, col_part.shape[1] * m, query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
                WITH_COL=with_col, INPUT_PRECISION=prec, **cfg)
         if with_col:
-            used = -(-(r1 - r0) // bm)
+            used = -(-(r1 - r0) // cands[0]["BLOCK_M"])
             part = merge_pairs(col_part[0, :used], col_part[1, :used])
             col = part if col is None else merge_pairs(*(torch.stack(x) for x in zip(col, part)))
     row_max, row_ls = merge_pairs(row_part[0], row_part[1]) if split > 1 else (row_part[0, 0], row_part[1, 0])

@@ -261,3 +261,31 @@ def test_triton_float16_logit_gradient_keeps_small_entries():
     assert torch.isfinite(dk).all()
     # unscaled: max 1.0 (rows flushed to zero), median 0.047; scaled: max 0.019, median 0.004
     assert row_err[small].max() < 5e-2 and row_err[small].median() < 1e-2, row_err[small]
+
+
+# ----------------------------------------------------------------------------- waves
+
+@pytest.mark.parametrize("sms", [132, 108], ids=["H100", "A100"])
+@pytest.mark.parametrize("D", [512, 768])
+def test_triton_infonce_launches_fill_their_waves(sms, D):
+    """Every launch contrastive_loss makes at B = 8192 ... 1048576 (bf16; the forward's chunks and
+    the chunked backward's), planned by the launchers' own functions without running a kernel:
+    its grid is one wave or a last wave at least 90% full, on 132 SMs (H100) and 108 (A100), with
+    the one CTA per SM that the resident configurations' shared memory allows (make aot)."""
+    from fitclip_ext.kernels import infonce
+    from fitclip_ext.kernels.common import backward_plan, waves
+
+    arch = 90 if sms == 132 else 80
+    fwd = infonce.candidates(torch.bfloat16, D, small=False, arch=arch)[0]
+    grad = infonce.grad_candidates(torch.bfloat16, D, small=False, arch=arch)[0]
+    for B in (8192, 32768, 65536, 262144, 1048576):
+        rows_c, blocks, per, split = infonce.lse_plan(B, B, fwd, sms)
+        plans = {"forward": (blocks, split, per, fwd["BLOCK_N"])}
+        if B % rows_c:  # the last, shorter chunk
+            plans["forward last chunk"] = (-(-(B % rows_c) // fwd["BLOCK_M"]), split, per, fwd["BLOCK_N"])
+        rows_c, blocks, per, split = backward_plan(B, B, D, 2, grad["BLOCK_M"], grad["BLOCK_N"], sms)
+        plans["backward"] = (blocks, split, per, grad["BLOCK_N"])
+        for what, (row_blocks, split, per, block_n) in plans.items():
+            n_waves, last = waves(row_blocks * split, sms)
+            assert per * split >= B and per % block_n == 0
+            assert n_waves == 1 and row_blocks * split >= 0.9 * sms or last >= 0.9, (B, what, row_blocks, split, last)
