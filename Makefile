@@ -20,7 +20,8 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-benchmark>=4" "pytest-xdist>=3" \
         "pybind11>=2.12" "ninja" "cmake>=3.25" "setuptools>=64" "wheel" "numpy" "tqdm" \
         "safetensors" "matplotlib" "flask>=3" "selenium>=4.20" \
-        "pandas" "webdataset" "braceexpand"  # open_clip_train's data loading (fitclip_ext.open_clip_train)
+        "pandas" "webdataset" "braceexpand" \
+        "transformers==5.25.0"  # pandas..braceexpand: open_clip_train's data loading; transformers: the HF drop-in test
 PYTEST_ARGS ?=
 
 .PHONY: setup deps ffmpeg browser build test test-fast demo bench aot aot-triton36 test-gpu-stack gpu-stack-venv wheels \
