@@ -12,8 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
-from setuptools.command.build_ext import build_ext
+# Hugging Face's `kernels` package (a dependency of transformers 5) registers a setuptools
+# egg_info writer imported as `kernels._internals.locking`: with this folder on sys.path (python
+# setup.py, pip install -e .) the top-level kernels/ folder would shadow it and every build in such
+# an environment would fail. Nothing here imports from the source tree through sys.path.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+
+from setuptools import Extension, setup  # noqa: E402
+from setuptools.command.build_ext import build_ext  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
