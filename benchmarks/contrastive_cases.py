@@ -7,8 +7,6 @@ import torch
 import fitclip_ext
 from fitclip_ext.reference import contrastive_loss_reference
 
-IMPLS = ("fitclip", "open_clip", "torch", "torch_compile")
-
 
 def make_inputs(B: int, D: int, dtype=torch.float32, device="cpu", seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)

@@ -7,8 +7,6 @@ import torch.nn.functional as F
 import fitclip_ext
 from fitclip_ext.reference import distillation_loss_reference
 
-IMPLS = ("fitclip", "torch", "torch_compile")
-
 
 def make_inputs(B: int, D: int, device="cpu", seed: int = 0, *, m: int | None = None, dtype=torch.float32,
                 scale: float = 66.7):

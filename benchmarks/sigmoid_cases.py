@@ -10,8 +10,6 @@ from fitclip_ext.reference import sigmoid_loss_reference
 
 from .contrastive_cases import fwd_bwd  # noqa: F401  (the same forward + backward of every input)
 
-IMPLS = ("fitclip", "open_clip", "torch", "torch_compile")
-
 
 def make_inputs(B: int, D: int, dtype=torch.float32, device="cpu", seed: int = 0):
     """Unit embeddings, SigLIP's initial scale and bias (10, -10), all requiring gradients."""

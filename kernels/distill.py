@@ -267,11 +267,10 @@ def _stats_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor
 def _grad_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
              ts: torch.Tensor, row_s: torch.Tensor, row_t: torch.Tensor, row_w: torch.Tensor, col_s: torch.Tensor,
              col_t: torch.Tensor, col_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dA, dB in the inputs' dtypes, d s [] float32): the gradient of
+    """(dA, dB in the inputs' dtypes, d s [] in the compute dtype): the gradient of
     sum_i w_i KL_row_i + sum_j v_j KL_col_j with respect to the student's features and scale."""
     n, D = a.shape
     m, Dt = b.shape[0], c.shape[1]
-    dev = a.device
     ct = compute_dtype(a.dtype)
     ss, ts = scale_tensor(ss, a), scale_tensor(ts, a)
     prec = input_precision(a.dtype)

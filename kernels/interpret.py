@@ -73,10 +73,6 @@ class Counts:
         return sum(v[0] for v in self.kernels.values())
 
     @property
-    def load_bytes(self) -> int:
-        return sum(v[1] for v in self.kernels.values())
-
-    @property
     def flops(self) -> int:
         return self.dot_flops + self.torch_flops
 

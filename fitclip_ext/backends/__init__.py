@@ -88,11 +88,6 @@ def get(name: str) -> ModuleType:
     return _MODULES[name]
 
 
-def cpp_error() -> BaseException | None:
-    """Why the C++ extension could not be imported (None if it was, or was not tried yet)."""
-    return _state["cpp_error"]
-
-
 def load_cpp() -> bool:
     """Imports fitclip_ext._C (which registers torch.ops.fitclip_ext.*); False if it is not built."""
     if _state["cpp_loaded"]:
