@@ -13,8 +13,9 @@ compile failure, a spill, a missing matrix instruction, or more shared memory th
 architecture gives a block. Each build also reports what its PTX says about overlapping loads
 with products: the pipeline stages, the cp.async (and TMA) copies, the wgmma.wait_group values
 (>= 1: a warpgroup MMA group left in flight) and the CTAs per SM its shared memory and registers
-allow; --require-pipeline fails an aligned bf16/fp16 tensor-core build that does not overlap
-(the resident-row InfoNCE and similarity kernels do not yet: issue 28). Must run without
+allow. An aligned bf16/fp16 tensor-core build that does not overlap (no cp.async/TMA, or on
+sm_90 no wgmma group left in flight) is a problem like a spill (--allow-unpipelined reports it
+without failing, for trying configurations). Must run without
 TRITON_INTERPRET (interpreted kernels cannot be compiled). `make test` runs --scope defaults --no-sass (every launch the dispatcher makes by
 default, about 2 minutes on 2 cores with a cold cache); `make aot` runs everything.
 """
@@ -65,12 +66,17 @@ def _cases(scope: str = "all"):
             yield case
 
 
+# Integer arguments that the launchers only ever pass as multiples of the block sizes (chunk
+# starts, column ranges): divisible by 16 in every JIT specialisation, also when n and m are odd.
+_ALIGNED = {"infonce_lse_fwd": ("row0", "cols_per_split"), "infonce_grad": ("row0", "col0", "cols_per_split")}
+
+
 def _dtype_cases(dtype, prec, quick, pick):
     """The builds of one (dtype, precision): see _cases."""
     from . import distill, frames, infonce, sigmoid
 
     t = _ptr(dtype)
-    # InfoNCE: both kernels share the configurations, which depend on D (resident chunks)
+    # InfoNCE: both kernels share the configurations (by dtype and architecture; D's alignment)
     fwd_sig = {
         "q_ptr": t, "k_ptr": t, "scale_ptr": "*fp32", "row_part_ptr": "*fp32",
         "col_part_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "row0": "i32", "row_end": "i32",
@@ -80,8 +86,8 @@ def _dtype_cases(dtype, prec, quick, pick):
     grad_sig = {
         "q_ptr": t, "k_ptr": t, "g_ptr": t, "ds_part_ptr": "*fp32", "scale_ptr": "*fp32", "inv_w_ptr": "*fp32",
         "row_lse_ptr": "*fp32", "row_w_ptr": "*fp32", "col_lse_ptr": "*fp32", "col_w_ptr": "*fp32",
-        "eps_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "row0": "i32", "row_end": "i32", "offset": "i32",
-        "cols_per_split": "i32",
+        "eps_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "row0": "i32", "row_end": "i32", "col0": "i32",
+        "col_end": "i32", "offset": "i32", "cols_per_split": "i32", "splits": "i32",
         "stride_qn": "i32", "stride_qd": "i32", "stride_kn": "i32", "stride_kd": "i32", "stride_g": "i32",
     }
     for D, arch in itertools.product((512,) if quick else (40, 128, 512, 768, 1024), (80, 90)):
@@ -92,7 +98,8 @@ def _dtype_cases(dtype, prec, quick, pick):
                  infonce.grad_candidates(dtype, D, small=False, precision=prec, arch=arch), "HAS_COL")):
             for (i, cfg), with_col in itertools.product(enumerate(pick(cands)), (True, False)):
                 yield (name, fn, dtype, prec, f"c{i} D{D} " + ("col" if with_col else "-"),
-                       fwd_sig if name == "infonce_lse_fwd" else grad_sig, {flag: with_col}, dict(cfg, ARCH=arch))
+                       fwd_sig if name == "infonce_lse_fwd" else grad_sig, {flag: with_col},
+                       dict(cfg, ARCH=arch, D16=D % 16 == 0, ALIGNED=_ALIGNED[name]))
     dst_sig = {
         "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32",
         "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "Dt": "i32",
@@ -107,14 +114,15 @@ def _dtype_cases(dtype, prec, quick, pick):
         "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "inv_w_ptr": "*fp32", "row_s_ptr": "*fp32",
         "row_t_ptr": "*fp32", "row_w_ptr": "*fp32", "col_s_ptr": "*fp32", "col_t_ptr": "*fp32",
         "col_w_ptr": "*fp32", "n": "i32", "m": "i32", "D": "i32", "Dt": "i32", "row0": "i32",
-        "row_end": "i32", "cols_per_split": "i32", "stride_an": "i32", "stride_ad": "i32",
+        "row_end": "i32", "col0": "i32", "col_end": "i32", "cols_per_split": "i32", "splits": "i32",
+        "stride_an": "i32", "stride_ad": "i32",
         "stride_bn": "i32", "stride_bd": "i32", "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32",
         "stride_ed": "i32", "stride_g": "i32",
     }
     for i, cfg in enumerate(pick(distill.grad_candidates(dtype, 512, small=False, precision=prec))):
         yield ("distill_grad", "distill.grad_tile_kernel", dtype, prec, f"c{i}", dgr_sig, {}, cfg)
-    # frame kernels: configurations change with T (T_PAD, bit-set words) and, for the resident
-    # forward, with D and the architecture (the InfoNCE forward's); k is a runtime loop bound
+    # frame kernels: configurations change with T (T_PAD, bit-set words) and, for the forward,
+    # with the architecture (the InfoNCE forward's tiles); k is a runtime loop bound
     sim_sig = {
         "text_ptr": t, "frames_ptr": t, "mask_ptr": "*i8", "sim_ptr": "*fp32", "bits_ptr": "*i32",
         "text_norm_ptr": "*fp32", "frames_norm_ptr": "*fp32", "C": "i32", "V": "i32", "T": "i32", "D": "i32",
@@ -136,7 +144,8 @@ def _dtype_cases(dtype, prec, quick, pick):
         cands = frames.sim_candidates(dtype, D, T, small=False, precision=prec, arch=arch)
         for i, cfg in enumerate(pick(cands)):
             yield ("topk_sim_fwd", "frames.topk_sim_fwd_kernel", dtype, prec, f"c{i} D{D} T{T} mask norm",
-                   sim_sig, {"HAS_MASK": True, "NORMALIZE": True}, dict(cfg, ARCH=arch))
+                   sim_sig, {"HAS_MASK": True, "NORMALIZE": True},
+                   dict(cfg, ARCH=arch, D16=D % 16 == 0, ALIGNED=("vids_per_split",)))
     for T in frame_ts:
         for i, gcfg in enumerate(pick(frames.dtext_candidates(dtype, T, small=False, precision=prec))):
             yield ("topk_sim_dtext", "frames.topk_sim_dtext_kernel", dtype, prec, f"c{i} T{T} norm", dtext_sig,
@@ -187,7 +196,11 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
     import importlib
 
     kernel_name, fn_path, dtype, prec, label, sig, flags, cfg = case
-    cfg = {k: v for k, v in cfg.items() if k != "ARCH"}
+    # ARCH: the architecture the dispatcher picks this configuration for; D16: dispatched only
+    # for D % 16 == 0 (the JIT's specialisation then keeps D divisible whatever the other sizes)
+    # ALIGNED: integer arguments the launchers always pass as multiples of the block sizes
+    always = ({"D"} if cfg.get("D16") else set()) | set(cfg.get("ALIGNED", ()))
+    cfg = {k: v for k, v in cfg.items() if k not in ("ARCH", "D16", "ALIGNED")}
     module, attr = fn_path.split(".")
     fn = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
     sig = dict(sig)
@@ -204,8 +217,6 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
     for name in constexprs:
         sig[name] = "constexpr"
     names = fn.arg_names
-    # The resident InfoNCE configurations are only dispatched for D % 16 == 0: D stays divisible.
-    always = {"D"} if cfg.get("RESIDENT") else set()
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
              if v.startswith("*") or (v == "i32" and (div16 or k.startswith("stride_") or k in always))}
     row = {"kernel": kernel_name, "dtype": str(dtype).replace("torch.", ""), "precision": prec,
@@ -330,9 +341,9 @@ def main(argv=None) -> int:
                         help="check the matrix instructions in the PTX instead of the disassembled SASS (faster)")
     parser.add_argument("--kernels", nargs="+", help="only these kernels (names as in the table, e.g. topk_sim_fwd)")
     parser.add_argument("--dtypes", nargs="+", help="only these dtypes (bfloat16, float16, float32, float64)")
-    parser.add_argument("--require-pipeline", action="store_true",
-                        help="fail bf16/fp16 tensor-core builds (16-aligned) whose loads do not overlap their products "
-                             "(no cp.async/TMA, or every wgmma.wait_group waits for 0 groups)")
+    parser.add_argument("--allow-unpipelined", action="store_true",
+                        help="report, without failing, bf16/fp16 tensor-core builds (16-aligned) whose loads do not "
+                             "overlap their products (no cp.async/TMA, or every wgmma.wait_group waits for 0 groups)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -353,7 +364,7 @@ def main(argv=None) -> int:
           f"{'mma':5} {'stg':>3} {'cp.async':>8} {'tma':>3} {'waits':7} {'cta/sm':>6}")
     for row in rows:
         row["ctas_per_sm"] = ctas_per_sm(row)
-        probs = _problems(row, args.require_pipeline)
+        probs = _problems(row, not args.allow_unpipelined)
         failed += bool(probs)
         tensor_core = row.get("matrix_instr") in ("HGMMA", "HMMA") and row["dtype"] in ("bfloat16", "float16")
         unpipelined += tensor_core and row["label"].endswith("/16") and "error" not in row and not overlaps(row)
@@ -366,7 +377,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=str))
     print(f"{len(rows)} kernel builds, {failed} with problems; {unpipelined} aligned bf16/fp16 tensor-core builds "
-          "do not overlap loads with products" + ("" if args.require_pipeline else " (--require-pipeline fails them)"))
+          "do not overlap loads with products" + (" (allowed)" if args.allow_unpipelined else ""))
     return 1 if failed else 0
 
 

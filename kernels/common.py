@@ -137,65 +137,33 @@ def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_
 
 
 @triton.jit
-def _q_chunk(q_ptr, rows, row_ok, d0, D, stride_qn, stride_qd, BLOCK_K: tl.constexpr):
-    dk = d0 + tl.arange(0, BLOCK_K)
-    return tl.load(q_ptr + rows[:, None] * stride_qn + dk[None, :] * stride_qd,
-                   mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
+def safe_index(idx, ok):
+    """idx where ok, else the first index where ok (the block's first: in range whenever any is):
+    out-of-range rows of a streamed tile load a row of the same range instead of being masked
+    (no per-element mask, and the offsets keep the divisibility the pipeliner's asynchronous
+    copies need when multiplied by a stride afterwards). Their products are masked in the
+    epilogues; a non-finite input then reaches only entries that a real one of the same range
+    makes non-finite too."""
+    return tl.where(ok, idx, tl.min(idx, 0))
 
 
 @triton.jit
-def _k_chunk(k_ptr, col_off, col_ok, d0, D, stride_kd, BLOCK_K: tl.constexpr):
-    """[BLOCK_K, cols]: features d0.. of the key rows starting at element offsets col_off."""
-    dk = d0 + tl.arange(0, BLOCK_K)
-    return tl.load(k_ptr + col_off[None, :] + dk[:, None] * stride_kd,
-                   mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
-
-
-@triton.jit
-def resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-                  RESIDENT: tl.constexpr):
-    """A program's query rows as up to 4 chunks of BLOCK_K features, loaded once (RESIDENT)."""
-    q0 = _q_chunk(q_ptr, rows, row_ok, 0, D, stride_qn, stride_qd, BLOCK_K)
-    q1 = q0
-    q2 = q0
-    q3 = q0
-    if RESIDENT:
-        if NUM_K > 1:
-            q1 = _q_chunk(q_ptr, rows, row_ok, BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
-        if NUM_K > 2:
-            q2 = _q_chunk(q_ptr, rows, row_ok, 2 * BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
-        if NUM_K > 3:
-            q3 = _q_chunk(q_ptr, rows, row_ok, 3 * BLOCK_K, D, stride_qn, stride_qd, BLOCK_K)
-    return q0, q1, q2, q3
-
-
-@triton.jit
-def resident_tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, col_off, row_ok, col_ok, D, stride_qn, stride_qd, stride_kd,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-                  RESIDENT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Q[rows] @ K^T over the key rows at element offsets col_off ([BLOCK_N], int64), float32:
-    from the resident chunks of `resident_rows` (RESIDENT, D <= NUM_K * BLOCK_K), else streaming
-    both operands over D in BLOCK_K steps (large D, float32 inputs). The InfoNCE and frame
-    kernels share it; the frame kernels' key rows are frames (video, t) of any strides. float32
-    accumulation (float64 for float64 operands)."""
-    acc = acc_zeros(q_ptr, BLOCK_M, BLOCK_N)
-    if RESIDENT:
-        acc = tl.dot(q0, _k_chunk(k_ptr, col_off, col_ok, 0, D, stride_kd, BLOCK_K), acc,
-                     input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-        if NUM_K > 1:
-            acc = tl.dot(q1, _k_chunk(k_ptr, col_off, col_ok, BLOCK_K, D, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-        if NUM_K > 2:
-            acc = tl.dot(q2, _k_chunk(k_ptr, col_off, col_ok, 2 * BLOCK_K, D, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-        if NUM_K > 3:
-            acc = tl.dot(q3, _k_chunk(k_ptr, col_off, col_ok, 3 * BLOCK_K, D, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-    else:
-        for d0 in range(0, D, BLOCK_K):
-            acc = tl.dot(_q_chunk(q_ptr, rows, row_ok, d0, D, stride_qn, stride_qd, BLOCK_K),
-                         _k_chunk(k_ptr, col_off, col_ok, d0, D, stride_kd, BLOCK_K), acc,
-                         input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+def stream_tile(a_ptr, b_ptr, a_off, b_off, D, stride_ad, stride_bd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """A[a rows] @ B[b rows]^T for the rows at element offsets a_off [BLOCK_M], b_off [BLOCK_N]
+    (int64; out-of-range rows pointed at a valid row by the caller, their products masked in its
+    epilogue), both operands streamed over D in BLOCK_K steps: the loop the pipeliner turns into
+    num_stages asynchronous copies (cp.async) in flight ahead of the tensor-core product. Pointers
+    advance by a scalar each step and only the feature tail is masked, so the per-stage address
+    tensors stay small (no spills at 128 x 128 tiles with 8 warps). float32 accumulation (float64
+    for float64 operands)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = acc_zeros(a_ptr, BLOCK_M, BLOCK_N)
+    for d0 in range(0, D, BLOCK_K):
+        dk = d0 + offs_k
+        a = tl.load(a_ptr + a_off[:, None] + dk[None, :] * stride_ad, mask=dk[None, :] < D, other=0.0)
+        b = tl.load(b_ptr + b_off[None, :] + dk[:, None] * stride_bd, mask=dk[:, None] < D, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -319,6 +287,7 @@ def num_sms(device: torch.device) -> int:
 
 
 MIN_SPLIT_COLS = 512
+MIN_GRAD_COLS = 128  # the gradient kernels' (no partials to merge but a row's ds sum): finer work items
 
 
 def column_split(m: int, row_blocks: int, block_n: int, sms: int, min_cols: int = MIN_SPLIT_COLS,
@@ -326,8 +295,7 @@ def column_split(m: int, row_blocks: int, block_n: int, sms: int, min_cols: int 
     """(columns per program, programs per row block): the split of the m columns whose grid of
     row_blocks x split programs finishes first on sms x ctas_per_sm slots, by the wave model
     (waves x columns per program; a second wave under half full costs as much as a full one),
-    keeping at least min_cols columns per program (the resident block's reuse: with 128 resident
-    rows, 512 / (1 + 512 / 128) = 102 matrix FLOPs per loaded bf16 byte): among the splits whose
+    keeping at least min_cols columns per program (fewer partials to merge): among the splits whose
     last wave is at least 90% full (one wave that fills 90% of the slots counts), the fastest
     within 3% with the fewest programs. Columns per program are a multiple of block_n. Rounding the split up to
     cover the SMs once, as before, gave 192 programs on 132 SMs at B = 8192 and 32768 (two waves,
@@ -349,6 +317,13 @@ def column_split(m: int, row_blocks: int, block_n: int, sms: int, min_cols: int 
     return pool[split][1], split
 
 
+def persistent_grid(items: int, device: torch.device, ctas_per_sm: int = 1) -> int:
+    """Programs of a persistent launch over `items` work items: one per slot (SMs x CTAs per SM),
+    or fewer where there are fewer items. Program q takes items q, q + programs, ...; the work
+    is then spread to within one item per program however the item count falls on the SMs."""
+    return max(1, min(items, num_sms(device) * ctas_per_sm))
+
+
 def waves(programs: int, sms: int, ctas_per_sm: int = 1) -> tuple[int, float]:
     """(waves, fill of the last wave) of a grid of `programs` on sms x ctas_per_sm slots."""
     slots = max(1, sms * ctas_per_sm)
@@ -356,24 +331,24 @@ def waves(programs: int, sms: int, ctas_per_sm: int = 1) -> tuple[int, float]:
     return full + (rest > 0), (rest / slots if rest else 1.0)
 
 
-def backward_plan(n: int, m: int, D: int, itemsize: int, block_m: int, block_n: int, sms: int):
-    """The chunked backward's launch plan: (rows per chunk, row blocks per chunk, columns per
-    program, programs per row block). The chunk is the largest the memory budget allows
-    (backward_chunk_elems), or down to half of it where a smaller one fills the waves better:
-    27 row blocks at B = 8192 on 132 SMs leave a last wave 84% full at best, 22 fill one wave to
-    100% (time by the wave model: chunks x waves x columns per program; the largest chunk within 3%)."""
-    rows_max = chunk_rows(n, m, block_m, backward_chunk_elems(m, D, itemsize))
-    k_max = -(-rows_max // block_m)
-    best = None
-    for k in range(k_max, max(1, k_max // 2) - 1, -1):
-        rows_c = min(n, k * block_m)
-        per, split = column_split(m, k, block_n, sms)
-        n_waves, last = waves(k * split, sms)
-        full = last >= 0.9 or (n_waves == 1 and k * split >= 0.9 * sms)
-        cost = -(-n // rows_c) * n_waves * per
-        if best is None or (full and not best[0]) or (full == best[0] and cost * 1.03 < best[1]):
-            best = (full, cost, rows_c, k, per, split)
-    return best[2:]
+def backward_plan(n: int, m: int, D: int, itemsize: int, block_m: int, block_n: int, sms: int
+                  ) -> tuple[int, int, int, int, int]:
+    """The chunked backward's launch plan (see chunked_backward): (columns per slab, rows per
+    chunk, row blocks per chunk, columns per work item, work items per row block). The slab is
+    as wide as its float32 dB accumulator allows within DB_SLAB_BYTES (meant to stay in L2), the
+    chunk as tall as G [rows, slab] allows within G_BYTES (FITCLIP_GPU_BLOCK_ELEMS overrides G's
+    elements); both multiples of the blocks. The gradient kernel is persistent (one program per
+    SM), so its work items only need to spread evenly: the split of the slab's columns is
+    column_split's (wave model: items over the SMs' slots)."""
+    env = chunk_elems()
+    widest = max(block_n, DB_SLAB_BYTES // (4 * max(D, 1)) // block_n * block_n)
+    slabs = -(-m // widest)  # as few slabs as the budget allows, of even widths
+    slab = min(m, -(-(-(-m // slabs)) // block_n) * block_n)
+    elems = env or G_BYTES // itemsize
+    rows_c = min(n, max(block_m, elems // slab // block_m * block_m))
+    blocks = -(-rows_c // block_m)
+    per, split = column_split(slab, blocks, block_n, sms, min_cols=MIN_GRAD_COLS)
+    return slab, rows_c, blocks, per, split
 
 
 def chunk_elems() -> int:
@@ -382,22 +357,19 @@ def chunk_elems() -> int:
     return int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0)
 
 
-MEMORY_BUDGET = 64 << 20  # bytes above inputs and gradients the chunked backward aims for
-CHUNK_TEMPS = 2 << 20  # its per-chunk temporaries besides G (the float32 dA product, ds partials)
+MEMORY_BUDGET = 64 << 20  # bytes above inputs and gradients the chunked backward stays within (B <= 32768, D = 512)
+DB_SLAB_BYTES = 16 << 20  # the float32 dB accumulator of one column slab: read and rewritten in L2 (50 MB on an H100)
+G_BYTES = 12 << 20  # one G chunk: written by the kernel, read back by cuBLAS from L2
 
 
-def backward_chunk_elems(m: int, D: int, itemsize: int) -> int:
-    """Elements of the chunked backward's G buffer [rows, m]: FITCLIP_GPU_BLOCK_ELEMS, else as many
-    as fit in 64 MB beside the float32 dB accumulator's excess over the gradient it becomes
-    (m D (4 - itemsize) bytes) and the per-chunk temporaries: at B = 32768, D = 512 in bf16, 384
-    rows (24 MB) and 57 MB in all. Where the accumulator leaves less than 16 MB for G (m D large:
-    64 MB cannot be met anyway), 2^25 elements: larger chunks, fewer read-modify-writes of the
-    accumulator (m D 8 bytes each)."""
-    env = chunk_elems()
-    if env:
-        return env
-    room = MEMORY_BUDGET - m * D * (4 - itemsize) - CHUNK_TEMPS
-    return room // itemsize if room >= (16 << 20) else (1 << 25)
+def backward_extra_bytes(n: int, m: int, D: int, itemsize: int, block_m: int, block_n: int, sms: int) -> int:
+    """Bytes the chunked backward allocates above its inputs and gradients: the float32 dA
+    accumulator's excess over the gradient (none for float32 inputs), the dB slab accumulator,
+    the padded G chunk, a slab's ds partials and their running sum."""
+    slab, rows_c, _, per, split = backward_plan(n, m, D, itemsize, block_m, block_n, sms)
+    acc = n * D * (4 - itemsize) if itemsize < 4 else 0
+    g = -(-rows_c // block_m) * block_m * (-(-slab // block_n) * block_n) * itemsize
+    return acc + (slab * D * 4 if itemsize < 4 else 0) + g + split * n * 4 + n * 4
 
 
 def chunk_rows(n: int, m: int, block_m: int, elems: int) -> int:
@@ -415,15 +387,24 @@ G_SCALE = {torch.float16: 2.0 ** 14}
 def chunked_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, weights, block_m: int, block_n: int,
                      tile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward the InfoNCE and distillation launchers share, for logits s * A B^T with upstream
-    weights `weights` (vectors in the compute dtype): in row chunks of at most
-    FITCLIP_GPU_BLOCK_ELEMS elements, `tile(g, ds_part, inv_w, r0, r1, cols_per_split, split)`
-    launches the kernel that writes the chunk's logit gradient G times inv_w = g_scale / the
-    largest weight (O(1) entries, and 2^14 times that for float16: nothing underflows) and
-    per-row partials ds_part[split, n] of sum_j (inv_w G)_ij S_ij; cuBLAS then computes
-    dA_c = G_c B (written once) and dB += G_c^T A_c, both accumulated in the compute dtype
-    (float32; float64 for float64 inputs; dB in the gradient buffer itself for float32/float64
-    inputs, in an [m, D] float32 buffer for half ones). Returns (dA, dB in the inputs' dtype,
-    d scale [] in the compute dtype)."""
+    weights `weights` (vectors in the compute dtype), at the FLOP floor (each logit gradient
+    computed once): for each slab of columns [c0, c1), for each chunk of rows [r0, r1),
+    `tile(g, ds_part, inv_w, r0, r1, c0, c1, per, split)` launches the kernel that writes the
+    block's logit gradient G times inv_w = g_scale / the largest weight (O(1) entries, and 2^14
+    times that for float16: nothing underflows) and per-row partials ds_part[split, n] of
+    sum_j (inv_w G)_ij S_ij; cuBLAS then adds G_c B_slab to the chunk's rows of dA and
+    G_c^T A_c to the slab's dB. Both accumulate in the compute dtype (float32; float64 for
+    float64 inputs) and are rounded once into the gradient.
+
+    Where the accumulators live (the traffic `python -m fitclip_ext.kernels.model` counts):
+    the slab's dB accumulator [slab, D] (16 MB: 8192 columns at D = 512) is read and rewritten
+    once per chunk but stays in L2, and is written to dB once, when its slab is done; dA's float32
+    accumulator is read and rewritten from HBM once per slab (m / slab times: 4 at B = 32768,
+    8 bytes n D each, 0.5 GB in all), each chunk's rows while they are hot. The G chunk (12 MB)
+    goes from the kernel to cuBLAS through L2. A single pass over row chunks instead would
+    re-read a 64 MB dB accumulator from HBM for each of its 86 chunks (11 GB); writing each
+    gradient once by recomputing S for a pass over columns would cost 2 n m D more FLOPs.
+    Returns (dA, dB in the inputs' dtype, d scale [] in the compute dtype)."""
     n, D = a.shape
     m = b.shape[0]
     dev = a.device
@@ -431,19 +412,32 @@ def chunked_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, weig
     w_max = torch.stack([w.abs().amax() for w in weights]).amax()
     w_max = torch.where(w_max > 0, w_max, torch.ones_like(w_max)).reshape(1).to(ct)
     g_scale = G_SCALE.get(a.dtype, 1.0)
-    rows_c, _, per, split = backward_plan(n, m, D, a.element_size(), block_m, block_n, num_sms(dev))
-    da = torch.empty((n, D), device=dev, dtype=a.dtype)
-    db_acc = torch.zeros((m, D), device=dev, dtype=ct)
+    slab, rows_c, _, per, split = backward_plan(n, m, D, a.element_size(), block_m, block_n, num_sms(dev))
+    da = torch.zeros((n, D), device=dev, dtype=ct)  # (the gradient itself for float32/float64 inputs)
+    db = torch.empty((m, D), device=dev, dtype=b.dtype)
+    db_slab = torch.empty((slab, D), device=dev, dtype=ct) if b.dtype != ct else None
     ds_part = torch.empty((split, n), device=dev, dtype=ct)
-    G = torch.empty((rows_c, m), device=dev, dtype=a.dtype)
+    ds = torch.zeros((n,), device=dev, dtype=ct)
+    # G is padded to whole tiles (rows to block_m, columns to block_n): the kernels store every
+    # tile whole, without a mask (vectorised stores whatever n and m are); cuBLAS reads the view.
+    pad_rows, pad_cols = -(-rows_c // block_m) * block_m, -(-slab // block_n) * block_n
+    G = torch.empty((pad_rows, pad_cols), device=dev, dtype=a.dtype)
     inv_w = g_scale / w_max
     factor = scale * (w_max / g_scale)
-    for r0 in range(0, n, rows_c):
-        r1 = min(n, r0 + rows_c)
-        g = G[:r1 - r0]
-        tile(g, ds_part, inv_w, r0, r1, per, split)
-        da[r0:r1] = mm32(g, b).mul_(factor)
-        addmm32_(db_acc, g.t(), a[r0:r1])
-    del G, g  # (freed before dB's copy in the inputs' dtype is made)
-    db = db_acc.mul_(factor)
-    return da, (db.to(b.dtype) if b.dtype != ct else db), ds_part.sum() * (w_max / g_scale).reshape(())
+    for c0 in range(0, m, slab):
+        c1 = min(m, c0 + slab)
+        acc = db[c0:c1] if db_slab is None else db_slab[:c1 - c0]
+        acc.zero_()
+        for r0 in range(0, n, rows_c):
+            r1 = min(n, r0 + rows_c)
+            tile(G, ds_part, inv_w, r0, r1, c0, c1, per, split)
+            g = G[:r1 - r0, :c1 - c0]
+            addmm32_(da[r0:r1], g, b[c0:c1])
+            addmm32_(acc, g.t(), a[r0:r1])
+        acc.mul_(factor)
+        if db_slab is not None:
+            db[c0:c1] = acc
+        ds += ds_part.sum(0)  # (slab by slab, in a fixed order)
+    del G
+    da = da.mul_(factor)
+    return (da.to(a.dtype) if a.dtype != ct else da), db, ds.sum() * (w_max / g_scale).reshape(())

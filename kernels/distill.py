@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .common import (block_config, chunk_elems, chunk_rows, chunked_backward, column_split, compute_dtype, configured,
-                     input_precision, launch, num_sms, scale_tensor, small_configs, tile_product, triton_op)
+                     input_precision, launch, num_sms, persistent_grid, scale_tensor, small_configs, tile_product, triton_op)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = 0.6931471805599453
@@ -130,49 +130,55 @@ def kl_fwd_kernel(
 def grad_tile_kernel(
     a_ptr, b_ptr, c_ptr, e_ptr, g_ptr, ds_part_ptr, s_scale_ptr, t_scale_ptr, inv_w_ptr,
     row_s_ptr, row_t_ptr, row_w_ptr, col_s_ptr, col_t_ptr, col_w_ptr,
-    n, m, D, Dt, row0, row_end, cols_per_split,
+    n, m, D, Dt, row0, row_end, col0, col_end, cols_per_split, splits,
     stride_an, stride_ad, stride_bn, stride_bd, stride_cn, stride_cd, stride_en, stride_ed, stride_g,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """G[i - row0, j] / max w for rows i of [row0, row_end) and the program's column range, with
+    """G[i - row0, j - col0] / max w (row stride stride_g) for rows i of [row0, row_end) and the
+    program's range of the columns [col0, col_end), with
     G[i, j] = w_i (q_ij - p_ij) + v_j (q'_ij - p'_ij) from the saved (max, log2 sum) pairs,
     written in g_ptr's dtype; ds_part[p, i] = sum_j (G / max w)_ij (A B^T)_ij over the range."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1).to(tl.int64)
-    rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
     s_sign, t_sign, s_mag, t_mag = _signs_and_mags(s_scale_ptr, t_scale_ptr)
     inv_w = tl.load(inv_w_ptr)
-    mys = tl.load(row_s_ptr + rows, mask=row_ok, other=0.0)
-    lys = tl.load(row_s_ptr + n + rows, mask=row_ok, other=0.0)
-    mxs = tl.load(row_t_ptr + rows, mask=row_ok, other=0.0)
-    lxs = tl.load(row_t_ptr + n + rows, mask=row_ok, other=0.0)
-    w_a = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0) * inv_w
-    ds_acc = tl.zeros((BLOCK_M,), s_scale_ptr.dtype.element_ty)
-    c_begin = pid_p * cols_per_split
-    c_end = tl.minimum(c_begin + cols_per_split, m)
-    for c0 in range(c_begin, c_end, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < c_end
-        s = tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
-                         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-        x = tile_product(c_ptr, e_ptr, rows, cols, row_ok, col_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
-                         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * t_sign
-        y = s * s_sign
-        myb = tl.load(col_s_ptr + cols, mask=col_ok, other=0.0)
-        lyb = tl.load(col_s_ptr + m + cols, mask=col_ok, other=0.0)
-        mxb = tl.load(col_t_ptr + cols, mask=col_ok, other=0.0)
-        lxb = tl.load(col_t_ptr + m + cols, mask=col_ok, other=0.0)
-        w_b = tl.load(col_w_ptr + cols, mask=col_ok, other=0.0) * inv_w
-        g = w_a[:, None] * (tl.exp2(s_mag * (y - mys[:, None]) - lys[:, None])
-                            - tl.exp2(t_mag * (x - mxs[:, None]) - lxs[:, None]))
-        g += w_b[None, :] * (tl.exp2(s_mag * (y - myb[None, :]) - lyb[None, :])
-                             - tl.exp2(t_mag * (x - mxb[None, :]) - lxb[None, :]))
-        ok = row_ok[:, None] & col_ok[None, :]
-        g = tl.where(ok, g, 0.0)
-        ds_acc += tl.sum(g * s, 1)
-        tl.store(g_ptr + (rows - row0)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
-    tl.store(ds_part_ptr + pid_p * n + rows, ds_acc, mask=row_ok)
+    # persistent: program q takes the work items (row block, column range) q, q + programs, ...
+    n_items = tl.cdiv(row_end - row0, BLOCK_M) * splits
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        pid_b = (item // splits).to(tl.int64)
+        pid_p = (item % splits).to(tl.int64)
+        rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mys = tl.load(row_s_ptr + rows, mask=row_ok, other=0.0)
+        lys = tl.load(row_s_ptr + n + rows, mask=row_ok, other=0.0)
+        mxs = tl.load(row_t_ptr + rows, mask=row_ok, other=0.0)
+        lxs = tl.load(row_t_ptr + n + rows, mask=row_ok, other=0.0)
+        w_a = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0) * inv_w
+        ds_acc = tl.zeros((BLOCK_M,), s_scale_ptr.dtype.element_ty)
+        c_begin = col0 + pid_p * cols_per_split
+        c_end = tl.minimum(c_begin + cols_per_split, col_end)
+        for c0 in range(c_begin, c_end, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_ok = cols < c_end
+            s = tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
+                             BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+            x = tile_product(c_ptr, e_ptr, rows, cols, row_ok, col_ok, Dt, stride_cn, stride_cd, stride_en, stride_ed,
+                             BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * t_sign
+            y = s * s_sign
+            myb = tl.load(col_s_ptr + cols, mask=col_ok, other=0.0)
+            lyb = tl.load(col_s_ptr + m + cols, mask=col_ok, other=0.0)
+            mxb = tl.load(col_t_ptr + cols, mask=col_ok, other=0.0)
+            lxb = tl.load(col_t_ptr + m + cols, mask=col_ok, other=0.0)
+            w_b = tl.load(col_w_ptr + cols, mask=col_ok, other=0.0) * inv_w
+            g = w_a[:, None] * (tl.exp2(s_mag * (y - mys[:, None]) - lys[:, None])
+                                - tl.exp2(t_mag * (x - mxs[:, None]) - lxs[:, None]))
+            g += w_b[None, :] * (tl.exp2(s_mag * (y - myb[None, :]) - lyb[None, :])
+                                 - tl.exp2(t_mag * (x - mxb[None, :]) - lxb[None, :]))
+            ok = row_ok[:, None] & col_ok[None, :]
+            g = tl.where(ok, g, 0.0)
+            ds_acc += tl.sum(g * s, 1)
+            # (whole tiles: the launcher pads G to them, so the store needs no mask)
+            g_off = (rows - row0)[:, None] * stride_g + (cols - col0)[None, :]
+            tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty))
+        tl.store(ds_part_ptr + pid_p * n + rows, ds_acc, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -199,10 +205,10 @@ def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: s
 
 def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
     """The gradient tile kernel's (its epilogue holds both products, the gradient and four
-    statistics per row and per column): the forward's; IEEE float32 with two pipeline stages
-    (three kept an 8-byte stack slot with Triton 3.6 on sm_80, where the forward needs three)."""
+    statistics per row and per column): the forward's; IEEE float32 (CUDA-core FMAs, no tensor
+    cores to feed) with one pipeline stage (two keep an 8-byte stack slot in the persistent loop)."""
     if not small_configs(small) and (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return [block_config(32, 16, 16, 4, 2)]
+        return [block_config(32, 16, 16, 4, 1)]
     return stats_candidates(dtype, small, precision)
 
 
@@ -276,12 +282,13 @@ def _grad_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor,
     prec = input_precision(a.dtype)
     cands = grad_candidates(a.dtype, D, precision=prec)
     kernel, cfg = configured(grad_tile_kernel, cands, key=_KEY, site="grad")
-    bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]
+    # (every candidate has the same BLOCK_M; G is padded and split to the widest BLOCK_N: whole tiles)
+    bm, bn = cands[0]["BLOCK_M"], max(c["BLOCK_N"] for c in cands)
     stat = [x.to(ct).contiguous() for x in (row_s, row_t, row_w, col_s, col_t, col_w)]
 
-    def tile(g, ds_part, inv_w, r0, r1, per, split):
-        launch(kernel, lambda cf: (triton.cdiv(r1 - r0, cf["BLOCK_M"]), split),
-               a, b, c, e, g, ds_part, ss, ts, inv_w, *stat, n, m, D, Dt, r0, r1, per,
+    def tile(g, ds_part, inv_w, r0, r1, c0, c1, per, split):
+        launch(kernel, lambda cf: (persistent_grid(triton.cdiv(r1 - r0, cf["BLOCK_M"]) * split, a.device),),
+               a, b, c, e, g, ds_part, ss, ts, inv_w, *stat, n, m, D, Dt, r0, r1, c0, c1, per, split,
                a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), e.stride(0), e.stride(1),
                g.stride(0), INPUT_PRECISION=prec, **cfg)
 

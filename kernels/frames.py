@@ -5,15 +5,15 @@ t * stride_t, any strides); a tile's columns are BLOCK_V whole videos of T_PAD (
 power of two) frames, BLOCK_V * T_PAD columns in all, so every tile product is a full-size
 tensor-core `tl.dot` and each video's frames sit in one tile.
 
-`topk_sim_fwd_kernel` (grid: caption blocks x video ranges): a program keeps its BLOCK_C caption
-rows resident (loaded once, as the InfoNCE forward does: kernels/common.resident_rows) and
-streams the frame tiles of its range of videos; the epilogue of each tile reshapes the
+`topk_sim_fwd_kernel` (grid: caption blocks x video ranges): a program streams the frame tiles
+of its range of videos against its BLOCK_C caption rows, both operands pipelined over D as the
+InfoNCE forward does (kernels.common.stream_tile); the epilogue of each tile reshapes the
 [BLOCK_C, BLOCK_V * T_PAD] similarities to [BLOCK_C, BLOCK_V, T_PAD] and takes k rounds of
 (max, index of the first max) over the frames: the pooled mean [C, V] and the chosen frames as
 bit sets [C, V, ceil(T / 32)] (int32, bit t % 32 of word t // 32: the C++ backend's format),
 saved for the backward. Ties go to the earlier frame; a NaN similarity makes the pair's score
 NaN. Video ranges are split over programs when the caption blocks alone would not fill the GPU
-(each program keeps at least 512 frame columns: >= 102 matrix FLOPs per loaded bf16 byte).
+(each program keeps at least 512 frame columns).
 
 Backward (no recomputation: the chosen frames come from the forward's bits). The weights
 W[c, (v, t)] = grad[c, v] / k * [t chosen for (c, v)] are built in registers, tile by tile, from
@@ -44,7 +44,7 @@ import triton.language as tl
 
 from . import infonce
 from .common import (acc_zeros, arch_of, column_split, compute_dtype, configured, input_precision, launch, num_sms,
-                     resident_rows, resident_tile, small_configs, triton_op)
+                     safe_index, small_configs, stream_tile, triton_op)
 
 EPS = tl.constexpr(1e-12)  # F.normalize's clamp of the norm
 MAX_T = 64  # frames per video the similarity kernels take (T_PAD columns of one tile; 128 spills)
@@ -54,11 +54,14 @@ MIN_SPLIT_CAPTIONS = 256  # captions per program at least when d frames splits t
 @triton.jit
 def _frame_columns(v0, v_end, T, stride_fv, stride_ft, BLOCK_V: tl.constexpr, T_PAD: tl.constexpr):
     """The BLOCK_V * T_PAD frame columns of videos v0, v0 + 1, ...: (video [BN] int64, frame
-    index [BN], element offset of the frame's row, in range: video < v_end and t < T)."""
+    index [BN], element offset of the frame's row, in range: video < v_end and t < T). A column
+    out of range has the offset of frame 0 of video v0 (a real frame of the range: see
+    kernels.common.safe_index)."""
     j = tl.arange(0, BLOCK_V * T_PAD)
     vid = v0 + (j // T_PAD).to(tl.int64)
     t = j % T_PAD
-    return vid, t, vid * stride_fv + t * stride_ft, (vid < v_end) & (t < T)
+    ok = (vid < v_end) & (t < T)
+    return vid, t, tl.where(ok, vid, v0) * stride_fv + tl.where(ok, t, 0) * stride_ft, ok
 
 
 @triton.jit
@@ -96,7 +99,7 @@ def topk_sim_fwd_kernel(
     C, V, T, D, k, vids_per_split,
     stride_tc, stride_td, stride_fv, stride_ft, stride_fd,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, T_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_K: tl.constexpr, RESIDENT: tl.constexpr, N_WORDS: tl.constexpr, HAS_MASK: tl.constexpr,
+    N_WORDS: tl.constexpr, HAS_MASK: tl.constexpr,
     NORMALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """sim[c, v] = mean of the k largest cosines of caption c with video v's real frames, and the
@@ -105,16 +108,16 @@ def topk_sim_fwd_kernel(
     pid_p = tl.program_id(1).to(tl.int64)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
-    q0, q1, q2, q3 = resident_rows(text_ptr, rc, c_ok, D, stride_tc, stride_td, BLOCK_K, NUM_K, RESIDENT)
+    text_off = safe_index(rc, c_ok) * stride_tc
     if NORMALIZE:  # cosine of the raw rows: divide by max(norm, eps) as F.normalize does
         inv_c = 1.0 / tl.maximum(tl.load(text_norm_ptr + rc, mask=c_ok, other=1.0), EPS)
     tt = tl.arange(0, T_PAD)[None, None, :]
     v_begin = pid_p * vids_per_split
     v_end = tl.minimum(v_begin + vids_per_split, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        vid, t, off, ok = _frame_columns(v0, v_end, T, stride_fv, stride_ft, BLOCK_V, T_PAD)
-        s = resident_tile(q0, q1, q2, q3, text_ptr, frames_ptr, rc, off, c_ok, ok, D, stride_tc, stride_td,
-                          stride_fd, BLOCK_C, BLOCK_V * T_PAD, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
+        vid, t, safe_off, ok = _frame_columns(v0, v_end, T, stride_fv, stride_ft, BLOCK_V, T_PAD)
+        s = stream_tile(text_ptr, frames_ptr, text_off, safe_off, D, stride_td, stride_fd, BLOCK_C, BLOCK_V * T_PAD,
+                        BLOCK_K, INPUT_PRECISION)
         if NORMALIZE:
             inv_f = 1.0 / tl.maximum(tl.load(frames_norm_ptr + vid * T + t, mask=ok, other=1.0), EPS)
             s = s * inv_c[:, None] * inv_f[None, :]
@@ -320,8 +323,8 @@ def n_words(T: int) -> int:
 def sim_candidates(dtype, D: int, T: int, small: bool | None = None, precision: str | None = None,
                    arch: int = 90) -> list[dict]:
     """The similarity forward's block configurations, known good first (the default; the others
-    are timed only under FITCLIP_TRITON_AUTOTUNE=1): the InfoNCE forward's resident caption rows
-    and BLOCK_K chunks (kernels/infonce.candidates), with tiles of BLOCK_V = BLOCK_N / T_PAD
+    are timed only under FITCLIP_TRITON_AUTOTUNE=1): the InfoNCE forward's streamed, pipelined
+    tiles (kernels/infonce.candidates), with tiles of BLOCK_V = BLOCK_N / T_PAD
     whole videos (at least one: T_PAD columns). Compiled without spills for sm_80/sm_90 with
     Triton 3.6 and 3.8 (`python -m fitclip_ext.kernels.aot`)."""
     t_pad = triton.next_power_of_2(T)
@@ -331,10 +334,12 @@ def sim_candidates(dtype, D: int, T: int, small: bool | None = None, precision: 
     for i, c in enumerate(infonce.candidates(dtype, D, small, precision, arch)):
         if i and t_pad < 16 and dtype == torch.float32 and gpu:
             continue  # (the TF32 32-column variant spills on sm_80 at T <= 8)
-        bn = max(c["BLOCK_N"], t_pad)
-        block_c = 16 if fma and t_pad >= 64 and gpu else c["BLOCK_M"]  # (CUDA-core FMAs: 32 rows spill at T = 64)
-        cfg = dict(BLOCK_C=block_c, BLOCK_V=bn // t_pad, T_PAD=t_pad, BLOCK_K=c["BLOCK_K"], NUM_K=c["NUM_K"],
-                   RESIDENT=c["RESIDENT"], N_WORDS=n_words(T), num_warps=c["num_warps"], num_stages=c["num_stages"])
+        # (128 columns of frames with the k rounds of max spill on sm_80, and at T <= 4 on sm_90: 64 there)
+        bn = max(c["BLOCK_N"] if (arch >= 90 and t_pad >= 8) or not gpu else min(c["BLOCK_N"], 64), t_pad)
+        # (CUDA-core FMAs at T >= 32: 16 caption rows and 4 warps; 32 rows or 8 warps keep a stack slot)
+        narrow = fma and t_pad >= 32 and gpu
+        cfg = dict(BLOCK_C=16 if narrow else c["BLOCK_M"], BLOCK_V=bn // t_pad, T_PAD=t_pad, BLOCK_K=c["BLOCK_K"],
+                   N_WORDS=n_words(T), num_warps=4 if narrow else c["num_warps"], num_stages=c["num_stages"])
         if cfg not in out:
             out.append(cfg)
     return out
@@ -363,7 +368,8 @@ def dtext_candidates(dtype, T: int, small: bool | None = None, precision: str | 
         return [_grad_cfg(64, 64, t_pad, 128, 8, 2, words)]
     block_do = 128 if t_pad >= 16 else 64  # (128 spills where a tile holds 4+ short videos' words)
     # 16 warps: 8 spill in the odd-size builds (Triton 3.6 at every T, 3.8 at wider tiles)
-    return [_grad_cfg(128, 32, t_pad, block_do, 16, 2, words), _grad_cfg(128, 16, t_pad, block_do, 16, 2, words)]
+    # (a 16-column variant is not pipelined at T <= 16: one configuration)
+    return [_grad_cfg(128, 32, t_pad, block_do, 16, 2, words)]
 
 
 def dframes_candidates(dtype, T: int, small: bool | None = None, precision: str | None = None) -> list[dict]:

@@ -3,41 +3,44 @@
 L = scale * S, S = Q @ K^T (n x m). The structure, FLOP-optimal (8 * n * m * D matrix FLOPs for
 the loss and both feature gradients, the floor) and deterministic:
 
-Forward (`lse_fwd_kernel`, 2 n m D): a program owns BLOCK_M query rows, holds them resident (in
-shared memory: loaded once, NUM_K chunks of BLOCK_K features) and streams the key tiles of its
-column range. Per row it keeps the online max and sum of exp (per column range) and the positive
-logit L[i, i + offset] taken from the same tile product; per column it writes the (max, log-sum)
-pair over its BLOCK_M rows to a partial buffer [2, row blocks, m]. The pairs are merged by torch
-over a fixed axis (`merge_pairs`, then chunk by chunk): no atomics, no column shift to fix up, no
-host synchronisation. Each cross-entropy's lse - positive is formed as (max - positive) + log-sum:
-the positive and the max are the same kernel value where the positive dominates and the log-sum
-is >= 0 exactly, so the loss is never negative and is as exact near 0 as log_softmax (aligned
-pairs at scale 100), and a TF32 loss compares like with like. Column ranges are split over
-programs when the row blocks alone would not fill the GPU (each program keeps at least 512
-columns, so the resident block is reused).
+Forward (`lse_fwd_kernel`, 2 n m D): a program owns BLOCK_M query rows and streams the key
+tiles of its column range; each tile product streams both operands over D in BLOCK_K steps
+(kernels.common.stream_tile), the loop Triton pipelines: three stages of asynchronous copies
+(cp.async) in flight ahead of the tensor-core product and, on sm_90, one warpgroup MMA group
+left in flight (wgmma.wait_group 1), checked in the compiled code by `make aot`. Per row it keeps
+the online max and sum of exp (per column range) and the positive logit L[i, i + offset] taken
+from the same tile product; per column it writes the (max, log-sum) pair over its BLOCK_M rows to
+a partial buffer [2, row blocks, m]. The pairs are merged by torch over a fixed axis
+(`merge_pairs`, then chunk by chunk): no atomics, no column shift to fix up, no host
+synchronisation. Each cross-entropy's lse - positive is formed as (max - positive) + log-sum: the
+positive and the max are the same kernel value where the positive dominates and the log-sum is
+>= 0 exactly, so the loss is never negative and is as exact near 0 as log_softmax (aligned pairs
+at scale 100), and a TF32 loss compares like with like. Column ranges are split over programs
+where the row blocks alone would not fill one wave (kernels.common.column_split: one wave, or a
+last wave at least 90% full).
 
-Backward (row chunks of R rows, `grad_tile_kernel` + cuBLAS, 6 n m D): one kernel recomputes
-S_c = Q_c K^T with the same resident structure and writes the logit gradient
-G_c = w_row (softmax_rows - (1 - eps) onehot - eps / m) + w_col (softmax_cols - (1 - eps) onehot - eps / n)
+Backward (`grad_tile_kernel` + cuBLAS, 6 n m D: kernels.common.chunked_backward, shared with the
+distillation): for each slab of 8192 columns and each chunk of rows, the kernel recomputes the
+block's products and writes the logit gradient
+G = w_row (softmax_rows - (1 - eps) onehot - eps / m) + w_col (softmax_cols - (1 - eps) onehot - eps / n)
 in its epilogue, divided by the largest upstream weight (so the entries are O(1) and cannot
 underflow when rounded to float16), plus per-row partials of the scale's gradient sum G S; then
-cuBLAS computes dQ_c = G_c K (written once per chunk) and dK += G_c^T Q_c, both with float32
-accumulation (`kernels.common.chunked_backward`, shared with the distillation). dK accumulates in
-float32: in the gradient buffer itself for float32 inputs, in an [m, D] float32 buffer for half
-inputs.
+cuBLAS adds G K_slab to dQ's rows and G^T Q_c to the slab's dK, both with float32 accumulation.
+The slab's dK accumulator (16 MB) stays in L2 and is written to dK once; dQ's float32
+accumulator is re-read from HBM once per slab. The kernel is persistent (one program per SM
+taking work items q, q + SMs, ...) and stores whole tiles into a padded G (no store mask).
 
-Byte counts (what each program loads, a proxy for L2 traffic): BLOCK_M * D once for the
-resident rows, BLOCK_N * D per key tile, so a program with t key tiles does
-C * BLOCK_M / (BLOCK_M + C) * (2 / itemsize) matrix FLOPs per loaded byte over its C columns:
-at least 102 (bf16, BLOCK_M = 128, C >= 512, the fewest a split leaves), up to 128.
+Byte counts (what each program loads, a proxy for L2 traffic): BLOCK_M + BLOCK_N rows of
+BLOCK_K features per step for 2 BLOCK_M BLOCK_N BLOCK_K FLOPs: 64 matrix FLOPs per loaded bf16
+byte with the forward's 128 x 128 tiles, 42.7 with the gradient's 128 x 64 (128 x 128 spills
+there). `python -m fitclip_ext.kernels.model` puts every launch's FLOPs, HBM and L2 bytes and
+estimated time in one table.
 
-Memory (knob FITCLIP_GPU_BLOCK_ELEMS, the elements of one chunk's [R, m] buffer): the forward's
-partials [2, R_f / BLOCK_M, m] float32 (at most 2^22 elements, 16 MB, merged in 8 MB slices),
-the backward's G_c [R, m] in the inputs' dtype and, for half inputs, the float32 dK accumulator
-[m, D] (m D 2 bytes more than the gradient it becomes). By default G is sized so that the
-backward stays within 64 MB above inputs and gradients (kernels.common.backward_chunk_elems: 384
-rows at B = 32768, D = 512 in bf16, 57 MB in all). A larger chunk means fewer read-modify-writes
-of the accumulator (m * D * 8 bytes per chunk).
+Memory (FITCLIP_GPU_BLOCK_ELEMS overrides G's elements): the forward's partials [2, R_f /
+BLOCK_M, m] float32 (at most 2^22 elements, 16 MB, merged in 8 MB slices); the backward's G
+chunk (12 MB), the slab's float32 dK accumulator (16 MB) and, for half inputs, dQ's float32
+accumulator (n D 2 bytes above the gradient it becomes): 61 MB at B = 32768, D = 512 in bf16
+(kernels.common.backward_extra_bytes).
 
 Kernels assume valid inputs (the public ops validate). Offsets are int64.
 """
@@ -48,8 +51,8 @@ import triton
 import triton.language as tl
 
 from .common import (arch_of, block_config, chunk_elems, chunk_rows, chunked_backward, column_split, compute_dtype,
-                     configured, device_scalars, input_precision, launch, num_sms, resident_rows, resident_tile,
-                     scale_tensor, small_configs, triton_op)
+                     configured, device_scalars, input_precision, launch, num_sms, persistent_grid, safe_index, scale_tensor,
+                     small_configs, stream_tile, triton_op)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
 LN2 = 0.6931471805599453
@@ -60,8 +63,8 @@ def lse_fwd_kernel(
     q_ptr, k_ptr, scale_ptr, row_part_ptr, col_part_ptr,
     n, m, D, row0, row_end, offset, cols_per_split, row_field, col_field,
     stride_qn, stride_qd, stride_kn, stride_kd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-    RESIDENT: tl.constexpr, WITH_COL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WITH_COL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Program (row block b of rows [row0, row_end), column range p), logits x = scale * S in log2
     units: row_part[0, p, i] = max of row i's x over the range, row_part[1, p, i] = log2 of the sum
@@ -75,7 +78,7 @@ def lse_fwd_kernel(
     row_ok = rows < row_end
     CT = scale_ptr.dtype.element_ty  # compute dtype: float32 (float64 for float64 inputs)
     scale2 = tl.load(scale_ptr) * LOG2E  # work in base 2: exp2 is the fast path
-    q0, q1, q2, q3 = resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K, NUM_K, RESIDENT)
+    q_off = safe_index(rows, row_ok) * stride_qn
     m_i = tl.full((BLOCK_M,), float("-inf"), CT)
     l_i = tl.zeros((BLOCK_M,), CT)
     pos = tl.zeros((BLOCK_M,), CT)
@@ -84,21 +87,21 @@ def lse_fwd_kernel(
     for c0 in range(c_begin, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: row * stride may pass 2^31
         col_ok = cols < c_end
-        s = resident_tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols * stride_kn, row_ok, col_ok, D, stride_qn,
-                          stride_qd, stride_kd, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
+        s = stream_tile(q_ptr, k_ptr, q_off, safe_index(cols, col_ok) * stride_kn, D, stride_qd, stride_kd,
+                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         x = s * scale2  # logits in log2 units
-        x_rows = tl.where(col_ok[None, :], x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x_rows, 1))
+        ok = row_ok[:, None] & col_ok[None, :]
+        xm = tl.where(ok, x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(xm, 1))
         # A row whose max is still -inf has an empty sum; avoid (-inf) - (-inf).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x_rows - m_safe[:, None]), 1)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(xm - m_safe[:, None]), 1)
         m_i = m_new
-        pos += tl.sum(tl.where(cols[None, :] == rows[:, None] + offset, x, 0.0), 1)
+        pos += tl.sum(tl.where((cols[None, :] == rows[:, None] + offset) & ok, x, 0.0), 1)
         if WITH_COL:
-            x_cols = tl.where(row_ok[:, None], x, float("-inf"))
-            c_max = tl.max(x_cols, 0)
+            c_max = tl.max(xm, 0)
             c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
-            c_sum = tl.sum(tl.exp2(x_cols - c_safe[None, :]), 0)
+            c_sum = tl.sum(tl.exp2(xm - c_safe[None, :]), 0)
             cbase = col_part_ptr + pid_b * m + cols
             tl.store(cbase, c_safe, mask=col_ok)
             tl.store(cbase + col_field, tl.log2(c_sum), mask=col_ok)
@@ -109,51 +112,68 @@ def lse_fwd_kernel(
 
 
 @triton.jit
+def _near(d):
+    """An int64 tile-difference target as int32, clamped to +-2^20 (a tile difference is at most
+    the block sizes: a target out of that range matches nothing either way)."""
+    return tl.minimum(tl.maximum(d, -(1 << 20)), 1 << 20).to(tl.int32)
+
+
+@triton.jit
 def grad_tile_kernel(
     q_ptr, k_ptr, g_ptr, ds_part_ptr, scale_ptr, inv_w_ptr,
     row_lse_ptr, row_w_ptr, col_lse_ptr, col_w_ptr,
-    eps_ptr, n, m, D, row0, row_end, offset, cols_per_split,
+    eps_ptr, n, m, D, row0, row_end, col0, col_end, offset, cols_per_split, splits,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_g,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-    RESIDENT: tl.constexpr, HAS_COL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_COL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
-    """G[i - row0, j] / max w for rows i of [row0, row_end) and the program's column range, with
+    """G[i - row0, j - col0] / max w (row stride stride_g) for rows i of [row0, row_end) and the
+    program's range of the columns [col0, col_end), with
     G[i, j] = w_i (exp(L_ij - lse_i) - (1 - eps) [j = i + offset] - eps_row)
             + HAS_COL * v_j (exp(L_ij - lse'_j) - (1 - eps) [i = j] - eps_col),
     written in g_ptr's dtype; ds_part[p, i] = sum_j (G / max w)_ij S_ij over the range."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1).to(tl.int64)
-    rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
     CT = scale_ptr.dtype.element_ty  # compute dtype: float32 (float64 for float64 inputs)
     scale2 = tl.load(scale_ptr) * LOG2E
     inv_w = tl.load(inv_w_ptr)
     eps_row = tl.load(eps_ptr)  # (in the compute dtype: a float argument would be float32)
     eps_col = tl.load(eps_ptr + 1)
     one_minus_eps = tl.load(eps_ptr + 2)
-    lse_r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
-    w_r = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0) * inv_w
-    q0, q1, q2, q3 = resident_rows(q_ptr, rows, row_ok, D, stride_qn, stride_qd, BLOCK_K, NUM_K, RESIDENT)
-    ds_acc = tl.zeros((BLOCK_M,), CT)
-    c_begin = pid_p * cols_per_split
-    c_end = tl.minimum(c_begin + cols_per_split, m)
-    for c0 in range(c_begin, c_end, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < c_end
-        s = resident_tile(q0, q1, q2, q3, q_ptr, k_ptr, rows, cols * stride_kn, row_ok, col_ok, D, stride_qn,
-                          stride_qd, stride_kd, BLOCK_M, BLOCK_N, BLOCK_K, NUM_K, RESIDENT, INPUT_PRECISION)
-        x2 = s * scale2
-        diff = cols[None, :] - rows[:, None]
-        g = w_r[:, None] * (tl.exp2(x2 - lse_r[:, None]) - one_minus_eps * (diff == offset).to(CT) - eps_row)
-        if HAS_COL:
-            lse_c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
-            w_c = tl.load(col_w_ptr + cols, mask=col_ok, other=0.0) * inv_w
-            g += w_c[None, :] * (tl.exp2(x2 - lse_c[None, :]) - one_minus_eps * (diff == 0).to(CT) - eps_col)
-        ok = row_ok[:, None] & col_ok[None, :]
-        g = tl.where(ok, g, 0.0)
-        ds_acc += tl.sum(g * s, 1)
-        tl.store(g_ptr + (rows - row0)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
-    tl.store(ds_part_ptr + pid_p * n + rows, ds_acc, mask=row_ok)
+    # persistent: program q takes the work items (row block, column range) q, q + programs, ...
+    n_items = tl.cdiv(row_end - row0, BLOCK_M) * splits
+    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        pid_b = (item // splits).to(tl.int64)
+        pid_p = (item % splits).to(tl.int64)
+        rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        lse_r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+        w_r = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0) * inv_w
+        q_off = safe_index(rows, row_ok) * stride_qn
+        ds_acc = tl.zeros((BLOCK_M,), CT)
+        c_begin = col0 + pid_p * cols_per_split
+        c_end = tl.minimum(c_begin + cols_per_split, col_end)
+        for c0 in range(c_begin, c_end, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_ok = cols < c_end
+            s = stream_tile(q_ptr, k_ptr, q_off, safe_index(cols, col_ok) * stride_kn, D, stride_qd, stride_kd,
+                            BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+            x2 = s * scale2
+            # column - row as an int32 tile difference plus a scalar shift (no int64 tile to keep)
+            diff = tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None]
+            shift = c0 - row0 - pid_b * BLOCK_M
+            g = w_r[:, None] * (tl.exp2(x2 - lse_r[:, None]) - one_minus_eps * (diff == _near(offset - shift)).to(CT)
+                                - eps_row)
+            if HAS_COL:
+                lse_c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
+                w_c = tl.load(col_w_ptr + cols, mask=col_ok, other=0.0) * inv_w
+                g += w_c[None, :] * (tl.exp2(x2 - lse_c[None, :]) - one_minus_eps * (diff == _near(-shift)).to(CT)
+                                     - eps_col)
+            ok = row_ok[:, None] & col_ok[None, :]
+            g = tl.where(ok, g, 0.0)
+            ds_acc += tl.sum(g * s, 1)
+            # (whole tiles: the launcher pads G to them, so the store needs no mask)
+            g_off = (rows - row0)[:, None] * stride_g + (cols - col0)[None, :]
+            tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty))
+        tl.store(ds_part_ptr + pid_p * n + rows, ds_acc, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -162,46 +182,31 @@ def candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision:
                arch: int = 90) -> list[dict]:
     """Block configurations of both kernels for compute capability `arch` (80: A100, 90: H100),
     known good first (the default); the others are timed only under FITCLIP_TRITON_AUTOTUNE=1;
-    all share BLOCK_M (the launchers size the partial buffers by it). bf16/fp16 with D a
-    multiple of 16 keep the query rows resident: NUM_K <= 4 chunks of BLOCK_K = 128 (D <= 512)
-    or 256 features, one pipeline stage (the resident block and one key chunk fill the shared
-    memory), 128 rows where they fit (D <= 768 on sm_90, 512 on sm_80), else 64 (sm_80 up to
-    D = 768); other cases stream both operands. Checked without spills, with HGMMA/HMMA and within shared memory for
-    sm_80/sm_90 by `python -m fitclip_ext.kernels.aot`. small (default under the interpreter,
-    or FITCLIP_TRITON_CONFIG=small; FITCLIP_TRITON_CONFIG=gpu gives the GPU's configurations
-    everywhere) gives the minimum tl.dot tiles."""
+    all share BLOCK_M (the launchers size the partial buffers by it). Every configuration streams
+    both operands over D in BLOCK_K steps (`stream_tile`) with num_stages asynchronous copies in
+    flight: for bf16/fp16, 128 x 128 tiles of 64 features, three stages (96 KB of shared memory,
+    64 matrix FLOPs per loaded byte), on sm_90 with a warpgroup MMA group left in flight. Checked
+    without spills, pipelined (cp.async, wgmma.wait_group 1), with HGMMA/HMMA and within shared
+    memory for sm_80/sm_90 by `python -m fitclip_ext.kernels.aot`. small (default under the
+    interpreter, or FITCLIP_TRITON_CONFIG=small; FITCLIP_TRITON_CONFIG=gpu gives the GPU's
+    configurations everywhere) gives the minimum tl.dot tiles."""
     if small_configs(small):
-        bk = max(16, triton.next_power_of_2(-(-D // 4)))
-        if bk <= 64:
-            nk = -(-D // bk)
-            return [block_config(16, 16, bk, 1, 1, NUM_K=nk, RESIDENT=True),
-                    block_config(16, 32, bk, 1, 1, NUM_K=nk, RESIDENT=True)]
-        return [block_config(16, 16, 16, 1, 1, NUM_K=1, RESIDENT=False)]
+        bk = min(64, max(16, triton.next_power_of_2(-(-D // 4))))  # (up to 4 steps: the pipelined loop's shape)
+        return [block_config(16, 16, bk, 1, 1), block_config(16, 32, bk, 1, 1)]
     if dtype == torch.float64:  # the float64 path (exactness, not speed): CUDA-core DFMA/DMMA
-        return [block_config(32, 32, 16, 4, 2, NUM_K=1, RESIDENT=False)]
+        return [block_config(32, 32, 16, 4, 2)]
     if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # CUDA-core FMA
-        return [block_config(32, 64, 32, 8, 2, NUM_K=1, RESIDENT=False)]
-    if dtype == torch.float32:  # TF32: resident float32 rows would not fit beside the tiles
-        return [block_config(128, 64, 32, 8, 3, NUM_K=1, RESIDENT=False),
-                block_config(128, 32, 32, 8, 3, NUM_K=1, RESIDENT=False)]
-    if D % 16 == 0 and D <= 768:
-        bk = 128 if D <= 512 else 256
-        nk = -(-D // bk)
-        if D <= (768 if arch >= 90 else 512):
-            bn = 64 if bk <= 128 and arch >= 90 else 32
-            out = [block_config(128, bn, bk, 8, 1, NUM_K=nk, RESIDENT=True)]
-            if bn == 64:
-                out.append(block_config(128, 32, bk, 8, 1, NUM_K=nk, RESIDENT=True))
-            return out
-        return [block_config(64, 32, bk, 8, 1, NUM_K=nk, RESIDENT=True)]
-    return [block_config(128, 64, 64, 8, 3, NUM_K=1, RESIDENT=False), block_config(128, 32, 64, 4, 3, NUM_K=1,
-                                                                                  RESIDENT=False)]
+        return [block_config(32, 64, 32, 8, 2)]
+    if dtype == torch.float32:  # TF32 (a 32-column variant spills on sm_80)
+        return [block_config(128, 64, 32, 8, 3)]
+    return [block_config(128, 128, 64, 8, 3), block_config(128, 128, 64, 8, 4), block_config(128, 64, 64, 8, 3)]
 
 
 def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None,
                     arch: int = 90) -> list[dict]:
     """The backward kernel's: the forward's with half as many columns per tile (its epilogue holds
-    the logits, the gradient and the weights at once: no spills at the full width's registers)."""
+    the logits, the gradient and the weights at once: 128 x 128 half tiles spill 120 bytes on
+    sm_90, 128 x 64 none)."""
     cands = candidates(dtype, D, small, precision, arch)
     if small_configs(small) or dtype == torch.float64:
         return cands
@@ -289,15 +294,16 @@ def _grad_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_l
     prec = input_precision(query.dtype)
     cands = grad_candidates(query.dtype, D, precision=prec, arch=arch_of(dev))
     kernel, cfg = configured(grad_tile_kernel, cands, key=_KEY + ["HAS_COL"], site="grad")
-    bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]  # every candidate has the same BLOCK_M
+    # (every candidate has the same BLOCK_M; G is padded and split to the widest BLOCK_N: whole tiles)
+    bm, bn = cands[0]["BLOCK_M"], max(c["BLOCK_N"] for c in cands)
     row_w = row_weight.to(dtype=ct).contiguous()
     col_w = col_weight.to(dtype=ct).contiguous() if sym else row_w
     eps_t = device_scalars((eps / m, eps / n if sym else 0.0, 1.0 - eps), query)
 
-    def tile(g, ds_part, inv_w, r0, r1, per, split):
-        launch(kernel, lambda c: (triton.cdiv(r1 - r0, c["BLOCK_M"]), split),
+    def tile(g, ds_part, inv_w, r0, r1, c0, c1, per, split):
+        launch(kernel, lambda c: (persistent_grid(triton.cdiv(r1 - r0, c["BLOCK_M"]) * split, dev),),
                query, keys, g, ds_part, s, inv_w, row_lse, row_w, col_lse if sym else row_lse, col_w,
-               eps_t, n, m, D, r0, r1, offset, per,
+               eps_t, n, m, D, r0, r1, c0, c1, offset, per, split,
                query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), g.stride(0),
                HAS_COL=sym, INPUT_PRECISION=prec, **cfg)
 

@@ -265,27 +265,47 @@ def test_triton_float16_logit_gradient_keeps_small_entries():
 
 # ----------------------------------------------------------------------------- waves
 
+def _balance(items: int, programs: int) -> float:
+    """Work done over work the busiest program's share would allow: items / (programs x the most
+    items one program takes)."""
+    return items / (programs * -(-items // programs))
+
+
 @pytest.mark.parametrize("sms", [132, 108], ids=["H100", "A100"])
 @pytest.mark.parametrize("D", [512, 768])
-def test_triton_infonce_launches_fill_their_waves(sms, D):
+def test_triton_infonce_launches_fill_their_waves(sms, D, monkeypatch):
     """Every launch contrastive_loss makes at B = 8192 ... 1048576 (bf16; the forward's chunks and
-    the chunked backward's), planned by the launchers' own functions without running a kernel:
-    its grid is one wave or a last wave at least 90% full, on 132 SMs (H100) and 108 (A100), with
-    the one CTA per SM that the resident configurations' shared memory allows (make aot)."""
+    both passes of the chunked backward), planned by the launchers' own functions without running
+    a kernel, on 132 SMs (H100) and 108 (A100) with the one CTA per SM that the default
+    configurations' registers allow (make aot prints it): the forward's grid is one wave or a last
+    wave at least 90% full; the gradient kernel's is persistent (one program per SM, work items
+    q, q + SMs, ...) with its items spread at least 90% evenly over the programs."""
     from fitclip_ext.kernels import infonce
-    from fitclip_ext.kernels.common import backward_plan, waves
+    from fitclip_ext.kernels.common import backward_plan, persistent_grid, waves
 
+    monkeypatch.setenv("FITCLIP_TRITON_SMS", str(sms))
+    cpu = torch.device("cpu")
     arch = 90 if sms == 132 else 80
     fwd = infonce.candidates(torch.bfloat16, D, small=False, arch=arch)[0]
     grad = infonce.grad_candidates(torch.bfloat16, D, small=False, arch=arch)[0]
     for B in (8192, 32768, 65536, 262144, 1048576):
         rows_c, blocks, per, split = infonce.lse_plan(B, B, fwd, sms)
-        plans = {"forward": (blocks, split, per, fwd["BLOCK_N"])}
+        forward = {"forward": (blocks, split, per)}
         if B % rows_c:  # the last, shorter chunk
-            plans["forward last chunk"] = (-(-(B % rows_c) // fwd["BLOCK_M"]), split, per, fwd["BLOCK_N"])
-        rows_c, blocks, per, split = backward_plan(B, B, D, 2, grad["BLOCK_M"], grad["BLOCK_N"], sms)
-        plans["backward"] = (blocks, split, per, grad["BLOCK_N"])
-        for what, (row_blocks, split, per, block_n) in plans.items():
+            forward["forward last chunk"] = (-(-(B % rows_c) // fwd["BLOCK_M"]), split, per)
+        for what, (row_blocks, split, per) in forward.items():
             n_waves, last = waves(row_blocks * split, sms)
-            assert per * split >= B and per % block_n == 0
+            assert per * split >= B and per % fwd["BLOCK_N"] == 0
             assert n_waves == 1 and row_blocks * split >= 0.9 * sms or last >= 0.9, (B, what, row_blocks, split, last)
+        slab, rows_c, blocks, per, split = backward_plan(B, B, D, 2, grad["BLOCK_M"], grad["BLOCK_N"], sms)
+        assert slab % grad["BLOCK_N"] == 0 and rows_c % grad["BLOCK_M"] == 0
+        backward = {"backward": (blocks, split, per, slab)}
+        if B % rows_c:  # the last, shorter chunk
+            backward["backward last chunk"] = (-(-(B % rows_c) // grad["BLOCK_M"]), split, per, slab)
+        # (a narrower last slab has the same items: the split is the slab's, some items run empty)
+        for what, (row_blocks, split, per, width) in backward.items():
+            assert per * split >= width and per % grad["BLOCK_N"] == 0
+            items = row_blocks * split
+            programs = persistent_grid(items, cpu)  # (the launcher's grid; FITCLIP_TRITON_SMS stands for the GPU)
+            assert programs == min(items, sms)
+            assert _balance(items, programs) >= 0.9, (B, what, items, programs)
