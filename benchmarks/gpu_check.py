@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     slug = "tiny-cpu" if args.tiny else "".join(c if c.isalnum() else "-" for c in doc["device"]).strip("-").lower()
     path = args.out / f"{slug}-{doc['date']}.json"
     h.init(args.tiny, args.budget_seconds, path, doc)
+    doc["model"] = h.model_table()  # the per-launch estimates (kernels.model) the measurements test
     if args.tiny:  # the interpreter's own bf16 tl.dot multiplies raw bit patterns: widen them (as the tests do)
         from fitclip_ext.kernels.interpret import exact_bf16_dot
 

@@ -126,6 +126,22 @@ def gpu_tables(doc) -> list[str]:
     t = peers_table(doc)
     if t:
         out += ["### the fused peers, same process, same inputs", ""] + t + [""]
+    t = model_table(doc)
+    if t:
+        out += ["### the per-launch model (kernels.model) against the measurement", ""] + t + [""]
+    return out
+
+
+def model_table(doc) -> list[str]:
+    """Every timed case that carries the model's estimate: measured over modelled time (above 1:
+    slower than the model says; the model's fractions are then too high for that shape)."""
+    rows = [c for c in doc.get("cases", []) if c.get("model_ms") and c.get("median_ms")]
+    if not rows:
+        return []
+    out = ["| op | B | D | measured ms | model ms | measured / model |", "|---|---|---|---|---|---|"]
+    for c in rows:
+        out.append(f"| {c['op']} | {c['B']} | {c['D']} | {_fmt(c['median_ms'], '.2f')} | {_fmt(c['model_ms'], '.2f')} "
+                   f"| {_fmt(c['median_ms'] / c['model_ms'], '.2f')} |")
     return out
 
 

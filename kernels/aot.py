@@ -68,7 +68,8 @@ def _cases(scope: str = "all"):
 
 # Integer arguments that the launchers only ever pass as multiples of the block sizes (chunk
 # starts, column ranges): divisible by 16 in every JIT specialisation, also when n and m are odd.
-_ALIGNED = {"infonce_lse_fwd": ("row0", "cols_per_split"), "infonce_grad": ("row0", "col0", "cols_per_split")}
+_ALIGNED = {"infonce_lse_fwd": ("row0", "cols_per_split"), "infonce_grad": ("row0", "col0", "cols_per_split"),
+            "distill_fwd": ("row0", "cols_per_split"), "distill_grad": ("row0", "col0", "cols_per_split")}
 
 
 def _dtype_cases(dtype, prec, quick, pick):
@@ -107,8 +108,10 @@ def _dtype_cases(dtype, prec, quick, pick):
         "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
         "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32", "stride_ed": "i32",
     }
-    for i, cfg in enumerate(pick(distill.stats_candidates(dtype, small=False, precision=prec))):
-        yield ("distill_fwd", "distill.kl_fwd_kernel", dtype, prec, f"c{i}", dst_sig, {}, cfg)
+    for aligned in (True, False):  # (D and Dt multiples of 16, or not: the launchers pick by it)
+        for i, cfg in enumerate(pick(distill.stats_candidates(dtype, small=False, precision=prec, aligned=aligned))):
+            yield ("distill_fwd", "distill.kl_fwd_kernel", dtype, prec, f"c{i} " + ("D/16" if aligned else "D any"),
+                   dst_sig, {}, dict(cfg, ALIGNED=_ALIGNED["distill_fwd"], D16=aligned))
     dgr_sig = {
         "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "g_ptr": t, "ds_part_ptr": "*fp32",
         "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "inv_w_ptr": "*fp32", "row_s_ptr": "*fp32",
@@ -119,8 +122,11 @@ def _dtype_cases(dtype, prec, quick, pick):
         "stride_bn": "i32", "stride_bd": "i32", "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32",
         "stride_ed": "i32", "stride_g": "i32",
     }
-    for i, cfg in enumerate(pick(distill.grad_candidates(dtype, 512, small=False, precision=prec))):
-        yield ("distill_grad", "distill.grad_tile_kernel", dtype, prec, f"c{i}", dgr_sig, {}, cfg)
+    for aligned in (True, False):
+        cands = distill.grad_candidates(dtype, 512, small=False, precision=prec, aligned=aligned)
+        for i, cfg in enumerate(pick(cands)):
+            yield ("distill_grad", "distill.grad_tile_kernel", dtype, prec, f"c{i} " + ("D/16" if aligned else "D any"),
+                   dgr_sig, {}, dict(cfg, ALIGNED=_ALIGNED["distill_grad"], D16=aligned))
     # frame kernels: configurations change with T (T_PAD, bit-set words) and, for the forward,
     # with the architecture (the InfoNCE forward's tiles); k is a runtime loop bound
     sim_sig = {
@@ -160,7 +166,7 @@ def _dtype_cases(dtype, prec, quick, pick):
     if prec == "ieee" or dtype != torch.float32:  # no tl.dot (cuBLAS does the GEMMs): one build per G dtype
         rows_sig = {"s_ptr": "*fp32", "g_ptr": t, "loss_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*fp32",
                     "scale_ptr": "*fp32", "bias_ptr": "*fp32", "rows": "i32", "m": "i32", "n": "i32", "row0": "i32",
-                    "offset": "i32", "stride_s": "i32", "stride_g": "i32"}
+                    "col0": "i32", "offset": "i32", "stride_s": "i32", "stride_g": "i32"}
         cfg = sigmoid.rows_config(small=False, dtype=dtype)
         for has_w, with_grad in ((False, True), (True, True), (False, False)):
             yield ("sigmoid_rows", "sigmoid.sigmoid_rows_kernel", dtype, "-",
@@ -199,7 +205,7 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
     # ARCH: the architecture the dispatcher picks this configuration for; D16: dispatched only
     # for D % 16 == 0 (the JIT's specialisation then keeps D divisible whatever the other sizes)
     # ALIGNED: integer arguments the launchers always pass as multiples of the block sizes
-    always = ({"D"} if cfg.get("D16") else set()) | set(cfg.get("ALIGNED", ()))
+    always = ({"D", "Dt"} if cfg.get("D16") else set()) | set(cfg.get("ALIGNED", ()))
     cfg = {k: v for k, v in cfg.items() if k not in ("ARCH", "D16", "ALIGNED")}
     module, attr = fn_path.split(".")
     fn = getattr(importlib.import_module(f"{__package__}.{module}"), attr)

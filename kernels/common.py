@@ -123,17 +123,11 @@ def acc_zeros(operand_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def tile_product(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_an, stride_ad, stride_bn, stride_bd,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """A[rows] @ B[cols]^T, float32 accumulate (float64 for float64 operands)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = acc_zeros(a_ptr, BLOCK_M, BLOCK_N)
-    for d0 in range(0, D, BLOCK_K):
-        dk = d0 + offs_k
-        a = tl.load(a_ptr + rows[:, None] * stride_an + dk[None, :] * stride_ad,
-                    mask=row_ok[:, None] & (dk[None, :] < D), other=0.0)
-        b = tl.load(b_ptr + cols[None, :] * stride_bn + dk[:, None] * stride_bd,
-                    mask=col_ok[None, :] & (dk[:, None] < D), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-    return acc
+    """A[rows] @ B[cols]^T, float32 accumulate (float64 for float64 operands), streamed and
+    pipelined (`stream_tile`); rows and columns out of range load a row of their range
+    (`safe_index`): the caller masks their products."""
+    return stream_tile(a_ptr, b_ptr, safe_index(rows, row_ok) * stride_an, safe_index(cols, col_ok) * stride_bn, D,
+                       stride_ad, stride_bd, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
 
 
 @triton.jit
@@ -165,6 +159,26 @@ def stream_tile(a_ptr, b_ptr, a_off, b_off, D, stride_ad, stride_bd, BLOCK_M: tl
         b = tl.load(b_ptr + b_off[None, :] + dk[:, None] * stride_bd, mask=dk[:, None] < D, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     return acc
+
+
+@triton.jit
+def work_item(item, splits, row0, row_end, BLOCK_M: tl.constexpr):
+    """A persistent gradient kernel's work item `item` as (row block, column range, its rows,
+    which rows are in range): items run row block by row block, `splits` ranges each."""
+    pid_b = (item // splits).to(tl.int64)
+    rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_b, (item % splits).to(tl.int64), rows, rows < row_end
+
+
+@triton.jit
+def store_grad_tile(g, s, rows, cols, row_ok, col_ok, row0, col0, g_ptr, stride_g):
+    """The gradient kernels' tile epilogue: zeroes G outside the range, stores the whole tile at
+    (rows - row0, cols - col0) of G (row stride stride_g; the launcher pads G to whole tiles, so
+    the store needs no mask) in G's dtype, and returns the tile's row sums of G S (the scale's
+    gradient partials)."""
+    g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+    tl.store(g_ptr + (rows - row0)[:, None] * stride_g + (cols - col0)[None, :], g.to(g_ptr.dtype.element_ty))
+    return tl.sum(g * s, 1)
 
 
 def tf32_enabled() -> bool:

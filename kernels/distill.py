@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from .common import (block_config, chunk_elems, chunk_rows, chunked_backward, column_split, compute_dtype, configured,
-                     input_precision, launch, num_sms, persistent_grid, scale_tensor, small_configs, tile_product, triton_op)
+                     input_precision, launch, num_sms, persistent_grid, scale_tensor, small_configs, store_grad_tile,
+                     tile_product, triton_op, work_item)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = 0.6931471805599453
@@ -141,12 +142,8 @@ def grad_tile_kernel(
     s_sign, t_sign, s_mag, t_mag = _signs_and_mags(s_scale_ptr, t_scale_ptr)
     inv_w = tl.load(inv_w_ptr)
     # persistent: program q takes the work items (row block, column range) q, q + programs, ...
-    n_items = tl.cdiv(row_end - row0, BLOCK_M) * splits
-    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        pid_b = (item // splits).to(tl.int64)
-        pid_p = (item % splits).to(tl.int64)
-        rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
+    for item in range(tl.program_id(0), tl.cdiv(row_end - row0, BLOCK_M) * splits, tl.num_programs(0)):
+        pid_b, pid_p, rows, row_ok = work_item(item, splits, row0, row_end, BLOCK_M)
         mys = tl.load(row_s_ptr + rows, mask=row_ok, other=0.0)
         lys = tl.load(row_s_ptr + n + rows, mask=row_ok, other=0.0)
         mxs = tl.load(row_t_ptr + rows, mask=row_ok, other=0.0)
@@ -172,23 +169,19 @@ def grad_tile_kernel(
                                 - tl.exp2(t_mag * (x - mxs[:, None]) - lxs[:, None]))
             g += w_b[None, :] * (tl.exp2(s_mag * (y - myb[None, :]) - lyb[None, :])
                                  - tl.exp2(t_mag * (x - mxb[None, :]) - lxb[None, :]))
-            ok = row_ok[:, None] & col_ok[None, :]
-            g = tl.where(ok, g, 0.0)
-            ds_acc += tl.sum(g * s, 1)
-            # (whole tiles: the launcher pads G to them, so the store needs no mask)
-            g_off = (rows - row0)[:, None] * stride_g + (cols - col0)[None, :]
-            tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty))
+            ds_acc += store_grad_tile(g, s, rows, cols, row_ok, col_ok, row0, col0, g_ptr, stride_g)
         tl.store(ds_part_ptr + pid_p * n + rows, ds_acc, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- configurations
 
-def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: str | None = None) -> list[dict]:
+def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: str | None = None,
+                     aligned: bool = True) -> list[dict]:
     """The forward kernel's block configurations, known good first (the default; the others are
     timed only under FITCLIP_TRITON_AUTOTUNE=1), one BLOCK_M per list (the launcher sizes the
     partial buffers by it). Two [BLOCK_M, BLOCK_N] fp32 tiles and the row and column statistics
-    live at once: 128 x 64 half tiles spill on sm_80 (and with odd strides on sm_90), so the
-    half default is 128 x 32. All compile without spills on sm_80/sm_90
+    live at once: bf16 tiles of 128 x 64 where D and Dt are multiples of 16 (aligned), else
+    128 x 32. All compile without spills on sm_80/sm_90
     (`python -m fitclip_ext.kernels.aot`)."""
     if small_configs(small):
         return [block_config(16, 16, 16, 1, 1), block_config(16, 32, 16, 1, 1)]
@@ -200,16 +193,20 @@ def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: s
     # with odd strides on sm_90)
     if dtype == torch.float32:
         return [block_config(64, 64, 32, 8, 2), block_config(64, 32, 32, 8, 2)]
+    if aligned and dtype == torch.bfloat16:  # D, Dt multiples of 16: 128 x 64 tiles (42.7 FLOPs per loaded byte)
+        return [block_config(128, 64, 64, 8, 3), block_config(128, 32, 64, 8, 3)]
+    # (128 x 64 spills on sm_90 with odd feature counts, and for float16 with odd n or m)
     return [block_config(128, 32, 64, 8, 3), block_config(128, 32, 64, 8, 4), block_config(128, 32, 32, 8, 3)]
 
 
-def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
+def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None,
+                    aligned: bool = True) -> list[dict]:
     """The gradient tile kernel's (its epilogue holds both products, the gradient and four
     statistics per row and per column): the forward's; IEEE float32 (CUDA-core FMAs, no tensor
     cores to feed) with one pipeline stage (two keep an 8-byte stack slot in the persistent loop)."""
     if not small_configs(small) and (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
         return [block_config(32, 16, 16, 4, 1)]
-    return stats_candidates(dtype, small, precision)
+    return stats_candidates(dtype, small, precision, aligned)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -247,7 +244,7 @@ def _stats_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor
     ss, ts = scale_tensor(ss, a), scale_tensor(ts, a)
     s_mag, t_mag = ss.abs() * LOG2E.value, ts.abs() * LOG2E.value
     prec = input_precision(a.dtype)
-    cands = stats_candidates(a.dtype, precision=prec)
+    cands = stats_candidates(a.dtype, precision=prec, aligned=D % 16 == 0 and Dt % 16 == 0)
     kernel, cfg = configured(kl_fwd_kernel, cands, key=_KEY, site="stats")
     bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]
     part_elems = min(chunk_elems() or (1 << 23), 1 << 23)  # column partials <= 2^23 floats
@@ -280,7 +277,7 @@ def _grad_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor,
     ct = compute_dtype(a.dtype)
     ss, ts = scale_tensor(ss, a), scale_tensor(ts, a)
     prec = input_precision(a.dtype)
-    cands = grad_candidates(a.dtype, D, precision=prec)
+    cands = grad_candidates(a.dtype, D, precision=prec, aligned=D % 16 == 0 and Dt % 16 == 0)
     kernel, cfg = configured(grad_tile_kernel, cands, key=_KEY, site="grad")
     # (every candidate has the same BLOCK_M; G is padded and split to the widest BLOCK_N: whole tiles)
     bm, bn = cands[0]["BLOCK_M"], max(c["BLOCK_N"] for c in cands)

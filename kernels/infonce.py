@@ -51,8 +51,8 @@ import triton
 import triton.language as tl
 
 from .common import (arch_of, block_config, chunk_elems, chunk_rows, chunked_backward, column_split, compute_dtype,
-                     configured, device_scalars, input_precision, launch, num_sms, persistent_grid, safe_index, scale_tensor,
-                     small_configs, stream_tile, triton_op)
+                     configured, device_scalars, input_precision, launch, num_sms, persistent_grid, safe_index,
+                     scale_tensor, small_configs, store_grad_tile, stream_tile, triton_op, work_item)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jitted code may only read those
 LN2 = 0.6931471805599453
@@ -139,12 +139,8 @@ def grad_tile_kernel(
     eps_col = tl.load(eps_ptr + 1)
     one_minus_eps = tl.load(eps_ptr + 2)
     # persistent: program q takes the work items (row block, column range) q, q + programs, ...
-    n_items = tl.cdiv(row_end - row0, BLOCK_M) * splits
-    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        pid_b = (item // splits).to(tl.int64)
-        pid_p = (item % splits).to(tl.int64)
-        rows = row0 + pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
+    for item in range(tl.program_id(0), tl.cdiv(row_end - row0, BLOCK_M) * splits, tl.num_programs(0)):
+        pid_b, pid_p, rows, row_ok = work_item(item, splits, row0, row_end, BLOCK_M)
         lse_r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
         w_r = tl.load(row_w_ptr + rows, mask=row_ok, other=0.0) * inv_w
         q_off = safe_index(rows, row_ok) * stride_qn
@@ -167,12 +163,7 @@ def grad_tile_kernel(
                 w_c = tl.load(col_w_ptr + cols, mask=col_ok, other=0.0) * inv_w
                 g += w_c[None, :] * (tl.exp2(x2 - lse_c[None, :]) - one_minus_eps * (diff == _near(-shift)).to(CT)
                                      - eps_col)
-            ok = row_ok[:, None] & col_ok[None, :]
-            g = tl.where(ok, g, 0.0)
-            ds_acc += tl.sum(g * s, 1)
-            # (whole tiles: the launcher pads G to them, so the store needs no mask)
-            g_off = (rows - row0)[:, None] * stride_g + (cols - col0)[None, :]
-            tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty))
+            ds_acc += store_grad_tile(g, s, rows, cols, row_ok, col_ok, row0, col0, g_ptr, stride_g)
         tl.store(ds_part_ptr + pid_p * n + rows, ds_acc, mask=row_ok)
 
 
@@ -205,12 +196,12 @@ def candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision:
 def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None,
                     arch: int = 90) -> list[dict]:
     """The backward kernel's: the forward's with half as many columns per tile (its epilogue holds
-    the logits, the gradient and the weights at once: 128 x 128 half tiles spill 120 bytes on
-    sm_90, 128 x 64 none)."""
+    the logits, the gradient and the weights at once: for bf16/fp16, 128 x 64 tiles; 128 x 128
+    spill 8-48 bytes on sm_90 whatever the feature step, sitting at 255 registers), a quarter
+    for IEEE float32 (32 x 32 kept an 8-byte stack slot with Triton 3.6 and odd strides)."""
     cands = candidates(dtype, D, small, precision, arch)
     if small_configs(small) or dtype == torch.float64:
         return cands
-    # (IEEE float32: a quarter, 32 x 32 kept an 8-byte stack slot with Triton 3.6 and odd strides)
     div = 4 if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee" else 2
     return [dict(c, BLOCK_N=max(16, c["BLOCK_N"] // div)) for c in cands]
 

@@ -9,13 +9,13 @@ its launches, matrix FLOPs, HBM bytes, L2-to-SM bytes (what the Triton tiles loa
 `kernels.interpret.count` measures the same quantity), the grid (waves, or persistent), the
 pipeline stages, and an estimated time
 
-    time = launches x max(FLOPs / (fraction x 800 TFLOP/s), HBM bytes / 3.35 TB/s)
+    time = launches x max(FLOPs / (fraction x 800 TFLOP/s), HBM bytes / 3.35 TB/s, L2 bytes / 10 TB/s)
 
 per launch, summed, against the op's floor (its matrix FLOPs at the full 800 TFLOP/s). The
 FLOP formulas are the ones `tests/test_kernel_counts.py` checks against the interpreter's counts
-at small sizes (`model_counts` gives them at any size); the L2 column is reported with the L2
-bandwidth it would need at the modelled time (a demand well above about 10 TB/s means the
-kernel is L2-bound and slower than modelled).
+at small sizes, as are the bytes the forward's tiles load. L2 bytes are what the Triton tiles
+load from L2 plus what a chunk meant to stay in L2 (G, S, a slab accumulator) moves there; the
+column "L2 TB/s" is the bandwidth the modelled time asks of it.
 
 The fractions of 800 TFLOP/s (stated, not measured here: this machine has no GPU; the GPU
 check writes these estimates beside its measurements, so the first GPU run tests them):
@@ -31,6 +31,9 @@ check writes these estimates beside its measurements, so the first GPU run tests
   where the softmax costs 4-8 times more per FLOP than here). 0.65 x 800 = 520 TFLOP/s sits
   between, nearer the GEMM (the epilogue is 2 exp per 1024 FLOPs at D = 512).
 - Elementwise passes (no matrix FLOPs) are bandwidth-bound.
+- L2 = 10 TB/s (an assumption, the model's weakest number): a 128 x 128-tile Triton matmul
+  loads one byte from L2 per 64 FLOPs, and such kernels are reported near cuBLAS speed on an
+  H100 (600+ TFLOP/s), which asks about 10 TB/s of the L2.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import sys
 
 PEAK = 800e12  # bf16 dense FLOP/s the floors are stated against
 HBM = 3.35e12  # bytes/s, H100 SXM
+L2_BW = 10e12  # bytes/s from L2 to the SMs (an assumption: see the module docstring)
 L2_BYTES = 50 << 20
 SMS = 132
 CUBLAS, TRITON = 0.85, 0.65
@@ -61,7 +65,8 @@ class Launches:
 
     def time(self) -> float:
         rate = FRACTION.get(self.kind, 1.0) * PEAK
-        per = max(self.flops / self.count / rate if self.flops else 0.0, self.hbm / self.count / HBM)
+        per = max(self.flops / self.count / rate if self.flops else 0.0, self.hbm / self.count / HBM,
+                  self.l2 / self.count / L2_BW)
         return self.count * per
 
     def l2_demand(self) -> float:
@@ -127,24 +132,26 @@ def contrastive(B: int, D: int, sms: int = SMS) -> list[Launches]:
 
 
 def sigmoid(B: int, D: int, sms: int = SMS) -> list[Launches]:
-    """sigmoid_loss, bf16, forward and backward: kernels/sigmoid.py (cuBLAS S, one fused Triton
-    pass per row block, two cuBLAS gradient products; dK accumulated in float32 across blocks)."""
-    from .sigmoid import block_rows
+    """sigmoid_loss, bf16, forward and backward: kernels/sigmoid.py (per column slab and row chunk:
+    cuBLAS S, one fused Triton pass, two cuBLAS gradient products)."""
+    from .sigmoid import plan
 
     e, f4 = 2, 4
-    R = block_rows(B, B)
-    blocks = -(-B // R)
+    slab, R = plan(B, B, D)
+    n_slabs, n_chunks = -(-B // slab), -(-B // R)
+    launches = n_slabs * n_chunks
     flops = 2.0 * B * B * D
-    s_bytes = B * B * f4
-    in_l2 = R * B * f4 <= L2_BYTES // 2
-    s_hbm = 0.0 if in_l2 else s_bytes
-    g_hbm = 0.0 if in_l2 else B * B * e
+    # S [R, slab] float32 and G stay in L2 (16 + 8 MB); K's slab is read once per slab, Q once per slab
     return [
-        Launches("cuBLAS S = Q_c K^T (float32)", "cublas", blocks, flops, s_hbm + blocks * B * D * e),
-        Launches("sigmoid_rows_kernel (loss, G)", "elementwise", blocks, 0.0, s_hbm + g_hbm,
-                 grid=f"{-(-R // 4)} programs a block"),
-        Launches("cuBLAS dQ_c = G K", "cublas", blocks, flops, g_hbm + B * D * f4),
-        Launches("cuBLAS dK += G^T Q_c (float32)", "cublas", blocks, flops, g_hbm + blocks * B * D * 2 * f4),
+        Launches("cuBLAS S = Q_c K_slab^T (float32)", "cublas", launches, flops, n_slabs * B * D * e + B * D * e,
+                 l2=B * B * f4),
+        Launches("sigmoid_rows_kernel (loss, G)", "elementwise", launches, 0.0, 0.0, l2=B * B * (f4 + e),
+                 grid=f"{-(-R // 4)} programs"),
+        # dQ's float32 rows read and rewritten from HBM once per slab
+        Launches("cuBLAS dQ_c += G K_slab", "cublas", launches, flops, n_slabs * B * D * 2 * f4, l2=B * B * e),
+        # dK's slab accumulator in L2, its float32 rows written once
+        Launches("cuBLAS dK_slab += G^T Q_c", "cublas", launches, flops, B * D * f4, l2=B * B * e),
+        Launches("row partials sum, casts (torch)", "elementwise", 1, 0.0, 2 * B * D * (f4 + e) + 3 * n_slabs * B * f4),
     ]
 
 
@@ -277,7 +284,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     t = table(args.B, args.D, args.frames, args.T)
     print(f"H100 model: {PEAK / 1e12:.0f} TFLOP/s x fraction (cuBLAS {CUBLAS}, Triton {TRITON}), "
-          f"HBM {HBM / 1e12:.2f} TB/s; B = {args.B}, D = {args.D}, frames C = V = {args.frames}, T = {args.T}, bf16")
+          f"HBM {HBM / 1e12:.2f} TB/s, L2 {L2_BW / 1e12:.0f} TB/s; B = {args.B}, D = {args.D}, "
+          f"frames C = V = {args.frames}, T = {args.T}, bf16")
     for op, row in t.items():
         print(f"\n{op}: {row['time_ms']:.2f} ms, floor {row['floor_ms']:.2f} ms -> {row['ratio']:.2f}x "
               f"(target <= {row['target']}x){'' if row['ratio'] <= row['target'] else '  OVER TARGET'}; "

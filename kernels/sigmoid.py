@@ -1,49 +1,54 @@
-"""The SigLIP loss on CUDA (`fitclip_ext.sigmoid_loss`): row blocks of the products by cuBLAS, the
-pairwise sigmoid terms by one fused Triton kernel.
+"""The SigLIP loss on CUDA (`fitclip_ext.sigmoid_loss`): the products by cuBLAS, the pairwise
+sigmoid terms by one fused Triton pass over each product's output (what siglip-kernel found on
+Hopper: a cuBLAS GEMM and one fused elementwise pass beat a Triton GEMM with the epilogue fused).
 
-The loss needs no normalisation over a row, so every row block [r0, r1) is finished in one pass
-(the structure of csrc/sigmoid.cpp):
+The loss needs no normalisation over a row, so every block of pairs is finished in one pass.
+For each slab of columns [c0, c1) (8192 at D = 512) and each chunk of rows [r0, r1) (512):
 
-    S = Q[r0:r1] @ K^T                              GEMM, float32 output   2 * R * m * D FLOPs
-    loss_i, G = sigmoid(L) - P, sum G S, sum G       `sigmoid_rows_kernel`  elementwise + row sums
-    dQ[r0:r1] = G @ K, dK += G^T @ Q[r0:r1]          2 GEMMs                4 * R * m * D FLOPs
+    S = Q[r0:r1] @ K[c0:c1]^T                         GEMM, float32 output    2 * R * C * D FLOPs
+    loss, G = sigmoid(L) - P, sum G S, sum G           `sigmoid_rows_kernel`   elementwise + row sums
+    dQ[r0:r1] += G @ K[c0:c1], dK[c0:c1] += G^T @ Q[r0:r1]   2 GEMMs          4 * R * C * D FLOPs
 
-6 * n * m * D matrix FLOPs for the loss and both feature gradients (2 without a gradient), every
-GEMM a large cuBLAS one (R >= 512 rows unless n is smaller) at the library's own rate, instead of
-hand-written tile products that recompute tiles per output chunk. Exact and deterministic: the
-row sums are made by one program per row in a fixed order, the column gradient dK is a GEMM
-accumulation in block order, no atomics, no host synchronisation (scale and bias are read on the
-device). Precision: the logits come from float32-accumulated products written in float32
+6 * n * m * D matrix FLOPs for the loss and both feature gradients (2 without a gradient): the
+floor, every product at cuBLAS's own rate. S (16 MB float32) and G go from cuBLAS to the kernel
+and back to cuBLAS through L2; the slab's float32 dK accumulator (16 MB) is read and rewritten in
+L2 and finished when its slab is; dQ's float32 rows are read and rewritten once per slab (m /
+8192 times). Exact and deterministic: the row sums are made by one program per row in a fixed
+order, per slab, and summed over the slabs in order; the gradients are GEMM accumulations in
+block order; no atomics, no host synchronisation (scale and bias are read on the device).
+Precision: the logits come from float32-accumulated products written in float32
 (`torch.mm(..., out_dtype=torch.float32)` for half inputs); G is rounded to the inputs' dtype
 only as the operand of the two gradient GEMMs (tensor cores), G itself is at most 1 in
 magnitude and unweighted (the 1 / n of "mean" is applied afterwards), so nothing underflows in
-float16/bfloat16. Memory: the block of R x m float32 (about 2^28 elements, R >= 512) plus its
-half-precision G, and O((n + m) * D).
+float16/bfloat16. Memory above inputs and outputs: S and G (24 MB for half inputs) and the
+per-slab row partials.
 
 Under the Triton interpreter (CPU tensors) the GEMMs run on the CPU on the same operands (half
 inputs upcast, G rounded to the inputs' dtype first), so CI checks the GPU's numerics.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import compute_dtype, launch, mm32, scale_tensor, small_configs, triton_op
+from .common import addmm32_, compute_dtype, launch, mm32, scale_tensor, small_configs, triton_op
 
 
 @triton.jit
 def sigmoid_rows_kernel(
     s_ptr, g_ptr, loss_ptr, stats_ptr, w_ptr, scale_ptr, bias_ptr,
-    rows, m, n, row0, offset, stride_s, stride_g,
+    rows, m, n, row0, col0, offset, stride_s, stride_g,
     HAS_W: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Rows r of the block (BLOCK_M per program, columns in order): loss[row0 + r] =
-    sum_j softplus(-z_rj L_rj) with L = scale * S + bias; with WITH_GRAD,
-    G[r, j] = w (sigmoid(L_rj) - [j = offset + row0 + r]) to g_ptr (which may be s_ptr: in place)
-    and stats[:, row0 + r] = (sum_j G_rj S_rj, sum_j G_rj)."""
+    """Rows r of the block S [rows, m] (the products of rows row0 + r with the columns col0 + j;
+    BLOCK_M rows per program, columns in order): loss[row0 + r] = sum_j softplus(-z_rj L_rj) with
+    L = scale * S + bias over the block's columns; with WITH_GRAD,
+    G[r, j] = w (sigmoid(L_rj) - [col0 + j = offset + row0 + r]) to g_ptr (which may be s_ptr: in
+    place) and stats[:, row0 + r] = (sum_j G_rj S_rj, sum_j G_rj) over them."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = r < rows
     i = row0 + r
@@ -53,7 +58,7 @@ def sigmoid_rows_kernel(
         w = tl.load(w_ptr + i, mask=r_ok, other=0.0)
     else:
         w = tl.full((BLOCK_M,), 1.0, scale_ptr.dtype.element_ty)
-    pos = tl.where(offset >= 0, offset + i, -1)
+    pos = tl.where(offset >= 0, offset + i - col0, -1)  # (local column; -1 or out of range: none here)
     CT = scale_ptr.dtype.element_ty  # compute dtype: float32 (float64 for float64 inputs)
     acc_loss = tl.zeros((BLOCK_M, BLOCK_N), CT)
     acc_gs = tl.zeros((BLOCK_M, BLOCK_N), CT)
@@ -95,12 +100,24 @@ def rows_config(small: bool | None = None, dtype: torch.dtype | None = None) -> 
     return dict(BLOCK_M=4, BLOCK_N=128 if dtype == torch.float64 else 512, num_warps=4, num_stages=1)
 
 
-def block_rows(n: int, m: int) -> int:
-    """Rows per block: about 2^28 products (1 GB of float32), at least 512 rows (GEMMs that reuse
-    each K row 512 times stay compute bound on an H100) and at most 16384; all of n if fewer.
-    FITCLIP_GPU_BLOCK_ELEMS overrides the 2^28 (tests use it to run several blocks)."""
-    target = int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0) or (1 << 28)
-    return max(1, min(n, max(512 if target >= (1 << 20) else 1, min(16384, target // max(m, 1)))))
+S_CHUNK_BYTES = 16 << 20  # one float32 S chunk [rows, slab]: from cuBLAS to the kernel to cuBLAS through L2
+GTQ_SLAB_BYTES = 16 << 20  # the float32 G^T Q accumulator of one column slab: read and rewritten in L2
+
+
+def plan(n: int, m: int, D: int) -> tuple[int, int]:
+    """(columns per slab, rows per chunk). The slab is as wide as its float32 G^T Q accumulator
+    allows within 16 MB (8192 columns at D = 512), in even widths; the chunk as tall as a 16 MB
+    float32 S chunk allows (512 rows at 8192 columns), so S and G stay in the H100's 50 MB L2
+    between the products and the kernel. FITCLIP_GPU_BLOCK_ELEMS (tests: several slabs and
+    chunks) sets S's elements instead, in a square-ish chunk."""
+    env = int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0)
+    widest = max(64, GTQ_SLAB_BYTES // (4 * max(D, 1)) // 64 * 64)
+    if env:
+        widest = min(widest, max(1, math.isqrt(env)))
+    slabs = -(-m // widest)
+    slab = max(1, min(m, -(-m // slabs)))
+    rows = max(1, min(n, (env or S_CHUNK_BYTES // 4) // slab))
+    return slab, rows
 
 
 @triton_op("triton_sigmoid_loss")
@@ -114,23 +131,29 @@ def _sigmoid_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, bi
     dev = query.device
     ct = compute_dtype(query.dtype)
     s, b = scale_tensor(scale, query), scale_tensor(bias, query)
-    loss = torch.empty(n, device=dev, dtype=ct)
-    gk = torch.empty((n if with_grad else 0, D), device=dev, dtype=ct)
+    slab, R = plan(n, m, D)
+    n_slabs = -(-m // slab)
+    loss_part = torch.empty((n_slabs, n), device=dev, dtype=ct)
+    stats_part = torch.empty((n_slabs, 2, n if with_grad else 0), device=dev, dtype=ct)
+    gk = torch.zeros((n if with_grad else 0, D), device=dev, dtype=ct)
     gtq = torch.zeros((m if with_grad else 0, D), device=dev, dtype=ct)
-    stats = torch.empty((2, n if with_grad else 0), device=dev, dtype=ct)
-    w = row_weight.to(device=dev, dtype=ct).contiguous() if row_weight is not None else loss
-    R = block_rows(n, m)
+    w = row_weight.to(device=dev, dtype=ct).contiguous() if row_weight is not None else loss_part
     half = query.dtype != ct
-    kt = keys.t()
-    for r0 in range(0, n, R):
-        rows = min(R, n - r0)
-        q_blk = query[r0:r0 + rows]
-        S = mm32(q_blk, kt)  # [rows, m] float32 (the caching allocator reuses the block's memory)
-        G = torch.empty_like(S, dtype=query.dtype) if with_grad and half else S  # float32: in place
-        cfg = rows_config(dtype=query.dtype)
-        launch(sigmoid_rows_kernel, (triton.cdiv(rows, cfg["BLOCK_M"]),), S, G, loss, stats, w, s, b, rows, m, n, r0,
-               offset, S.stride(0), G.stride(0), HAS_W=row_weight is not None, WITH_GRAD=with_grad, **cfg)
-        if with_grad:
-            gk[r0:r0 + rows] = mm32(G, keys)
-            gtq += mm32(G.t(), q_blk)
+    cfg = rows_config(dtype=query.dtype)
+    for si, c0 in enumerate(range(0, m, slab)):
+        c1 = min(m, c0 + slab)
+        k_slab = keys[c0:c1]
+        for r0 in range(0, n, R):
+            rows = min(R, n - r0)
+            q_blk = query[r0:r0 + rows]
+            S = mm32(q_blk, k_slab.t())  # [rows, slab] float32 (the caching allocator reuses the chunk's memory)
+            G = torch.empty_like(S, dtype=query.dtype) if with_grad and half else S  # float32: in place
+            launch(sigmoid_rows_kernel, (triton.cdiv(rows, cfg["BLOCK_M"]),), S, G, loss_part[si],
+                   stats_part[si] if with_grad else loss_part[si], w, s, b, rows, c1 - c0, n, r0, c0, offset,
+                   S.stride(0), G.stride(0), HAS_W=row_weight is not None, WITH_GRAD=with_grad, **cfg)
+            if with_grad:
+                addmm32_(gk[r0:r0 + rows], G, k_slab)
+                addmm32_(gtq[c0:c1], G.t(), q_blk)
+    loss = loss_part.sum(0) if n_slabs > 1 else loss_part[0]
+    stats = stats_part.sum(0) if n_slabs > 1 else stats_part[0]
     return loss, gk, gtq, stats

@@ -268,6 +268,7 @@ def benchmark(B: int, D: int, names: tuple[str, ...], estimate_s: float, tflops)
                 case["forward_ms"] = h.bench_ms(fwd)
             case["peak_mb"] = h.peak_mb(ours)
         case["inputs_and_grads_mb"] = 4 * B * D * inputs[0].element_size() / 2**20
+        case["model_ms"] = h.model_ms("contrastive_loss", B, D)  # (kernels.model: the estimate this run tests)
         if tflops:
             case["floor_ms"] = 8 * B * B * D / (tflops * 1e12) * 1e3
             case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]

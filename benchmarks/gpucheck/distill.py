@@ -65,6 +65,7 @@ def benchmarks(tflops, estimate_s: float) -> None:
             ours = _runner(lambda *a: fitclip_ext.distillation_loss(*a, backend="triton"), inputs)
             case["median_ms"] = h.bench_ms(ours, big)
             case["peak_mb"] = h.peak_mb(ours)
+            case["model_ms"] = h.model_ms("distillation_loss", B, D)  # (kernels.model: the estimate this run tests)
             if tflops:
                 case["floor_ms"] = 12 * B * B * D / (tflops * 1e12) * 1e3  # 6 GEMMs of B x B x D
                 case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]

@@ -228,6 +228,27 @@ def baseline(fn, run_of, big: bool, our_ms: float | None) -> dict:
 
 # ----------------------------------------------------------------------------- inputs
 
+def model_ms(op: str, B: int, D: int) -> float:
+    """The per-launch model's estimate (fitclip_ext.kernels.model: bf16, forward and backward) of
+    op at (B, D) on this GPU's SM count (132 without a GPU), written beside each measurement so
+    the first GPU run tests the model."""
+    from fitclip_ext.kernels import model
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else model.SMS
+    fn = {"contrastive_loss": model.contrastive, "sigmoid_loss": model.sigmoid,
+          "distillation_loss": model.distillation}[op]
+    return sum(x.time() for x in fn(B, D, sms)) * 1e3
+
+
+def model_table() -> dict:
+    """The model's whole table (B = 32768, D = 512; frame ops C = V = 8192, T = 16) for this GPU's
+    SM count."""
+    from fitclip_ext.kernels import model
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else model.SMS
+    return model.table(sms=sms)
+
+
 def dtype_name(dtype, tf32: bool = False) -> str:
     return str(dtype).replace("torch.", "") + ("/tf32" if dtype == torch.float32 and tf32 else "")
 

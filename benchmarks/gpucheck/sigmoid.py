@@ -61,6 +61,7 @@ def benchmark(B: int, D: int, names: tuple[str, ...], estimate_s: float, tflops)
         ours = sigmoid_cases.fwd_bwd(lambda *a: fitclip_ext.sigmoid_loss(*a, backend="triton"), inputs)
         case["median_ms"] = h.bench_ms(ours, big, reps=1 if B > 131072 else 3)
         case["peak_mb"] = h.peak_mb(ours)
+        case["model_ms"] = h.model_ms("sigmoid_loss", B, D)  # (kernels.model: the estimate this run tests)
         if tflops:
             case["floor_ms"] = 6 * B * B * D / (tflops * 1e12) * 1e3
             case["fraction_of_floor"] = case["floor_ms"] / case["median_ms"]
