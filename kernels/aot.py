@@ -108,10 +108,9 @@ def _dtype_cases(dtype, prec, quick, pick):
         "stride_an": "i32", "stride_ad": "i32", "stride_bn": "i32", "stride_bd": "i32",
         "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32", "stride_ed": "i32",
     }
-    for aligned in (True, False):  # (D and Dt multiples of 16, or not: the launchers pick by it)
-        for i, cfg in enumerate(pick(distill.stats_candidates(dtype, small=False, precision=prec, aligned=aligned))):
-            yield ("distill_fwd", "distill.kl_fwd_kernel", dtype, prec, f"c{i} " + ("D/16" if aligned else "D any"),
-                   dst_sig, {}, dict(cfg, ALIGNED=_ALIGNED["distill_fwd"], D16=aligned))
+    for i, cfg in enumerate(pick(distill.stats_candidates(dtype, small=False, precision=prec))):
+        yield ("distill_fwd", "distill.kl_fwd_kernel", dtype, prec, f"c{i}", dst_sig, {},
+               dict(cfg, ALIGNED=_ALIGNED["distill_fwd"]))
     dgr_sig = {
         "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "g_ptr": t, "ds_part_ptr": "*fp32",
         "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32", "inv_w_ptr": "*fp32", "row_s_ptr": "*fp32",
@@ -122,11 +121,9 @@ def _dtype_cases(dtype, prec, quick, pick):
         "stride_bn": "i32", "stride_bd": "i32", "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32",
         "stride_ed": "i32", "stride_g": "i32",
     }
-    for aligned in (True, False):
-        cands = distill.grad_candidates(dtype, 512, small=False, precision=prec, aligned=aligned)
-        for i, cfg in enumerate(pick(cands)):
-            yield ("distill_grad", "distill.grad_tile_kernel", dtype, prec, f"c{i} " + ("D/16" if aligned else "D any"),
-                   dgr_sig, {}, dict(cfg, ALIGNED=_ALIGNED["distill_grad"], D16=aligned))
+    for i, cfg in enumerate(pick(distill.grad_candidates(dtype, 512, small=False, precision=prec))):
+        yield ("distill_grad", "distill.grad_tile_kernel", dtype, prec, f"c{i}", dgr_sig, {},
+               dict(cfg, ALIGNED=_ALIGNED["distill_grad"]))
     # frame kernels: configurations change with T (T_PAD, bit-set words) and, for the forward,
     # with the architecture (the InfoNCE forward's tiles); k is a runtime loop bound
     sim_sig = {

@@ -175,38 +175,35 @@ def grad_tile_kernel(
 
 # ----------------------------------------------------------------------------- configurations
 
-def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: str | None = None,
-                     aligned: bool = True) -> list[dict]:
+def stats_candidates(dtype: torch.dtype, small: bool | None = None, precision: str | None = None) -> list[dict]:
     """The forward kernel's block configurations, known good first (the default; the others are
     timed only under FITCLIP_TRITON_AUTOTUNE=1), one BLOCK_M per list (the launcher sizes the
     partial buffers by it). Two [BLOCK_M, BLOCK_N] fp32 tiles and the row and column statistics
-    live at once: bf16 tiles of 128 x 64 where D and Dt are multiples of 16 (aligned), else
-    128 x 32. All compile without spills on sm_80/sm_90
+    live at once: half tiles of 128 x 32. All compile without spills on sm_80/sm_90
     (`python -m fitclip_ext.kernels.aot`)."""
     if small_configs(small):
         return [block_config(16, 16, 16, 1, 1), block_config(16, 32, 16, 1, 1)]
     if dtype == torch.float64:  # the float64 path (exactness, not speed; two stages spill on sm_80)
         return [block_config(32, 16, 16, 4, 1)]
-    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return [block_config(32, 16, 16, 4, 3)]
+    if (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:  # (3 stages spill with Triton 3.6)
+        return [block_config(32, 16, 16, 4, 2)]
     # (TF32: two pipeline stages; three kept an 8-byte stack slot with Triton 3.6 on sm_80, or
     # with odd strides on sm_90)
     if dtype == torch.float32:
         return [block_config(64, 64, 32, 8, 2), block_config(64, 32, 32, 8, 2)]
-    if aligned and dtype == torch.bfloat16:  # D, Dt multiples of 16: 128 x 64 tiles (42.7 FLOPs per loaded byte)
-        return [block_config(128, 64, 64, 8, 3), block_config(128, 32, 64, 8, 3)]
-    # (128 x 64 spills on sm_90 with odd feature counts, and for float16 with odd n or m)
+    # (128 x 64 would load 42.7 FLOPs per byte instead of 25.6, but spills 16-104 bytes with Triton 3.6, the GPU
+    # machine's, on sm_80 and sm_90)
     return [block_config(128, 32, 64, 8, 3), block_config(128, 32, 64, 8, 4), block_config(128, 32, 32, 8, 3)]
 
 
-def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None,
-                    aligned: bool = True) -> list[dict]:
+def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision: str | None = None) -> list[dict]:
     """The gradient tile kernel's (its epilogue holds both products, the gradient and four
     statistics per row and per column): the forward's; IEEE float32 (CUDA-core FMAs, no tensor
-    cores to feed) with one pipeline stage (two keep an 8-byte stack slot in the persistent loop)."""
+    cores to feed) 16 x 16 with one pipeline stage (32 rows, or two stages, keep an 8-byte stack
+    slot in the persistent loop with Triton 3.6 or 3.8)."""
     if not small_configs(small) and (precision or input_precision(dtype)) == "ieee" and dtype == torch.float32:
-        return [block_config(32, 16, 16, 4, 1)]
-    return stats_candidates(dtype, small, precision, aligned)
+        return [block_config(16, 16, 16, 4, 1)]
+    return stats_candidates(dtype, small, precision)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -244,7 +241,7 @@ def _stats_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor
     ss, ts = scale_tensor(ss, a), scale_tensor(ts, a)
     s_mag, t_mag = ss.abs() * LOG2E.value, ts.abs() * LOG2E.value
     prec = input_precision(a.dtype)
-    cands = stats_candidates(a.dtype, precision=prec, aligned=D % 16 == 0 and Dt % 16 == 0)
+    cands = stats_candidates(a.dtype, precision=prec)
     kernel, cfg = configured(kl_fwd_kernel, cands, key=_KEY, site="stats")
     bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]
     part_elems = min(chunk_elems() or (1 << 23), 1 << 23)  # column partials <= 2^23 floats
@@ -277,7 +274,7 @@ def _grad_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor,
     ct = compute_dtype(a.dtype)
     ss, ts = scale_tensor(ss, a), scale_tensor(ts, a)
     prec = input_precision(a.dtype)
-    cands = grad_candidates(a.dtype, D, precision=prec, aligned=D % 16 == 0 and Dt % 16 == 0)
+    cands = grad_candidates(a.dtype, D, precision=prec)
     kernel, cfg = configured(grad_tile_kernel, cands, key=_KEY, site="grad")
     # (every candidate has the same BLOCK_M; G is padded and split to the widest BLOCK_N: whole tiles)
     bm, bn = cands[0]["BLOCK_M"], max(c["BLOCK_N"] for c in cands)

@@ -336,9 +336,13 @@ def sim_candidates(dtype, D: int, T: int, small: bool | None = None, precision: 
             continue  # (the TF32 32-column variant spills on sm_80 at T <= 8)
         # (128 columns of frames with the k rounds of max spill on sm_80, and at T <= 4 on sm_90: 64 there)
         bn = max(c["BLOCK_N"] if (arch >= 90 and t_pad >= 8) or not gpu else min(c["BLOCK_N"], 64), t_pad)
-        # (CUDA-core FMAs at T >= 32: 16 caption rows and 4 warps; 32 rows or 8 warps keep a stack slot)
+        # (CUDA-core FMAs at T >= 32: 16 caption rows and 4 warps; 32 rows or 8 warps keep a stack slot;
+        # tensor cores at T = 64: 64 captions x two 64-frame videos, 128 x 64 spills with Triton 3.6)
         narrow = fma and t_pad >= 32 and gpu
-        cfg = dict(BLOCK_C=16 if narrow else c["BLOCK_M"], BLOCK_V=bn // t_pad, T_PAD=t_pad, BLOCK_K=c["BLOCK_K"],
+        long = not fma and t_pad >= 64 and gpu
+        block_c = 16 if narrow else (64 if long else c["BLOCK_M"])
+        bn = 128 if long else bn
+        cfg = dict(BLOCK_C=block_c, BLOCK_V=bn // t_pad, T_PAD=t_pad, BLOCK_K=c["BLOCK_K"],
                    N_WORDS=n_words(T), num_warps=4 if narrow else c["num_warps"], num_stages=c["num_stages"])
         if cfg not in out:
             out.append(cfg)
@@ -362,8 +366,8 @@ def dtext_candidates(dtype, T: int, small: bool | None = None, precision: str | 
         return [_grad_cfg(32, 32, t_pad, 16, 4, 2, words)]
     if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee":
         return [_grad_cfg(32, 32, t_pad, 64 if t_pad < 64 else 32, 4, 2, words)]
-    if dtype == torch.float32:  # TF32
-        return [_grad_cfg(64, 32, t_pad, 64, 8, 2, words)]
+    if dtype == torch.float32:  # TF32 (64 output features spill 8 bytes at T = 64 with Triton 3.6 on sm_80)
+        return [_grad_cfg(64, 32, t_pad, 64 if t_pad < 64 else 32, 8, 2, words)]
     if t_pad >= 64:  # one 64-frame video a tile: 64 captions (128 spill in the odd-size builds)
         return [_grad_cfg(64, 64, t_pad, 128, 8, 2, words)]
     block_do = 128 if t_pad >= 16 else 64  # (128 spills where a tile holds 4+ short videos' words)

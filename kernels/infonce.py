@@ -190,6 +190,8 @@ def candidates(dtype: torch.dtype, D: int, small: bool | None = None, precision:
         return [block_config(32, 64, 32, 8, 2)]
     if dtype == torch.float32:  # TF32 (a 32-column variant spills on sm_80)
         return [block_config(128, 64, 32, 8, 3)]
+    if arch < 90:  # (128 x 128 spills 8-96 bytes on sm_80 with Triton 3.6)
+        return [block_config(128, 64, 64, 8, 3)]
     return [block_config(128, 128, 64, 8, 3), block_config(128, 128, 64, 8, 4), block_config(128, 64, 64, 8, 3)]
 
 
@@ -202,6 +204,8 @@ def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, preci
     cands = candidates(dtype, D, small, precision, arch)
     if small_configs(small) or dtype == torch.float64:
         return cands
+    if arch < 90 and dtype in (torch.bfloat16, torch.float16):
+        return cands  # (the sm_80 forward's 128 x 64 already)
     div = 4 if dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee" else 2
     return [dict(c, BLOCK_N=max(16, c["BLOCK_N"] // div)) for c in cands]
 

@@ -172,8 +172,8 @@ def test_distillation_loss_flop_budget(monkeypatch, D, Dt):
     assert set(c.kernels) == {"kl_fwd_kernel", "grad_tile_kernel"}
     if D == Dt:
         _model_matches(model.distillation(n, D), c, {"kl_fwd_kernel": "kl_fwd_kernel", "grad_tile_kernel": "grad_tile"})
-    for name in c.kernels:  # streamed bf16 128 x 64 tiles (both operands per tile): 42.7
-        assert c.flops_per_byte(name) >= 42, (name, c.kernels[name])
+    for name in c.kernels:  # streamed 128 x 32 tiles (both operands per tile): 25.6
+        assert c.flops_per_byte(name) >= 25, (name, c.kernels[name])
     s64, t64 = sv.detach().double().requires_grad_(), st.detach().double().requires_grad_()
     truth = distillation_loss_reference(s64, t64, tv.double(), tt.double(), 30.0, 60.0)
     truth.backward()

@@ -328,7 +328,7 @@ def test_performance_model_table():
             assert x["time_ms"] == pytest.approx(per * 1e3), (op, x["name"])
     assert table["contrastive_loss"]["ratio"] <= 1.5
     assert table["video_contrastive_loss"]["ratio"] <= 2.0
-    reported = {"contrastive_loss": 1.50, "sigmoid_loss": 1.35, "distillation_loss": 1.69,
+    reported = {"contrastive_loss": 1.50, "sigmoid_loss": 1.35, "distillation_loss": 2.53,
                 "topk_frame_similarity": 1.60, "video_contrastive_loss": 1.67}
     for op, ratio in reported.items():
         assert round(table[op]["ratio"], 2) == ratio, (op, table[op]["ratio"])
