@@ -177,7 +177,7 @@ def build_index(video_dir, out, model_name: str, pretrained: str | None, *, num_
                 batch_size: int = 16, workers: int = 0, device: str = "cpu", dtype: str = "float16") -> dict:
     """Builds or updates the index at `out` for the videos under `video_dir`; returns a report
     (videos indexed, encoded, kept, dropped, unreadable with reasons)."""
-    from .distributed import World
+    from .world import World
 
     video_dir, out = Path(video_dir).resolve(), Path(out)
     if not video_dir.is_dir():

@@ -41,7 +41,8 @@ from .contrastive import contrastive_loss
 from .data import (ClipDataset, EpochBatches, check_decode_device, collate, epoch_order, frame_preprocess,
                    load_caption_csv, split_camel_case)
 from .distill import distillation_loss
-from .distributed import ClipLoss, SigLipLoss, World
+from .distributed import ClipLoss, SigLipLoss
+from .world import World
 from .errors import existing_dir, existing_file, pretrained_path
 from .frames import gather_frames, select_frames, topk_frame_similarity, video_contrastive_loss
 from .sigmoid import sigmoid_loss

@@ -29,13 +29,12 @@ inputs upcast, G rounded to the inputs' dtype first), so CI checks the GPU's num
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import addmm32_, compute_dtype, launch, mm32, scale_tensor, small_configs, triton_op
+from .common import addmm32_, chunk_elems, compute_dtype, launch, mm32, scale_tensor, small_configs, triton_op
 
 
 @triton.jit
@@ -110,7 +109,7 @@ def plan(n: int, m: int, D: int) -> tuple[int, int]:
     float32 S chunk allows (512 rows at 8192 columns), so S and G stay in the H100's 50 MB L2
     between the products and the kernel. FITCLIP_GPU_BLOCK_ELEMS (tests: several slabs and
     chunks) sets S's elements instead, in a square-ish chunk."""
-    env = int(os.environ.get("FITCLIP_GPU_BLOCK_ELEMS", "0") or 0)
+    env = chunk_elems()
     widest = max(64, GTQ_SLAB_BYTES // (4 * max(D, 1)) // 64 * 64)
     if env:
         widest = min(widest, max(1, math.isqrt(env)))

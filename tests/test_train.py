@@ -204,7 +204,7 @@ class _WhoDecodes(torch.utils.data.Dataset):
 
 
 def test_loaders_keep_their_workers_across_epochs_and_follow_the_epoch():
-    from fitclip_ext.distributed import World
+    from fitclip_ext.world import World
     from fitclip_ext.train import Loaders, TrainConfig, rank_batches
 
     cfg = TrainConfig(train_csv="unused", out_dir="unused", workers=2, batch_size=2, unlabeled_batch_size=1)
