@@ -14,10 +14,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # (annotations only: the trainer's config and process group import this module)
+    from .train_config import TrainConfig
+    from .world import World
 
 SAMPLINGS = ("uniform", "random")
 
@@ -363,3 +368,51 @@ def collate(batch):
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The order of n items in an epoch: a function of (seed, epoch) only, so runs resume exactly."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+
+
+# ----------------------------------------------------------------------------- the trainer's batches
+
+def rank_batches(n: int, cfg: TrainConfig, world: World, epoch: int) -> list[list[int]]:
+    """This rank's slice of every global batch of the epoch (fixed by seed and epoch: resumable)."""
+    order = epoch_order(n, cfg.seed, epoch)
+    global_bs = cfg.batch_size * world.world
+    return [order[i + world.rank * cfg.batch_size:i + (world.rank + 1) * cfg.batch_size]
+            for i in range(0, len(order) - global_bs + 1, global_bs)]
+
+
+def unlabeled_batches(uds, cfg: TrainConfig, world: World, epoch: int, first: int, end: int) -> list[list[int]]:
+    """This rank's unlabeled clips for labeled batches [first, end) of the epoch: batch b takes
+    the next unlabeled_batch_size clips of the epoch's order after the other ranks' (wrapping)."""
+    uorder = epoch_order(len(uds), cfg.seed + 1, epoch)
+    ub = cfg.unlabeled_batch_size
+    return [[uorder[((b * world.world + world.rank) * ub + j) % len(uds)] for j in range(ub)]
+            for b in range(first, end)]
+
+
+class Loaders:
+    """The labeled DataLoader and the unlabeled one beside it (None without unlabeled data), built
+    once for the run: worker processes (persistent across epochs) decode while the model trains,
+    prefetching, into pinned memory on CUDA. `epoch` points both at this rank's batches [first,
+    end) of an epoch, fixed by seed, epoch and rank (so a run resumes mid-epoch), and yields
+    (labeled batch, unlabeled batch or None) pairs."""
+
+    def __init__(self, ds, uds, cfg: TrainConfig, world: World):
+        self.ds, self.uds, self.cfg, self.world = ds, uds, cfg, world
+        pin = world.device.type == "cuda" and cfg.decode_device == "cpu"  # (GPU-decoded frames are there already)
+        self.samplers = [EpochBatches(), EpochBatches()]
+
+        def loader(dataset, sampler):
+            return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                               num_workers=cfg.workers, pin_memory=pin,
+                                               persistent_workers=cfg.workers > 0,
+                                               prefetch_factor=4 if cfg.workers else None)
+
+        self.labeled = loader(ds, self.samplers[0])
+        self.unlabeled = loader(uds, self.samplers[1]) if uds is not None and len(uds) else None
+
+    def epoch(self, batches: list[list[int]], epoch: int, first: int, end: int):
+        self.samplers[0].set(epoch, batches[first:end])
+        if self.unlabeled is None:
+            return ((x, None) for x in self.labeled)
+        self.samplers[1].set(epoch, unlabeled_batches(self.uds, self.cfg, self.world, epoch, first, end))
+        return zip(self.labeled, self.unlabeled)

@@ -20,15 +20,13 @@ functions of seed, epoch and index). Broken videos are skipped, counted and name
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,101 +35,11 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from . import model as fmodel
-from .contrastive import contrastive_loss
-from .data import (ClipDataset, EpochBatches, check_decode_device, collate, epoch_order, frame_preprocess,
-                   load_caption_csv, split_camel_case)
-from .distill import distillation_loss
-from .distributed import ClipLoss, SigLipLoss
+from .data import ClipDataset, Loaders, check_decode_device, frame_preprocess, load_caption_csv, rank_batches, \
+    split_camel_case
+from .losses import choose_frames, labeled_loss, unlabeled_loss, validation_loss
+from .train_config import TrainConfig, amp_dtype, parse_args, validate
 from .world import World
-from .errors import existing_dir, existing_file, pretrained_path
-from .frames import gather_frames, select_frames, topk_frame_similarity, video_contrastive_loss
-from .sigmoid import sigmoid_loss
-
-
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """The run's settings; each is a `fitclip train` flag (--train-csv for train_csv, ...)."""
-    train_csv: str = field(metadata={"help": "labeled clips: a CSV with video path and caption columns"})
-    out_dir: str = field(metadata={"help": "folder for checkpoints, log.jsonl and loss.png (created)"})
-    model: str = _opt("ViT-B-16", "open_clip architecture name")
-    pretrained: str | None = _opt("openai", "open_clip pretrained tag or checkpoint file; 'none' for random init")
-    video_root: str | None = _opt(None, "folder the CSVs' video paths are relative to")
-    unlabeled_csv: str | None = _opt(None, "unlabeled clips for the distillation term (FitCLIP's student-teacher)")
-    class_prompts: str | None = _opt(None, "file of class names, one per line: the unlabeled clips' texts become "
-                                           "'a video of {name}.' (soft pseudo-labels over classes)")
-    val_csv: str | None = _opt(None, "mean-pooled InfoNCE on these clips after every epoch; the best is kept")
-    num_frames: int = _opt(4, "frames pooled per clip (k)")
-    candidate_frames: int = _opt(0, "decoded candidate frames for top-k temporal sampling (0: = num_frames)")
-    loss: str = _opt("infonce", "labeled loss: 'infonce' (CLIP's, FitCLIP's recipe) or 'siglip' (the pairwise sigmoid "
-                                "loss, learnable scale and bias, SigLIP's initialisation scale 10 and bias -10 unless "
-                                "the checkpoint brings a bias)")
-    loss_pooling: str = _opt("mean", "'mean': the loss of mean-pooled embeddings; 'topk': of top-k pooled frame "
-                                     "scores (video_contrastive_loss for InfoNCE)")
-    pool_k: int = _opt(1, "frames per pair for --loss-pooling topk")
-    batch_size: int = _opt(8, "labeled clips per process and step")
-    unlabeled_batch_size: int = _opt(8, "unlabeled clips per process and step")
-    epochs: int = _opt(1, "passes over the labeled clips")
-    max_steps: int = _opt(0, "stop after this many optimizer steps (0: run all epochs)")
-    lr: float = _opt(3e-6, "AdamW learning rate (the released recipe's)")
-    weight_decay: float = _opt(0.01, "AdamW weight decay")
-    warmup_steps: int = _opt(0, "linear warm-up steps")
-    schedule: str = _opt("constant", "learning-rate schedule after warm-up: 'constant' or 'cosine'")
-    temperature: float = _opt(0.015, "fixed softmax temperature (logit scale 1 / temperature; with --loss siglip "
-                                     "only the distillation's)")
-    learn_temperature: bool = _opt(False, "learn the logit scale instead of fixing it (always learned with "
-                                          "--loss siglip)")
-    labeled_weight: float = _opt(0.9999, "weight of the labeled InfoNCE")
-    unlabeled_weight: float = _opt(0.0001, "weight of the distillation term")
-    grad_accum: int = _opt(1, "batches per optimizer step")
-    workers: int = _opt(0, "DataLoader worker processes decoding each data stream (labeled, unlabeled)")
-    decode_device: str = _opt("cpu", "'cpu', or 'cuda': torchcodec's GPU decoder (NVDEC), in the main process")
-    seed: int = _opt(0, "seed of the data order, frame sampling and initialisation")
-    device: str = _opt("cpu", "'cpu' or 'cuda' (under torchrun: each rank its local GPU)")
-    resume: bool = _opt(False, "continue from out_dir's last checkpoint")
-    log_every: int = _opt(1, "write a log.jsonl record every this many steps")
-    save_every_steps: int = _opt(0, "checkpoint every this many optimizer steps (0: by time only)")
-    save_every_minutes: float = _opt(30.0, "checkpoint when this many minutes passed since the last one (0: off); "
-                                           "also at each epoch end, at the end, and on SIGTERM/SIGINT")
-    keep_last: int = _opt(1, "step checkpoints kept on disk (last.safetensors always names the newest)")
-    precision: str = _opt("auto", "'bf16' (autocast; the frozen teacher stored in bf16), 'fp32', or 'auto': "
-                                  "bf16 on CUDA, fp32 on the CPU")
-    grad_clip_norm: float = _opt(0.0, "clip the gradients' global norm to this (0: no clipping; the norm is "
-                                      "logged either way)")
-    grad_checkpointing: bool = _opt(False, "recompute the encoders' activations in the backward (open_clip's "
-                                           "set_grad_checkpointing): less memory, one more forward")
-    compile: bool = _opt(False, "torch.compile the encoders (the step's student forward and the teacher's): "
-                                "faster steps once the first ones have compiled them (minutes on a CPU)")
-    dump_grads: str | None = _opt(None, "write the first step's (all-reduced) gradients here (tests, debugging)")
-
-
-# ----------------------------------------------------------------------------- losses
-
-def frame_embeddings(model, frames, text_emb, k):
-    """Unit frame embeddings [B, k, D]; with more frames than k, the k frames most similar to the
-    caption are chosen without gradient and only they are encoded (FitCLIP's temporal sampling)."""
-    return F.normalize(fmodel.encode_frames(model, choose_frames(model, frames, text_emb, k)), dim=-1)
-
-
-def choose_frames(model, frames, text_emb, k):
-    """The k frames of each clip [B, F, 3, H, W] to encode with gradient: all of them when F == k,
-    otherwise the k most similar to the caption, scored without gradient (`select_frames`)."""
-    if frames.shape[1] <= k:
-        return frames
-    if text_emb is None:
-        raise ValueError("temporal sampling needs the captions' embeddings")
-    with torch.no_grad():
-        candidates = fmodel.encode_frames(model, frames)
-        idx, _ = select_frames(candidates, text_emb.detach(), k)
-    return gather_frames(frames, idx)
-
-
-def video_embeddings(model, frames, text_emb, k):
-    """Mean-pooled, normalised video embeddings [B, D] of the (selected) frames."""
-    return F.normalize(frame_embeddings(model, frames, text_emb, k).mean(1), dim=-1)
 
 
 class StepEncoder(torch.nn.Module):
@@ -144,54 +52,6 @@ class StepEncoder(torch.nn.Module):
 
     def forward(self, images, tokens):
         return self.model.encode_image(images), self.model.encode_text(tokens)
-
-
-def labeled_loss(frame_emb, text, scale, bias, cfg: TrainConfig, world: World):
-    """The labeled loss over the global batch. Mean pooling: fitclip_ext.ClipLoss with local rows
-    against all gathered columns (open_clip's local_loss + gather_with_grad), or
-    fitclip_ext.SigLipLoss (local videos against all gathered captions, one fused pass); top-k
-    pooling: the fused video InfoNCE over the gathered frames and captions, or SigLIP's loss over
-    their top-k pooled scores (global B x B: small for video batches). Either way, DDP's mean of
-    the ranks' gradients equals the single-process gradient of the whole batch."""
-    k = min(cfg.pool_k, frame_emb.shape[1])
-    if cfg.loss_pooling == "topk":
-        frames_all, text_all = world.gather(frame_emb, True), world.gather(text, True)
-        if cfg.loss == "siglip":
-            logits = scale * topk_frame_similarity(text_all, frames_all, k).T + bias  # videos x captions
-            return sigmoid_matrix_loss(logits)
-        return video_contrastive_loss(frames_all, text_all, scale, k=k)  # top-k pooled logits, fused (no B x B x T)
-    video = F.normalize(frame_emb.mean(1), dim=-1)
-    if cfg.loss == "siglip":
-        return SigLipLoss(rank=world.rank, world_size=world.world, dist_impl="gather")(video, text, scale, bias)
-    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=world.rank, world_size=world.world)
-    return loss_fn(video, text, scale)
-
-
-def sigmoid_matrix_loss(logits):
-    """SigLIP's loss of a square logits matrix, pair i on the diagonal, summed and divided by the rows."""
-    z = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(z * logits).sum() / logits.shape[0]
-
-
-@torch.no_grad()
-def validation_loss(model, tokenizer, ds, cfg: TrainConfig, device) -> float:
-    """The mean-pooled labeled loss (InfoNCE or SigLIP's) over the validation clips in batches
-    (uniform frames)."""
-    model.eval()
-    total, count = 0.0, 0
-    for b0 in range(0, len(ds) - 1, cfg.batch_size):
-        frames, caps, *_ = collate([ds[i] for i in range(b0, min(len(ds), b0 + cfg.batch_size))])
-        if frames is None or len(caps) < 2:
-            continue
-        text = F.normalize(model.encode_text(tokenizer(caps).to(device)), dim=-1)
-        video = video_embeddings(model, frames.to(device), text, cfg.num_frames)
-        if cfg.loss == "siglip":
-            total += sigmoid_loss(video, text, model.logit_scale.exp(), model.logit_bias).item() * len(caps)
-        else:
-            total += contrastive_loss(video, text, model.logit_scale.exp()).item() * len(caps)
-        count += len(caps)
-    model.train()
-    return total / max(1, count)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -220,15 +80,6 @@ class Run:
     amp_dtype: torch.dtype | None  # autocast dtype (None: fp32)
 
 
-def unlabeled_batches(uds, cfg: TrainConfig, world: World, epoch: int, first: int, end: int) -> list[list[int]]:
-    """This rank's unlabeled clips for labeled batches [first, end) of the epoch: batch b takes
-    the next unlabeled_batch_size clips of the epoch's order after the other ranks' (wrapping)."""
-    uorder = epoch_order(len(uds), cfg.seed + 1, epoch)
-    ub = cfg.unlabeled_batch_size
-    return [[uorder[((b * world.world + world.rank) * ub + j) % len(uds)] for j in range(ub)]
-            for b in range(first, end)]
-
-
 def unlabeled_clips(run: Run, batch):
     """A collated unlabeled batch -> (frames [u, T, 3, H, W] or None, texts, broken paths);
     every rank keeps the same number u of clips."""
@@ -240,30 +91,6 @@ def unlabeled_clips(run: Run, batch):
         return None, None, broken
     return (frames[:u].to(run.world.device, non_blocking=True), run.prompts or caps[:u],  # prompts: soft pseudo-labels
             broken)
-
-
-def unlabeled_loss(run: Run, img_emb, txt_emb, uframes, utokens, scale):
-    """FitCLIP's distillation term: the student's video x text scores of the unlabeled clips pulled
-    towards the frozen teacher's, over the whole (gathered) batch."""
-    cfg, world, k = run.cfg, run.world, run.cfg.num_frames
-    u = uframes.shape[0]
-    uvideo_s = F.normalize(F.normalize(img_emb.reshape(u, k, -1), dim=-1).mean(1), dim=-1)
-    utext_s = F.normalize(txt_emb, dim=-1)
-    with torch.no_grad():
-        utext_t = F.normalize(run.teacher.encode_text(utokens), dim=-1)
-        # the teacher scores the same frames the student sees (unlabeled clips are decoded at
-        # num_frames: no caption-driven selection)
-        uvideo_t = video_embeddings(run.teacher, uframes, None, k)
-        t_scale = run.teacher.logit_scale.exp() if cfg.learn_temperature else 1 / cfg.temperature
-    # the whole batch's score matrix on every rank (FitCLIP all-gathers the embeddings); class
-    # prompts are the same on every rank
-    uvideo_s, uvideo_t = world.gather(uvideo_s, True), world.gather(uvideo_t, False)
-    if not run.prompts:
-        utext_s, utext_t = world.gather(utext_s, True), world.gather(utext_t, False)
-    # in the student's dtype (bf16 under autocast): the fused loss takes half-precision inputs
-    # and computes in fp32 inside, so nothing is upcast here
-    dt = uvideo_s.dtype
-    return distillation_loss(uvideo_s, utext_s.to(dt), uvideo_t.to(dt), utext_t.to(dt), scale, t_scale)
 
 
 def train_step(run: Run, frames, captions, unlabeled, step: int, apply: bool) -> dict:
@@ -297,7 +124,8 @@ def train_step(run: Run, frames, captions, unlabeled, step: int, apply: bool) ->
         if uframes is not None:
             # (with SigLIP's scale for the labeled loss, the distillation keeps FitCLIP's softmax temperature)
             d_scale = scale if cfg.loss == "infonce" else 1 / cfg.temperature
-            loss_u = unlabeled_loss(run, img_emb[n * k:], txt_emb[n:], uframes, utokens, d_scale)
+            loss_u = unlabeled_loss(img_emb[n * k:], txt_emb[n:], uframes, utokens, d_scale, run.teacher, cfg,
+                                    run.world, shared_prompts=bool(run.prompts))
             loss = loss + cfg.unlabeled_weight * loss_u
     (loss / cfg.grad_accum).backward()
     out = {"loss": loss, "labeled_loss": loss_l, "unlabeled_loss": loss_u}
@@ -326,12 +154,8 @@ def setup(cfg: TrainConfig):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = world.device
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
-    if cfg.loss not in ("infonce", "siglip"):
-        raise ValueError(f"--loss must be 'infonce' or 'siglip', got {cfg.loss!r}")
-    amp_dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda") \
-        else None
+    validate(cfg)
+    amp = amp_dtype(cfg, device)
     labeled = load_caption_csv(cfg.train_csv, cfg.video_root)
     check_decode_device(cfg.decode_device, cfg.workers, labeled[0].video if labeled else None)  # before any model
     model, _, _, tokenizer = fmodel.create(cfg.model, cfg.pretrained, device=device)
@@ -342,8 +166,8 @@ def setup(cfg: TrainConfig):
         teacher, *_ = fmodel.create(cfg.model, cfg.pretrained, device=device)
         teacher.load_state_dict(model.state_dict())
         teacher.eval().requires_grad_(False)
-        if amp_dtype is not None:  # frozen: stored in the autocast dtype (half the memory)
-            teacher.to(amp_dtype)
+        if amp is not None:  # frozen: stored in the autocast dtype (half the memory)
+            teacher.to(amp)
         if cfg.compile:  # the instance's methods, so state_dict and the checkpoints are unchanged
             teacher.encode_image = torch.compile(teacher.encode_image)
             teacher.encode_text = torch.compile(teacher.encode_text)
@@ -387,16 +211,8 @@ def setup(cfg: TrainConfig):
             encoder, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:  # (after DDP: compiled graphs break at its gradient buckets, so all-reduce still overlaps)
         encoder = torch.compile(encoder)
-    run = Run(cfg, world, model, encoder, teacher, tokenizer, optimizer, prompts, total, amp_dtype)
+    run = Run(cfg, world, model, encoder, teacher, tokenizer, optimizer, prompts, total, amp)
     return run, ds, vds, uds, resume, out
-
-
-def rank_batches(n: int, cfg: TrainConfig, world: World, epoch: int) -> list[list[int]]:
-    """This rank's slice of every global batch of the epoch (fixed by seed and epoch: resumable)."""
-    order = epoch_order(n, cfg.seed, epoch)
-    global_bs = cfg.batch_size * world.world
-    return [order[i + world.rank * cfg.batch_size:i + (world.rank + 1) * cfg.batch_size]
-            for i in range(0, len(order) - global_bs + 1, global_bs)]
 
 
 class _StopSignal:
@@ -423,158 +239,156 @@ class _StopSignal:
             signal.signal(s, h)
 
 
-class Loaders:
-    """The labeled DataLoader and the unlabeled one beside it (None without unlabeled data), built
-    once for the run: worker processes (persistent across epochs) decode while the model trains,
-    prefetching, into pinned memory on CUDA. `epoch` points both at this rank's batches [first,
-    end) of an epoch, fixed by seed, epoch and rank (so a run resumes mid-epoch), and yields
-    (labeled batch, unlabeled batch or None) pairs."""
+@dataclass
+class Progress:
+    """Where the run is (what a checkpoint records besides the weights and the optimizer) and
+    what it has produced so far."""
+    step: int
+    epoch: int
+    batch: int  # in the epoch
+    best_val: float
+    history: list = None
+    broken: list = None
 
-    def __init__(self, ds, uds, cfg: TrainConfig, world: World):
-        self.ds, self.uds, self.cfg, self.world = ds, uds, cfg, world
-        pin = world.device.type == "cuda" and cfg.decode_device == "cpu"  # (GPU-decoded frames are there already)
-        self.samplers = [EpochBatches(), EpochBatches()]
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch, "best_val": self.best_val}
 
-        def loader(dataset, sampler):
-            return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                               num_workers=cfg.workers, pin_memory=pin,
-                                               persistent_workers=cfg.workers > 0,
-                                               prefetch_factor=4 if cfg.workers else None)
 
-        self.labeled = loader(ds, self.samplers[0])
-        self.unlabeled = loader(uds, self.samplers[1]) if uds is not None and len(uds) else None
+def step_record(run: Run, r: dict, p: Progress, n: int, data_wait: float, seconds: float, ckpt_s: float) -> dict:
+    """The log record of an applied step (the global batch's losses: ClipLoss's per-rank losses
+    average to it)."""
+    world = run.world
+    rec = {"step": p.step, "epoch": p.epoch, "loss": world.mean(r["loss"].item()),
+           "labeled_loss": world.mean(r["labeled_loss"].item()), "unlabeled_loss": float(r["unlabeled_loss"].detach()),
+           "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds, "data_wait_s": data_wait,
+           "fwd_bwd_s": r["fwd_bwd_s"], "optimizer_s": r["optimizer_s"], "checkpoint_s": ckpt_s,
+           "grad_norm": r["grad_norm"], "clips_per_s": n * world.world / max(1e-9, seconds)}
+    if world.device.type == "cuda":
+        rec["peak_mem_mb"] = torch.cuda.max_memory_allocated(world.device) / 2**20
+    return rec
 
-    def epoch(self, batches: list[list[int]], epoch: int, first: int, end: int):
-        self.samplers[0].set(epoch, batches[first:end])
-        if self.unlabeled is None:
-            return ((x, None) for x in self.labeled)
-        self.samplers[1].set(epoch, unlabeled_batches(self.uds, self.cfg, self.world, epoch, first, end))
-        return zip(self.labeled, self.unlabeled)
+
+def end_of_epoch(run: Run, vds, p: Progress, broken: list, log, out: Path) -> None:
+    """The epoch's unreadable videos into the log; the validation loss, keeping best.safetensors."""
+    if broken and run.world.main:
+        log.write(json.dumps({"epoch": p.epoch, "broken_videos": sorted(set(broken))}) + "\n")
+        print(f"epoch {p.epoch}: skipped {len(set(broken))} unreadable videos: {sorted(set(broken))[:10]}")
+        p.broken += broken
+    if vds is not None and run.world.main:
+        val = validation_loss(run.model, run.tokenizer, vds, run.cfg, run.world.device)
+        log.write(json.dumps({"epoch": p.epoch, "step": p.step, "val_loss": val}) + "\n")
+        if val < p.best_val:
+            p.best_val = val
+            fmodel.save_checkpoint(run.model.state_dict(), out / "best.safetensors",
+                                   metadata={"step": str(p.step), "val_loss": str(val)})
+
+
+def stop_now(run: Run, ckpt, log, bar, signum: int, p: Progress, save: bool) -> None:
+    """After SIGTERM/SIGINT: a checkpoint at this step (written already unless save), then exit."""
+    bar.close()
+    log.close()
+    if save:
+        ckpt.save(run.model, run.optimizer, p.step, p.state(), wait=True)
+    ckpt.wait()
+    print(f"fitclip train: {signal.Signals(signum).name} received; wrote the checkpoint of step {p.step} to "
+          f"{ckpt.out} (resume with --resume)", flush=True)
+    raise SystemExit(128 + signum)
+
+
+def batches_of(data: Loaders, epoch_batches: list, end: int, p: Progress, stop: _StopSignal, on_stop):
+    """This rank's (labeled, unlabeled) batches of the epoch from position p.batch to end, as
+    (frames, captions, broken paths, unlabeled batch); Ctrl-C reaches the DataLoader workers too:
+    with a signal pending, a worker's error stops cleanly all the same (on_stop)."""
+    it = iter(data.epoch(epoch_batches, p.epoch, p.batch, end))
+    while True:
+        try:
+            (frames, captions, bad, _), ubatch = next(it)
+        except StopIteration:
+            return
+        except Exception:
+            if stop.signum:
+                on_stop(stop.signum)
+            raise
+        yield frames, captions, bad, ubatch
 
 
 def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
-    run, ds, vds, uds, (step, start_epoch, start_batch, best), out = setup(cfg)
+    run, ds, vds, uds, (step, epoch0, batch0, best), out = setup(cfg)
     world, model = run.world, run.model
     ckpt = checkpoint.Checkpointer(out, cfg.save_every_steps, cfg.save_every_minutes, cfg.keep_last, world.main)
     log = open(out / "log.jsonl", "a") if world.main else open(os.devnull, "w")
-    history = []
-    broken_all: list[str] = []
-    stop = _StopSignal()
-    epoch, b = start_epoch, start_batch
-    data = Loaders(ds, uds, cfg, world)
-    t_start = time.perf_counter()
-
-    def stopped(bar, signum: int, step: int, epoch: int | None = None, batch: int | None = None):
-        """After SIGTERM/SIGINT: a checkpoint at this step (written already, unless the position
-        in the data is given), then exit."""
-        bar.close()
-        log.close()
-        if epoch is not None:
-            ckpt.save(model, run.optimizer, step, {"epoch": epoch, "batch_in_epoch": batch, "best_val": best},
-                      wait=True)
-        ckpt.wait()
-        print(f"fitclip train: {signal.Signals(signum).name} received; wrote the checkpoint of step {step} to "
-              f"{out} (resume with --resume)", flush=True)
-        raise SystemExit(128 + signum)
-
+    p = Progress(step, epoch0, batch0, best, history=[], broken=[])
+    stop, data, t_start = _StopSignal(), Loaders(ds, uds, cfg, world), time.perf_counter()
     with stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            epoch_batches = rank_batches(len(ds), cfg, world, epoch)
-            first = start_batch if epoch == start_epoch else 0
+        for p.epoch in range(epoch0, cfg.epochs):
+            p.batch = batch0 if p.epoch == epoch0 else 0
+            epoch_batches = rank_batches(len(ds), cfg, world, p.epoch)
             end = len(epoch_batches) - len(epoch_batches) % cfg.grad_accum
-            batches = data.epoch(epoch_batches, epoch, first, end)
-            bar = tqdm(total=end - first, desc=f"epoch {epoch}", leave=False, disable=not world.main or None,
+            bar = tqdm(total=end - p.batch, desc=f"epoch {p.epoch}", leave=False, disable=not world.main or None,
                        unit="batch")
-            broken: list[str] = []
+
+            def on_stop(signum):  # (while the workers load: checkpoint at the last applied step's position)
+                p.batch -= p.batch % cfg.grad_accum
+                stop_now(run, ckpt, log, bar, signum, p, save=True)
+
+            broken, t_wait = [], time.perf_counter()
             model.train()
-            b = first
-            t_wait = time.perf_counter()
-            it = iter(batches)
-            while True:
-                try:
-                    (frames, captions, bad, _), ubatch = next(it)
-                except StopIteration:
+            for frames, captions, bad, ubatch in batches_of(data, epoch_batches, end, p, stop, on_stop):
+                if cfg.max_steps and p.step >= cfg.max_steps:
                     break
-                except Exception:
-                    if stop.signum:  # Ctrl-C reaches the DataLoader workers too: stop cleanly all the same
-                        stopped(bar, stop.signum, step, epoch, b - b % cfg.grad_accum)
-                    raise
-                if cfg.max_steps and step >= cfg.max_steps:
-                    break
-                data_wait = time.perf_counter() - t_wait
-                t0 = time.perf_counter()
-                broken += bad
+                data_wait, t0 = time.perf_counter() - t_wait, time.perf_counter()
                 # Every rank keeps the same number of clips (a broken video shrinks a local batch):
                 # ClipLoss pairs column r * n + i with rank r's row i.
                 n = world.min(0 if frames is None else len(captions))
                 u = unlabeled_clips(run, ubatch)
-                broken += u[2]
-                apply = (b + 1) % cfg.grad_accum == 0
-                b += 1
+                broken += bad + u[2]
+                apply = (p.batch + 1) % cfg.grad_accum == 0
+                p.batch += 1
                 bar.update(1)
-                if n == 0:
-                    t_wait = time.perf_counter()
-                    continue
-                r = train_step(run, frames[:n].to(world.device, non_blocking=True), captions[:n], u, step, apply)
-                if apply:
-                    step += 1
-                    progress = {"epoch": epoch, "batch_in_epoch": b, "best_val": best}
+                if n > 0:
+                    r = train_step(run, frames[:n].to(world.device, non_blocking=True), captions[:n], u, p.step, apply)
+                if n > 0 and apply:
+                    p.step += 1
                     signalled = world.max(stop.signum)
                     # (the epoch's last step is saved by the epoch-end checkpoint right after)
-                    scheduled = ckpt.due(step) and b < end
-                    ckpt_s = ckpt.save(model, run.optimizer, step, progress, wait=bool(signalled)) \
-                        if scheduled or signalled else 0.0
-                    seconds = data_wait + time.perf_counter() - t0
-                    # the loss of the global batch: ClipLoss's per-rank losses average to it
-                    rec = {"step": step, "epoch": epoch, "loss": world.mean(r["loss"].item()),
-                           "labeled_loss": world.mean(r["labeled_loss"].item()),
-                           "unlabeled_loss": float(r["unlabeled_loss"].detach()), "lr": run.optimizer.param_groups[0]["lr"],
-                           "seconds": seconds, "data_wait_s": data_wait, "fwd_bwd_s": r["fwd_bwd_s"],
-                           "optimizer_s": r["optimizer_s"], "checkpoint_s": ckpt_s, "grad_norm": r["grad_norm"],
-                           "clips_per_s": n * world.world / max(1e-9, seconds)}
-                    if world.device.type == "cuda":
-                        rec["peak_mem_mb"] = torch.cuda.max_memory_allocated(world.device) / 2**20
-                    history.append(rec)
-                    if step % cfg.log_every == 0 or signalled:
+                    save = (ckpt.due(p.step) and p.batch < end) or signalled
+                    ckpt_s = ckpt.save(model, run.optimizer, p.step, p.state(), wait=bool(signalled)) if save else 0.0
+                    rec = step_record(run, r, p, n, data_wait, data_wait + time.perf_counter() - t0, ckpt_s)
+                    p.history.append(rec)
+                    if p.step % cfg.log_every == 0 or signalled:
                         log.write(json.dumps(rec) + "\n")
                         log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
                     if signalled:
-                        stopped(bar, signalled, step)
+                        stop_now(run, ckpt, log, bar, signalled, p, save=False)
                 t_wait = time.perf_counter()
             bar.close()
-            if broken and world.main:
-                log.write(json.dumps({"epoch": epoch, "broken_videos": sorted(set(broken))}) + "\n")
-                print(f"epoch {epoch}: skipped {len(set(broken))} unreadable videos: {sorted(set(broken))[:10]}")
-                broken_all += broken
-            if vds is not None and world.main:
-                val = validation_loss(model, run.tokenizer, vds, cfg, world.device)
-                log.write(json.dumps({"epoch": epoch, "step": step, "val_loss": val}) + "\n")
-                if val < best:
-                    best = val
-                    fmodel.save_checkpoint(model.state_dict(), out / "best.safetensors",
-                                           metadata={"step": str(step), "val_loss": str(val)})
-            if cfg.max_steps and step >= cfg.max_steps:
-                break  # mid-epoch: resume at batch b of this epoch
-            epoch, b = epoch + 1, 0  # the epoch is done: resume at the next one
-            ckpt.save(model, run.optimizer, step, {"epoch": epoch, "batch_in_epoch": 0, "best_val": best})
-        if ckpt.last_step != step:  # the end of training
-            ckpt.save(model, run.optimizer, step, {"epoch": epoch, "batch_in_epoch": b, "best_val": best})
+            end_of_epoch(run, vds, p, broken, log, out)
+            if cfg.max_steps and p.step >= cfg.max_steps:
+                break  # mid-epoch: resume at batch p.batch of this epoch
+            p.epoch, p.batch = p.epoch + 1, 0  # the epoch is done: resume at the next one
+            ckpt.save(model, run.optimizer, p.step, p.state())
+        if ckpt.last_step != p.step:  # the end of training
+            ckpt.save(model, run.optimizer, p.step, p.state())
         ckpt.wait()
-    # where the run's time went (this process's part of it since resuming): the training loop's
-    # wall time, and what the checkpoints cost it (snapshots to host memory and waits for writes)
-    summary = {"steps": step, "steps_run": len(history), "wall_s": time.perf_counter() - t_start,
-               "checkpoint_s": ckpt.blocked_s, "checkpoints": ckpt.written,
-               **{key: sum(r[key] for r in history) for key in ("data_wait_s", "fwd_bwd_s", "optimizer_s")}}
+    return finish(run, ckpt, log, p, out, time.perf_counter() - t_start)
+
+
+def finish(run: Run, ckpt, log, p: Progress, out: Path, wall_s: float) -> dict:
+    """The summary record (this process's part of the run since resuming: the loop's wall time and
+    what the checkpoints cost it), the loss plot, and the run's result."""
+    summary = {"steps": p.step, "steps_run": len(p.history), "wall_s": wall_s, "checkpoint_s": ckpt.blocked_s,
+               "checkpoints": ckpt.written,
+               **{key: sum(r[key] for r in p.history) for key in ("data_wait_s", "fwd_bwd_s", "optimizer_s")}}
     log.write(json.dumps({"summary": summary}) + "\n")
     log.close()
-    if world.main:
+    if run.world.main:
         plot_history(out / "log.jsonl", out / "loss.png")
-    if world.world > 1:
+    if run.world.world > 1:
         dist.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
-    return {"steps": step, "history": history, "broken_videos": sorted(set(broken_all)), "out_dir": str(out),
+    return {"steps": p.step, "history": p.history, "broken_videos": sorted(set(p.broken)), "out_dir": str(out),
             "summary": summary}
 
 
@@ -604,30 +418,6 @@ def plot_history(log_path: Path, png: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="fitclip train", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(TrainConfig):
-        name = "--" + f.name.replace("_", "-")
-        help = f.metadata["help"]
-        if f.type in ("bool", bool):
-            parser.add_argument(name, action="store_true", help=help)
-        elif f.default is dataclasses.MISSING:
-            parser.add_argument(name, required=True, help=help)
-        else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(name, type=typ, default=f.default, help=help + " (default: %(default)s)")
-    args = parser.parse_args(argv)
-    cfg = TrainConfig(**{k: (None if v in ("none", "None") else v) for k, v in vars(args).items()})
-    check_paths(cfg)  # before any model is loaded or video decoded
+    cfg = parse_args(argv, description=__doc__.splitlines()[0])
+    validate(cfg)  # before any model is loaded or video decoded
     return train(cfg)
-
-
-def check_paths(cfg: TrainConfig) -> None:
-    """Every path flag names what exists (errors.InputError naming the flag otherwise)."""
-    existing_file("--train-csv", cfg.train_csv)
-    for flag, value in (("--unlabeled-csv", cfg.unlabeled_csv), ("--val-csv", cfg.val_csv),
-                        ("--class-prompts", cfg.class_prompts)):
-        if value:
-            existing_file(flag, value)
-    if cfg.video_root:
-        existing_dir("--video-root", cfg.video_root)
-    pretrained_path("--pretrained", cfg.pretrained)
