@@ -7,7 +7,7 @@ from fitclip_ext.reference import (contrastive_loss_reference, distillation_loss
                                    video_contrastive_loss_reference)
 from fitclip_ext.testing import assert_within_rule
 
-from .test_distill import distill_inputs
+from .helpers import distill_inputs
 
 
 def compile_case(op: str, dev: str, seed: int):

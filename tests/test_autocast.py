@@ -11,7 +11,7 @@ from fitclip_ext.reference import (contrastive_loss_reference, distillation_loss
                                    sigmoid_loss_reference)
 from fitclip_ext.testing import rel_err
 
-from .test_contrastive import device_for
+from .helpers import device_for
 
 
 def _feats(shapes, seed):

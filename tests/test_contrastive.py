@@ -10,36 +10,9 @@ from fitclip_ext.reference import contrastive_loss_reference, infonce_reference
 
 from fitclip_ext.testing import assert_within_rule, rel_err
 
-FUSED = ["cpp", "triton"]
+from .helpers import DTYPES, FUSED, backend_cases, device_for, features
+
 SHAPES = [(1, 1), (2, 8), (7, 3), (64, 32), (127, 65), (256, 512), (1000, 17)]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
-def backend_cases(shapes, dtypes):
-    """(backend, dtype, shape) triples. The C++ backend takes every case. The Triton backend runs
-    on CUDA when present; otherwise through the interpreter, which is slow (small shapes only;
-    float64, which the kernels compute in float64, on the smaller ones); its bf16 tl.dot is made
-    exact by tests/conftest.py (operands widened to float32), so bf16 runs here too."""
-    cases = []
-    for dtype in dtypes:
-        for shape in shapes:
-            cases.append(pytest.param("cpp", dtype, shape, id=f"cpp-{dtype}-{shape}"))
-            on_gpu = torch.cuda.is_available()
-            if on_gpu or max(shape) <= (70 if dtype == torch.float64 else 130):
-                cases.append(pytest.param("triton", dtype, shape, id=f"triton-{dtype}-{shape}"))
-    return cases
-
-
-def device_for(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-
-
-def _features(b, d, dtype, seed, normalize=True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, d, generator=g, dtype=torch.float64)
-    if normalize:
-        x = torch.nn.functional.normalize(x, dim=-1)
-    return x.to(dtype)
 
 
 def _run(fn, args, scale, bias, grads):
@@ -59,7 +32,7 @@ def _run(fn, args, scale, bias, grads):
 def test_contrastive_loss_matches_float64(backend, dtype, shape, reduction, eps, with_bias):
     b, d = shape
     dev = device_for(backend)
-    img, txt = _features(b, d, dtype, 1).to(dev), _features(b, d, dtype, 2).to(dev)
+    img, txt = features(b, d, dtype, 1).to(dev), features(b, d, dtype, 2).to(dev)
     scale = torch.tensor(14.3, dtype=torch.float32)
     bias = torch.tensor(-2.5, dtype=torch.float32) if with_bias else None
     kw = dict(label_smoothing=eps, reduction=reduction)
@@ -86,7 +59,7 @@ def test_infonce_matches_float64(backend, dtype, shape, reduction, eps):
     n, m, offset = shape
     d = 48
     dev = device_for(backend)
-    q, k = _features(n, d, dtype, 3).to(dev), _features(m, d, dtype, 4).to(dev)
+    q, k = features(n, d, dtype, 3).to(dev), features(m, d, dtype, 4).to(dev)
     scale = torch.tensor(30.0, dtype=torch.float64)
     kw = dict(positive_offset=offset, label_smoothing=eps, reduction=reduction)
     out, grads = _run(lambda a, b, s, bb: fitclip_ext.infonce(a, b, s, bb, backend=backend, **kw), [q, k], scale, None, True)
@@ -125,7 +98,7 @@ def test_cpp_row_and_column_blocks(monkeypatch, symmetric, n, m, offset, dtype):
     """Small C++ blocks: 32-row forward blocks and backward blocks of 32 rows x 256 columns, so the
     backward's column blocks (one narrower at the end) and the row blocks are both exercised."""
     monkeypatch.setenv("FITCLIP_CPU_BLOCK_ELEMS", "4096")
-    q, k = _features(n, 17, dtype, 5), _features(m, 17, dtype, 6)
+    q, k = features(n, 17, dtype, 5), features(m, 17, dtype, 6)
     scale = torch.tensor(25.0, dtype=torch.float64)
     if symmetric:
         op = lambda a, b, s, bb: fitclip_ext.contrastive_loss(a, b, s, backend="cpp", label_smoothing=0.1)
@@ -145,8 +118,8 @@ def test_cpp_row_and_column_blocks(monkeypatch, symmetric, n, m, offset, dtype):
 def test_large_scale_and_unnormalised_features_stay_finite(backend):
     # Logits up to ~1e3: a naive exp overflows, a log-sum-exp must not.
     dev = device_for(backend)
-    img = _features(33, 16, torch.float32, 5, normalize=False).to(dev)
-    txt = _features(33, 16, torch.float32, 6, normalize=False).to(dev)
+    img = features(33, 16, torch.float32, 5, normalize=False).to(dev)
+    txt = features(33, 16, torch.float32, 6, normalize=False).to(dev)
     scale = torch.tensor(100.0)
     out, grads = _run(lambda i, t, s, b: fitclip_ext.contrastive_loss(i, t, s, backend=backend), [img, txt], scale, None, True)
     truth, tgrads = _run(lambda i, t, s, b: contrastive_loss_reference(i, t, s.double(), upcast=True), [img, txt], scale, None, True)
@@ -157,16 +130,16 @@ def test_large_scale_and_unnormalised_features_stay_finite(backend):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])  # both compute float64 inputs in float64
 def test_gradcheck_float64(backend):
-    img = _features(5, 3, torch.float64, 7).requires_grad_()
-    txt = _features(5, 3, torch.float64, 8).requires_grad_()
+    img = features(5, 3, torch.float64, 7).requires_grad_()
+    txt = features(5, 3, torch.float64, 8).requires_grad_()
     scale = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     for red in ["mean", "none"]:
         assert torch.autograd.gradcheck(
             lambda i, t, s, b: fitclip_ext.contrastive_loss(i, t, s, b, label_smoothing=0.1, reduction=red, backend=backend),
             (img, txt, scale, bias))
-    q = _features(3, 4, torch.float64, 9).requires_grad_()
-    k = _features(8, 4, torch.float64, 10).requires_grad_()
+    q = features(3, 4, torch.float64, 9).requires_grad_()
+    k = features(8, 4, torch.float64, 10).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda a, b, s: fitclip_ext.infonce(a, b, s, positive_offset=2, label_smoothing=0.2, reduction="none", backend=backend),
         (q, k, scale))
@@ -174,8 +147,8 @@ def test_gradcheck_float64(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_noncontiguous_inputs_and_python_scale(backend):
-    base_i = _features(40, 64, torch.float32, 11).to(device_for(backend))
-    base_t = _features(64, 40, torch.float32, 12).to(device_for(backend))
+    base_i = features(40, 64, torch.float32, 11).to(device_for(backend))
+    base_t = features(64, 40, torch.float32, 12).to(device_for(backend))
     img = base_i[::2]  # strided rows
     txt = base_t.T[::2]  # transposed view
     assert not img.is_contiguous() and not txt.is_contiguous()
@@ -188,8 +161,8 @@ def test_noncontiguous_inputs_and_python_scale(backend):
 def test_open_clip_style_parameter_scale_gets_gradient(backend):
     # open_clip passes model.logit_scale.exp(), a 0-d tensor; a [1]-shaped one must work too.
     dev = device_for(backend)
-    img = _features(16, 8, torch.float32, 13).to(dev).requires_grad_()
-    txt = _features(16, 8, torch.float32, 14).to(dev).requires_grad_()
+    img = features(16, 8, torch.float32, 13).to(dev).requires_grad_()
+    txt = features(16, 8, torch.float32, 14).to(dev).requires_grad_()
     log_scale = torch.nn.Parameter(torch.full((1,), 2.6592, device=dev))
     loss = fitclip_ext.contrastive_loss(img, txt, log_scale.exp(), backend=backend)
     loss.backward()
@@ -202,7 +175,7 @@ def test_open_clip_style_parameter_scale_gets_gradient(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_nan_in_features_gives_nan_like_torch(backend):
     dev = device_for(backend)
-    img, txt = _features(8, 4, torch.float32, 15).to(dev), _features(8, 4, torch.float32, 16).to(dev)
+    img, txt = features(8, 4, torch.float32, 15).to(dev), features(8, 4, torch.float32, 16).to(dev)
     img[3, 1] = float("nan")
     out = fitclip_ext.contrastive_loss(img, txt, 10.0, backend=backend)
     assert torch.isnan(out)
@@ -217,8 +190,8 @@ def test_default_backend_on_cpu_is_cpp():
 
 def test_matches_open_clip_cliploss():
     open_clip_loss = pytest.importorskip("open_clip.loss")
-    img = _features(50, 32, torch.float32, 17).requires_grad_()
-    txt = _features(50, 32, torch.float32, 18).requires_grad_()
+    img = features(50, 32, torch.float32, 17).requires_grad_()
+    txt = features(50, 32, torch.float32, 18).requires_grad_()
     scale = torch.tensor(100.0, requires_grad=True)
     ours = fitclip_ext.contrastive_loss(img, txt, scale)
     g_ours = torch.autograd.grad(ours, (img, txt, scale))
@@ -234,8 +207,8 @@ def test_column_far_above_its_positive(backend):
     # Column 0's positive logit is -100 while another row scores +100 on it: the Triton forward
     # shifts each column by its positive logit, so this column takes the exact fallback path.
     dev = device_for(backend)
-    img = _features(20, 8, torch.float32, 19)
-    txt = _features(20, 8, torch.float32, 20)
+    img = features(20, 8, torch.float32, 19)
+    txt = features(20, 8, torch.float32, 20)
     img[0] = -txt[0]
     img[5] = txt[0]
     img, txt = img.to(dev), txt.to(dev)
@@ -257,8 +230,8 @@ def test_triton_autotuning_on_request_matches_float64(monkeypatch, symmetric):
 
     dev = device_for("triton")
     n, m, d = (45, 45, 40) if symmetric else (21, 50, 40)
-    x = _features(n, d, torch.float32, 11).to(dev)
-    y = _features(m, d, torch.float32, 12).to(dev)
+    x = features(n, d, torch.float32, 11).to(dev)
+    y = features(m, d, torch.float32, 12).to(dev)
     scale = torch.tensor(9.0, dtype=torch.float64)
 
     def fn(a, b, s, _bias):

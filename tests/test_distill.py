@@ -8,24 +8,12 @@ import fitclip_ext
 from fitclip_ext.reference import distillation_loss_reference
 
 from fitclip_ext.testing import assert_within_rule
-from .test_contrastive import backend_cases, device_for
+from .helpers import backend_cases, device_for, distill_inputs
 
 # (n videos, m captions, D student, D teacher)
 SHAPES = [(1, 1, 1, 1), (2, 3, 8, 8), (7, 7, 3, 5), (64, 64, 32, 32), (127, 65, 65, 33), (256, 256, 512, 512),
           (1000, 17, 17, 9)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
-def distill_inputs(n, m, d, dt, dtype, seed=0, noise=0.5):
-    """A student that roughly agrees with its teacher (as after the labeled warm start)."""
-    g = torch.Generator().manual_seed(seed)
-    norm = torch.nn.functional.normalize
-    tv = norm(torch.randn(n, dt, generator=g, dtype=torch.float64), dim=-1)
-    tt = norm(torch.randn(m, dt, generator=g, dtype=torch.float64), dim=-1)
-    proj = torch.randn(dt, d, generator=g, dtype=torch.float64) / dt**0.5
-    sv = norm(tv @ proj + noise * torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5, dim=-1)
-    st = norm(tt @ proj + noise * torch.randn(m, d, generator=g, dtype=torch.float64) / d**0.5, dim=-1)
-    return [x.to(dtype) for x in (sv, st, tv, tt)]
 
 
 def _run(fn, sv, st, tv, tt, s_scale):

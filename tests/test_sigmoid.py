@@ -9,7 +9,7 @@ import fitclip_ext
 from fitclip_ext.reference import sigmoid_loss_reference
 from fitclip_ext.testing import assert_within_rule, rel_err
 
-from .test_contrastive import DTYPES, _features, backend_cases, device_for
+from .helpers import DTYPES, backend_cases, device_for, features
 
 # (n, m, D, offset): square, rectangular with the positives inside the columns, negatives only
 SHAPES = [(1, 1, 1, 0), (2, 8, 8, 3), (7, 7, 3, 0), (64, 96, 32, 32), (127, 127, 65, 0), (33, 70, 17, None),
@@ -38,7 +38,7 @@ def _run(fn, img, txt, scale, bias, reduction):
 def test_sigmoid_loss_matches_float64(backend, dtype, shape, reduction):
     n, m, d, off = shape
     dev = device_for(backend)
-    img, txt = _features(n, d, dtype, 1).to(dev), _features(m, d, dtype, 2).to(dev)
+    img, txt = features(n, d, dtype, 1).to(dev), features(m, d, dtype, 2).to(dev)
     if off is not None:  # aligned positives, as after training: large positive logits, so both branches of
         txt[off:off + n] = (0.6 * img.double() + 0.4 * txt[off:off + n].double()).to(dtype)  # softplus matter
     scale, bias = torch.tensor(10.0 if d > 1 else 3.0), torch.tensor(-10.0 if d > 1 else -1.0)
@@ -59,7 +59,7 @@ def test_sigmoid_loss_matches_float64(backend, dtype, shape, reduction):
 def test_sigmoid_loss_extreme_logits_and_nan(backend):
     """Logits of +-200 (softplus linear, sigmoid saturated) stay exact; NaN in is NaN out."""
     dev = device_for(backend)
-    img = _features(9, 16, torch.float32, 3).to(dev)
+    img = features(9, 16, torch.float32, 3).to(dev)
     txt = torch.cat([img[:5], -img[5:]])  # five aligned pairs, four anti-aligned
     for scale, bias in ((200.0, 0.0), (50.0, -150.0), (1.0, 30.0)):
         for off in (0, None):
@@ -80,7 +80,7 @@ def test_sigmoid_loss_matches_open_clip(backend):
     from open_clip.loss import SigLipLoss
 
     dev = device_for(backend)
-    img, txt = _features(48, 32, torch.float32, 5).to(dev), _features(48, 32, torch.float32, 6).to(dev)
+    img, txt = features(48, 32, torch.float32, 5).to(dev), features(48, 32, torch.float32, 6).to(dev)
     scale, bias = torch.tensor(10.0, device=dev), torch.tensor(-10.0, device=dev)
     ours, og = _run(lambda i, t, s, b: fitclip_ext.sigmoid_loss(i, t, s, b, backend=backend), img, txt, scale, bias, "mean")
     theirs, tg = _run(lambda i, t, s, b: SigLipLoss()(i, t, s, b), img, txt, scale, bias, "mean")
@@ -96,7 +96,7 @@ def test_sigmoid_loss_without_grad_runs_only_the_loss(monkeypatch):
     calls = []
     real = cpp.sigmoid_loss
     monkeypatch.setattr(cpp, "sigmoid_loss", lambda *a: calls.append(a[-1]) or real(*a))
-    img, txt = _features(16, 8, torch.float32, 1), _features(16, 8, torch.float32, 2)
+    img, txt = features(16, 8, torch.float32, 1), features(16, 8, torch.float32, 2)
     fitclip_ext.sigmoid_loss(img, txt, 10.0, -10.0, backend="cpp")
     with torch.no_grad():
         fitclip_ext.sigmoid_loss(img.requires_grad_(), txt, 10.0, -10.0, backend="cpp")
@@ -107,8 +107,8 @@ def test_sigmoid_loss_without_grad_runs_only_the_loss(monkeypatch):
 
 
 def test_sigmoid_loss_retain_graph_backward_twice():
-    img = _features(20, 8, torch.float32, 1).requires_grad_()
-    txt = _features(20, 8, torch.float32, 2)
+    img = features(20, 8, torch.float32, 1).requires_grad_()
+    txt = features(20, 8, torch.float32, 2)
     loss = fitclip_ext.sigmoid_loss(img, txt, 10.0, -10.0, backend="cpp")
     (g1,) = torch.autograd.grad(loss, img, retain_graph=True)
     (g2,) = torch.autograd.grad(loss, img)
@@ -151,7 +151,7 @@ def test_sigmoid_loss_triton_bfloat16_interpreted(reduction):
     if torch.cuda.is_available():  # on a GPU, backend_cases runs bf16 Triton in the float64 test above
         pytest.skip("covered by the bf16 cases on the GPU")
     dtype = torch.bfloat16
-    img, txt = _features(45, 32, dtype, 1), _features(45, 32, dtype, 2)
+    img, txt = features(45, 32, dtype, 1), features(45, 32, dtype, 2)
     scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
     kw = dict(reduction=reduction)
     out, grads = _run(lambda i, t, s, b: fitclip_ext.sigmoid_loss(i, t, s, b, backend="triton", **kw),
@@ -170,7 +170,7 @@ def test_sigmoid_loss_several_blocks(backend, monkeypatch):
     monkeypatch.setenv("FITCLIP_CPU_BLOCK_ELEMS", "64")   # 32-row blocks (the C++ minimum)
     monkeypatch.setenv("FITCLIP_GPU_BLOCK_ELEMS", "900")  # 9-row blocks
     dev = device_for(backend)
-    img, txt = _features(77, 16, torch.float32, 3).to(dev), _features(100, 16, torch.float32, 4).to(dev)
+    img, txt = features(77, 16, torch.float32, 3).to(dev), features(100, 16, torch.float32, 4).to(dev)
     scale, bias = torch.tensor(7.0), torch.tensor(-3.0)
     for off in (23, None):
         out, grads = _run(lambda i, t, s, b: fitclip_ext.sigmoid_loss(i, t, s, b, positive_offset=off, backend=backend),
@@ -186,8 +186,8 @@ def test_sigmoid_loss_triton_autocast():
     """Under autocast, float32 features run the Triton path in the autocast dtype (as a matmul
     would) and the loss comes back in float32; gradients reach the float32 leaves."""
     dev = device_for("triton")
-    img = _features(40, 32, torch.float32, 1).to(dev).requires_grad_()
-    txt = _features(40, 32, torch.float32, 2).to(dev).requires_grad_()
+    img = features(40, 32, torch.float32, 1).to(dev).requires_grad_()
+    txt = features(40, 32, torch.float32, 2).to(dev).requires_grad_()
     low = torch.bfloat16
     with torch.autocast(dev, dtype=low):
         out = fitclip_ext.sigmoid_loss(img, txt, 10.0, -10.0, backend="triton")
@@ -226,8 +226,8 @@ def test_sigmoid_opcheck(backend):
 def test_sigmoid_loss_compile_fullgraph(backend):
     dev = device_for(backend)
     compile_backend = "inductor" if backend == "cpp" or torch.cuda.is_available() else "aot_eager"
-    img = torch.nn.functional.normalize(_features(33, 16, torch.float32, 8), dim=-1).to(dev).requires_grad_()
-    txt = torch.nn.functional.normalize(_features(33, 16, torch.float32, 9), dim=-1).to(dev).requires_grad_()
+    img = torch.nn.functional.normalize(features(33, 16, torch.float32, 8), dim=-1).to(dev).requires_grad_()
+    txt = torch.nn.functional.normalize(features(33, 16, torch.float32, 9), dim=-1).to(dev).requires_grad_()
     scale = torch.tensor(10.0, device=dev, requires_grad=True)
     bias = torch.tensor(-10.0, device=dev, requires_grad=True)
     fn = torch.compile(lambda i, t, s, b: fitclip_ext.sigmoid_loss(i, t, s, b, backend=backend), fullgraph=True,
@@ -254,8 +254,8 @@ def test_sigmoid_loss_flop_count(monkeypatch, reduction, need_grad, budget, exac
     fitclip_ext.backends.load_triton()
     monkeypatch.setenv("FITCLIP_GPU_BLOCK_ELEMS", str(1 << 18))  # 4 blocks of 256 rows
     B, D = 1024, 32
-    img = _features(B, D, torch.float32, 1).to(device_for("triton")).requires_grad_(need_grad)
-    txt = _features(B, D, torch.float32, 2).to(device_for("triton")).requires_grad_(need_grad)
+    img = features(B, D, torch.float32, 1).to(device_for("triton")).requires_grad_(need_grad)
+    txt = features(B, D, torch.float32, 2).to(device_for("triton")).requires_grad_(need_grad)
     with count() as c:
         loss = fitclip_ext.sigmoid_loss(img, txt, 10.0, -10.0, reduction=reduction, backend="triton")
         if need_grad:

@@ -1,0 +1,48 @@
+"""What the test modules share: the backends and dtypes every op is checked on, the device a
+backend runs on here, and seeded inputs. (Test modules import from here, never from each other.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+FUSED = ["cpp", "triton"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def backend_cases(shapes, dtypes):
+    """(backend, dtype, shape) triples. The C++ backend takes every case. The Triton backend runs
+    on CUDA when present; otherwise through the interpreter, which is slow (small shapes only;
+    float64, which the kernels compute in float64, on the smaller ones); its bf16 tl.dot is made
+    exact by tests/conftest.py (operands widened to float32), so bf16 runs here too."""
+    cases = []
+    for dtype in dtypes:
+        for shape in shapes:
+            cases.append(pytest.param("cpp", dtype, shape, id=f"cpp-{dtype}-{shape}"))
+            on_gpu = torch.cuda.is_available()
+            if on_gpu or max(shape) <= (70 if dtype == torch.float64 else 130):
+                cases.append(pytest.param("triton", dtype, shape, id=f"triton-{dtype}-{shape}"))
+    return cases
+
+
+def device_for(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def features(b, d, dtype, seed, normalize=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    if normalize:
+        x = torch.nn.functional.normalize(x, dim=-1)
+    return x.to(dtype)
+
+
+def distill_inputs(n, m, d, dt, dtype, seed=0, noise=0.5):
+    """A student that roughly agrees with its teacher (as after the labeled warm start)."""
+    g = torch.Generator().manual_seed(seed)
+    norm = torch.nn.functional.normalize
+    tv = norm(torch.randn(n, dt, generator=g, dtype=torch.float64), dim=-1)
+    tt = norm(torch.randn(m, dt, generator=g, dtype=torch.float64), dim=-1)
+    proj = torch.randn(dt, d, generator=g, dtype=torch.float64) / dt**0.5
+    sv = norm(tv @ proj + noise * torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5, dim=-1)
+    st = norm(tt @ proj + noise * torch.randn(m, d, generator=g, dtype=torch.float64) / d**0.5, dim=-1)
+    return [x.to(dtype) for x in (sv, st, tv, tt)]
