@@ -93,9 +93,9 @@ def _dtype_cases(dtype, prec, quick, pick):
     }
     for D, arch in itertools.product((512,) if quick else (40, 128, 512, 768, 1024), (80, 90)):
         for name, fn, cands, flag in (
-                ("infonce_lse_fwd", "infonce.lse_fwd_kernel",
+                ("infonce_lse_fwd", "infonce.infonce_lse_kernel",
                  infonce.candidates(dtype, D, small=False, precision=prec, arch=arch), "WITH_COL"),
-                ("infonce_grad", "infonce.grad_tile_kernel",
+                ("infonce_grad", "infonce.infonce_grad_kernel",
                  infonce.grad_candidates(dtype, D, small=False, precision=prec, arch=arch), "HAS_COL")):
             for (i, cfg), with_col in itertools.product(enumerate(pick(cands)), (True, False)):
                 yield (name, fn, dtype, prec, f"c{i} D{D} " + ("col" if with_col else "-"),
@@ -109,7 +109,7 @@ def _dtype_cases(dtype, prec, quick, pick):
         "stride_cn": "i32", "stride_cd": "i32", "stride_en": "i32", "stride_ed": "i32",
     }
     for i, cfg in enumerate(pick(distill.stats_candidates(dtype, small=False, precision=prec))):
-        yield ("distill_fwd", "distill.kl_fwd_kernel", dtype, prec, f"c{i}", dst_sig, {},
+        yield ("distill_fwd", "distill.distill_fwd_kernel", dtype, prec, f"c{i}", dst_sig, {},
                dict(cfg, ALIGNED=_ALIGNED["distill_fwd"]))
     dgr_sig = {
         "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "g_ptr": t, "ds_part_ptr": "*fp32",
@@ -122,7 +122,7 @@ def _dtype_cases(dtype, prec, quick, pick):
         "stride_ed": "i32", "stride_g": "i32",
     }
     for i, cfg in enumerate(pick(distill.grad_candidates(dtype, 512, small=False, precision=prec))):
-        yield ("distill_grad", "distill.grad_tile_kernel", dtype, prec, f"c{i}", dgr_sig, {},
+        yield ("distill_grad", "distill.distill_grad_kernel", dtype, prec, f"c{i}", dgr_sig, {},
                dict(cfg, ALIGNED=_ALIGNED["distill_grad"]))
     # frame kernels: configurations change with T (T_PAD, bit-set words) and, for the forward,
     # with the architecture (the InfoNCE forward's tiles); k is a runtime loop bound

@@ -45,10 +45,12 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 
 def triton_op(name: str, mutates_args=()):
-    """Decorator: the launcher `fn` as the custom op fitclip_ext::<name>."""
+    """Decorator: the launcher `fn` as the custom op fitclip_ext::<name> (fn must be named `name`)."""
     qualname = "fitclip_ext::" + name
 
     def dec(fn):
+        if fn.__name__ != name:  # (one name per launcher: grep finds the op from the function and back)
+            raise NameError(f"launcher {fn.__name__} registered as {name}: name them alike")
         if not interpreting():
             return torch.library.triton_op(qualname, fn, mutates_args=mutates_args)
         op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args)

@@ -11,7 +11,7 @@ deterministic, no host synchronisation. Matrix FLOPs of forward and backward tog
                                    n x m matrix (the forward cannot know G before it has seen
                                    every row and column; the backward needs G for both GEMMs)
 
-Forward (`kl_fwd_kernel`, grid row blocks x column ranges): per tile both products; per row,
+Forward (`distill_fwd_kernel`, grid row blocks x column ranges): per tile both products; per row,
 online, the max and sum of exp of both and the sum of p ((x - mx) - (y - my)) relative to the
 running maxima (p = exp(x - mx)): a row's KL is that sum / a - log a + log c, exactly 0 when the
 two rows agree. The same five numbers per column over the block's rows go to a partial buffer
@@ -21,7 +21,7 @@ products sign(scale) * raw and log2 of the sum of exp2 relative to it; the backw
 |scale| * log2(e) * (raw - max) - log_sum is then exact for a row's dominant entry, even where the
 compiler fuses the product into an FMA (see fitclip_ext/distill.py).
 
-Backward (`grad_tile_kernel`, row chunks): recomputes both tiles, forms
+Backward (`distill_grad_kernel`, row chunks): recomputes both tiles, forms
 G = w_a (q - p) + w_b (q' - p') / max w (O(1) entries: nothing underflows in fp16) in its epilogue
 and writes it in the inputs' dtype, with per-row partials of the student scale's gradient
 sum G * (A B^T); cuBLAS then computes dA_c = G_c B and dB += G_c^T A_c with float32 accumulation.
@@ -55,7 +55,7 @@ def _signs_and_mags(s_scale_ptr, t_scale_ptr):
 
 
 @triton.jit
-def kl_fwd_kernel(
+def distill_fwd_kernel(
     a_ptr, b_ptr, c_ptr, e_ptr, s_scale_ptr, t_scale_ptr, row_part_ptr, col_part_ptr,
     n, m, D, Dt, row0, row_end, cols_per_split, row_field, col_field,
     stride_an, stride_ad, stride_bn, stride_bd, stride_cn, stride_cd, stride_en, stride_ed,
@@ -128,7 +128,7 @@ def kl_fwd_kernel(
 
 
 @triton.jit
-def grad_tile_kernel(
+def distill_grad_kernel(
     a_ptr, b_ptr, c_ptr, e_ptr, g_ptr, ds_part_ptr, s_scale_ptr, t_scale_ptr, inv_w_ptr,
     row_s_ptr, row_t_ptr, row_w_ptr, col_s_ptr, col_t_ptr, col_w_ptr,
     n, m, D, Dt, row0, row_end, col0, col_end, cols_per_split, splits,
@@ -228,7 +228,7 @@ _KEY = ["n", "m", "D", "Dt", "INPUT_PRECISION"]
 
 
 @triton_op("triton_distill_stats")
-def _stats_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
+def triton_distill_stats(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
               ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor]:
     """(row student stats [2, n], row teacher stats [2, n], row KL [n], and the same three for the
@@ -242,7 +242,7 @@ def _stats_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor
     s_mag, t_mag = ss.abs() * LOG2E.value, ts.abs() * LOG2E.value
     prec = input_precision(a.dtype)
     cands = stats_candidates(a.dtype, precision=prec)
-    kernel, cfg = configured(kl_fwd_kernel, cands, key=_KEY, site="stats")
+    kernel, cfg = configured(distill_fwd_kernel, cands, key=_KEY, site="stats")
     bm, bn = cands[0]["BLOCK_M"], cands[0]["BLOCK_N"]
     part_elems = min(chunk_elems() or (1 << 23), 1 << 23)  # column partials <= 2^23 floats
     rows_c = chunk_rows(n, m, bm, part_elems // 5 * bm)
@@ -264,7 +264,7 @@ def _stats_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor
 
 
 @triton_op("triton_distill_grad")
-def _grad_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
+def triton_distill_grad(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, ss: torch.Tensor,
              ts: torch.Tensor, row_s: torch.Tensor, row_t: torch.Tensor, row_w: torch.Tensor, col_s: torch.Tensor,
              col_t: torch.Tensor, col_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dA, dB in the inputs' dtypes, d s [] in the compute dtype): the gradient of
@@ -275,7 +275,7 @@ def _grad_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor,
     ss, ts = scale_tensor(ss, a), scale_tensor(ts, a)
     prec = input_precision(a.dtype)
     cands = grad_candidates(a.dtype, D, precision=prec)
-    kernel, cfg = configured(grad_tile_kernel, cands, key=_KEY, site="grad")
+    kernel, cfg = configured(distill_grad_kernel, cands, key=_KEY, site="grad")
     # (every candidate has the same BLOCK_M; G is padded and split to the widest BLOCK_N: whole tiles)
     bm, bn = cands[0]["BLOCK_M"], max(c["BLOCK_N"] for c in cands)
     stat = [x.to(ct).contiguous() for x in (row_s, row_t, row_w, col_s, col_t, col_w)]

@@ -427,7 +427,7 @@ def _range_split(n: int, blocks: int, per_step: int, min_len: int, device) -> tu
 # gradients with respect to the unit vectors, which `unit_grad` turns into the raw inputs' ones.
 
 @triton_op("triton_topk_sim")
-def _topk_sim_op(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.Tensor | None,
+def triton_topk_sim(text: torch.Tensor, frames: torch.Tensor, k: int, mask: torch.Tensor | None,
                  text_norm: torch.Tensor | None = None, frames_norm: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     C, D = text.shape
@@ -503,7 +503,7 @@ def _dframes(text, frames, bits, grad, k, text_norm, gscale) -> torch.Tensor:
 
 
 @triton_op("triton_topk_sim_bwd")
-def _topk_sim_bwd_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
+def triton_topk_sim_bwd(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
                      text_norm: torch.Tensor | None = None, frames_norm: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     grad = grad.to(compute_dtype(text.dtype)).contiguous()
@@ -513,7 +513,7 @@ def _topk_sim_bwd_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tenso
 
 
 @triton_op("triton_topk_sim_bwd_acc", mutates_args=("dtext_acc",))
-def _topk_sim_bwd_acc_op(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
+def triton_topk_sim_bwd_acc(text: torch.Tensor, frames: torch.Tensor, bits: torch.Tensor, grad: torch.Tensor, k: int,
                          dtext_acc: torch.Tensor, text_norm: torch.Tensor | None = None,
                          frames_norm: torch.Tensor | None = None) -> torch.Tensor:
     """The video loss's per-video-block backward: adds d text into dtext_acc ([C, D] compute dtype, a
@@ -532,7 +532,7 @@ def unit_config(D: int, dtype: torch.dtype | None = None) -> dict:
 
 
 @triton_op("triton_unit_grad", mutates_args=("grad",))
-def _unit_grad_op(grad: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> None:
+def triton_unit_grad(grad: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> None:
     """grad (compute dtype, contiguous, x's shape) <- the gradient with respect to the raw x of a loss
     whose gradient with respect to x / max(|x|, eps) is grad; x is [R, D] or [V, T, D]."""
     D = x.shape[-1]
@@ -545,7 +545,7 @@ def _unit_grad_op(grad: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> No
 
 
 @triton_op("triton_select_frames")
-def _select_op(frames: torch.Tensor, text: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.Tensor:
+def triton_select_frames(frames: torch.Tensor, text: torch.Tensor, k: int, mask: torch.Tensor | None) -> torch.Tensor:
     B, T, D = frames.shape
     idx = torch.empty((B, k), device=frames.device, dtype=torch.int64)
     m, has_mask = _mask_arg(mask, idx)

@@ -109,7 +109,7 @@ def contrastive(B: int, D: int, sms: int = SMS) -> list[Launches]:
     # forward: Q once, K once per row chunk (32 MB at B = 32768: it stays in L2 within a launch);
     # partials: [3, split, B] rows, [2, blocks, B] columns per chunk, written then read by the merges
     col_part = chunks * 2 * blocks * B * f4
-    out = [Launches("lse_fwd_kernel (forward)", "triton", chunks, flops,
+    out = [Launches("infonce_lse_kernel (forward)", "triton", chunks, flops,
                     B * D * e + chunks * B * D * e + 3 * split * B * f4 + col_part,
                     _tile_l2(flops, fwd["BLOCK_M"], fwd["BLOCK_N"]), _grid_text(blocks * split, sms=sms),
                     fwd["num_stages"]),
@@ -119,7 +119,7 @@ def contrastive(B: int, D: int, sms: int = SMS) -> list[Launches]:
     launches = n_slabs * n_chunks
     g_bytes = B * B * e  # G, written by the kernel and read by cuBLAS twice: in L2 (12 MB chunks)
     # the kernel: Q once per slab, K once (the slab stays in L2 across its chunks); G stays in L2
-    out.append(Launches("grad_tile_kernel (G)", "triton", launches, flops, n_slabs * B * D * e + B * D * e,
+    out.append(Launches("infonce_grad_kernel (G)", "triton", launches, flops, n_slabs * B * D * e + B * D * e,
                         _tile_l2(flops, grad["BLOCK_M"], grad["BLOCK_N"]) + g_bytes,
                         _grid_text(blocks_g * split_g, persistent=True, sms=sms), grad["num_stages"]))
     # dA += G K_slab: the float32 dA rows read and rewritten from HBM once per slab
@@ -172,7 +172,7 @@ def distillation(B: int, D: int, sms: int = SMS) -> list[Launches]:
     chunks = -(-B // rows_c)
     both = 2.0 * B * B * (D + D)
     col_part = chunks * 5 * blocks * B * f4
-    out = [Launches("kl_fwd_kernel (forward, both products)", "triton", chunks, both,
+    out = [Launches("distill_fwd_kernel (forward, both products)", "triton", chunks, both,
                     2 * B * D * e + chunks * 2 * B * D * e + 5 * split * B * f4 + col_part,
                     _tile_l2(both, cfg["BLOCK_M"], cfg["BLOCK_N"]), _grid_text(blocks * split, sms=sms),
                     cfg["num_stages"]),
@@ -181,7 +181,7 @@ def distillation(B: int, D: int, sms: int = SMS) -> list[Launches]:
     n_slabs, n_chunks = -(-B // slab), -(-B // rows_g)
     launches = n_slabs * n_chunks
     flops = 2.0 * B * B * D
-    out.append(Launches("grad_tile_kernel (G, both products)", "triton", launches, both,
+    out.append(Launches("distill_grad_kernel (G, both products)", "triton", launches, both,
                         n_slabs * 2 * B * D * e + 2 * B * D * e,
                         _tile_l2(both, grad["BLOCK_M"], grad["BLOCK_N"]) + B * B * e,
                         _grid_text(blocks_g * split_g, persistent=True, sms=sms), grad["num_stages"]))

@@ -120,7 +120,7 @@ def plan(n: int, m: int, D: int) -> tuple[int, int]:
 
 
 @triton_op("triton_sigmoid_loss")
-def _sigmoid_op(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int,
+def triton_sigmoid_loss(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int,
                 row_weight: torch.Tensor | None, with_grad: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backend contract's sigmoid_loss: (loss [n], G @ keys [n, D], G^T @ query [m, D],
