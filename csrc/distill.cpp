@@ -19,7 +19,6 @@
 // and accumulates G @ B and G^T @ A (GEMMs 3 and 4). Memory: O((n + m) * D) plus two blocks.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -28,6 +27,7 @@
 #include <vector>
 
 #include "lse_tiles.h"
+#include "ops.h"
 
 namespace fitclip {
 namespace {
@@ -325,18 +325,3 @@ std::tuple<at::Tensor, at::Tensor> distill_grad_cpu(const at::Tensor& sv, const 
 }
 
 }  // namespace fitclip
-
-TORCH_LIBRARY_FRAGMENT(fitclip_ext, m) {
-  m.def(
-      "distill_stats(Tensor student_video, Tensor student_text, Tensor teacher_video, Tensor teacher_text, "
-      "Tensor student_scale, Tensor teacher_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "distill_grad(Tensor student_video, Tensor student_text, Tensor teacher_video, Tensor teacher_text, "
-      "Tensor student_scale, Tensor teacher_scale, Tensor row_stats_s, Tensor row_stats_t, Tensor row_weight, "
-      "Tensor col_stats_s, Tensor col_stats_t, Tensor col_weight) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fitclip_ext, CPU, m) {
-  m.impl("distill_stats", &fitclip::distill_stats_cpu);
-  m.impl("distill_grad", &fitclip::distill_grad_cpu);
-}

@@ -16,7 +16,6 @@
 // Python block loop over these ops (fitclip_ext/frames.py), for this backend and Triton's.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +24,7 @@
 #include <vector>
 
 #include "lse_tiles.h"
+#include "ops.h"
 
 namespace fitclip {
 namespace {
@@ -737,25 +737,3 @@ at::Tensor select_frames_cpu(const at::Tensor& frames, const at::Tensor& text, i
 }
 
 }  // namespace fitclip
-
-TORCH_LIBRARY_FRAGMENT(fitclip_ext, m) {
-  m.def(
-      "topk_sim(Tensor text, Tensor frames, int k, Tensor? mask, Tensor? text_norm=None, Tensor? frames_norm=None) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "topk_sim_bwd(Tensor text, Tensor frames, Tensor bits, Tensor grad, int k, Tensor? text_norm=None, "
-      "Tensor? frames_norm=None) -> (Tensor, Tensor)");
-  m.def(
-      "topk_sim_bwd_acc(Tensor text, Tensor frames, Tensor bits, Tensor grad, int k, Tensor(a!) dtext_acc, "
-      "Tensor? text_norm=None, Tensor? frames_norm=None) -> Tensor");
-  m.def("unit_grad(Tensor(a!) grad, Tensor x, Tensor norm) -> ()");
-  m.def("select_frames(Tensor frames, Tensor text, int k, Tensor? mask) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(fitclip_ext, CPU, m) {
-  m.impl("topk_sim", &fitclip::topk_sim_cpu);
-  m.impl("topk_sim_bwd", &fitclip::topk_sim_bwd_cpu);
-  m.impl("topk_sim_bwd_acc", &fitclip::topk_sim_bwd_acc_cpu);
-  m.impl("unit_grad", &fitclip::unit_grad_cpu);
-  m.impl("select_frames", &fitclip::select_frames_cpu);
-}

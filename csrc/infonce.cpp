@@ -9,7 +9,6 @@
 // `block_rows` x `block_cols` (backward).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -17,6 +16,7 @@
 #include <vector>
 
 #include "lse_tiles.h"
+#include "ops.h"
 
 namespace fitclip {
 namespace {
@@ -176,19 +176,3 @@ std::tuple<at::Tensor, at::Tensor> infonce_grad_cpu(const at::Tensor& query, con
 }
 
 }  // namespace fitclip
-
-TORCH_LIBRARY(fitclip_ext, m) {
-  m.def("infonce_lse(Tensor query, Tensor keys, Tensor scale, bool with_col) -> (Tensor, Tensor)");
-  m.def(
-      "infonce_grad(Tensor query, Tensor keys, Tensor scale, Tensor row_lse, Tensor row_weight, "
-      "Tensor? col_lse, Tensor? col_weight) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fitclip_ext, CPU, m) {
-  m.impl("infonce_lse", &fitclip::infonce_lse_cpu);
-  m.impl("infonce_grad", &fitclip::infonce_grad_cpu);
-}
-
-PYBIND11_MODULE(_C, mod) {
-  mod.doc() = "fitclip_ext C++ CPU kernels; the ops are registered as torch.ops.fitclip_ext.*";
-}

@@ -10,13 +10,13 @@
 // Without a gradient only GEMM 1 runs. Memory: O((n + m) * D) plus one block of rows x m.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "lse_tiles.h"
+#include "ops.h"
 
 namespace fitclip {
 namespace {
@@ -185,11 +185,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_loss_cpu(
 }
 
 }  // namespace fitclip
-
-TORCH_LIBRARY_FRAGMENT(fitclip_ext, m) {
-  m.def(
-      "sigmoid_loss(Tensor query, Tensor keys, Tensor scale, Tensor bias, int offset, Tensor? row_weight, "
-      "bool with_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fitclip_ext, CPU, m) { m.impl("sigmoid_loss", &fitclip::sigmoid_loss_cpu); }
