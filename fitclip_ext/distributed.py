@@ -12,8 +12,6 @@ wrapper is `fitclip_ext.world.World`, on the same `all_gather`.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 

@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -247,8 +247,8 @@ class Progress:
     epoch: int
     batch: int  # in the epoch
     best_val: float
-    history: list = None
-    broken: list = None
+    history: list = field(default_factory=list)
+    broken: list = field(default_factory=list)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch, "best_val": self.best_val}
@@ -319,7 +319,7 @@ def train(cfg: TrainConfig) -> dict:
     world, model = run.world, run.model
     ckpt = checkpoint.Checkpointer(out, cfg.save_every_steps, cfg.save_every_minutes, cfg.keep_last, world.main)
     log = open(out / "log.jsonl", "a") if world.main else open(os.devnull, "w")
-    p = Progress(step, epoch0, batch0, best, history=[], broken=[])
+    p = Progress(step, epoch0, batch0, best)
     stop, data, t_start = _StopSignal(), Loaders(ds, uds, cfg, world), time.perf_counter()
     with stop:
         for p.epoch in range(epoch0, cfg.epochs):

@@ -86,7 +86,6 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
             typ = {"int": int, "float": float}.get(str(f.type), str)
             parser.add_argument(name, type=typ, default=f.default, help=help + " (default: %(default)s)")
     args = parser.parse_args(argv)
-    cfg = TrainConfig(**{k: (None if v in ("none", "None") else v) for k, v in vars(args).items()})
     return TrainConfig(**{k: (None if v in ("none", "None") else v) for k, v in vars(args).items()})
 
 

@@ -199,10 +199,10 @@ def compile_one(case, arch: int, div16: bool = True, sass_check: bool = True) ->
     import importlib
 
     kernel_name, fn_path, dtype, prec, label, sig, flags, cfg = case
-    # ARCH: the architecture the dispatcher picks this configuration for; D16: dispatched only
-    # for D % 16 == 0 (the JIT's specialisation then keeps D divisible whatever the other sizes)
+    # ARCH: the architecture the dispatcher picks this configuration for; D16: the case's D is a
+    # multiple of 16, which the JIT's specialisation keeps divisible whatever the other sizes;
     # ALIGNED: integer arguments the launchers always pass as multiples of the block sizes
-    always = ({"D", "Dt"} if cfg.get("D16") else set()) | set(cfg.get("ALIGNED", ()))
+    always = ({"D"} if cfg.get("D16") else set()) | set(cfg.get("ALIGNED", ()))
     cfg = {k: v for k, v in cfg.items() if k not in ("ARCH", "D16", "ALIGNED")}
     module, attr = fn_path.split(".")
     fn = getattr(importlib.import_module(f"{__package__}.{module}"), attr)

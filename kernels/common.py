@@ -149,10 +149,11 @@ def stream_tile(a_ptr, b_ptr, a_off, b_off, D, stride_ad, stride_bd, BLOCK_M: tl
     """A[a rows] @ B[b rows]^T for the rows at element offsets a_off [BLOCK_M], b_off [BLOCK_N]
     (int64; out-of-range rows pointed at a valid row by the caller, their products masked in its
     epilogue), both operands streamed over D in BLOCK_K steps: the loop the pipeliner turns into
-    num_stages asynchronous copies (cp.async) in flight ahead of the tensor-core product. Pointers
-    advance by a scalar each step and only the feature tail is masked, so the per-stage address
-    tensors stay small (no spills at 128 x 128 tiles with 8 warps). float32 accumulation (float64
-    for float64 operands)."""
+    num_stages asynchronous copies (cp.async) in flight ahead of the tensor-core product. Only the
+    feature tail is masked (no row or column masks), which keeps the address tensors small (no
+    spills at 128 x 128 tiles with 8 warps); the addresses are recomputed from d0 each step
+    (pointers carried through the loop instead left no warpgroup MMA group in flight on sm_90).
+    float32 accumulation (float64 for float64 operands)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = acc_zeros(a_ptr, BLOCK_M, BLOCK_N)
     for d0 in range(0, D, BLOCK_K):
@@ -378,13 +379,20 @@ DB_SLAB_BYTES = 16 << 20  # the float32 dB accumulator of one column slab: read 
 G_BYTES = 12 << 20  # one G chunk: written by the kernel, read back by cuBLAS from L2
 
 
+def padded_g(rows_c: int, slab: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """The G chunk's shape padded to whole tiles (rows to block_m, columns to block_n): the
+    gradient kernels store every tile whole, without a mask, and cuBLAS reads the unpadded view."""
+    return -(-rows_c // block_m) * block_m, -(-slab // block_n) * block_n
+
+
 def backward_extra_bytes(n: int, m: int, D: int, itemsize: int, block_m: int, block_n: int, sms: int) -> int:
     """Bytes the chunked backward allocates above its inputs and gradients: the float32 dA
     accumulator's excess over the gradient (none for float32 inputs), the dB slab accumulator,
     the padded G chunk, a slab's ds partials and their running sum."""
-    slab, rows_c, _, per, split = backward_plan(n, m, D, itemsize, block_m, block_n, sms)
+    slab, rows_c, _, _, split = backward_plan(n, m, D, itemsize, block_m, block_n, sms)
     acc = n * D * (4 - itemsize) if itemsize < 4 else 0
-    g = -(-rows_c // block_m) * block_m * (-(-slab // block_n) * block_n) * itemsize
+    pad_rows, pad_cols = padded_g(rows_c, slab, block_m, block_n)
+    g = pad_rows * pad_cols * itemsize
     return acc + (slab * D * 4 if itemsize < 4 else 0) + g + split * n * 4 + n * 4
 
 
@@ -434,10 +442,7 @@ def chunked_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, weig
     db_slab = torch.empty((slab, D), device=dev, dtype=ct) if b.dtype != ct else None
     ds_part = torch.empty((split, n), device=dev, dtype=ct)
     ds = torch.zeros((n,), device=dev, dtype=ct)
-    # G is padded to whole tiles (rows to block_m, columns to block_n): the kernels store every
-    # tile whole, without a mask (vectorised stores whatever n and m are); cuBLAS reads the view.
-    pad_rows, pad_cols = -(-rows_c // block_m) * block_m, -(-slab // block_n) * block_n
-    G = torch.empty((pad_rows, pad_cols), device=dev, dtype=a.dtype)
+    G = torch.empty(padded_g(rows_c, slab, block_m, block_n), device=dev, dtype=a.dtype)
     inv_w = g_scale / w_max
     factor = scale * (w_max / g_scale)
     for c0 in range(0, m, slab):

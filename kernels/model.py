@@ -191,7 +191,7 @@ def distillation(B: int, D: int, sms: int = SMS) -> list[Launches]:
     return out
 
 
-def _frame_passes(C: int, T: int, D: int, sms: int) -> dict:
+def _frame_passes(T: int, D: int) -> dict:
     import torch
     import triton
 
@@ -218,7 +218,7 @@ def _sim_programs(C: int, V: int, sim: dict, sms: int) -> int:
 def topk_frames(C: int, T: int, D: int, sms: int = SMS) -> list[Launches]:
     """topk_frame_similarity (C captions x V = C videos of T frames), bf16, forward and backward:
     the fused similarity + top-k forward and the two gradient kernels (kernels/frames.py)."""
-    p = _frame_passes(C, T, D, sms)
+    p = _frame_passes(T, D)
     e, f4 = 2, 4
     V = C
     unit = 2.0 * C * V * p["t_pad"] * D
@@ -242,9 +242,8 @@ def video_contrastive(C: int, T: int, D: int, sms: int = SMS) -> list[Launches]:
     on the C x V matrix) and the backward, which recomputes the forward per video block (the
     chosen frames' bits are not kept across the loss) before d text and d frames."""
     fwd = topk_frames(C, T, D, sms)
-    e = 2
     recompute = dataclasses.replace(fwd[0], name="topk_sim_fwd_kernel (recomputed in the backward)")
-    loss = Launches("InfoNCE over the [C, V] scores (torch)", "elementwise", 1, 0.0, 6 * C * C * 4 + 0 * e)
+    loss = Launches("InfoNCE over the [C, V] scores (torch)", "elementwise", 1, 0.0, 6 * C * C * 4)
     return [fwd[0], loss, recompute] + fwd[1:]
 
 

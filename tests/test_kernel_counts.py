@@ -21,17 +21,15 @@ def _model_matches(launches, c, names) -> None:
     same size: each kernel's matrix FLOPs exactly, the torch (cuBLAS) products' FLOPs exactly,
     and the bytes the Triton tiles load within 2% (the count adds the per-row and per-column
     vectors the epilogues read)."""
+    from fitclip_ext.kernels import infonce
     from fitclip_ext.kernels.model import _tile_l2
 
     for kernel, prefix in names.items():
         rows = [x for x in launches if x.name.startswith(prefix)]
         assert sum(x.flops for x in rows) == c.kernels[kernel][0], kernel
     assert sum(x.flops for x in launches if x.kind == "cublas") == c.torch_flops
-    import torch as _torch
-
-    from fitclip_ext.kernels import infonce
     if "infonce_lse_kernel" in names:
-        fwd = infonce.candidates(_torch.bfloat16, 512, small=False)[0]
+        fwd = infonce.candidates(torch.bfloat16, 512, small=False)[0]
         flops = c.kernels["infonce_lse_kernel"][0]
         tiles = _tile_l2(flops, fwd["BLOCK_M"], fwd["BLOCK_N"])
         assert tiles <= c.kernels["infonce_lse_kernel"][1] <= 1.02 * tiles, c.kernels["infonce_lse_kernel"]

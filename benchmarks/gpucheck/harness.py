@@ -234,10 +234,9 @@ def model_ms(op: str, B: int, D: int) -> float:
     the first GPU run tests the model."""
     from fitclip_ext.kernels import model
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else model.SMS
     fn = {"contrastive_loss": model.contrastive, "sigmoid_loss": model.sigmoid,
           "distillation_loss": model.distillation}[op]
-    return sum(x.time() for x in fn(B, D, sms)) * 1e3
+    return sum(x.time() for x in fn(B, D, _model_sms())) * 1e3
 
 
 def model_table() -> dict:
@@ -245,8 +244,14 @@ def model_table() -> dict:
     SM count."""
     from fitclip_ext.kernels import model
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else model.SMS
-    return model.table(sms=sms)
+    return model.table(sms=_model_sms())
+
+
+def _model_sms() -> int:
+    """The SMs the model plans for: this GPU's, or an H100's without one."""
+    from fitclip_ext.kernels import model
+
+    return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else model.SMS
 
 
 def dtype_name(dtype, tf32: bool = False) -> str:
