@@ -1,4 +1,4 @@
-// Chunked distillation loss (FitCLIP's unlabeled loss) for CPU tensors.
+// Chunked distillation loss (`distillation_loss`, FitCLIP's unlabeled loss) for CPU tensors.
 //
 // Student logits Y = s * A @ B^T and teacher logits X = t * C @ E^T (rows: videos, columns:
 // captions). Per row i (and likewise per column) the KL(softmax(X_i) || softmax(Y_i)) is

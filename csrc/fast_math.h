@@ -1,5 +1,5 @@
 // Branch-free float helpers written so that GCC vectorises the loops that call them
-// (AVX2/AVX-512 clones are picked at load time through target_clones, see infonce.cpp).
+// (AVX2/AVX-512 clones are picked at load time through target_clones, see contrastive.cpp).
 #pragma once
 
 #include <cmath>

@@ -1,4 +1,5 @@
-// Frame-caption cosine similarity fused with top-k selection, for CPU tensors: the C++ side of
+// Frame-caption cosine similarity fused with top-k selection, for CPU tensors (the kernels of
+// topk_frame_similarity, video_contrastive_loss and select_frames): the C++ side of
 // the frame-op contract in fitclip_ext/backends/__init__.py (the Triton kernels in
 // kernels/frames.py have the same schemas).
 //

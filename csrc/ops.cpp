@@ -7,9 +7,9 @@
 #include "ops.h"
 
 TORCH_LIBRARY(fitclip_ext, m) {
-  m.def("infonce_lse(Tensor query, Tensor keys, Tensor scale, bool with_col) -> (Tensor, Tensor)");
+  m.def("contrastive_lse(Tensor query, Tensor keys, Tensor scale, bool with_col) -> (Tensor, Tensor)");
   m.def(
-      "infonce_grad(Tensor query, Tensor keys, Tensor scale, Tensor row_lse, Tensor row_weight, "
+      "contrastive_grad(Tensor query, Tensor keys, Tensor scale, Tensor row_lse, Tensor row_weight, "
       "Tensor? col_lse, Tensor? col_weight) -> (Tensor, Tensor)");
   m.def(
       "sigmoid_loss(Tensor query, Tensor keys, Tensor scale, Tensor bias, int offset, Tensor? row_weight, "
@@ -35,8 +35,8 @@ TORCH_LIBRARY(fitclip_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(fitclip_ext, CPU, m) {
-  m.impl("infonce_lse", &fitclip::infonce_lse_cpu);
-  m.impl("infonce_grad", &fitclip::infonce_grad_cpu);
+  m.impl("contrastive_lse", &fitclip::contrastive_lse_cpu);
+  m.impl("contrastive_grad", &fitclip::contrastive_grad_cpu);
   m.impl("sigmoid_loss", &fitclip::sigmoid_loss_cpu);
   m.impl("distill_stats", &fitclip::distill_stats_cpu);
   m.impl("distill_grad", &fitclip::distill_grad_cpu);

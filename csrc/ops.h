@@ -1,5 +1,5 @@
 // The C++ (CPU) implementations of fitclip_ext's ops, one per schema in ops.cpp: each file
-// (infonce.cpp, sigmoid.cpp, distill.cpp, frames.cpp) defines its op's functions, ops.cpp
+// (contrastive.cpp, sigmoid.cpp, distill.cpp, frames.cpp) defines its op's functions, ops.cpp
 // registers them all with torch and holds the pybind11 module.
 #pragma once
 
@@ -10,10 +10,10 @@
 
 namespace fitclip {
 
-std::tuple<at::Tensor, at::Tensor> infonce_lse_cpu(const at::Tensor& query, const at::Tensor& keys,
+std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& query, const at::Tensor& keys,
                                                    const at::Tensor& scale, bool with_col);
 
-std::tuple<at::Tensor, at::Tensor> infonce_grad_cpu(const at::Tensor& query, const at::Tensor& keys,
+std::tuple<at::Tensor, at::Tensor> contrastive_grad_cpu(const at::Tensor& query, const at::Tensor& keys,
                                                     const at::Tensor& scale, const at::Tensor& row_lse,
                                                     const at::Tensor& row_weight,
                                                     const std::optional<at::Tensor>& col_lse,

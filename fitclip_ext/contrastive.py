@@ -2,8 +2,8 @@
 direction, rectangular, for distributed local losses).
 
 Only the log-sum-exp of each row (and column) of L = s * Q @ K^T needs the n x m products; the
-backends compute those in tiles (`infonce_lse`), and the full logit gradient tile by tile
-(`infonce_grad`, the contract in fitclip_ext/backends/__init__.py):
+backends compute those in tiles (`contrastive_lse`), and the full logit gradient tile by tile
+(`contrastive_grad`, the contract in fitclip_ext/backends/__init__.py):
 
     CE_i = lse_i - (1 - eps) * L[i, p_i] - eps * mean_j L[i, j]
     dLoss/dL = diag(w) softmax_rows(L) - (1 - eps) w_i [j = p_i] - eps / m * w_i      (rows)
@@ -23,11 +23,11 @@ from .common import (autocast_features, compute_dtype, reduce, rowdot, smoothed_
 from .reference import contrastive_loss_reference, infonce_reference
 
 
-class _InfoNCE(torch.autograd.Function):
+class _Contrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, keys, scale, symmetric, offset, eps, reduction, backend, out_dtype):
         with torch.autocast(query.device.type, enabled=False):  # (autocast_features chose the precision)
-            return _InfoNCE._forward(ctx, query, keys, scale, symmetric, offset, eps, reduction, backend, out_dtype)
+            return _Contrastive._forward(ctx, query, keys, scale, symmetric, offset, eps, reduction, backend, out_dtype)
 
     @staticmethod
     def _forward(ctx, query, keys, scale, symmetric, offset, eps, reduction, backend, out_dtype):
@@ -35,7 +35,7 @@ class _InfoNCE(torch.autograd.Function):
         ct = compute_dtype(query)
         n, m = query.shape[0], keys.shape[0]
         s_c = scale.detach().to(device=query.device, dtype=ct)
-        row_lse, col_lse, row_gap, col_gap = ops.infonce_lse(query, keys, scale, symmetric, offset)
+        row_lse, col_lse, row_gap, col_gap = ops.contrastive_lse(query, keys, scale, symmetric, offset)
         row_mean = s_c * rowdot(query, keys.sum(0, dtype=ct), ct) / m if eps else None
         per_item = smoothed_cross_entropy(row_gap, row_lse, row_mean, eps)
         if symmetric:
@@ -48,7 +48,7 @@ class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         with torch.autocast(grad_out.device.type, enabled=False):
-            return _InfoNCE._backward(ctx, grad_out)
+            return _Contrastive._backward(ctx, grad_out)
 
     @staticmethod
     def _backward(ctx, grad_out):
@@ -56,7 +56,7 @@ class _InfoNCE(torch.autograd.Function):
         symmetric, offset, eps, reduction, backend = ctx.config
         row_w = upstream_weights(grad_out, query.shape[0], reduction, symmetric, compute_dtype(query))
         col_w = row_w if symmetric else None
-        grad_q, grad_k, grad_s = backends.get(backend).infonce_grad(query, keys, scale, row_lse, row_w, col_lse,
+        grad_q, grad_k, grad_s = backends.get(backend).contrastive_grad(query, keys, scale, row_lse, row_w, col_lse,
                                                                     col_w, offset=offset, eps=eps)
         grad_scale = grad_s.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None
         return (grad_q if ctx.needs_input_grad[0] else None, grad_k if ctx.needs_input_grad[1] else None,
@@ -93,7 +93,7 @@ def infonce(query, keys, logit_scale, logit_bias=None, *, positive_offset=0, lab
         return infonce_reference(query, keys, scale.to(query.device), bias if bias is None else bias.to(query.device),
                                  positive_offset=positive_offset, label_smoothing=eps, reduction=reduction)
     (query, keys), out_dtype = autocast_features(backend, query, keys)
-    loss = _InfoNCE.apply(query, keys, scale, False, positive_offset, eps, reduction, backend, out_dtype)
+    loss = _Contrastive.apply(query, keys, scale, False, positive_offset, eps, reduction, backend, out_dtype)
     return zero_bias_term(loss, bias)
 
 
@@ -132,5 +132,5 @@ def contrastive_loss(image_features, text_features, logit_scale, logit_bias=None
                                           bias if bias is None else bias.to(dev),
                                           label_smoothing=eps, reduction=reduction)
     (image_features, text_features), out_dtype = autocast_features(backend, image_features, text_features)
-    loss = _InfoNCE.apply(image_features, text_features, scale, True, 0, eps, reduction, backend, out_dtype)
+    loss = _Contrastive.apply(image_features, text_features, scale, True, 0, eps, reduction, backend, out_dtype)
     return zero_bias_term(loss, bias)

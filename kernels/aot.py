@@ -68,13 +68,13 @@ def _cases(scope: str = "all"):
 
 # Integer arguments that the launchers only ever pass as multiples of the block sizes (chunk
 # starts, column ranges): divisible by 16 in every JIT specialisation, also when n and m are odd.
-_ALIGNED = {"infonce_lse_fwd": ("row0", "cols_per_split"), "infonce_grad": ("row0", "col0", "cols_per_split"),
+_ALIGNED = {"contrastive_lse_fwd": ("row0", "cols_per_split"), "contrastive_grad": ("row0", "col0", "cols_per_split"),
             "distill_fwd": ("row0", "cols_per_split"), "distill_grad": ("row0", "col0", "cols_per_split")}
 
 
 def _dtype_cases(dtype, prec, quick, pick):
     """The builds of one (dtype, precision): see _cases."""
-    from . import distill, frames, infonce, sigmoid
+    from . import contrastive, distill, frames, sigmoid
 
     t = _ptr(dtype)
     # InfoNCE: both kernels share the configurations (by dtype and architecture; D's alignment)
@@ -93,13 +93,13 @@ def _dtype_cases(dtype, prec, quick, pick):
     }
     for D, arch in itertools.product((512,) if quick else (40, 128, 512, 768, 1024), (80, 90)):
         for name, fn, cands, flag in (
-                ("infonce_lse_fwd", "infonce.infonce_lse_kernel",
-                 infonce.candidates(dtype, D, small=False, precision=prec, arch=arch), "WITH_COL"),
-                ("infonce_grad", "infonce.infonce_grad_kernel",
-                 infonce.grad_candidates(dtype, D, small=False, precision=prec, arch=arch), "HAS_COL")):
+                ("contrastive_lse_fwd", "contrastive.contrastive_lse_kernel",
+                 contrastive.candidates(dtype, D, small=False, precision=prec, arch=arch), "WITH_COL"),
+                ("contrastive_grad", "contrastive.contrastive_grad_kernel",
+                 contrastive.grad_candidates(dtype, D, small=False, precision=prec, arch=arch), "HAS_COL")):
             for (i, cfg), with_col in itertools.product(enumerate(pick(cands)), (True, False)):
                 yield (name, fn, dtype, prec, f"c{i} D{D} " + ("col" if with_col else "-"),
-                       fwd_sig if name == "infonce_lse_fwd" else grad_sig, {flag: with_col},
+                       fwd_sig if name == "contrastive_lse_fwd" else grad_sig, {flag: with_col},
                        dict(cfg, ARCH=arch, D16=D % 16 == 0, ALIGNED=_ALIGNED[name]))
     dst_sig = {
         "a_ptr": t, "b_ptr": t, "c_ptr": t, "e_ptr": t, "s_scale_ptr": "*fp32", "t_scale_ptr": "*fp32",

@@ -1,7 +1,7 @@
 """Triton kernels of the chunked distillation loss (`fitclip_ext.distillation_loss` on CUDA).
 
 Student logits Y = s * A @ B^T (A [n, D] videos, B [m, D] captions), teacher logits
-X = t * C @ E^T (Dt features). The structure mirrors kernels/infonce.py: FLOP-optimal,
+X = t * C @ E^T (Dt features). The structure mirrors kernels/contrastive.py: FLOP-optimal,
 deterministic, no host synchronisation. Matrix FLOPs of forward and backward together:
 
     forward  2 n m (D + Dt)   both tile products, once

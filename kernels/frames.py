@@ -1,4 +1,5 @@
-"""Triton kernels of the frame ops: caption-frame cosine similarity fused with top-k selection.
+"""Triton kernels of the frame ops (`fitclip_ext.topk_frame_similarity`, `video_contrastive_loss`,
+`select_frames` on CUDA): caption-frame cosine similarity fused with top-k selection.
 
 The frames [V, T, D] are one matrix of V * T rows (frame t of video v at v * stride_v +
 t * stride_t, any strides); a tile's columns are BLOCK_V whole videos of T_PAD (T rounded up to a
@@ -42,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import infonce
+from . import contrastive
 from .common import (acc_zeros, arch_of, column_split, compute_dtype, configured, input_precision, launch, num_sms,
                      safe_index, small_configs, stream_tile, triton_op)
 
@@ -324,14 +325,14 @@ def sim_candidates(dtype, D: int, T: int, small: bool | None = None, precision: 
                    arch: int = 90) -> list[dict]:
     """The similarity forward's block configurations, known good first (the default; the others
     are timed only under FITCLIP_TRITON_AUTOTUNE=1): the InfoNCE forward's streamed, pipelined
-    tiles (kernels/infonce.candidates), with tiles of BLOCK_V = BLOCK_N / T_PAD
+    tiles (kernels/contrastive.candidates), with tiles of BLOCK_V = BLOCK_N / T_PAD
     whole videos (at least one: T_PAD columns). Compiled without spills for sm_80/sm_90 with
     Triton 3.6 and 3.8 (`python -m fitclip_ext.kernels.aot`)."""
     t_pad = triton.next_power_of_2(T)
     gpu = not small_configs(small)
     fma = dtype == torch.float64 or (dtype == torch.float32 and (precision or input_precision(dtype)) == "ieee")
     out = []
-    for i, c in enumerate(infonce.candidates(dtype, D, small, precision, arch)):
+    for i, c in enumerate(contrastive.candidates(dtype, D, small, precision, arch)):
         if i and t_pad < 16 and dtype == torch.float32 and gpu:
             continue  # (the TF32 32-column variant spills on sm_80 at T <= 8)
         # (128 columns of frames with the k rounds of max spill on sm_80, and at T <= 4 on sm_90: 64 there)

@@ -93,23 +93,23 @@ def _tile_l2(flops: float, block_m: int, block_n: int, itemsize: int = 2) -> flo
 
 
 def contrastive(B: int, D: int, sms: int = SMS) -> list[Launches]:
-    """contrastive_loss (symmetric InfoNCE), bf16, forward and backward: kernels/infonce.py and
+    """contrastive_loss (symmetric InfoNCE), bf16, forward and backward: kernels/contrastive.py and
     kernels.common.chunked_backward."""
     import torch
 
-    from . import infonce
+    from . import contrastive
     from .common import backward_plan
 
-    fwd = infonce.candidates(torch.bfloat16, D, small=False, arch=90)[0]
-    grad = infonce.grad_candidates(torch.bfloat16, D, small=False, arch=90)[0]
+    fwd = contrastive.candidates(torch.bfloat16, D, small=False, arch=90)[0]
+    grad = contrastive.grad_candidates(torch.bfloat16, D, small=False, arch=90)[0]
     e, f4 = 2, 4
-    rows_c, blocks, per, split = infonce.lse_plan(B, B, fwd, sms)
+    rows_c, blocks, per, split = contrastive.lse_plan(B, B, fwd, sms)
     chunks = -(-B // rows_c)
     flops = 2.0 * B * B * D
     # forward: Q once, K once per row chunk (32 MB at B = 32768: it stays in L2 within a launch);
     # partials: [3, split, B] rows, [2, blocks, B] columns per chunk, written then read by the merges
     col_part = chunks * 2 * blocks * B * f4
-    out = [Launches("infonce_lse_kernel (forward)", "triton", chunks, flops,
+    out = [Launches("contrastive_lse_kernel (forward)", "triton", chunks, flops,
                     B * D * e + chunks * B * D * e + 3 * split * B * f4 + col_part,
                     _tile_l2(flops, fwd["BLOCK_M"], fwd["BLOCK_N"]), _grid_text(blocks * split, sms=sms),
                     fwd["num_stages"]),
@@ -119,7 +119,7 @@ def contrastive(B: int, D: int, sms: int = SMS) -> list[Launches]:
     launches = n_slabs * n_chunks
     g_bytes = B * B * e  # G, written by the kernel and read by cuBLAS twice: in L2 (12 MB chunks)
     # the kernel: Q once per slab, K once (the slab stays in L2 across its chunks); G stays in L2
-    out.append(Launches("infonce_grad_kernel (G)", "triton", launches, flops, n_slabs * B * D * e + B * D * e,
+    out.append(Launches("contrastive_grad_kernel (G)", "triton", launches, flops, n_slabs * B * D * e + B * D * e,
                         _tile_l2(flops, grad["BLOCK_M"], grad["BLOCK_N"]) + g_bytes,
                         _grid_text(blocks_g * split_g, persistent=True, sms=sms), grad["num_stages"]))
     # dA += G K_slab: the float32 dA rows read and rewritten from HBM once per slab

@@ -255,6 +255,6 @@ def test_triton_autotuning_on_request_matches_float64(monkeypatch, symmetric):
     for g, t in zip(grads, truth_grads):
         assert rel_err(g, t) < 1e-5
     tuners = list(kernel_common.TUNERS.values())  # the forward and the backward's G kernel
-    assert sorted(t.base_fn.__name__ for t in tuners) == ["infonce_grad_kernel", "infonce_lse_kernel"]
+    assert sorted(t.base_fn.__name__ for t in tuners) == ["contrastive_grad_kernel", "contrastive_lse_kernel"]
     for t in tuners:
         assert len(t.configs_timings) == len(t.configs) > 1

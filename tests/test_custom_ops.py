@@ -18,8 +18,8 @@ def _samples():
     q, k = torch.randn(5, 8, generator=g), torch.randn(7, 8, generator=g)
     qs, ks = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
     s = torch.tensor(3.0, dtype=torch.float64)
-    row_lse, _ = ops.infonce_lse(q, k, s, False)
-    rl, cl = ops.infonce_lse(qs, ks, s, True)
+    row_lse, _ = ops.contrastive_lse(q, k, s, False)
+    rl, cl = ops.contrastive_lse(qs, ks, s, True)
     w = torch.full((6,), 0.1)
     text, frames = torch.randn(6, 8, generator=g), torch.randn(6, 5, 8, generator=g)
     mask = torch.ones(6, 5, dtype=torch.bool)
@@ -29,10 +29,10 @@ def _samples():
     sv, st, tv, tt = (torch.randn(r, 8, generator=g) for r in (6, 4, 6, 4))
     dstats = ops.distill_stats(sv, st, tv, tt, s, s)
     return [
-        (ops.infonce_lse, (q, k, s, False)),
-        (ops.infonce_lse, (qs, ks, s, True)),
-        (ops.infonce_grad, (q, k, s, row_lse, torch.full((5,), 0.2), None, None)),
-        (ops.infonce_grad, (qs, ks, s, rl, w, cl, w)),
+        (ops.contrastive_lse, (q, k, s, False)),
+        (ops.contrastive_lse, (qs, ks, s, True)),
+        (ops.contrastive_grad, (q, k, s, row_lse, torch.full((5,), 0.2), None, None)),
+        (ops.contrastive_grad, (qs, ks, s, rl, w, cl, w)),
         (ops.topk_sim, (text, frames, 2, mask)),
         (ops.topk_sim_bwd, (text, frames, bits, torch.randn(6, 6, generator=g), 2)),
         (ops.topk_sim_bwd_acc, (text, frames, bits, torch.randn(6, 6, generator=g), 2, torch.zeros(6, 8))),
@@ -62,17 +62,17 @@ def test_compile_fullgraph(op, compile_backend):
 
 
 def test_forward_ops_are_differentiable_on_their_own():
-    """infonce_lse and topk_sim carry autograd formulas (through their gradient ops):
+    """contrastive_lse and topk_sim carry autograd formulas (through their gradient ops):
     gradcheck in float64 and opcheck with inputs that require grad."""
     g = torch.Generator().manual_seed(7)
     q = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
     s = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
     for with_col in (False, True):
-        f = (lambda a, b, c: ops.infonce_lse(a, b, c, True)) if with_col else \
-            (lambda a, b, c: ops.infonce_lse(a, b, c, False)[0])
+        f = (lambda a, b, c: ops.contrastive_lse(a, b, c, True)) if with_col else \
+            (lambda a, b, c: ops.contrastive_lse(a, b, c, False)[0])
         assert torch.autograd.gradcheck(f, (q, k, s))
-        torch.library.opcheck(ops.infonce_lse, (q, k, s, with_col))
+        torch.library.opcheck(ops.contrastive_lse, (q, k, s, with_col))
     text = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     frames = torch.randn(4, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     for normalize in (False, True):

@@ -21,18 +21,18 @@ def _model_matches(launches, c, names) -> None:
     same size: each kernel's matrix FLOPs exactly, the torch (cuBLAS) products' FLOPs exactly,
     and the bytes the Triton tiles load within 2% (the count adds the per-row and per-column
     vectors the epilogues read)."""
-    from fitclip_ext.kernels import infonce
+    from fitclip_ext.kernels import contrastive
     from fitclip_ext.kernels.model import _tile_l2
 
     for kernel, prefix in names.items():
         rows = [x for x in launches if x.name.startswith(prefix)]
         assert sum(x.flops for x in rows) == c.kernels[kernel][0], kernel
     assert sum(x.flops for x in launches if x.kind == "cublas") == c.torch_flops
-    if "infonce_lse_kernel" in names:
-        fwd = infonce.candidates(torch.bfloat16, 512, small=False)[0]
-        flops = c.kernels["infonce_lse_kernel"][0]
+    if "contrastive_lse_kernel" in names:
+        fwd = contrastive.candidates(torch.bfloat16, 512, small=False)[0]
+        flops = c.kernels["contrastive_lse_kernel"][0]
         tiles = _tile_l2(flops, fwd["BLOCK_M"], fwd["BLOCK_N"])
-        assert tiles <= c.kernels["infonce_lse_kernel"][1] <= 1.02 * tiles, c.kernels["infonce_lse_kernel"]
+        assert tiles <= c.kernels["contrastive_lse_kernel"][1] <= 1.02 * tiles, c.kernels["contrastive_lse_kernel"]
 
 
 def _unit(b, d, seed, dtype=torch.bfloat16):
@@ -73,12 +73,12 @@ def test_contrastive_loss_flop_and_byte_budgets(monkeypatch, D):
         loss.backward()
     unit = B * B * D
     assert c.flops == 8 * unit, c  # the floor: forward 2, G recompute 2, dQ and dK GEMMs 2 + 2
-    assert set(c.kernels) == {"infonce_lse_kernel", "infonce_grad_kernel"}
-    _model_matches(model.contrastive(B, D), c, {"infonce_lse_kernel": "infonce_lse_kernel", "infonce_grad_kernel": "infonce_grad_kernel"})
+    assert set(c.kernels) == {"contrastive_lse_kernel", "contrastive_grad_kernel"}
+    _model_matches(model.contrastive(B, D), c, {"contrastive_lse_kernel": "contrastive_lse_kernel", "contrastive_grad_kernel": "contrastive_grad_kernel"})
     # streamed 128 x 128 (forward) and 128 x 64 (gradient) tiles, both operands per tile:
     # BLOCK_M BLOCK_N / (BLOCK_M + BLOCK_N) matrix FLOPs per loaded bf16 byte
-    assert c.flops_per_byte("infonce_lse_kernel") >= 63, c.kernels["infonce_lse_kernel"]
-    assert c.flops_per_byte("infonce_grad_kernel") >= 42, c.kernels["infonce_grad_kernel"]
+    assert c.flops_per_byte("contrastive_lse_kernel") >= 63, c.kernels["contrastive_lse_kernel"]
+    assert c.flops_per_byte("contrastive_grad_kernel") >= 42, c.kernels["contrastive_grad_kernel"]
     # and the GPU configuration's bf16 result against float64 on the same bf16 inputs
     truth_q, truth_k = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
     truth = contrastive_loss_reference(truth_q, truth_k, torch.tensor(20.0, dtype=torch.float64))
@@ -127,10 +127,10 @@ def test_contrastive_loss_deterministic_and_sync_free(monkeypatch):
         loss.backward()
         return loss.detach(), a.grad, b.grad, s.grad
 
-    from fitclip_ext.contrastive import _InfoNCE
+    from fitclip_ext.contrastive import _Contrastive
 
     first = once()
-    second = _without_host_sync(monkeypatch, _InfoNCE, once)
+    second = _without_host_sync(monkeypatch, _Contrastive, once)
     for x, y in zip(first, second):
         assert torch.equal(x, y)
 
@@ -300,9 +300,9 @@ def test_frame_ops_mean_pooling_flop_budget(monkeypatch):
     with count() as c:
         _frame_op("video_contrastive_loss", text, frames, T)
     assert c.flops == 4 * unit // T <= 4.3 * unit, c
-    assert set(c.kernels) == {"infonce_lse_kernel", "infonce_grad_kernel"}
-    assert c.flops_per_byte("infonce_lse_kernel") >= 63, c.kernels
-    assert c.flops_per_byte("infonce_grad_kernel") >= 42, c.kernels
+    assert set(c.kernels) == {"contrastive_lse_kernel", "contrastive_grad_kernel"}
+    assert c.flops_per_byte("contrastive_lse_kernel") >= 63, c.kernels
+    assert c.flops_per_byte("contrastive_grad_kernel") >= 42, c.kernels
 
 
 def test_backward_chunk_fits_the_memory_budget(monkeypatch):

@@ -53,7 +53,7 @@ from pathlib import Path
 assert Path(fitclip_ext.__file__).resolve().is_relative_to(Path(TARGET).resolve()), fitclip_ext.__file__
 from fitclip_ext import backends
 assert backends.load_cpp(), "the installed C++ extension does not load"
-from fitclip_ext.kernels import infonce  # the Triton kernels install as fitclip_ext.kernels
+from fitclip_ext.kernels import contrastive  # the Triton kernels install as fitclip_ext.kernels
 from fitclip_ext.reference import contrastive_loss_reference
 g = torch.Generator().manual_seed(0)
 a = torch.nn.functional.normalize(torch.randn(37, 24, generator=g), dim=-1).requires_grad_()

@@ -41,7 +41,7 @@ def _triton_samples():
     s = torch.tensor([3.0], device=TDEV)
     q, k = r(5, 16), r(7, 16)
     qs, ks = r(6, 16), r(6, 16)
-    rl, cl, _, _ = t.triton_infonce_lse(qs, ks, s, True, 0)
+    rl, cl, _, _ = t.triton_contrastive_lse(qs, ks, s, True, 0)
     w = torch.full((6,), 0.1, device=TDEV)
     text = torch.nn.functional.normalize(r(6, 16), dim=-1)
     frames = torch.nn.functional.normalize(r(6, 5, 16), dim=-1)
@@ -52,10 +52,10 @@ def _triton_samples():
     sv, st, tv, tt = r(6, 16), r(4, 16), r(6, 16), r(4, 16)
     a = t.triton_distill_stats(sv, st, tv, tt, s, s)
     return [
-        (t.triton_infonce_lse, (q, k, s, False, 1)),
-        (t.triton_infonce_lse, (qs, ks, s, True, 0)),
-        (t.triton_infonce_grad, (qs, ks, s, rl, w, cl, w, 0, 0.1)),
-        (t.triton_infonce_grad, (q, k, s, t.triton_infonce_lse(q, k, s, False, 1)[0], torch.full((5,), 0.2, device=TDEV),
+        (t.triton_contrastive_lse, (q, k, s, False, 1)),
+        (t.triton_contrastive_lse, (qs, ks, s, True, 0)),
+        (t.triton_contrastive_grad, (qs, ks, s, rl, w, cl, w, 0, 0.1)),
+        (t.triton_contrastive_grad, (q, k, s, t.triton_contrastive_lse(q, k, s, False, 1)[0], torch.full((5,), 0.2, device=TDEV),
                                  None, None, 1, 0.0)),
         (t.triton_topk_sim, (text, frames, 2, mask)),
         (t.triton_topk_sim, (raw_t, raw_f, 2, mask, raw_t.norm(dim=-1), raw_f.norm(dim=-1))),  # normalisation folded in
@@ -69,7 +69,7 @@ def _triton_samples():
     ]
 
 
-OPCHECK_IDS = ["infonce_lse-rect", "infonce_lse-sym", "infonce_grad-sym", "infonce_grad-rect", "topk_sim",
+OPCHECK_IDS = ["contrastive_lse-rect", "contrastive_lse-sym", "contrastive_grad-sym", "contrastive_grad-rect", "topk_sim",
                "topk_sim-norms", "topk_sim_bwd", "topk_sim_bwd-norms", "topk_sim_bwd_acc", "unit_grad", "select_frames",
                "distill_stats", "distill_grad"]
 
@@ -173,8 +173,8 @@ def test_triton_cuda_ops_trace_without_host_sync(fake_cuda, dtype):
         ops = backends.get("triton")
         ct = torch.float64 if dtype == torch.float64 else torch.float32
         w = torch.full((n,), 1.0 / n, device="cuda", dtype=ct)
-        rl, cl, _, _ = ops.infonce_lse(img, txt, dev_scale, True, 0)
-        ops.infonce_grad(img, txt, dev_scale, rl, w, cl, w, offset=0, eps=0.1)
+        rl, cl, _, _ = ops.contrastive_lse(img, txt, dev_scale, True, 0)
+        ops.contrastive_grad(img, txt, dev_scale, rl, w, cl, w, offset=0, eps=0.1)
         norms = (ops.row_norms(txt), ops.row_norms(frames))
         sim, bits = ops.topk_sim(txt, frames, 2, mask, *norms)
         grad = torch.ones(n, V, device="cuda", dtype=ct)
@@ -273,23 +273,23 @@ def _balance(items: int, programs: int) -> float:
 
 @pytest.mark.parametrize("sms", [132, 108], ids=["H100", "A100"])
 @pytest.mark.parametrize("D", [512, 768])
-def test_triton_infonce_launches_fill_their_waves(sms, D, monkeypatch):
+def test_triton_contrastive_launches_fill_their_waves(sms, D, monkeypatch):
     """Every launch contrastive_loss makes at B = 8192 ... 1048576 (bf16; the forward's chunks and
     both passes of the chunked backward), planned by the launchers' own functions without running
     a kernel, on 132 SMs (H100) and 108 (A100) with the one CTA per SM that the default
     configurations' registers allow (make aot prints it): the forward's grid is one wave or a last
     wave at least 90% full; the gradient kernel's is persistent (one program per SM, work items
     q, q + SMs, ...) with its items spread at least 90% evenly over the programs."""
-    from fitclip_ext.kernels import infonce
+    from fitclip_ext.kernels import contrastive
     from fitclip_ext.kernels.common import backward_plan, persistent_grid, waves
 
     monkeypatch.setenv("FITCLIP_TRITON_SMS", str(sms))
     cpu = torch.device("cpu")
     arch = 90 if sms == 132 else 80
-    fwd = infonce.candidates(torch.bfloat16, D, small=False, arch=arch)[0]
-    grad = infonce.grad_candidates(torch.bfloat16, D, small=False, arch=arch)[0]
+    fwd = contrastive.candidates(torch.bfloat16, D, small=False, arch=arch)[0]
+    grad = contrastive.grad_candidates(torch.bfloat16, D, small=False, arch=arch)[0]
     for B in (8192, 32768, 65536, 262144, 1048576):
-        rows_c, blocks, per, split = infonce.lse_plan(B, B, fwd, sms)
+        rows_c, blocks, per, split = contrastive.lse_plan(B, B, fwd, sms)
         forward = {"forward": (blocks, split, per)}
         if B % rows_c:  # the last, shorter chunk
             forward["forward last chunk"] = (-(-(B % rows_c) // fwd["BLOCK_M"]), split, per)

@@ -9,43 +9,8 @@ against the `Backend` protocol below; `get(name)` returns the module that implem
 
 Every tiled primitive has the same name, arguments and split of work on both fused backends
 (the torch custom ops under them are fitclip_ext::<name> for C++ and fitclip_ext::triton_<name>
-for Triton). "Compute dtype": float64 for float64 inputs on both, float32 otherwise.
-
-InfoNCE (L = scale * query @ keys^T, n x m; positives at key offset + i; label smoothing eps):
-    infonce_lse(query, keys, scale, with_col, offset=0) -> (row_lse [n], col_lse [m] or None,
-        row_gap [n], col_gap [m] or None): gap = lse - positive logit (row i's at key offset + i,
-        column j's at query j), each row's (column's) cross-entropy without label smoothing, >= 0;
-        Triton takes it as (max - positive) + log-sum from the same tile products (exact where
-        the positive dominates, as log_softmax is), C++ as lse - the row dot, clamped at 0
-    infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps)
-        -> (dquery, dkeys in the inputs' dtype, dscale 0-d): the full gradient of
-           sum_i row_w_i CE_row_i (+ sum_j col_w_j CE_col_j when col_lse is given), softmax,
-           one-hot, label-smoothing and scale terms included, on every backend.
-Frames (text [C, D] against frames [V, T, D]; norms: `row_norms` of the raw inputs, or None for
-unit inputs; chosen frames: int32 bit sets [C, V, ceil(T / 32)], bit t % 32 of word t // 32):
-    row_norms(x) -> [...] norms of x's last-dimension rows, compute dtype
-    operand(x) -> x in the form the ops read without a copy (made once per loss, not per block)
-    topk_sim(text, frames, k, mask, text_norm, frames_norm) -> (sim [C, V] compute dtype, bits)
-    topk_sim_bwd(text, frames, bits, grad, k, text_norm, frames_norm, dtext=None)
-        -> (dtext, dframes) with respect to the unit vectors, compute dtype; accumulates into
-           `dtext` (text's shape, compute dtype) when given (the video loss's backward loops over
-           video blocks: each block's dframes is written once, dtext [C, D] accumulates)
-    unit_grad(grad, x, norm) -> grad: in place, the unit vectors' gradient -> the raw x's
-    select_frames(frames, text, k, mask) -> [B, k] int64, ascending (the ranking of cosines; text raw)
-    video_block_rows(B, T) -> captions (forward) and videos (backward) per block of the video
-        InfoNCE's block loops
-Distillation (student Y = s A B^T, teacher X = t C E^T; log-sum-exp statistics [2, n] as
-(max, log-sum) in the backend's own units, read only by the same backend):
-    distill_stats(sv, st, tv, tt, s_scale, t_scale)
-        -> (row_stats_s, row_stats_t, row_kl, col_stats_s, col_stats_t, col_kl)
-    distill_grad(sv, st, tv, tt, s_scale, t_scale, row_stats_s, row_stats_t, row_w, col_stats_s,
-                 col_stats_t, col_w) -> (dsv, dst in their dtype, ds_scale 0-d)
-SigLIP (L = scale * query @ keys^T + bias; positive of row i at key offset + i, offset -1: none;
-G = diag(row_w or 1) (sigmoid(L) - positives)):
-    sigmoid_loss(query, keys, scale, bias, offset, row_w, with_grad)
-        -> (loss [n] = sum_j softplus(-z_ij L_ij), then, when with_grad (else empty): G @ keys [n, D],
-           G^T @ query [m, D], stats [2, n] = (sum_j G_ij S_ij, sum_j G_ij)), compute dtype; one pass
-           over the products computes all four
+for Triton); each method's contract is its docstring in `Backend`. "Compute dtype": float64 for
+float64 inputs on both, float32 otherwise.
 """
 from __future__ import annotations
 
@@ -64,20 +29,72 @@ _state: dict = {"cpp_error": None, "cpp_loaded": False, "warned_fallback": False
 
 
 class Backend(Protocol):
-    """What fitclip_ext.backends.cpp and fitclip_ext.backends.triton provide (see above)."""
+    """What fitclip_ext.backends.cpp and fitclip_ext.backends.triton provide, by public op."""
 
-    def infonce_lse(self, query, keys, scale, with_col, offset=0): ...
-    def infonce_grad(self, query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps): ...
-    def row_norms(self, x): ...
-    def operand(self, x): ...
-    def topk_sim(self, text, frames, k, mask, text_norm, frames_norm): ...
-    def topk_sim_bwd(self, text, frames, bits, grad, k, text_norm, frames_norm, dtext=None): ...
-    def unit_grad(self, grad, x, norm): ...
-    def select_frames(self, frames, text, k, mask): ...
-    def video_block_rows(self, B, T): ...
-    def distill_stats(self, sv, st, tv, tt, s_scale, t_scale): ...
-    def distill_grad(self, sv, st, tv, tt, s_scale, t_scale, rss, rst, rw, css, cst, cw): ...
-    def sigmoid_loss(self, query, keys, scale, bias, offset, row_w, with_grad): ...
+    # --- contrastive_loss / infonce: L = scale * query @ keys^T (n x m), positive of row i at
+    # key offset + i, label smoothing eps
+    def contrastive_lse(self, query, keys, scale, with_col, offset=0):
+        """-> (row_lse [n], col_lse [m] or None, row_gap [n], col_gap [m] or None), compute dtype.
+        gap = lse - positive logit (row i's at key offset + i, column j's at query j): each row's
+        (column's) cross-entropy without label smoothing, >= 0. Triton forms it as (max -
+        positive) + log-sum from the same tile products (exact where the positive dominates, as
+        log_softmax is), C++ as lse - the row dot, clamped at 0."""
+
+    def contrastive_grad(self, query, keys, scale, row_lse, row_weight, col_lse, col_weight, *, offset, eps):
+        """-> (dquery, dkeys in the inputs' dtype, dscale 0-d): the full gradient of
+        sum_i row_weight_i CE_row_i (+ sum_j col_weight_j CE_col_j when col_lse is given), softmax,
+        one-hot, label-smoothing and scale terms included."""
+
+    # --- topk_frame_similarity / video_contrastive_loss / select_frames: text [C, D] against
+    # frames [V, T, D]; norms are `row_norms` of the raw inputs, or None for unit inputs; chosen
+    # frames are int32 bit sets [C, V, ceil(T / 32)] (bit t % 32 of word t // 32)
+    def row_norms(self, x):
+        """-> [...] the norms of x's last-dimension rows, compute dtype."""
+
+    def operand(self, x):
+        """-> x in the form the ops read without a copy (made once per loss, not per block)."""
+
+    def topk_sim(self, text, frames, k, mask, text_norm, frames_norm):
+        """-> (sim [C, V] compute dtype: the mean of each caption's k most similar frame cosines
+        of each video, bits: the frames chosen)."""
+
+    def topk_sim_bwd(self, text, frames, bits, grad, k, text_norm, frames_norm, dtext=None):
+        """-> (dtext, dframes) with respect to the unit vectors, compute dtype; accumulates into
+        `dtext` (text's shape, compute dtype) when given (the video loss's backward loops over
+        video blocks: each block's dframes is written once, dtext [C, D] accumulates)."""
+
+    def unit_grad(self, grad, x, norm):
+        """-> grad, in place: the unit vectors' gradient turned into the raw x's."""
+
+    def select_frames(self, frames, text, k, mask):
+        """-> [B, k] int64, ascending: the k frames of each video most similar to its caption
+        (the ranking of cosines; text raw)."""
+
+    def video_block_rows(self, B, T):
+        """-> captions (forward) and videos (backward) per block of video_contrastive_loss's
+        block loops."""
+
+    # --- distillation_loss: student logits Y = student_scale * student_video @ student_text^T,
+    # teacher X = teacher_scale * teacher_video @ teacher_text^T; log-sum-exp statistics [2, n]
+    # as (max, log-sum) in the backend's own units, read only by the same backend
+    def distill_stats(self, student_video, student_text, teacher_video, teacher_text, student_scale,
+                      teacher_scale):
+        """-> (row_stats_student, row_stats_teacher, row_kl, col_stats_student, col_stats_teacher,
+        col_kl): per row (video) and column (caption), the two softmaxes' statistics and
+        KL(teacher || student)."""
+
+    def distill_grad(self, student_video, student_text, teacher_video, teacher_text, student_scale,
+                     teacher_scale, row_stats_student, row_stats_teacher, row_weight, col_stats_student,
+                     col_stats_teacher, col_weight):
+        """-> (dstudent_video, dstudent_text in their dtype, dstudent_scale 0-d): the gradient of
+        sum_i row_weight_i KL_row_i + sum_j col_weight_j KL_col_j."""
+
+    # --- sigmoid_loss: L = scale * query @ keys^T + bias, positive of row i at key offset + i
+    # (offset -1: none), G = diag(row_weight or 1) (sigmoid(L) - positives)
+    def sigmoid_loss(self, query, keys, scale, bias, offset, row_weight, with_grad):
+        """-> (loss [n] = sum_j softplus(-z_ij L_ij), then, when with_grad (else empty): G @ keys
+        [n, D], G^T @ query [m, D], stats [2, n] = (sum_j G_ij S_ij, sum_j G_ij)), compute dtype;
+        one pass over the products computes all four."""
 
 
 def get(name: str) -> ModuleType:
@@ -117,7 +134,7 @@ def load_triton() -> None:
     before any code that torch.compile traces calls them."""
     if torch.compiler.is_compiling():
         return
-    importlib.import_module("fitclip_ext.kernels.infonce")
+    importlib.import_module("fitclip_ext.kernels.contrastive")
     importlib.import_module("fitclip_ext.kernels.frames")
     importlib.import_module("fitclip_ext.kernels.distill")
     importlib.import_module("fitclip_ext.kernels.sigmoid")

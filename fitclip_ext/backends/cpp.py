@@ -2,8 +2,8 @@
 csrc/ (torch.ops.fitclip_ext.<name>), their fake implementations for torch.compile, and autograd
 formulas that make the forward ops differentiable when called on their own.
 
-csrc/infonce.cpp computes the log-sum-exps and the softmax part of the logit gradient; the
-one-hot, label-smoothing and scale terms are O(n * D) and are added here, so `infonce_grad`
+csrc/contrastive.cpp computes the log-sum-exps and the softmax part of the logit gradient; the
+one-hot, label-smoothing and scale terms are O(n * D) and are added here, so `contrastive_grad`
 returns the full gradient, as the Triton backend's kernels do.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ def _cpu64(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- InfoNCE
 
-def infonce_lse(query, keys, scale, with_col, offset=0):
+def contrastive_lse(query, keys, scale, with_col, offset=0):
     """The contract's (row_lse, col_lse, row_gap, col_gap): gap = lse - positive logit, the
     positives as row dots (exact products, like the GEMM's up to rounding), clamped at 0: a
     cross-entropy is never negative, and the clamp only removes rounding below the truth."""
-    row_lse, col_lse = torch.ops.fitclip_ext.infonce_lse(query, keys, _cpu64(scale), with_col)
+    row_lse, col_lse = torch.ops.fitclip_ext.contrastive_lse(query, keys, _cpu64(scale), with_col)
     ct = compute_dtype(query)
     n = query.shape[0]
     pos = scale.detach().to(device=query.device, dtype=ct) * rowdot(query, keys[offset:offset + n], ct)
@@ -46,22 +46,22 @@ def _scaled(query, keys, scale, gk, gtq):
     return gk.mul_(s).to(query.dtype), gtq.mul_(s).to(keys.dtype), grad_scale
 
 
-def infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps):
+def contrastive_grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight, *, offset, eps):
     ct = compute_dtype(query)
     n, m = query.shape[0], keys.shape[0]
     symmetric = col_lse is not None
-    gk, gtq = torch.ops.fitclip_ext.infonce_grad(query, keys, _cpu64(scale), row_lse, row_w, col_lse, col_w)
-    pos_w = (1 - eps) * row_w * (2 if symmetric else 1)  # column j's positive is row j
+    gk, gtq = torch.ops.fitclip_ext.contrastive_grad(query, keys, _cpu64(scale), row_lse, row_weight, col_lse, col_weight)
+    pos_w = (1 - eps) * row_weight * (2 if symmetric else 1)  # column j's positive is row j
     for r0 in range(0, n, ROW_CHUNK):  # in place, chunked: no [n, D] temporaries
         r1 = min(n, r0 + ROW_CHUNK)
         gk[r0:r1].addcmul_(pos_w[r0:r1, None], keys[offset + r0:offset + r1].to(ct), value=-1)
         gtq[offset + r0:offset + r1].addcmul_(pos_w[r0:r1, None], query[r0:r1].to(ct), value=-1)
     if eps:
-        gk -= (eps / m) * row_w[:, None] * keys.sum(0, dtype=ct)
-        gtq -= (eps / m) * (row_w @ query.to(ct))
+        gk -= (eps / m) * row_weight[:, None] * keys.sum(0, dtype=ct)
+        gtq -= (eps / m) * (row_weight @ query.to(ct))
         if symmetric:
-            gtq -= (eps / n) * col_w[:, None] * query.sum(0, dtype=ct)
-            gk -= (eps / n) * (col_w @ keys.to(ct))
+            gtq -= (eps / n) * col_weight[:, None] * query.sum(0, dtype=ct)
+            gk -= (eps / n) * (col_weight @ keys.to(ct))
     return _scaled(query, keys, scale, gk, gtq)
 
 
@@ -107,37 +107,40 @@ def video_block_rows(B: int, T: int) -> int:
 
 # ----------------------------------------------------------------------------- distillation
 
-def distill_stats(sv, st, tv, tt, s_scale, t_scale):
-    return torch.ops.fitclip_ext.distill_stats(sv, st, tv, tt, _cpu64(s_scale), _cpu64(t_scale))
+def distill_stats(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale):
+    return torch.ops.fitclip_ext.distill_stats(student_video, student_text, teacher_video, teacher_text,
+                                               _cpu64(student_scale), _cpu64(teacher_scale))
 
 
-def distill_grad(sv, st, tv, tt, s_scale, t_scale, rss, rst, rw, css, cst, cw):
-    ga, gb = torch.ops.fitclip_ext.distill_grad(sv, st, tv, tt, _cpu64(s_scale), _cpu64(t_scale),
-                                                rss, rst, rw, css, cst, cw)
-    return _scaled(sv, st, s_scale, ga, gb)
+def distill_grad(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale,
+                 row_stats_student, row_stats_teacher, row_weight, col_stats_student, col_stats_teacher, col_weight):
+    dvideo, dtext = torch.ops.fitclip_ext.distill_grad(
+        student_video, student_text, teacher_video, teacher_text, _cpu64(student_scale), _cpu64(teacher_scale),
+        row_stats_student, row_stats_teacher, row_weight, col_stats_student, col_stats_teacher, col_weight)
+    return _scaled(student_video, student_text, student_scale, dvideo, dtext)
 
 
 # ----------------------------------------------------------------------------- SigLIP
 
-def sigmoid_loss(query, keys, scale, bias, offset, row_w, with_grad):
-    return torch.ops.fitclip_ext.sigmoid_loss(query, keys, _cpu64(scale), _cpu64(bias), offset, row_w, with_grad)
+def sigmoid_loss(query, keys, scale, bias, offset, row_weight, with_grad):
+    return torch.ops.fitclip_ext.sigmoid_loss(query, keys, _cpu64(scale), _cpu64(bias), offset, row_weight, with_grad)
 
 
 # ----------------------------------------------------------------------------- registration
 
 def register() -> None:
     """Fake implementations of the C++ ops (shapes and dtypes only, for torch.compile) and the
-    autograd formulas of infonce_lse and topk_sim (through their gradient ops)."""
+    autograd formulas of contrastive_lse and topk_sim (through their gradient ops)."""
 
     def ct(x):
         return compute_dtype(x)
 
-    @torch.library.register_fake(_OPS + "infonce_lse")
+    @torch.library.register_fake(_OPS + "contrastive_lse")
     def _(query, keys, scale, with_col):
         return (query.new_empty(query.shape[0], dtype=ct(query)),
                 query.new_empty(keys.shape[0] if with_col else 0, dtype=ct(query)))
 
-    @torch.library.register_fake(_OPS + "infonce_grad")
+    @torch.library.register_fake(_OPS + "contrastive_grad")
     def _(query, keys, scale, row_lse, row_weight, col_lse, col_weight):
         return query.new_empty(query.shape, dtype=ct(query)), keys.new_empty(keys.shape, dtype=ct(query))
 
@@ -188,16 +191,16 @@ def register() -> None:
 
     def lse_backward(ctx, g_row, g_col):
         # d(sum_i w_i row_lse_i + sum_j v_j col_lse_j)/dS = diag(w) P_rows + P_cols diag(v): the
-        # softmax part that infonce_grad computes, times the scale for the features.
+        # softmax part that contrastive_grad computes, times the scale for the features.
         query, keys, scale, row_lse, col_lse = ctx.saved_tensors
         w = g_row.to(ct(query)).contiguous()
         v = g_col.to(ct(query)).contiguous() if ctx.with_col else None
-        gk, gtq = torch.ops.fitclip_ext.infonce_grad(query, keys, scale, row_lse, w,
+        gk, gtq = torch.ops.fitclip_ext.contrastive_grad(query, keys, scale, row_lse, w,
                                                      col_lse if ctx.with_col else None, v)
         dq, dk, d_scale = _scaled(query, keys, scale, gk, gtq)
         return dq, dk, d_scale.to(scale.dtype).reshape(scale.shape), None
 
-    torch.library.register_autograd(_OPS + "infonce_lse", lse_backward, setup_context=lse_setup)
+    torch.library.register_autograd(_OPS + "contrastive_lse", lse_backward, setup_context=lse_setup)
 
     def sim_setup(ctx, inputs, output):
         text, frames, k, mask, text_norm, frames_norm = inputs

@@ -16,13 +16,13 @@ def _ops():
 
 # ----------------------------------------------------------------------------- InfoNCE
 
-def infonce_lse(query, keys, scale, with_col, offset=0):
-    row_lse, col_lse, row_gap, col_gap = _ops().triton_infonce_lse(query, keys, scale, with_col, offset)
+def contrastive_lse(query, keys, scale, with_col, offset=0):
+    row_lse, col_lse, row_gap, col_gap = _ops().triton_contrastive_lse(query, keys, scale, with_col, offset)
     return row_lse, (col_lse if with_col else None), row_gap, (col_gap if with_col else None)
 
 
-def infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, *, offset, eps):
-    return _ops().triton_infonce_grad(query, keys, scale, row_lse, row_w, col_lse, col_w, offset, float(eps))
+def contrastive_grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight, *, offset, eps):
+    return _ops().triton_contrastive_grad(query, keys, scale, row_lse, row_weight, col_lse, col_weight, offset, float(eps))
 
 
 # ----------------------------------------------------------------------------- frames
@@ -64,15 +64,19 @@ def video_block_rows(B: int, T: int) -> int:
 
 # ----------------------------------------------------------------------------- distillation
 
-def distill_stats(sv, st, tv, tt, s_scale, t_scale):
-    return _ops().triton_distill_stats(sv, st, tv, tt, s_scale.detach(), t_scale.detach())
+def distill_stats(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale):
+    return _ops().triton_distill_stats(student_video, student_text, teacher_video, teacher_text,
+                                       student_scale.detach(), teacher_scale.detach())
 
 
-def distill_grad(sv, st, tv, tt, s_scale, t_scale, rss, rst, rw, css, cst, cw):
-    return _ops().triton_distill_grad(sv, st, tv, tt, s_scale.detach(), t_scale.detach(), rss, rst, rw, css, cst, cw)
+def distill_grad(student_video, student_text, teacher_video, teacher_text, student_scale, teacher_scale,
+                 row_stats_student, row_stats_teacher, row_weight, col_stats_student, col_stats_teacher, col_weight):
+    return _ops().triton_distill_grad(student_video, student_text, teacher_video, teacher_text,
+                                      student_scale.detach(), teacher_scale.detach(), row_stats_student,
+                                      row_stats_teacher, row_weight, col_stats_student, col_stats_teacher, col_weight)
 
 
 # ----------------------------------------------------------------------------- SigLIP
 
-def sigmoid_loss(query, keys, scale, bias, offset, row_w, with_grad):
-    return _ops().triton_sigmoid_loss(query, keys, scale.detach(), bias.detach(), offset, row_w, with_grad)
+def sigmoid_loss(query, keys, scale, bias, offset, row_weight, with_grad):
+    return _ops().triton_sigmoid_loss(query, keys, scale.detach(), bias.detach(), offset, row_weight, with_grad)

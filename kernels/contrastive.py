@@ -3,7 +3,7 @@
 L = scale * S, S = Q @ K^T (n x m). The structure, FLOP-optimal (8 * n * m * D matrix FLOPs for
 the loss and both feature gradients, the floor) and deterministic:
 
-Forward (`infonce_lse_kernel`, 2 n m D): a program owns BLOCK_M query rows and streams the key
+Forward (`contrastive_lse_kernel`, 2 n m D): a program owns BLOCK_M query rows and streams the key
 tiles of its column range; each tile product streams both operands over D in BLOCK_K steps
 (kernels.common.stream_tile), the loop Triton pipelines: three stages of asynchronous copies
 (cp.async) in flight ahead of the tensor-core product and, on sm_90, one warpgroup MMA group
@@ -19,7 +19,7 @@ at scale 100), and a TF32 loss compares like with like. Column ranges are split 
 where the row blocks alone would not fill one wave (kernels.common.column_split: one wave, or a
 last wave at least 90% full).
 
-Backward (`infonce_grad_kernel` + cuBLAS, 6 n m D: kernels.common.chunked_backward, shared with the
+Backward (`contrastive_grad_kernel` + cuBLAS, 6 n m D: kernels.common.chunked_backward, shared with the
 distillation): for each slab of 8192 columns and each chunk of rows, the kernel recomputes the
 block's products and writes the logit gradient
 G = w_row (softmax_rows - (1 - eps) onehot - eps / m) + w_col (softmax_cols - (1 - eps) onehot - eps / n)
@@ -59,7 +59,7 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def infonce_lse_kernel(
+def contrastive_lse_kernel(
     q_ptr, k_ptr, scale_ptr, row_part_ptr, col_part_ptr,
     n, m, D, row0, row_end, offset, cols_per_split, row_field, col_field,
     stride_qn, stride_qd, stride_kn, stride_kd,
@@ -119,7 +119,7 @@ def _near(d):
 
 
 @triton.jit
-def infonce_grad_kernel(
+def contrastive_grad_kernel(
     q_ptr, k_ptr, g_ptr, ds_part_ptr, scale_ptr, inv_w_ptr,
     row_lse_ptr, row_w_ptr, col_lse_ptr, col_w_ptr,
     eps_ptr, n, m, D, row0, row_end, col0, col_end, offset, cols_per_split, splits,
@@ -211,8 +211,8 @@ def grad_candidates(dtype: torch.dtype, D: int, small: bool | None = None, preci
 
 
 # ----------------------------------------------------------------------------- launchers
-# Each launcher is a torch custom op (kernels/common.py): fitclip_ext::triton_infonce_lse and
-# fitclip_ext::triton_infonce_grad.
+# Each launcher is a torch custom op (kernels/common.py): fitclip_ext::triton_contrastive_lse and
+# fitclip_ext::triton_contrastive_grad.
 
 _KEY = ["n", "m", "D", "INPUT_PRECISION"]
 
@@ -235,8 +235,8 @@ def lse_plan(n: int, m: int, cfg: dict, sms: int) -> tuple[int, int, int, int]:
     return rows_c, blocks, per, split
 
 
-@triton_op("triton_infonce_lse")
-def triton_infonce_lse(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool, offset: int
+@triton_op("triton_contrastive_lse")
+def triton_contrastive_lse(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, with_col: bool, offset: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row_lse [n], col_lse [m], row_gap [n], col_gap [m]; the column ones empty when not
     with_col), in the compute dtype (float32; float64 for float64 inputs): gap = lse - positive
@@ -250,7 +250,7 @@ def triton_infonce_lse(query: torch.Tensor, keys: torch.Tensor, scale: torch.Ten
     ct = compute_dtype(query.dtype)
     prec = input_precision(query.dtype)
     cands = candidates(query.dtype, D, precision=prec, arch=arch_of(dev))
-    kernel, cfg = configured(infonce_lse_kernel, cands, key=_KEY + ["WITH_COL"], site="lse")
+    kernel, cfg = configured(contrastive_lse_kernel, cands, key=_KEY + ["WITH_COL"], site="lse")
     rows_c, blocks, per, split = lse_plan(n, m, cands[0], num_sms(dev))
     row_part = torch.empty((3, split, n), device=dev, dtype=ct)
     col_part = torch.empty((2, blocks if with_col else 0, m), device=dev, dtype=ct)
@@ -274,8 +274,8 @@ def triton_infonce_lse(query: torch.Tensor, keys: torch.Tensor, scale: torch.Ten
     return row_lse, (col[0] + col[1]) * LN2, row_gap, ((col[0] - pos) + col[1]) * LN2
 
 
-@triton_op("triton_infonce_grad")
-def triton_infonce_grad(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor,
+@triton_op("triton_contrastive_grad")
+def triton_contrastive_grad(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor,
              row_weight: torch.Tensor, col_lse: torch.Tensor | None, col_weight: torch.Tensor | None,
              offset: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK in the inputs' dtype, d scale [] in the compute dtype): the full gradient of
@@ -288,7 +288,7 @@ def triton_infonce_grad(query: torch.Tensor, keys: torch.Tensor, scale: torch.Te
     sym = col_lse is not None
     prec = input_precision(query.dtype)
     cands = grad_candidates(query.dtype, D, precision=prec, arch=arch_of(dev))
-    kernel, cfg = configured(infonce_grad_kernel, cands, key=_KEY + ["HAS_COL"], site="grad")
+    kernel, cfg = configured(contrastive_grad_kernel, cands, key=_KEY + ["HAS_COL"], site="grad")
     # (every candidate has the same BLOCK_M; G is padded and split to the widest BLOCK_N: whole tiles)
     bm, bn = cands[0]["BLOCK_M"], max(c["BLOCK_N"] for c in cands)
     row_w = row_weight.to(dtype=ct).contiguous()

@@ -1,4 +1,4 @@
-// Chunked InfoNCE (CLIP contrastive loss) for CPU tensors.
+// Chunked InfoNCE (`contrastive_loss` / `infonce`, CLIP's contrastive loss) for CPU tensors.
 //
 // The loss only needs, per row and per column of L = scale * Q @ K^T, a log-sum-exp; the
 // positive logits and the label-smoothing terms are O(B*D) and are computed in Python.
@@ -116,7 +116,7 @@ void grad_impl(const at::Tensor& Q, const at::Tensor& K, T scale, const at::Tens
 
 // Returns (row_lse [n], col_lse [m] or empty) of L = scale * query @ keys^T in the compute
 // dtype (float64 for float64 inputs, else float32).
-std::tuple<at::Tensor, at::Tensor> infonce_lse_cpu(const at::Tensor& query, const at::Tensor& keys,
+std::tuple<at::Tensor, at::Tensor> contrastive_lse_cpu(const at::Tensor& query, const at::Tensor& keys,
                                                    const at::Tensor& scale, bool with_col) {
   check_inputs(query, keys, scale);
   const auto ct = compute_type(query);
@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_lse_cpu(const at::Tensor& query, cons
 
 // Returns (G @ keys, G^T @ query) in the compute dtype for the softmax part of the logit
 // gradient G = diag(row_weight) softmax_rows(L) [+ softmax_cols(L) diag(col_weight)].
-std::tuple<at::Tensor, at::Tensor> infonce_grad_cpu(const at::Tensor& query, const at::Tensor& keys,
+std::tuple<at::Tensor, at::Tensor> contrastive_grad_cpu(const at::Tensor& query, const at::Tensor& keys,
                                                     const at::Tensor& scale, const at::Tensor& row_lse,
                                                     const at::Tensor& row_weight,
                                                     const std::optional<at::Tensor>& col_lse,
