@@ -328,6 +328,9 @@ def main():
              "`pytest benchmarks/` on the CPU and `benchmarks/gpu_check.sh` on a GPU). Times are medians of",
              "interleaved runs in one process; \"x\" is baseline time / fitclip time; extra memory is the peak",
              "above the inputs during forward+backward (CPU: child-process RSS; GPU: max_memory_allocated).", ""]
+    notes = HERE / "notes.md"
+    if notes.exists():  # the hand-written reading of the runs, one heading level down
+        lines += ["#" + ln if ln.startswith("#") else ln for ln in notes.read_text().rstrip().split("\n")] + [""]
     for path in sorted(RESULTS.glob("*.json")):
         doc = json.loads(path.read_text())
         if doc.get("tiny"):
