@@ -20,6 +20,7 @@ functions of seed, epoch and index). Broken videos are skipped, counted and name
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,6 +53,81 @@ class StepEncoder(torch.nn.Module):
 
     def forward(self, images, tokens):
         return self.model.encode_image(images), self.model.encode_text(tokens)
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def cached_encode(run: "Run", images: torch.Tensor, tokens: torch.Tensor, frames_per_clip: int):
+    """Gradient caching (GradCache, Gao et al. 2021) over the step's encoder input: (image
+    embeddings, text embeddings, backward). With --grad-cache-chunk N and more than N clips, the
+    clips are encoded N at a time without autograd (the texts split into as many chunks, the
+    last always holding at least one), so the returned embeddings are leaves that the whole-batch
+    losses differentiate; `backward(loss)` then back-propagates the loss to them, encodes each
+    chunk again with autograd (the random state of its first encoding restored: dropout and
+    anything random repeat exactly) and back-propagates the cached embedding gradients through
+    it. The encoders only ever hold one chunk's activations; the gradients are those of the
+    whole batch at once. Under DistributedDataParallel the chunks but the last run in no_sync:
+    the weights' gradients are all-reduced once per step."""
+    chunk = run.cfg.grad_cache_chunk
+    clips = images.shape[0] // frames_per_clip
+    if not chunk or chunk >= clips:
+        img, txt = run.encoder(images, tokens)
+        return img, txt, lambda loss: loss.backward()
+    parts = -(-clips // chunk)
+    img_rows = [min(chunk, clips - i * chunk) * frames_per_clip for i in range(parts)]
+    base, extra = divmod(tokens.shape[0], parts)  # the remainder to the last chunks: the last has a text
+    txt_rows = [base + (i >= parts - extra) for i in range(parts)]
+    img_chunks, txt_chunks = images.split(img_rows), tokens.split(txt_rows)
+    device = run.world.device
+    states, img_out, txt_out = [], [], []
+    with torch.no_grad():
+        for im, tk in zip(img_chunks, txt_chunks):
+            states.append(_rng_state(device))
+            ie, te = _encode_parts(run, im, tk)
+            img_out.append(ie)
+            txt_out.append(te)
+    after = _rng_state(device)
+    img_emb = torch.cat(img_out).requires_grad_(True)
+    txt_emb = torch.cat([t for t in txt_out if t is not None]).requires_grad_(True)
+    amp = run.amp_dtype
+
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()  # to the cached embeddings (and parameters used outside the encoders: the logit scale)
+        img_grad = torch.zeros_like(img_emb) if img_emb.grad is None else img_emb.grad
+        txt_grad = torch.zeros_like(txt_emb) if txt_emb.grad is None else txt_emb.grad
+        gi, gt = img_grad.split(img_rows), txt_grad.split([r for r in txt_rows if r])
+        ti = 0
+        for i, (im, tk) in enumerate(zip(img_chunks, txt_chunks)):
+            last = i == parts - 1
+            sync = contextlib.nullcontext() if last or not hasattr(run.encoder, "no_sync") else run.encoder.no_sync()
+            _set_rng_state(states[i], device)
+            with sync:
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    ie, te = _encode_parts(run, im, tk)
+                outs, grads = [ie], [gi[i]]
+                if te is not None:
+                    outs.append(te)
+                    grads.append(gt[ti])
+                    ti += 1
+                torch.autograd.backward(outs, grads)
+        _set_rng_state(after, device)
+
+    return img_emb, txt_emb, backward
+
+
+def _encode_parts(run: "Run", images: torch.Tensor, tokens: torch.Tensor):
+    """The step encoder on a chunk; a chunk without texts encodes its images only."""
+    if tokens.shape[0]:
+        return run.encoder(images, tokens)
+    return run.model.encode_image(images), None
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -114,7 +190,8 @@ def train_step(run: Run, frames, captions, unlabeled, step: int, apply: bool) ->
             images.append(uframes.flatten(0, 1))
             texts_tok.append(utokens)
         # one forward through the (DDP-wrapped) encoder for everything that gets a gradient
-        img_emb, txt_emb = run.encoder(torch.cat(images), torch.cat(texts_tok))
+        # (or, with --grad-cache-chunk, chunk by chunk: cached_encode)
+        img_emb, txt_emb, backward = cached_encode(run, torch.cat(images), torch.cat(texts_tok), k)
         frame_emb = F.normalize(img_emb[:n * k].reshape(n, k, -1), dim=-1)
         text = F.normalize(txt_emb[:n], dim=-1)
         scale = model.logit_scale.exp()
@@ -127,7 +204,7 @@ def train_step(run: Run, frames, captions, unlabeled, step: int, apply: bool) ->
             loss_u = unlabeled_loss(img_emb[n * k:], txt_emb[n:], uframes, utokens, d_scale, run.teacher, cfg,
                                     run.world, shared_prompts=bool(run.prompts))
             loss = loss + cfg.unlabeled_weight * loss_u
-    (loss / cfg.grad_accum).backward()
+    backward(loss / cfg.grad_accum)
     out = {"loss": loss, "labeled_loss": loss_l, "unlabeled_loss": loss_u}
     t1 = time.perf_counter()
     if apply:

@@ -67,6 +67,10 @@ class TrainConfig:
                                       "logged either way)")
     grad_checkpointing: bool = _opt(False, "recompute the encoders' activations in the backward (open_clip's "
                                            "set_grad_checkpointing): less memory, one more forward")
+    grad_cache_chunk: int = _opt(0, "gradient caching: encode the step's clips this many at a time (no autograd), "
+                                    "compute the losses over the whole batch, then re-encode each chunk with autograd "
+                                    "and back-propagate the cached embedding gradients: the whole batch's gradients "
+                                    "with one chunk's activations in memory, for one more forward (0: off)")
     compile: bool = _opt(False, "torch.compile the encoders (the step's student forward and the teacher's): "
                                 "faster steps once the first ones have compiled them (minutes on a CPU)")
     dump_grads: str | None = _opt(None, "write the first step's (all-reduced) gradients here (tests, debugging)")
@@ -96,6 +100,8 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError(f"--precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
     if cfg.loss not in ("infonce", "siglip"):
         raise InputError(f"--loss must be 'infonce' or 'siglip', got {cfg.loss!r}")
+    if cfg.grad_cache_chunk < 0:
+        raise InputError(f"--grad-cache-chunk must be >= 0 (clips per chunk; 0: off), got {cfg.grad_cache_chunk}")
     check_paths(cfg)
 
 

@@ -191,6 +191,37 @@ def test_grad_checkpointing_gives_the_same_gradients(video_set, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+@pytest.mark.parametrize("chunk, extra", [("2", []), ("3", ["--loss-pooling", "topk", "--pool-k", "1"]),
+                                          ("1", ["--loss", "siglip"])], ids=["mean-2", "topk-3", "siglip-1"])
+def test_grad_cache_gives_the_whole_batch_gradients(video_set, tmp_path, chunk, extra):
+    """--grad-cache-chunk: 4 labeled + 3 unlabeled clips encoded 1-3 at a time give the gradients
+    (and so the weights) of the whole batch at once, top-k frame choice and distillation included.
+    AdamW's first update is lr * g / (|g| + eps) elementwise: where a gradient is float noise
+    around 0 (e.g. the attention's key biases, whose true gradient is 0) the sign of the noise
+    decides it, so the weights are compared where |g| is above 1e-3 of its tensor's largest."""
+    for name, opts in (("whole", []), ("cached", ["--grad-cache-chunk", chunk])):
+        train_main(_args(video_set, tmp_path / name, "--max-steps", "1", "--epochs", "1", "--dump-grads",
+                         str(tmp_path / f"{name}.pt"), *extra, *opts))
+    a, b = torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "cached.pt")
+    wa = fm.load_state_dict(tmp_path / "whole" / "last.safetensors")
+    wb = fm.load_state_dict(tmp_path / "cached" / "last.safetensors")
+    assert a.keys() == b.keys() and len(a) > 10 and a.keys() <= wa.keys() == wb.keys()
+    compared = 0
+    for k in a:
+        assert torch.isfinite(a[k]).all() and torch.isfinite(b[k]).all(), k
+        scale = a[k].abs().max().item() + 1e-12
+        torch.testing.assert_close(b[k] / scale, a[k] / scale, rtol=0, atol=1e-5, msg=k)
+        clear = a[k].abs() > 1e-3 * scale
+        torch.testing.assert_close(wb[k][clear], wa[k][clear], rtol=0, atol=1e-6, msg=k)
+        compared += int(clear.sum())
+    assert compared > 0.5 * sum(int((t != 0).sum()) for t in a.values())  # (unused tokens' rows are 0)
+
+
+def test_grad_cache_chunk_must_not_be_negative(video_set, tmp_path):
+    with pytest.raises(ValueError, match="--grad-cache-chunk must be >= 0"):
+        train_main(_args(video_set, tmp_path / "x", "--grad-cache-chunk", "-1"))
+
+
 class _WhoDecodes(torch.utils.data.Dataset):
     """ClipDataset-shaped items that say which process made them and for which epoch."""
 
@@ -392,7 +423,8 @@ def _torchrun(nproc, argv, tmp_path):
     ["--candidate-frames", "4"],  # mean pooling (ClipLoss, local loss) + temporal sampling + distillation
     ["--loss-pooling", "topk", "--pool-k", "1", "--class-prompts", "classes.txt"],  # fused top-k loss, prompts
     ["--loss", "siglip"],  # SigLipLoss: local videos against the gathered captions, bias learned
-], ids=["mean-clip-loss", "topk-prompts", "siglip"])
+    ["--candidate-frames", "4", "--grad-cache-chunk", "1"],  # gradient caching under DDP (no_sync but the last)
+], ids=["mean-clip-loss", "topk-prompts", "siglip", "grad-cache"])
 def test_torchrun_two_processes_equal_full_batch_gradients(video_set, tmp_path, options):
     """2 gloo processes with 2 + 2 clips per step give the gradients of one process with 4."""
     rows = [r for r in (video_set / "train.csv").read_text().splitlines() if "broken" not in r]
