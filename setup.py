@@ -60,6 +60,7 @@ class CMakeBuild(build_ext):
             f"-DFITCLIP_TORCH_QUERY_FLAGS={';'.join(_torch_query_flags())}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('FITCLIP_BUILD_TYPE', 'Release')}",
+            f"-DFITCLIP_OPT_LEVEL={os.environ.get('FITCLIP_OPT_LEVEL', '-O3')}",
         ]
         subprocess.run(args, check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))

@@ -1,4 +1,4 @@
-"""`fitclip` command line: train | eval | wise | index | search | serve."""
+"""`fitclip` command line: train | eval | wise | index | search | serve | shards."""
 from __future__ import annotations
 
 import argparse
@@ -35,15 +35,16 @@ def wise_main(argv=None) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "eval", "wise", "index", "search", "serve"):
-        print("usage: fitclip {train,eval,wise,index,search,serve} ...  (`fitclip COMMAND --help` lists a "
+    if not argv or argv[0] not in ("train", "eval", "wise", "index", "search", "serve", "shards"):
+        print("usage: fitclip {train,eval,wise,index,search,serve,shards} ...  (`fitclip COMMAND --help` lists a "
               "command's flags)\n"
               "  train   FitCLIP fine-tuning of an open_clip model on videos\n"
               "  eval    zero-shot action recognition and text-to-video retrieval metrics\n"
               "  wise    WiSE-FT weight interpolation of a zero-shot and a fine-tuned checkpoint\n"
               "  index   index a folder of videos for text search\n"
               "  search  text-to-video search of an index\n"
-              "  serve   a search page and JSON API over an index",
+              "  serve   a search page and JSON API over an index\n"
+              "  shards  write a CSV's videos into webdataset shards (video2dataset's layout)",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
@@ -75,6 +76,10 @@ def _run(command: str, argv: list[str]) -> None:
         from .serve import main as serve_main
 
         serve_main(argv)
+    elif command == "shards":
+        from .shards import shards_main
+
+        shards_main(argv)
     else:
         wise_main(argv)
 

@@ -60,22 +60,27 @@ def frame_indices(num_available: int, num_frames: int, sampling: str = "uniform"
 
 def read_frames(path, num_frames: int, *, sampling: str = "uniform", generator: torch.Generator | None = None,
                 num_threads: int = 1, segment: tuple[float, float] | None = None, device: str = "cpu",
-                return_info: bool = False):
+                return_info: bool = False, name: str | None = None):
     """uint8 [num_frames, 3, H, W] frames of the video at `path` (see `frame_indices`), taken from
     the whole clip or from `segment` = (start, end) seconds, decoded on `device` ("cuda": torchcodec's
-    NVDEC decoder, frames returned on the GPU). return_info: (frames, {"times": each frame's
-    presentation time in seconds, "duration": the video's in seconds})."""
+    NVDEC decoder, frames returned on the GPU). `path` may also be the video file's bytes (a
+    shard's sample, decoded in memory), `name` then naming it in errors. return_info: (frames,
+    {"times": each frame's presentation time in seconds, "duration": the video's in seconds})."""
     from torchcodec.decoders import VideoDecoder
 
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise VideoDecodeError(path, "no such file")
+    if isinstance(path, (bytes, bytearray)):
+        source, path = bytes(path), name or "<video bytes>"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise VideoDecodeError(path, "no such file")
+        source = str(path)
     try:
-        decoder = VideoDecoder(str(path), num_ffmpeg_threads=num_threads, seek_mode="approximate",
+        decoder = VideoDecoder(source, num_ffmpeg_threads=num_threads, seek_mode="approximate",
                                **({"device": device} if device != "cpu" else {}))
         available = decoder.metadata.num_frames or len(decoder)
     except Exception as err:  # torchcodec raises RuntimeError/ValueError for bad containers

@@ -38,6 +38,7 @@ from . import checkpoint
 from . import model as fmodel
 from .data import ClipDataset, Loaders, check_decode_device, frame_preprocess, load_caption_csv, rank_batches, \
     split_camel_case
+from .shards import ShardLoaders, ShardStream, check_slots, shard_urls
 from .losses import choose_frames, labeled_loss, unlabeled_loss, validation_loss
 from .train_config import TrainConfig, amp_dtype, parse_args, validate
 from .world import World
@@ -233,13 +234,20 @@ def setup(cfg: TrainConfig):
     device = world.device
     validate(cfg)
     amp = amp_dtype(cfg, device)
-    labeled = load_caption_csv(cfg.train_csv, cfg.video_root)
+    if cfg.train_shards:  # (each reader a shard of its own, checked before any model)
+        urls = {f: shard_urls(f, v) for f, v in (("--train-shards", cfg.train_shards),
+                                                  ("--unlabeled-shards", cfg.unlabeled_shards)) if v}
+        for flag, u in urls.items():
+            check_slots(flag, u, world.world, cfg.workers)
+        labeled = []
+    else:
+        labeled = load_caption_csv(cfg.train_csv, cfg.video_root)
     check_decode_device(cfg.decode_device, cfg.workers, labeled[0].video if labeled else None)  # before any model
     model, _, _, tokenizer = fmodel.create(cfg.model, cfg.pretrained, device=device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     teacher = None
-    if cfg.unlabeled_csv:
+    if cfg.unlabeled_csv or cfg.unlabeled_shards:
         teacher, *_ = fmodel.create(cfg.model, cfg.pretrained, device=device)
         teacher.load_state_dict(model.state_dict())
         teacher.eval().requires_grad_(False)
@@ -259,7 +267,11 @@ def setup(cfg: TrainConfig):
             model.logit_scale.fill_(math.log(1 / cfg.temperature))
     preprocess = frame_preprocess(model)
     n_decode = max(cfg.num_frames, cfg.candidate_frames)
-    ds = ClipDataset(labeled, preprocess, n_decode, "random", cfg.seed, cfg.decode_device)
+    if cfg.train_shards:
+        ds = ShardStream(urls["--train-shards"], preprocess, n_decode, "random", cfg.seed, cfg.batch_size,
+                         world.rank, world.world)
+    else:
+        ds = ClipDataset(labeled, preprocess, n_decode, "random", cfg.seed, cfg.decode_device)
     vds = ClipDataset(load_caption_csv(cfg.val_csv, cfg.video_root), preprocess, cfg.num_frames, "uniform",
                       cfg.seed) if cfg.val_csv else None
     prompts = None
@@ -267,21 +279,25 @@ def setup(cfg: TrainConfig):
         names = [n.strip() for n in Path(cfg.class_prompts).read_text().splitlines() if n.strip()]
         prompts = [f"a video of {split_camel_case(n)}." for n in names]
     uds = None
+    if cfg.unlabeled_shards:
+        uds = ShardStream(urls["--unlabeled-shards"], preprocess, cfg.num_frames, "random", cfg.seed + 1,
+                          cfg.unlabeled_batch_size, world.rank, world.world)
     if cfg.unlabeled_csv:
         uds = ClipDataset(load_caption_csv(cfg.unlabeled_csv, cfg.video_root), preprocess, cfg.num_frames,
                           "random", cfg.seed + 1, cfg.decode_device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # batch_size clips per process and step: the global batch is batch_size x world size
-    steps_per_epoch = len(ds) // (cfg.batch_size * world.world * cfg.grad_accum)
+    # (a stream's length is not known before it is read: with shards, total is --max-steps or 0)
+    steps_per_epoch = 0 if cfg.train_shards else len(ds) // (cfg.batch_size * world.world * cfg.grad_accum)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    resume = (0, 0, 0, float("inf"))
+    resume = (0, 0, 0, float("inf"), None)
     saved = checkpoint.load(out, device) if cfg.resume else None
     if saved is not None:
         weights, state = saved
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
-        resume = state["step"], state["epoch"], state["batch_in_epoch"], state["best_val"]
+        resume = state["step"], state["epoch"], state["batch_in_epoch"], state["best_val"], state.get("stream")
     encoder = StepEncoder(model)
     if world.world > 1:  # broadcasts rank 0's weights, averages gradients in buckets during backward
         encoder = torch.nn.parallel.DistributedDataParallel(
@@ -326,9 +342,10 @@ class Progress:
     best_val: float
     history: list = field(default_factory=list)
     broken: list = field(default_factory=list)
+    stream: dict | None = None  # with shards: each reader's batches taken so far in the epoch
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch, "best_val": self.best_val}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch, "best_val": self.best_val, "stream": self.stream}
 
 
 def step_record(run: Run, r: dict, p: Progress, n: int, data_wait: float, seconds: float, ckpt_s: float) -> dict:
@@ -372,11 +389,21 @@ def stop_now(run: Run, ckpt, log, bar, signum: int, p: Progress, save: bool) -> 
     raise SystemExit(128 + signum)
 
 
-def batches_of(data: Loaders, epoch_batches: list, end: int, p: Progress, stop: _StopSignal, on_stop):
-    """This rank's (labeled, unlabeled) batches of the epoch from position p.batch to end, as
-    (frames, captions, broken paths, unlabeled batch); Ctrl-C reaches the DataLoader workers too:
-    with a signal pending, a worker's error stops cleanly all the same (on_stop)."""
-    it = iter(data.epoch(epoch_batches, p.epoch, p.batch, end))
+def epoch_batches(data, run: Run, p: Progress, stop: _StopSignal, on_stop):
+    """(this rank's batches of the epoch from p's position, as batches_of yields them; the
+    number of batches in the epoch, None for shards: a stream's length is known at its end)."""
+    if isinstance(data, ShardLoaders):
+        return batches_of(data.epoch(p.epoch, p.stream), stop, on_stop), None
+    batches = rank_batches(len(data.ds), run.cfg, run.world, p.epoch)
+    end = len(batches) - len(batches) % run.cfg.grad_accum
+    return batches_of(data.epoch(batches, p.epoch, p.batch, end), stop, on_stop), end
+
+
+def batches_of(source, stop: _StopSignal, on_stop):
+    """The (labeled, unlabeled) batches of `source` as (frames, captions, broken paths, unlabeled
+    batch); Ctrl-C reaches the DataLoader workers too: with a signal pending, a worker's error
+    stops cleanly all the same (on_stop)."""
+    it = iter(source)
     while True:
         try:
             (frames, captions, bad, _), ubatch = next(it)
@@ -392,27 +419,28 @@ def batches_of(data: Loaders, epoch_batches: list, end: int, p: Progress, stop: 
 def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
-    run, ds, vds, uds, (step, epoch0, batch0, best), out = setup(cfg)
+    run, ds, vds, uds, (step, epoch0, batch0, best, stream0), out = setup(cfg)
     world, model = run.world, run.model
     ckpt = checkpoint.Checkpointer(out, cfg.save_every_steps, cfg.save_every_minutes, cfg.keep_last, world.main)
     log = open(out / "log.jsonl", "a") if world.main else open(os.devnull, "w")
-    p = Progress(step, epoch0, batch0, best)
-    stop, data, t_start = _StopSignal(), Loaders(ds, uds, cfg, world), time.perf_counter()
+    p = Progress(step, epoch0, batch0, best, stream=stream0)
+    pin = world.device.type == "cuda" and cfg.decode_device == "cpu"
+    data = ShardLoaders(ds, uds, cfg.workers, world, pin) if cfg.train_shards else Loaders(ds, uds, cfg, world)
+    stop, t_start = _StopSignal(), time.perf_counter()
     with stop:
         for p.epoch in range(epoch0, cfg.epochs):
             p.batch = batch0 if p.epoch == epoch0 else 0
-            epoch_batches = rank_batches(len(ds), cfg, world, p.epoch)
-            end = len(epoch_batches) - len(epoch_batches) % cfg.grad_accum
-            bar = tqdm(total=end - p.batch, desc=f"epoch {p.epoch}", leave=False, disable=not world.main or None,
-                       unit="batch")
 
             def on_stop(signum):  # (while the workers load: checkpoint at the last applied step's position)
                 p.batch -= p.batch % cfg.grad_accum
                 stop_now(run, ckpt, log, bar, signum, p, save=True)
 
+            batches, end = epoch_batches(data, run, p, stop, on_stop)
+            bar = tqdm(total=None if end is None else end - p.batch, desc=f"epoch {p.epoch}", leave=False,
+                       disable=not world.main or None, unit="batch")
             broken, t_wait = [], time.perf_counter()
             model.train()
-            for frames, captions, bad, ubatch in batches_of(data, epoch_batches, end, p, stop, on_stop):
+            for frames, captions, bad, ubatch in batches:
                 if cfg.max_steps and p.step >= cfg.max_steps:
                     break
                 data_wait, t0 = time.perf_counter() - t_wait, time.perf_counter()
@@ -423,6 +451,8 @@ def train(cfg: TrainConfig) -> dict:
                 broken += bad + u[2]
                 apply = (p.batch + 1) % cfg.grad_accum == 0
                 p.batch += 1
+                if p.batch % cfg.grad_accum == 0 and isinstance(data, ShardLoaders):
+                    p.stream = data.position()  # (what a checkpoint from here on resumes from)
                 bar.update(1)
                 if n > 0:
                     r = train_step(run, frames[:n].to(world.device, non_blocking=True), captions[:n], u, p.step, apply)
@@ -430,7 +460,7 @@ def train(cfg: TrainConfig) -> dict:
                     p.step += 1
                     signalled = world.max(stop.signum)
                     # (the epoch's last step is saved by the epoch-end checkpoint right after)
-                    save = (ckpt.due(p.step) and p.batch < end) or signalled
+                    save = (ckpt.due(p.step) and (end is None or p.batch < end)) or signalled
                     ckpt_s = ckpt.save(model, run.optimizer, p.step, p.state(), wait=bool(signalled)) if save else 0.0
                     rec = step_record(run, r, p, n, data_wait, data_wait + time.perf_counter() - t0, ckpt_s)
                     p.history.append(rec)
@@ -445,7 +475,7 @@ def train(cfg: TrainConfig) -> dict:
             end_of_epoch(run, vds, p, broken, log, out)
             if cfg.max_steps and p.step >= cfg.max_steps:
                 break  # mid-epoch: resume at batch p.batch of this epoch
-            p.epoch, p.batch = p.epoch + 1, 0  # the epoch is done: resume at the next one
+            p.epoch, p.batch, p.stream = p.epoch + 1, 0, None  # the epoch is done: resume at the next one
             ckpt.save(model, run.optimizer, p.step, p.state())
         if ckpt.last_step != p.step:  # the end of training
             ckpt.save(model, run.optimizer, p.step, p.state())

@@ -19,8 +19,13 @@ def _opt(default, help: str):
 @dataclass
 class TrainConfig:
     """The run's settings; each is a `fitclip train` flag (--train-csv for train_csv, ...)."""
-    train_csv: str = field(metadata={"help": "labeled clips: a CSV with video path and caption columns"})
     out_dir: str = field(metadata={"help": "folder for checkpoints, log.jsonl and loss.png (created)"})
+    train_csv: str | None = _opt(None, "labeled clips: a CSV with video path and caption columns (or --train-shards)")
+    train_shards: str | None = _opt(None, "labeled clips as webdataset shards in video2dataset's layout (<key>.mp4, "
+                                          "<key>.txt): a brace pattern, e.g. 'data/shard-{000000..000099}.tar' "
+                                          "(`fitclip shards` writes them from a CSV)")
+    unlabeled_shards: str | None = _opt(None, "unlabeled clips as shards (with --train-shards; their captions are "
+                                              "not used as labels)")
     model: str = _opt("ViT-B-16", "open_clip architecture name")
     pretrained: str | None = _opt("openai", "open_clip pretrained tag or checkpoint file; 'none' for random init")
     video_root: str | None = _opt(None, "folder the CSVs' video paths are relative to")
@@ -102,12 +107,28 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError(f"--loss must be 'infonce' or 'siglip', got {cfg.loss!r}")
     if cfg.grad_cache_chunk < 0:
         raise InputError(f"--grad-cache-chunk must be >= 0 (clips per chunk; 0: off), got {cfg.grad_cache_chunk}")
+    if bool(cfg.train_csv) == bool(cfg.train_shards):
+        raise InputError("give the labeled clips as --train-csv or as --train-shards (one of them)")
+    if cfg.unlabeled_shards and not cfg.train_shards:
+        raise InputError("--unlabeled-shards goes with --train-shards (with --train-csv use --unlabeled-csv)")
+    if cfg.train_shards and (cfg.unlabeled_csv or cfg.val_csv):
+        raise InputError("with --train-shards give the unlabeled clips as --unlabeled-shards; --unlabeled-csv and "
+                         "--val-csv read files")
+    if cfg.train_shards and cfg.schedule == "cosine" and not cfg.max_steps:
+        raise InputError("--schedule cosine with --train-shards needs --max-steps (a stream's length is not known "
+                         "before it is read)")
     check_paths(cfg)
 
 
 def check_paths(cfg: TrainConfig) -> None:
     """Every path flag names what exists (errors.InputError naming the flag otherwise)."""
-    existing_file("--train-csv", cfg.train_csv)
+    from .shards import shard_urls
+
+    if cfg.train_csv:
+        existing_file("--train-csv", cfg.train_csv)
+    for flag, value in (("--train-shards", cfg.train_shards), ("--unlabeled-shards", cfg.unlabeled_shards)):
+        if value:
+            shard_urls(flag, value)
     for flag, value in (("--unlabeled-csv", cfg.unlabeled_csv), ("--val-csv", cfg.val_csv),
                         ("--class-prompts", cfg.class_prompts)):
         if value:

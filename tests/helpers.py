@@ -46,3 +46,18 @@ def distill_inputs(n, m, d, dt, dtype, seed=0, noise=0.5):
     sv = norm(tv @ proj + noise * torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5, dim=-1)
     st = norm(tt @ proj + noise * torch.randn(m, d, generator=g, dtype=torch.float64) / d**0.5, dim=-1)
     return [x.to(dtype) for x in (sv, st, tv, tt)]
+
+
+def torchrun_train(nproc, argv, tmp_path):
+    """`torchrun --standalone --nproc_per_node N -m fitclip_ext.cli train ...` on the CPU (gloo)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "fitclip_ext.cli", "train", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

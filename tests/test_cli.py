@@ -3,11 +3,11 @@ import argparse
 
 import pytest
 
-from fitclip_ext import cli, demo, evaluate, train
+from fitclip_ext import cli, demo, evaluate, shards, train
 
 
-@pytest.mark.parametrize("main", [train.main, evaluate.main, cli.wise_main, demo.main],
-                         ids=["train", "eval", "wise", "demo"])
+@pytest.mark.parametrize("main", [train.main, evaluate.main, cli.wise_main, demo.main, shards.shards_main],
+                         ids=["train", "eval", "wise", "demo", "shards"])
 def test_every_flag_has_a_help_string(main, monkeypatch, capsys):
     missing = []
     add = argparse.ArgumentParser.add_argument
@@ -65,6 +65,12 @@ def _bad_inputs(tmp_path):
           str(tmp_path / "missing.pt")], "--pretrained: no such file"),
         (["search", str(tmp_path / "broken_index"), "a dog"], "is corrupt"),
         (["serve", str(tmp_path / "missing_index")], "is not a fitclip index"),
+        (["train", "--train-shards", str(tmp_path / "s-{000..001}.tar"), "--out-dir", str(tmp_path / "o4")],
+         "--train-shards: 2 of 2 shards do not exist"),
+        (["train", "--train-csv", str(good_csv), "--train-shards", str(not_ckpt), "--out-dir", str(tmp_path / "o5")],
+         "one of them"),
+        (["shards", "--csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "sh")], "--csv: no such file"),
+        (["shards", "--csv", str(bad_csv), "--out", str(tmp_path / "sh")], "needs a caption column"),
     ]
 
 

@@ -14,6 +14,8 @@ pytest.importorskip("torchcodec")
 from fitclip_ext import cli, model as fm  # noqa: E402
 from fitclip_ext.train import main as train_main  # noqa: E402
 
+from .helpers import torchrun_train  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def video_set(tmp_path_factory):
@@ -403,21 +405,6 @@ def test_train_siglip_loss(video_set, tmp_path):
         train_main(_args(video_set, tmp_path / "bad", "--loss", "sigmoid"))
 
 
-def _torchrun(nproc, argv, tmp_path):
-    """`torchrun --standalone --nproc_per_node N -m fitclip_ext.cli train ...` on the CPU (gloo)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fitclip_ext.cli", "train", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [
     ["--candidate-frames", "4"],  # mean pooling (ClipLoss, local loss) + temporal sampling + distillation
@@ -439,7 +426,7 @@ def test_torchrun_two_processes_equal_full_batch_gradients(video_set, tmp_path, 
                 "--max-steps", "1", "--seed", "5", "--dump-grads", str(out / "grads.pt"), *opts]
 
     train_main(args(tmp_path / "single", 4))
-    _torchrun(2, args(tmp_path / "ddp", 2), tmp_path)
+    torchrun_train(2, args(tmp_path / "ddp", 2), tmp_path)
     single = torch.load(tmp_path / "single" / "grads.pt")
     ddp = torch.load(tmp_path / "ddp" / "grads.pt")
     assert single.keys() == ddp.keys() and len(single) > 10

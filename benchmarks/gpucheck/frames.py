@@ -144,7 +144,7 @@ def _time_against_torch(case: dict, ours, base, big: bool, floor_flops: float | 
 def benchmarks(tflops, copy_gbps, estimate_s: float) -> None:
     """topk_frame_similarity, video_contrastive_loss and select_frames against torch."""
     dtype = torch.float32 if h.TINY else torch.bfloat16
-    grid = [(64, 64, 8, 32, 4)] if h.TINY else [(2048, 2048, 16, 512, 4), (8192, 8192, 16, 512, 4)]
+    grid = [(32, 32, 8, 32, 4)] if h.TINY else [(2048, 2048, 16, 512, 4), (8192, 8192, 16, 512, 4)]
     each = estimate_s / 5
     for C, V, T, D, k in grid:
         case = {"op": "topk_frame_similarity", "pass": "fwd+bwd", "C": C, "V": V, "T": T, "D": D, "k": k,
@@ -200,7 +200,7 @@ def autotune(estimate_s: float) -> None:
     from .contrastive import tuned
 
     dtype = torch.float32 if h.TINY else torch.bfloat16
-    C, V, T, D, k = (64, 64, 8, 32, 4) if h.TINY else (4096, 4096, 16, 512, 4)
+    C, V, T, D, k = (24, 24, 8, 32, 4) if h.TINY else (4096, 4096, 16, 512, 4)
     case = {"op": "topk_frame_similarity + video_contrastive_loss + select_frames autotune", "pass": "fwd+bwd",
             "C": C, "V": V, "T": T, "D": D, "k": k, "dtype": h.dtype_name(dtype)}
 

@@ -1,0 +1,167 @@
+"""Training from webdataset shards in video2dataset's layout: `fitclip shards` writes them, the
+trainer reads them (every sample once per epoch over processes and DataLoader workers, the rest
+of an epoch after a resume, broken samples named and left out), and shards written by plain
+webdataset code read the same way."""
+import json
+import tarfile
+
+import pytest
+import torch
+
+from fitclip_ext import model as fm
+from fitclip_ext.errors import InputError
+from fitclip_ext.shards import ShardLoaders, ShardStream, check_slots, shard_urls, shards_main
+from fitclip_ext.train import main as train_main
+from fitclip_ext.world import World
+
+from .helpers import torchrun_train
+
+
+@pytest.fixture(scope="module")
+def clip_set(tmp_path_factory):
+    """12 short H.264 clips (4 colours), a CSV of them plus one broken file."""
+    from torchcodec.encoders import VideoEncoder
+
+    root = tmp_path_factory.mktemp("clips")
+    colours = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30)]
+    rows = ["video,caption"]
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        frames = torch.randint(0, 40, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+        frames[:, :, 8:24, 8:24] = torch.tensor(colours[i % 4], dtype=torch.uint8)[None, :, None, None]
+        VideoEncoder(frames, frame_rate=6).to_file(str(root / f"clip{i}.mp4"))
+        rows.append(f"clip{i}.mp4,colour {i % 4} square number {i}")
+    (root / "broken.mp4").write_bytes(b"not a video")
+    rows.append("broken.mp4,a broken clip")
+    (root / "clips.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shard_dir(clip_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    report = shards_main(["--csv", str(clip_set / "clips.csv"), "--out", str(out), "--max-count", "3"])
+    assert report["written"] == 12 and len(report["shards"]) == 4
+    assert [u["path"] for u in report["unreadable"]] == [str(clip_set / "broken.mp4")]
+    return out
+
+
+def _pattern(d, n=4):
+    return str(d / f"shard-{{000000..{n - 1:06d}}}.tar")
+
+
+def _stream(d, batch_size=2, rank=0, ranks=1, n=4):
+    return ShardStream(shard_urls("--train-shards", _pattern(d, n)), lambda f: f.float(), 2, "random", 7, batch_size,
+                       rank, ranks, shuffle_buffer=4)
+
+
+def _keys(loader, epoch, position=None, limit=None):
+    keys, broken = [], []
+    for i, ((frames, caps, bad, names), _) in enumerate(loader.epoch(epoch, position)):
+        assert frames is None or (frames.shape[0] == len(caps) == len(names) and torch.isfinite(frames).all())
+        keys += names
+        broken += bad
+        if limit is not None and i + 1 == limit:
+            break
+    return keys, broken
+
+
+def test_written_shards_are_video2datasets_layout(shard_dir, clip_set):
+    with tarfile.open(shard_dir / "shard-000000.tar") as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile(next(n for n in names if n.endswith(".json"))).read())
+    assert sorted(n.rsplit(".", 1)[1] for n in names) == ["json"] * 3 + ["mp4"] * 3 + ["txt"] * 3
+    assert meta["source"].startswith(str(clip_set)) and meta["captions"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_sample_once_per_epoch_and_the_order_follows_seed_and_epoch(shard_dir, workers):
+    world = World("cpu")
+    loaders = ShardLoaders(_stream(shard_dir), None, workers, world)
+    e0, _ = _keys(loaders, 0)
+    assert len(e0) == 12 and len(set(e0)) == 12
+    again, _ = _keys(ShardLoaders(_stream(shard_dir), None, workers, world), 0)
+    assert again == e0  # (seed, epoch) fix the order
+    e1, _ = _keys(loaders, 1)
+    assert sorted(e1) == sorted(e0) and e1 != e0
+
+
+def test_ranks_split_the_shards_and_together_read_each_sample_once(shard_dir):
+    seen = []
+    for rank in range(2):
+        stream = _stream(shard_dir, rank=rank, ranks=2)
+        for w in range(2):
+            seen += [s["__key__"] for s in stream.samples(w, 2)]
+    assert sorted(seen) == [f"{i:09d}" for i in range(13) if i != 12]  # (the broken file was index 12)
+    with pytest.raises(InputError, match="4 shards for 3 process"):
+        check_slots("--train-shards", shard_urls("--train-shards", _pattern(shard_dir)), 3, 2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_reads_the_rest_without_repeats(shard_dir, workers):
+    world = World("cpu")
+    whole, _ = _keys(ShardLoaders(_stream(shard_dir), None, workers, world), 3)
+    first = ShardLoaders(_stream(shard_dir), None, workers, world)
+    head, _ = _keys(first, 3, limit=3)
+    position = json.loads(json.dumps(first.position()))  # (as a checkpoint stores it)
+    rest, _ = _keys(ShardLoaders(_stream(shard_dir), None, workers, world), 3, position)
+    assert len(head) == 6 and not set(head) & set(rest)
+    assert sorted(head + rest) == sorted(whole)
+
+
+def test_broken_samples_are_named_and_left_out(tmp_path, clip_set):
+    """Plain webdataset-written shards (video2dataset's layout) with a corrupt video and a sample
+    without a caption: both named by shard and key, the rest read; a missing or truncated shard
+    is an error naming it."""
+    import webdataset as wds
+
+    good = (clip_set / "clip0.mp4").read_bytes()
+    with wds.TarWriter(str(tmp_path / "a.tar")) as sink:
+        sink.write({"__key__": "ok1", "mp4": good, "txt": "a red square", "json": {"url": "x"}})
+        sink.write({"__key__": "corrupt", "mp4": b"garbage" * 10, "txt": "nothing"})
+    with wds.TarWriter(str(tmp_path / "b.tar")) as sink:
+        sink.write({"__key__": "nocap", "mp4": good})
+        sink.write({"__key__": "ok2", "mp4": good, "txt": "another"})
+    stream = ShardStream(shard_urls("--train-shards", str(tmp_path / "{a,b}.tar")), lambda f: f.float(), 2,
+                         "uniform", 0, 4, shuffle_buffer=0)
+    keys, broken = _keys(ShardLoaders(stream, None, 0, World("cpu")), 0)
+    assert sorted(k.rsplit(":", 1)[1] for k in keys) == ["ok1", "ok2"]
+    assert any(b.startswith(str(tmp_path / "a.tar") + ":corrupt (") for b in broken), broken
+    assert any(b.startswith(str(tmp_path / "b.tar") + ":nocap (no caption)") for b in broken), broken
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "c.tar").write_bytes(data[: len(data) // 3])  # truncated inside a member
+    bad = ShardStream([str(tmp_path / "c.tar")], lambda f: f.float(), 2, "uniform", 0, 4, shuffle_buffer=0)
+    with pytest.raises(InputError, match="c.tar"):
+        _keys(ShardLoaders(bad, None, 0, World("cpu")), 0)
+
+
+def _train_args(clip_set, shard_dir, out, *extra):
+    return ["--train-shards", _pattern(shard_dir), "--unlabeled-shards", _pattern(shard_dir), "--out-dir", str(out),
+            "--model", "fitclip-tiny", "--pretrained", "none", "--batch-size", "2", "--unlabeled-batch-size", "2",
+            "--num-frames", "2", "--candidate-frames", "3", "--epochs", "2", "--lr", "1e-3", "--seed", "3", *extra]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_train_from_shards_and_resume_equals_uninterrupted(clip_set, shard_dir, tmp_path, workers):
+    whole = train_main(_train_args(clip_set, shard_dir, tmp_path / "whole", "--workers", workers, "--max-steps", "8"))
+    assert whole["steps"] == 8  # 6 batches of 2 an epoch, into the second epoch
+    train_main(_train_args(clip_set, shard_dir, tmp_path / "cut", "--workers", workers, "--max-steps", "4"))
+    state = torch.load(tmp_path / "cut" / "last_state.pt", weights_only=False)
+    assert state["stream"]["labeled"] and state["stream"]["unlabeled"]["done"]
+    train_main(_train_args(clip_set, shard_dir, tmp_path / "cut", "--workers", workers, "--max-steps", "8",
+                           "--resume"))
+    a = fm.load_state_dict(tmp_path / "whole" / "last.safetensors")
+    b = fm.load_state_dict(tmp_path / "cut" / "last.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_two_processes_with_two_workers_train_from_shards(clip_set, shard_dir, tmp_path):
+    """2 gloo processes x 2 workers = 4 readers of the 4 shards (3 samples each, batches of 2):
+    each rank reads 2 shards in 4 batches of 2, 1, 2, 1, so the epoch is 4 steps on both ranks."""
+    out = tmp_path / "ddp"
+    torchrun_train(2, _train_args(clip_set, shard_dir, out, "--workers", "2", "--epochs", "1"), tmp_path)
+    steps = [json.loads(x) for x in open(out / "log.jsonl") if '"loss"' in x]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
