@@ -61,3 +61,25 @@ def torchrun_train(nproc, argv, tmp_path):
            "-m", "fitclip_ext.cli", "train", *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def square_clips(root, n: int, frames: int, csv_name: str, caption=lambda i, colour: f"a {colour} square"):
+    """n small H.264 clips of a coloured square on noise (the colours in turn) and a CSV of them
+    (video, caption) with one broken file at the end: the trainer's tests' data."""
+    from torchcodec.encoders import VideoEncoder
+
+    rows = ["video,caption"]
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        name, rgb = list(COLOURS.items())[i % 4]
+        video = torch.randint(0, 40, (frames, 3, 32, 32), generator=g, dtype=torch.uint8)
+        video[:, :, 8:24, 8:24] = torch.tensor(rgb, dtype=torch.uint8)[None, :, None, None]
+        VideoEncoder(video, frame_rate=frames).to_file(str(root / f"clip{i}.mp4"))
+        rows.append(f"clip{i}.mp4,{caption(i, name)}")
+    (root / "broken.mp4").write_bytes(b"not a video at all")
+    rows.append("broken.mp4,a broken clip")
+    (root / csv_name).write_text("\n".join(rows) + "\n")
+    return root

@@ -14,27 +14,14 @@ from fitclip_ext.shards import ShardLoaders, ShardStream, check_slots, shard_url
 from fitclip_ext.train import main as train_main
 from fitclip_ext.world import World
 
-from .helpers import torchrun_train
+from .helpers import square_clips, torchrun_train
 
 
 @pytest.fixture(scope="module")
 def clip_set(tmp_path_factory):
     """12 short H.264 clips (4 colours), a CSV of them plus one broken file."""
-    from torchcodec.encoders import VideoEncoder
-
-    root = tmp_path_factory.mktemp("clips")
-    colours = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30)]
-    rows = ["video,caption"]
-    g = torch.Generator().manual_seed(0)
-    for i in range(12):
-        frames = torch.randint(0, 40, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
-        frames[:, :, 8:24, 8:24] = torch.tensor(colours[i % 4], dtype=torch.uint8)[None, :, None, None]
-        VideoEncoder(frames, frame_rate=6).to_file(str(root / f"clip{i}.mp4"))
-        rows.append(f"clip{i}.mp4,colour {i % 4} square number {i}")
-    (root / "broken.mp4").write_bytes(b"not a video")
-    rows.append("broken.mp4,a broken clip")
-    (root / "clips.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return square_clips(tmp_path_factory.mktemp("clips"), 12, 6, "clips.csv",
+                        caption=lambda i, colour: f"a {colour} square number {i}")
 
 
 @pytest.fixture(scope="module")

@@ -14,27 +14,12 @@ pytest.importorskip("torchcodec")
 from fitclip_ext import cli, model as fm  # noqa: E402
 from fitclip_ext.train import main as train_main  # noqa: E402
 
-from .helpers import torchrun_train  # noqa: E402
+from .helpers import square_clips, torchrun_train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def video_set(tmp_path_factory):
-    from torchcodec.encoders import VideoEncoder
-
-    root = tmp_path_factory.mktemp("videos")
-    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
-    rows = ["video,caption"]
-    g = torch.Generator().manual_seed(0)
-    for i in range(8):
-        name, rgb = list(colours.items())[i % 4]
-        frames = torch.randint(0, 40, (8, 3, 32, 32), generator=g, dtype=torch.uint8)
-        frames[:, :, 8:24, 8:24] = torch.tensor(rgb, dtype=torch.uint8)[None, :, None, None]
-        VideoEncoder(frames, frame_rate=8).to_file(str(root / f"clip{i}.mp4"))
-        rows.append(f"clip{i}.mp4,a {name} square")
-    (root / "broken.mp4").write_bytes(b"not a video at all")
-    rows.append("broken.mp4,a broken clip")
-    (root / "train.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return square_clips(tmp_path_factory.mktemp("videos"), 8, 8, "train.csv")
 
 
 def _args(video_set, out, *extra):
