@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as fdata
-from .errors import existing_dir, existing_file, pretrained_path
+from .errors import InputError, existing_dir, existing_file, pretrained_path
 from . import metrics
 from . import model as fmodel
 from .frames import topk_frame_similarity
@@ -85,10 +85,35 @@ def scores(text_emb: torch.Tensor, frame_emb: torch.Tensor, pooling: str, k: int
     raise ValueError(f"pooling must be 'mean' or 'topk', got {pooling!r}")
 
 
+@torch.no_grad()
+def embed_shard_videos(model, urls: list[str], num_frames: int, batch_size: int = 16, device="cpu", workers: int = 0):
+    """embed_videos for shards (`--task shards`): (unit frame embeddings [N, T, D], the N readable
+    samples as VideoText (key, caption), unreadable "shard:key (reason)" names); each shard read
+    by one DataLoader worker, the frames sampled as for files (the middle of T intervals)."""
+    from tqdm import tqdm
+
+    from .shards import ShardStream, StreamLoader
+
+    model.eval()
+    stream = ShardStream(urls, fdata.frame_preprocess(model), num_frames, "uniform", 0, batch_size, shuffle_buffer=0)
+    embs, kept, broken = [], [], []
+    for frames, captions, bad, keys in tqdm(StreamLoader(stream, workers, torch.device(device).type == "cuda").epoch(0),
+                                            desc="encoding videos", unit="batch", disable=None):
+        broken += bad
+        if frames is not None:
+            embs.append(F.normalize(fmodel.encode_frames(model, frames.to(device)).float(), dim=-1).cpu())
+            kept += [fdata.VideoText(key, [caption]) for key, caption in zip(keys, captions)]
+    if not embs:
+        raise ValueError("no readable video in the evaluation shards")
+    return torch.cat(embs), kept, broken
+
+
 def classification(model, tokenizer, samples, class_names, templates, num_frames, pooling="mean", k=1,
-                   device="cpu", **embed) -> dict:
-    frame_emb, kept, broken = embed_videos(model, samples, num_frames, device=device, **_cached(embed, samples,
-                                                                                                num_frames))
+                   device="cpu", embedded=None, **embed) -> dict:
+    """Top-1/top-5 of samples' labels; `embedded`: (frame embeddings, kept indices, unreadable)
+    made already (shards), instead of decoding samples' files."""
+    frame_emb, kept, broken = embedded or embed_videos(model, samples, num_frames, device=device,
+                                                       **_cached(embed, samples, num_frames))
     encode = lambda texts: embed_texts(model, tokenizer, texts, device=device)  # noqa: E731
     class_emb = metrics.class_embeddings(encode, class_names, templates)
     logits = scores(class_emb, frame_emb, pooling, k).T
@@ -96,9 +121,12 @@ def classification(model, tokenizer, samples, class_names, templates, num_frames
     return {**metrics.classification_metrics(logits, labels), "videos": len(kept), "unreadable": broken}
 
 
-def retrieval(model, tokenizer, samples, num_frames, pooling="mean", k=1, device="cpu", **embed) -> dict:
-    frame_emb, kept, broken = embed_videos(model, samples, num_frames, device=device, **_cached(embed, samples,
-                                                                                                num_frames))
+def retrieval(model, tokenizer, samples, num_frames, pooling="mean", k=1, device="cpu", embedded=None,
+              **embed) -> dict:
+    """Text-to-video and video-to-text metrics of samples' first captions (`embedded`: as for
+    classification)."""
+    frame_emb, kept, broken = embedded or embed_videos(model, samples, num_frames, device=device,
+                                                       **_cached(embed, samples, num_frames))
     texts, owner = [], []
     for v, i in enumerate(kept):
         for caption in samples[i].captions[:1] or [""]:
@@ -150,6 +178,10 @@ def check_paths(a) -> None:
     if a.task == "csv":
         existing_file("--root (the CSV of --task csv)", a.root)
         fdata.load_caption_csv(a.root, a.video_root)  # (its columns, before any model is created)
+    elif a.task == "shards":
+        from .shards import check_slots, shard_urls
+
+        check_slots("--root", shard_urls("--root (the shards of --task shards)", a.root), 1, a.workers)
     else:
         existing_dir("--root", a.root)
     for flag, value, check in (("--classes", a.classes, existing_file), ("--video-root", a.video_root, existing_dir),
@@ -164,12 +196,15 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="fitclip eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ViT-B-16", help="open_clip architecture name")
     p.add_argument("--pretrained", default="openai", help="open_clip tag or checkpoint file")
-    p.add_argument("--task", required=True, choices=["ucf101", "hmdb51", "msrvtt", "didemo", "youcook2", "activitynet", "csv"],
+    p.add_argument("--task", required=True, choices=["ucf101", "hmdb51", "msrvtt", "didemo", "youcook2", "activitynet", "csv",
+                                                     "shards"],
                    help="zero-shot action recognition (ucf101, hmdb51, csv with --classes) or text-to-video retrieval")
-    p.add_argument("--root", required=True, help="data set folder (or the CSV for --task csv)")
+    p.add_argument("--root", required=True, help="data set folder (the CSV for --task csv; for --task shards a "
+                   "webdataset pattern of shards in video2dataset's layout, e.g. 'val/shard-{000000..000009}.tar')")
     p.add_argument("--split", default=None, help="1-3 for UCF101/HMDB51, or the layout's split name")
     p.add_argument("--hmdb-splits", default=None, help="folder of HMDB51 split files")
-    p.add_argument("--classes", default=None, help="for --task csv: classify against these names (one per line)")
+    p.add_argument("--classes", default=None, help="for --task csv or shards: classify against these names (one per "
+                   "line; each caption is its class name)")
     p.add_argument("--video-root", default=None, help="for --task csv: folder the CSV's video paths are relative to")
     p.add_argument("--num-frames", type=int, default=4, help="frames decoded (uniformly) per video")
     p.add_argument("--pooling", choices=["mean", "topk"], default="mean",
@@ -206,6 +241,21 @@ def main(argv=None) -> dict:
             per_split[split] = classification(model, tok, samples, names, templates, **kw)
         results["splits"] = per_split
         results["mean"] = {m: sum(r[m] for r in per_split.values()) / len(per_split) for m in ("top1", "top5")}
+    elif a.task == "shards":  # (a webdataset pattern; with --classes each caption is its class name)
+        from .shards import shard_urls
+
+        frame_emb, samples, broken = embed_shard_videos(model, shard_urls("--root", a.root), a.num_frames,
+                                                        a.batch_size, a.device, a.workers)
+        kw.update(embedded=(frame_emb, list(range(len(samples))), broken))
+        if a.classes:
+            names = [n.strip() for n in Path(a.classes).read_text().splitlines() if n.strip()]
+            for s in samples:
+                if s.captions[0] not in names:
+                    raise InputError(f"--classes: the caption {s.captions[0]!r} of {s.video} is not a class name")
+                s.label = names.index(s.captions[0])
+            results["classification"] = classification(model, tok, samples, names, templates, **kw)
+        else:
+            results["retrieval"] = retrieval(model, tok, samples, **kw)
     elif a.task == "csv" and a.classes:
         samples = fdata.load_caption_csv(a.root, a.video_root)
         names = [n.strip() for n in Path(a.classes).read_text().splitlines() if n.strip()]

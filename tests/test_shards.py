@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fitclip_ext import model as fm
+from fitclip_ext.data import load_caption_csv
 from fitclip_ext.errors import InputError
 from fitclip_ext.shards import ShardLoaders, ShardStream, check_slots, shard_urls, shards_main
 from fitclip_ext.train import main as train_main
@@ -152,3 +153,24 @@ def test_two_processes_with_two_workers_train_from_shards(clip_set, shard_dir, t
     steps = [json.loads(x) for x in open(out / "log.jsonl") if '"loss"' in x]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_from_shards_equals_eval_from_files(clip_set, shard_dir, tmp_path, workers):
+    """The shards' frame embeddings are the files' (same frames, same model), and `fitclip eval
+    --task shards` reports retrieval over them."""
+    from fitclip_ext import evaluate
+
+    model, *_ = fm.create("fitclip-tiny", None)
+    samples = load_caption_csv(clip_set / "clips.csv")
+    files, kept, broken = evaluate.embed_videos(model, samples, 3)
+    assert broken == [str(clip_set / "broken.mp4")]
+    by_caption = {samples[i].captions[0]: files[j] for j, i in enumerate(kept)}
+    emb, shard_samples, shard_broken = evaluate.embed_shard_videos(model, shard_urls("--root", _pattern(shard_dir)),
+                                                                   3, batch_size=5, workers=workers)
+    assert shard_broken == [] and len(shard_samples) == 12
+    for s, e in zip(shard_samples, emb):
+        torch.testing.assert_close(e, by_caption[s.captions[0]], rtol=0, atol=1e-6)
+    out = evaluate.main(["--task", "shards", "--root", _pattern(shard_dir), "--model", "fitclip-tiny", "--pretrained",
+                         "none", "--num-frames", "3", "--workers", str(workers)])
+    assert out["retrieval"]["videos"] == 12 and 0 <= out["retrieval"]["t2v_r1"] <= 100
