@@ -463,6 +463,7 @@ def train(cfg: TrainConfig) -> dict:
                     save = (ckpt.due(p.step) and (end is None or p.batch < end)) or signalled
                     ckpt_s = ckpt.save(model, run.optimizer, p.step, p.state(), wait=bool(signalled)) if save else 0.0
                     rec = step_record(run, r, p, n, data_wait, data_wait + time.perf_counter() - t0, ckpt_s)
+                    rec["skipped_clips"] = len(bad) + len(u[2])  # (broken videos of this step's batches)
                     p.history.append(rec)
                     if p.step % cfg.log_every == 0 or signalled:
                         log.write(json.dumps(rec) + "\n")
@@ -488,7 +489,8 @@ def finish(run: Run, ckpt, log, p: Progress, out: Path, wall_s: float) -> dict:
     what the checkpoints cost it), the loss plot, and the run's result."""
     summary = {"steps": p.step, "steps_run": len(p.history), "wall_s": wall_s, "checkpoint_s": ckpt.blocked_s,
                "checkpoints": ckpt.written,
-               **{key: sum(r[key] for r in p.history) for key in ("data_wait_s", "fwd_bwd_s", "optimizer_s")}}
+               **{key: sum(r[key] for r in p.history) for key in ("data_wait_s", "fwd_bwd_s", "optimizer_s")},
+               "broken_videos": sorted(set(p.broken))}
     log.write(json.dumps({"summary": summary}) + "\n")
     log.close()
     if run.world.main:

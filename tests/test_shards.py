@@ -123,6 +123,24 @@ def test_broken_samples_are_named_and_left_out(tmp_path, clip_set):
         _keys(ShardLoaders(bad, None, 0, World("cpu")), 0)
 
 
+def test_training_goes_on_past_broken_samples_and_names_them(tmp_path, clip_set):
+    import webdataset as wds
+
+    good = [(clip_set / f"clip{i}.mp4").read_bytes() for i in range(4)]
+    with wds.TarWriter(str(tmp_path / "only.tar")) as sink:
+        for i, data in enumerate(good):
+            sink.write({"__key__": f"v{i}", "mp4": data, "txt": f"clip {i}"})
+        sink.write({"__key__": "corrupt", "mp4": b"\x00" * 64, "txt": "broken"})
+        sink.write({"__key__": "nocap", "mp4": good[0]})
+    out = train_main(["--train-shards", str(tmp_path / "only.tar"), "--out-dir", str(tmp_path / "run"), "--model",
+                      "fitclip-tiny", "--pretrained", "none", "--batch-size", "3", "--num-frames", "2", "--seed", "1"])
+    assert out["steps"] == 2
+    names = out["summary"]["broken_videos"]
+    assert len(names) == 2 and {n.split(" ")[0].rsplit(":", 1)[1] for n in names} == {"corrupt", "nocap"}
+    steps = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl") if '"loss"' in x]
+    assert sum(r["skipped_clips"] for r in steps) == 2
+
+
 def _train_args(clip_set, shard_dir, out, *extra):
     return ["--train-shards", _pattern(shard_dir), "--unlabeled-shards", _pattern(shard_dir), "--out-dir", str(out),
             "--model", "fitclip-tiny", "--pretrained", "none", "--batch-size", "2", "--unlabeled-batch-size", "2",
