@@ -251,6 +251,50 @@ def train_table(doc) -> list[str]:
     return out
 
 
+def grad_cache_table(doc) -> list[str]:
+    out = []
+    for c in (c for c in doc["cases"] if c.get("op") == "fitclip train --grad-cache-chunk"):
+        t = c["targets"]
+        out += [f"`fitclip train --grad-cache-chunk {c['chunk']}`, {c['model']} (random init), {c['frames']} frames a "
+                f"clip at 224 px, labeled clips only, fp32, 2 workers; peak RSS of the process, forward+backward "
+                f"of the second step. A cached step at batch 32 took {_fmt(c['cached_b32_over_floor'], '.2f')}x the "
+                f"encoders' two forward passes plus one backward of the batch (target <= {t['cached_over_floor']}); "
+                f"from 8 to 128 clips the peak grew {_fmt(c['rss_growth_8_to_128_mb'][str(c['chunk'])])} MB with "
+                f"gradient caching and {_fmt(c['rss_growth_8_to_128_mb']['0'])} MB without (target: at most "
+                f"{t['cached_growth_over_plain_growth']} of it).", "",
+                "| clips per step | grad cache chunk | peak RSS MB | fwd+bwd s |", "|---|---|---|---|"]
+        out += [f"| {r['batch']} | {r['grad_cache_chunk'] or 'off'} | {_fmt(r['peak_rss_mb'])} | "
+                f"{_fmt(r['fwd_bwd_s'], '.2f')} |" for r in c["runs"]]
+        out.append("")
+    return out
+
+
+def grad_cache_plot(doc, path: Path) -> bool:
+    rows = [c for c in doc["cases"] if c.get("op") == "fitclip train --grad-cache-chunk"]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = rows[-1]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for chunk, label in ((0, "whole batch"), (c["chunk"], f"--grad-cache-chunk {c['chunk']}")):
+        runs = [r for r in c["runs"] if r["grad_cache_chunk"] == chunk]
+        ax.plot([r["batch"] for r in runs], [r["peak_rss_mb"] / 1024 for r in runs], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("clips per step")
+    ax.set_ylabel("peak RSS (GB)")
+    ax.set_title(f"fitclip train, {c['model']}, {c['frames']} frames a clip")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def train_plot(doc, path: Path) -> bool:
     rows = [c for c in doc["cases"] if c.get("op") == "fitclip train"]
     if not rows:
@@ -374,6 +418,12 @@ def main():
             png = path.with_name(path.stem + "-train.png")
             if train_plot(doc, png):
                 lines += [f"![training step breakdown]({png.relative_to(HERE).as_posix()})", ""]
+        t = grad_cache_table(doc)
+        if t:
+            lines += ["### gradient caching: memory against batch size (benchmarks/bench_train.py)", ""] + t
+            png = path.with_name(path.stem + "-grad-cache.png")
+            if grad_cache_plot(doc, png):
+                lines += [f"![peak memory against batch size]({png.relative_to(HERE).as_posix()})", ""]
     (HERE / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

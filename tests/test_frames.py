@@ -18,18 +18,25 @@ def _k_values(t):
     return sorted({1, min(2, t), t})
 
 
+TRITON_T_OTHER_DTYPES = (1, 7, 16)  # under the interpreter, for dtypes but float32: T = 1, odd, a power of two
+
+
 def _cases(sizes, dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16)):
     """(backend, dtype, size, T, k): every case on the C++ backend; the Triton backend on CUDA,
     or through the interpreter for small sizes in every dtype (the bf16 dot made exact by
-    tests/conftest.py; float64 computed in float64 by the kernels)."""
+    tests/conftest.py; float64 computed in float64 by the kernels): every T and k in float32,
+    and T in TRITON_T_OTHER_DTYPES in the others (each a minute of interpreter time less: the
+    kernels' paths depend on T's padding and k, which float32 covers, the dtype only on loads,
+    products and stores, which those T cover)."""
     out = []
+    gpu = torch.cuda.is_available()
     for dtype in dtypes:
         for size in sizes:
             for t in T_VALUES:
                 for k in _k_values(t):
                     out.append(pytest.param("cpp", dtype, size, t, k, id=f"cpp-{dtype}-{size}-T{t}-k{k}"))
-                    gpu = torch.cuda.is_available()
-                    if gpu or (max(size) <= 40 and t <= 16):
+                    interpreted = max(size) <= 40 and t <= 16 and (dtype == torch.float32 or t in TRITON_T_OTHER_DTYPES)
+                    if gpu or interpreted:
                         out.append(pytest.param("triton", dtype, size, t, k, id=f"triton-{dtype}-{size}-T{t}-k{k}"))
     return out
 

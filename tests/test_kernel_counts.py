@@ -190,8 +190,8 @@ def test_distillation_gpu_configuration_float32_chunks_and_splits(monkeypatch):
 
     monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")
     monkeypatch.setenv("FITCLIP_TRITON_SMS", "16")
-    monkeypatch.setenv("FITCLIP_GPU_BLOCK_ELEMS", str(64 * 1100))  # chunks of 64 rows
-    n, m, D, Dt = 200, 1100, 48, 40
+    monkeypatch.setenv("FITCLIP_GPU_BLOCK_ELEMS", str(64 * 1040))  # chunks of 64 rows
+    n, m, D, Dt = 130, 1040, 48, 40  # (3 row chunks; 1040 columns: 2 column splits of >= 512)
     sv, st = _unit(n, D, 15, torch.float32), _unit(m, D, 16, torch.float32)
     tv, tt = _unit(n, Dt, 17, torch.float32), _unit(m, Dt, 18, torch.float32)
 
@@ -237,7 +237,7 @@ def _frame_op(op, text, frames, k):
 
 @pytest.mark.parametrize("op,budget,floor", [("topk_frame_similarity", 3.2, 3), ("video_contrastive_loss", 4.3, 4)])
 def test_frame_ops_flop_and_byte_budgets(monkeypatch, op, budget, floor):
-    """C = V = 256, T = 16, D = 512, k = 4, bf16, at the GPU's tiles: forward + backward within the
+    """C = V = 128, T = 16, D = 512, k = 4, bf16, at the GPU's tiles: forward + backward within the
     budget in passes of 2 C V T D (the similarity forward, d text and d frames, plus the video
     loss's recomputed forward), the matrix FLOPs per loaded byte of each tile shape; and the
     result against float64 on the same bf16 inputs."""
@@ -246,7 +246,7 @@ def test_frame_ops_flop_and_byte_budgets(monkeypatch, op, budget, floor):
     from fitclip_ext.reference import topk_frame_similarity_reference, video_contrastive_loss_reference
 
     monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")
-    C = V = 256
+    C = V = 128
     T, D, k = 16, 512, 4
     text, frames = _frame_inputs(C, V, T, D, 21)
     with count() as c:
