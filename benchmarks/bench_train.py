@@ -170,7 +170,7 @@ def gc_run(root: Path, out: Path, batch: int, chunk: int) -> dict:
     argv = [sys.executable, "-m", "fitclip_ext.cli", "train", "--train-csv", str(root / "train.csv"),
             "--video-root", str(root), "--out-dir", str(out), "--model", GC_MODEL, "--pretrained", "none",
             "--num-frames", str(GC_FRAMES), "--batch-size", str(batch), "--max-steps", "2", "--workers", "2",
-            "--seed", "0", "--grad-cache-chunk", str(chunk)]
+            "--seed", "0", "--grad-cache-chunk", str(chunk), "--epochs", "2"]  # (128 clips: 1 step an epoch)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(argv, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
