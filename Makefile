@@ -40,8 +40,7 @@ $(VENV)/.deps-stamp:
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q $(DEPS)
+	$(PIP) install -q $(TORCH_PINS) $(DEPS)
 	touch $@
 
 ffmpeg:

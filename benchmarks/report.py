@@ -241,7 +241,7 @@ def train_table(doc) -> list[str]:
                 f"checkpoint / wall (<= {t.get('checkpoint_fraction')}) | checkpoints | peak RSS MB |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in c["runs"].items():
-            out.append(f"| {name.split('_')[-1]} | {r['steps']} | {_fmt(r['median_step_s'], '.2f')} | "
+            out.append(f"| {name.split('_')[-1]}{' (shards)' if name.startswith('shards') else ''} | {r['steps']} | {_fmt(r['median_step_s'], '.2f')} | "
                        f"{_fmt(r['median_data_wait_s'], '.3f')} | {_fmt(r['median_fwd_bwd_s'], '.2f')} | "
                        f"{_fmt(r['median_optimizer_s'], '.2f')} | {_fmt(r['median_clips_per_s'], '.3f')} | "
                        f"{_fmt(r['data_wait_fraction'], '.4f')} | {_fmt(r['step_over_floor'], '.3f')} | "

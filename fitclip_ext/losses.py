@@ -71,11 +71,17 @@ def sigmoid_matrix_loss(logits):
 @torch.no_grad()
 def validation_loss(model, tokenizer, ds, cfg: TrainConfig, device) -> float:
     """The mean-pooled labeled loss (InfoNCE or SigLIP's) over the validation clips in batches
-    (uniform frames)."""
+    (uniform frames): a ClipDataset, or a shards.ShardStream (read in this process)."""
+    from .shards import ShardStream, StreamLoader
+
+    if isinstance(ds, ShardStream):
+        batches = StreamLoader(ds, 0).epoch(0)
+    else:
+        batches = (collate([ds[i] for i in range(b0, min(len(ds), b0 + cfg.batch_size))])
+                   for b0 in range(0, len(ds) - 1, cfg.batch_size))
     model.eval()
     total, count = 0.0, 0
-    for b0 in range(0, len(ds) - 1, cfg.batch_size):
-        frames, caps, *_ = collate([ds[i] for i in range(b0, min(len(ds), b0 + cfg.batch_size))])
+    for frames, caps, *_ in batches:
         if frames is None or len(caps) < 2:
             continue
         text = F.normalize(model.encode_text(tokenizer(caps).to(device)), dim=-1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,38 @@ def scan(video_dir: Path) -> list[Path]:
     """The videos under video_dir (recursively, by extension), sorted, relative to it."""
     return sorted(p.relative_to(video_dir) for p in video_dir.rglob("*")
                   if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+
+
+def scan_shards(root: Path, shards: list[Path]) -> list[tuple[tuple[str, int, int], tuple[Path, int, int]]]:
+    """The videos inside webdataset shards (video2dataset's layout, one video member per key):
+    ((path "shard:member" relative to root, the shard's size, its modification time), (shard,
+    offset of the member's bytes, their length)) in shard and member order. A shard that is not
+    a readable tar raises InputError naming it."""
+    import tarfile
+
+    from .shards import VIDEO_EXTENSIONS as SHARD_VIDEO
+
+    out = []
+    for shard in shards:
+        st = shard.stat()
+        try:
+            with tarfile.open(shard) as tar:
+                members = [m for m in tar.getmembers() if m.isfile() and m.name.rsplit(".", 1)[-1].lower() in SHARD_VIDEO]
+        except (tarfile.TarError, OSError) as err:
+            raise InputError(f"--shards: {shard} cannot be read as a tar ({err})") from err
+        rel = shard.relative_to(root).as_posix()
+        out += [((f"{rel}:{m.name}", st.st_size, st.st_mtime_ns), (shard, m.offset_data, m.size)) for m in members]
+    return out
+
+
+def read_source(source) -> bytes | Path:
+    """A video file's path as it is, or a shard member's bytes ((shard, offset, length))."""
+    if isinstance(source, tuple):
+        shard, offset, length = source
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    return source
 
 
 def _video_id(rel: str, size: int, mtime_ns: int) -> str:
@@ -110,7 +143,15 @@ class Index:
         fmodel.atomic_write(self.path / "index.json", lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
 
     def video_file(self, i: int) -> Path:
-        return Path(self.meta["video_dir"]) / self.videos[i]["path"]
+        """The video's file; for a video inside a shard, the shard (see video_source)."""
+        return Path(self.meta["video_dir"]) / self.videos[i]["path"].rsplit(":", 1)[0]
+
+    def video_source(self, i: int):
+        """The video's file, or (shard, offset, length) of its bytes inside a shard."""
+        v = self.videos[i]
+        if "offset" in v:
+            return self.video_file(i), v["offset"], v["bytes"]
+        return self.video_file(i)
 
     def thumb_file(self, i: int) -> Path:
         return self.path / "thumbs" / f"{self.videos[i]['id']}.jpg"
@@ -129,10 +170,12 @@ class _IndexClips(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
+        src = self.files[i]
         try:
-            frames, info = fdata.read_frames(self.files[i], self.num_frames, sampling="uniform", return_info=True)
-        except fdata.VideoDecodeError as err:
-            return None, None, err.reason, i
+            frames, info = fdata.read_frames(read_source(src), self.num_frames, sampling="uniform", return_info=True,
+                                             name=f"{src[0]}@{src[1]}" if isinstance(src, tuple) else None)
+        except (fdata.VideoDecodeError, OSError) as err:
+            return None, None, getattr(err, "reason", str(err)), i
         h, w = frames.shape[-2:]
         tw = max(1, round(w * THUMB_HEIGHT / h))
         thumbs = F.interpolate(frames.float(), size=(THUMB_HEIGHT, tw), mode="bilinear", antialias=True,
@@ -174,14 +217,21 @@ def _encode(model, files: list[Path], num_frames: int, batch_size: int, workers:
 
 
 def build_index(video_dir, out, model_name: str, pretrained: str | None, *, num_frames: int = 8,
-                batch_size: int = 16, workers: int = 0, device: str = "cpu", dtype: str = "float16") -> dict:
-    """Builds or updates the index at `out` for the videos under `video_dir`; returns a report
-    (videos indexed, encoded, kept, dropped, unreadable with reasons)."""
+                batch_size: int = 16, workers: int = 0, device: str = "cpu", dtype: str = "float16",
+                shards: list[str] | None = None) -> dict:
+    """Builds or updates the index at `out` for the videos under `video_dir`, or inside the local
+    webdataset `shards` (video_dir None; a shard's videos are re-encoded when it changes); returns
+    a report (videos indexed, encoded, kept, dropped, unreadable with reasons)."""
     from .world import World
 
-    video_dir, out = Path(video_dir).resolve(), Path(out)
-    if not video_dir.is_dir():
-        raise InputError(f"VIDEO_DIR must be a folder of videos, got {video_dir} (not a folder)")
+    out = Path(out)
+    if shards:
+        shard_paths = [Path(u).resolve() for u in shards]
+        video_dir = Path(os.path.commonpath([str(p.parent) for p in shard_paths]))
+    else:
+        video_dir = Path(video_dir).resolve()
+        if not video_dir.is_dir():
+            raise InputError(f"VIDEO_DIR must be a folder of videos, got {video_dir} (not a folder)")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"--num-frames must be an int >= 1, got {num_frames!r}")
     if dtype not in ("float16", "float32"):
@@ -201,17 +251,23 @@ def build_index(video_dir, out, model_name: str, pretrained: str | None, *, num_
                   file=sys.stderr)
             old = None
     previous = {} if old is None else {(v["path"], v["size"], v["mtime_ns"]): (i, v) for i, v in enumerate(old.videos)}
-    entries, todo = [], []
-    for rel in scan(video_dir):
-        st = (video_dir / rel).stat()
-        key = (rel.as_posix(), st.st_size, st.st_mtime_ns)
+    entries, todo, sources = [], [], {}
+    if shards:
+        found = scan_shards(video_dir, shard_paths)
+    else:
+        found = []
+        for rel in scan(video_dir):
+            st = (video_dir / rel).stat()
+            found.append(((rel.as_posix(), st.st_size, st.st_mtime_ns), video_dir / rel))
+    for key, source in found:
         entries.append(key)
+        sources[key] = source
         if key not in previous:
             todo.append(key)
     mine = todo[world.rank::world.world]
     model, *_ = fmodel.create(model_name, pretrained, device=world.device)
     ids = [_video_id(*k) for k in mine]
-    embs, infos = _encode(model, [video_dir / k[0] for k in mine], num_frames, batch_size, workers, world.device,
+    embs, infos = _encode(model, [sources[k] for k in mine], num_frames, batch_size, workers, world.device,
                           out / "thumbs", ids, desc=f"indexing ({world.rank + 1}/{world.world})" if world.world > 1
                           else "indexing")
     part = {"keys": [list(k) for k in mine], "infos": infos}
@@ -253,6 +309,8 @@ def build_index(video_dir, out, model_name: str, pretrained: str | None, *, num_
             continue
         videos.append({"id": _video_id(*key), "path": key[0], "size": key[1], "mtime_ns": key[2],
                        "duration": info["duration"], "times": info["times"], "thumb_w": info["thumb_w"]})
+        if isinstance(sources[key], tuple):  # (inside a shard: where its bytes are)
+            videos[-1].update(offset=sources[key][1], bytes=sources[key][2])
         frames.append(emb.to(store))
     stack = torch.stack(frames) if frames else torch.zeros(0, num_frames, 0, dtype=store)
     index = Index(out, meta, videos, broken, stack, stack.float().mean(1).to(store) if frames else stack[:, 0])
@@ -344,7 +402,9 @@ class Searcher:
 
 def index_main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="fitclip index", description="index a folder of videos for text search")
-    p.add_argument("video_dir", help="folder of videos (searched recursively)")
+    p.add_argument("video_dir", nargs="?", default=None, help="folder of videos (searched recursively)")
+    p.add_argument("--shards", default=None, help="index the videos inside local webdataset shards instead "
+                   "(video2dataset's layout), a brace pattern such as 'data/shard-{000000..000099}.tar'")
     p.add_argument("--out", required=True, help="index folder (created; updated when it exists)")
     p.add_argument("--model", default="ViT-B-16", help="open_clip architecture name (default: %(default)s)")
     p.add_argument("--pretrained", default="openai", help="open_clip tag or checkpoint file (default: %(default)s)")
@@ -355,11 +415,22 @@ def index_main(argv=None) -> dict:
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                    help="stored embedding precision (default: %(default)s)")
     a = p.parse_args(argv)
-    existing_dir("VIDEO_DIR", a.video_dir)  # (before the model is loaded)
+    if bool(a.video_dir) == bool(a.shards):
+        raise InputError("give a VIDEO_DIR or --shards (one of them)")
+    shards = None
+    if a.shards:  # (before the model is loaded)
+        from .shards import shard_urls
+
+        shards = shard_urls("--shards", a.shards)
+        remote = [u for u in shards if u.startswith("pipe:") or "://" in u]
+        if remote:
+            raise InputError(f"--shards: the page plays videos from local shards; {remote[0]} is not a local file")
+    else:
+        existing_dir("VIDEO_DIR", a.video_dir)
     pretrained_path("--pretrained", a.pretrained)
     rep = build_index(a.video_dir, a.out, a.model, None if a.pretrained == "none" else a.pretrained,
                       num_frames=a.num_frames, batch_size=a.batch_size, workers=a.workers, device=a.device,
-                      dtype=a.dtype)
+                      dtype=a.dtype, shards=shards)
     if "rank" not in rep or rep.get("rank") == 0:
         print(f"{rep['index']}: {rep['videos']} videos ({rep['encoded']} encoded, {rep['kept']} kept, "
               f"{rep['dropped']} dropped), {len(rep['unreadable'])} unreadable")

@@ -13,6 +13,8 @@ Binds to 127.0.0.1 unless --host says otherwise. Flask (werkzeug's threaded serv
 from __future__ import annotations
 
 import argparse
+import io
+import mimetypes
 import sys
 
 MAX_K = 200
@@ -92,7 +94,7 @@ def create_app(index_path, device: str = "cpu", searcher=None):
     """The Flask app over the index at `index_path` (or a ready `searcher`, fitclip_ext.search.Searcher)."""
     from flask import Flask, abort, jsonify, request, send_file
 
-    from .search import BadIndex, Searcher
+    from .search import BadIndex, Searcher, read_source
 
     app = Flask("fitclip_ext.serve")
     state = {"searcher": searcher, "error": None}
@@ -167,10 +169,18 @@ def create_app(index_path, device: str = "cpu", searcher=None):
 
     @app.get("/video/<video_id>")
     def video(video_id):
-        path = state["searcher"].index.video_file(lookup(video_id))
+        source = state["searcher"].index.video_source(lookup(video_id))
+        path = source[0] if isinstance(source, tuple) else source
         if not path.is_file():
             abort(404, description="the video has moved or was deleted since indexing: re-run fitclip index")
-        return send_file(path, conditional=True)
+        if not isinstance(source, tuple):
+            return send_file(path, conditional=True)
+        data = read_source(source)  # (a video inside a shard: its bytes)
+        if len(data) != source[2]:
+            abort(404, description="the shard changed since indexing: re-run fitclip index")
+        name = state["searcher"].index.videos[ids[video_id]]["path"].rsplit(":", 1)[1]
+        return send_file(io.BytesIO(data), mimetype=mimetypes.guess_type(name)[0] or "video/mp4", conditional=True,
+                         download_name=name, etag=video_id)
 
     @app.errorhandler(404)
     def not_found(err):

@@ -274,6 +274,9 @@ def setup(cfg: TrainConfig):
         ds = ClipDataset(labeled, preprocess, n_decode, "random", cfg.seed, cfg.decode_device)
     vds = ClipDataset(load_caption_csv(cfg.val_csv, cfg.video_root), preprocess, cfg.num_frames, "uniform",
                       cfg.seed) if cfg.val_csv else None
+    if cfg.val_shards:  # (read by rank 0 alone, in its own process)
+        vds = ShardStream(shard_urls("--val-shards", cfg.val_shards), preprocess, cfg.num_frames, "uniform", cfg.seed,
+                          cfg.batch_size, shuffle_buffer=0)
     prompts = None
     if cfg.class_prompts:
         names = [n.strip() for n in Path(cfg.class_prompts).read_text().splitlines() if n.strip()]

@@ -26,6 +26,8 @@ class TrainConfig:
                                           "(`fitclip shards` writes them from a CSV)")
     unlabeled_shards: str | None = _opt(None, "unlabeled clips as shards (with --train-shards; their captions are "
                                               "not used as labels)")
+    val_shards: str | None = _opt(None, "validation clips as shards (with --train-shards): the mean-pooled loss after "
+                                        "every epoch; the best is kept")
     model: str = _opt("ViT-B-16", "open_clip architecture name")
     pretrained: str | None = _opt("openai", "open_clip pretrained tag or checkpoint file; 'none' for random init")
     video_root: str | None = _opt(None, "folder the CSVs' video paths are relative to")
@@ -109,11 +111,12 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError(f"--grad-cache-chunk must be >= 0 (clips per chunk; 0: off), got {cfg.grad_cache_chunk}")
     if bool(cfg.train_csv) == bool(cfg.train_shards):
         raise InputError("give the labeled clips as --train-csv or as --train-shards (one of them)")
-    if cfg.unlabeled_shards and not cfg.train_shards:
-        raise InputError("--unlabeled-shards goes with --train-shards (with --train-csv use --unlabeled-csv)")
+    for flag, value in (("--unlabeled-shards", cfg.unlabeled_shards), ("--val-shards", cfg.val_shards)):
+        if value and not cfg.train_shards:
+            raise InputError(f"{flag} goes with --train-shards (with --train-csv use the CSV flags)")
     if cfg.train_shards and (cfg.unlabeled_csv or cfg.val_csv):
-        raise InputError("with --train-shards give the unlabeled clips as --unlabeled-shards; --unlabeled-csv and "
-                         "--val-csv read files")
+        raise InputError("with --train-shards give the unlabeled and validation clips as --unlabeled-shards and "
+                         "--val-shards; --unlabeled-csv and --val-csv go with --train-csv")
     if cfg.train_shards and cfg.schedule == "cosine" and not cfg.max_steps:
         raise InputError("--schedule cosine with --train-shards needs --max-steps (a stream's length is not known "
                          "before it is read)")
@@ -126,7 +129,8 @@ def check_paths(cfg: TrainConfig) -> None:
 
     if cfg.train_csv:
         existing_file("--train-csv", cfg.train_csv)
-    for flag, value in (("--train-shards", cfg.train_shards), ("--unlabeled-shards", cfg.unlabeled_shards)):
+    for flag, value in (("--train-shards", cfg.train_shards), ("--unlabeled-shards", cfg.unlabeled_shards),
+                        ("--val-shards", cfg.val_shards)):
         if value:
             shard_urls(flag, value)
     for flag, value in (("--unlabeled-csv", cfg.unlabeled_csv), ("--val-csv", cfg.val_csv),

@@ -2,6 +2,8 @@
 backend runs on here, and seeded inputs. (Test modules import from here, never from each other.)"""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -83,3 +85,29 @@ def square_clips(root, n: int, frames: int, csv_name: str, caption=lambda i, col
     rows.append("broken.mp4,a broken clip")
     (root / csv_name).write_text("\n".join(rows) + "\n")
     return root
+
+
+def train_process(argv, tmp_path):
+    """`python -m fitclip_ext.cli train ...` as a child process (stdout and stderr piped together)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "fitclip_ext.cli", "train", *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(log_path, step, proc, timeout=300):
+    """Waits until the run has logged step `step` (failing if it ends first)."""
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if log_path.exists() and any(json.loads(x).get("step", 0) >= step for x in open(log_path) if '"loss"' in x):
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout} s")

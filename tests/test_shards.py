@@ -3,6 +3,7 @@ trainer reads them (every sample once per epoch over processes and DataLoader wo
 of an epoch after a resume, broken samples named and left out), and shards written by plain
 webdataset code read the same way."""
 import json
+from pathlib import Path
 import tarfile
 
 import pytest
@@ -15,7 +16,7 @@ from fitclip_ext.shards import ShardLoaders, ShardStream, check_slots, shard_url
 from fitclip_ext.train import main as train_main
 from fitclip_ext.world import World
 
-from .helpers import square_clips, torchrun_train
+from .helpers import square_clips, torchrun_train, train_process, wait_for_step
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,15 @@ def test_training_goes_on_past_broken_samples_and_names_them(tmp_path, clip_set)
     assert sum(r["skipped_clips"] for r in steps) == 2
 
 
+def test_validation_from_shards_keeps_the_best(clip_set, shard_dir, tmp_path):
+    train_main(["--train-shards", _pattern(shard_dir), "--val-shards", _pattern(shard_dir, 2), "--out-dir",
+                str(tmp_path / "run"), "--model", "fitclip-tiny", "--pretrained", "none", "--batch-size", "4",
+                "--num-frames", "2", "--epochs", "2", "--lr", "1e-3"])
+    val = [json.loads(x)["val_loss"] for x in open(tmp_path / "run" / "log.jsonl") if '"val_loss"' in x]
+    assert len(val) == 2 and all(0 < v < 10 for v in val)
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+
+
 def _train_args(clip_set, shard_dir, out, *extra):
     return ["--train-shards", _pattern(shard_dir), "--unlabeled-shards", _pattern(shard_dir), "--out-dir", str(out),
             "--model", "fitclip-tiny", "--pretrained", "none", "--batch-size", "2", "--unlabeled-batch-size", "2",
@@ -192,3 +202,74 @@ def test_eval_from_shards_equals_eval_from_files(clip_set, shard_dir, tmp_path, 
     out = evaluate.main(["--task", "shards", "--root", _pattern(shard_dir), "--model", "fitclip-tiny", "--pretrained",
                          "none", "--num-frames", "3", "--workers", str(workers)])
     assert out["retrieval"]["videos"] == 12 and 0 <= out["retrieval"]["t2v_r1"] <= 100
+
+
+def test_index_search_and_serve_from_shards(clip_set, shard_dir, tmp_path):
+    """`fitclip index --shards`: the videos inside the shards are indexed like files (the same
+    frame embeddings as indexing the files themselves), re-indexing keeps them, and the page
+    plays a result from its shard's bytes, Range requests included."""
+    from fitclip_ext import search as fsearch
+    from fitclip_ext.serve import create_app
+
+    torch.manual_seed(1)
+    ckpt = tmp_path / "model.safetensors"
+    fm.save_checkpoint(fm.create("fitclip-tiny", None)[0].state_dict(), ckpt)
+    rep = fsearch.index_main(["--shards", _pattern(shard_dir), "--out", str(tmp_path / "idx"), "--model", "fitclip-tiny",
+                              "--pretrained", str(ckpt), "--num-frames", "3", "--batch-size", "5"])
+    assert rep["videos"] == 12 and rep["encoded"] == 12 and rep["unreadable"] == []
+    again = fsearch.index_main(["--shards", _pattern(shard_dir), "--out", str(tmp_path / "idx"), "--model",
+                                "fitclip-tiny", "--pretrained", str(ckpt), "--num-frames", "3"])
+    assert again["encoded"] == 0 and again["kept"] == 12
+    files = fsearch.build_index(clip_set, tmp_path / "files", "fitclip-tiny", str(ckpt), num_frames=3)
+    assert files["videos"] == 12
+    by_shard, by_file = fsearch.Index.load(tmp_path / "idx"), fsearch.Index.load(tmp_path / "files")
+    file_row = {v["path"]: i for i, v in enumerate(by_file.videos)}
+    for i, v in enumerate(by_shard.videos):
+        shard, member = v["path"].rsplit(":", 1)
+        with tarfile.open(shard_dir / shard) as tar:
+            key = member.rsplit(".", 1)[0]
+            source = json.loads(tar.extractfile(f"{key}.json").read())["source"]
+        torch.testing.assert_close(by_shard.frames[i], by_file.frames[file_row[Path(source).name]])
+    c = create_app(tmp_path / "idx").test_client()
+    body = c.get("/api/search", query_string={"q": "a red square", "k": "3"}).get_json()
+    first = body["results"][0]
+    whole = c.get(first["video"])
+    row = next(i for i, v in enumerate(by_shard.videos) if v["id"] == first["id"])
+    shard, member = by_shard.videos[row]["path"].rsplit(":", 1)
+    with tarfile.open(shard_dir / shard) as tar:
+        assert whole.status_code == 200 and whole.data == tar.extractfile(member).read()
+    part = c.get(first["video"], headers={"Range": "bytes=10-59"})
+    assert part.status_code == 206 and part.data == whole.data[10:60]
+    with pytest.raises(InputError, match="give a VIDEO_DIR or --shards"):
+        fsearch.index_main(["--out", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_reads_the_rest(clip_set, shard_dir, tmp_path):
+    """SIGTERM at step 3 of an epoch of 6 (2 workers): the checkpoint records each worker's
+    position; --resume reads the rest of the epoch, and ends at the weights of a run that was
+    never stopped (so it saw the same batches, none twice, none skipped)."""
+    import signal
+
+    killed = tmp_path / "killed"
+    base = ["--workers", "2", "--epochs", "1000", "--save-every-minutes", "0"]
+    proc = train_process(_train_args(clip_set, shard_dir, killed, *base), tmp_path)
+    try:
+        wait_for_step(killed / "log.jsonl", 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    state = torch.load(killed / "last_state.pt", weights_only=False)
+    assert 3 <= state["step"] and state["stream"]["labeled"], state
+    end = state["step"] + 4  # (into the next epoch when stopped late in this one)
+    for argv in (_train_args(clip_set, shard_dir, killed, *base, "--max-steps", str(end), "--resume"),
+                 _train_args(clip_set, shard_dir, tmp_path / "full", *base, "--max-steps", str(end))):
+        run = train_process(argv, tmp_path)
+        output, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, output[-3000:]
+    a = fm.load_state_dict(tmp_path / "full" / "last.safetensors")
+    b = fm.load_state_dict(killed / "last.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)

@@ -14,7 +14,7 @@ pytest.importorskip("torchcodec")
 from fitclip_ext import cli, model as fm  # noqa: E402
 from fitclip_ext.train import main as train_main  # noqa: E402
 
-from .helpers import square_clips, torchrun_train  # noqa: E402
+from .helpers import square_clips, torchrun_train, train_process, wait_for_step  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,30 +92,6 @@ def test_checkpoint_schedule_and_keep_last(video_set, tmp_path):
         ["step-00000004.safetensors", "step-00000006.safetensors"]
 
 
-def _train_process(argv, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "fitclip_ext.cli", "train", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_step(log_path, step, proc, timeout=300):
-    import time
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if log_path.exists() and any(json.loads(x).get("step", 0) >= step for x in open(log_path) if '"loss"' in x):
-            return
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"no step {step} within {timeout} s")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_killed_run_resumes_to_the_uninterrupted_weights(video_set, tmp_path, sig):
@@ -126,9 +102,9 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(video_set, tmp_path, si
 
     killed = tmp_path / "killed"
     base = ["--epochs", "1000", "--save-every-steps", "3", "--save-every-minutes", "0"]
-    proc = _train_process(_args(video_set, killed, *base), tmp_path)
+    proc = train_process(_args(video_set, killed, *base), tmp_path)
     try:
-        _wait_for_step(killed / "log.jsonl", 4, proc)
+        wait_for_step(killed / "log.jsonl", 4, proc)
         proc.send_signal(getattr(signal, sig))
         output, _ = proc.communicate(timeout=300)
     finally:
@@ -144,7 +120,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(video_set, tmp_path, si
     # (in processes like the killed one: the same thread count, so the same float rounding)
     for argv in (_args(video_set, killed, *base, "--max-steps", str(end), "--resume"),
                  _args(video_set, tmp_path / "full", *base, "--max-steps", str(end))):
-        run = _train_process(argv, tmp_path)
+        run = train_process(argv, tmp_path)
         output, _ = run.communicate(timeout=300)
         assert run.returncode == 0, output[-3000:]
     _weights_equal(tmp_path / "full", killed)
