@@ -19,7 +19,7 @@ PIP    := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEPS := "torchcodec>=0.14,<0.18" "open_clip_torch==3.3.0" "pytest>=8" "pytest-benchmark>=4" "pytest-xdist>=3" \
         "pybind11>=2.12" "ninja" "cmake>=3.25" "setuptools>=64" "wheel" "numpy" "tqdm" \
-        "safetensors" "matplotlib" "flask>=3" "selenium>=4.20" \
+        "safetensors" "matplotlib" "flask>=3" "waitress>=3" "selenium>=4.20" \
         "pandas" "webdataset" "braceexpand" \
         "transformers==5.25.0"  # pandas..braceexpand: open_clip_train's data loading; transformers: the HF drop-in test
 PYTEST_ARGS ?=
@@ -32,7 +32,7 @@ setup: $(VENV)/.deps-stamp ffmpeg browser build
 # torch's CUDA build and its libraries take about 6 GB in the venv: say so before pip runs out of
 # space half-way (a warning, not a refusal: pip may still fit).
 NEED_GB := 7
-$(VENV)/.deps-stamp:
+$(VENV)/.deps-stamp: Makefile  # (re-run when the pins or the dependency list change)
 	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	if [ -n "$$free" ] && [ "$$free" -lt $(NEED_GB) ]; then \
 	  echo "WARNING: $$free GB free on the disk holding $(VENV); the set-up needs about $(NEED_GB) GB" \

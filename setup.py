@@ -83,7 +83,8 @@ setup(
     entry_points={"console_scripts": ["fitclip = fitclip_ext.cli:main"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "video": ["torchcodec>=0.14", "open_clip_torch>=3.0", "safetensors", "tqdm", "matplotlib", "pillow", "flask>=3"],
+        "video": ["torchcodec>=0.14", "open_clip_torch>=3.0", "safetensors", "tqdm", "matplotlib", "pillow", "flask>=3",
+                  "waitress>=3", "webdataset>=0.2"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "selenium>=4.20"],
     },
 )

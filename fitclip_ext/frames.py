@@ -150,7 +150,9 @@ def select_frames(frame_features, text_features, k, *, mask=None, backend=None):
     backend = backends.resolve(backend, frame_features.device)
     if backend == "torch":
         return select_frames_reference(frame_features, text_features, k, mask=mask)
-    with torch.no_grad():
+    # (autocast off: the C++ op's own products would otherwise run in the autocast dtype, which
+    # it does not dispatch on; it computes in float32 for half inputs itself)
+    with torch.no_grad(), torch.autocast(frame_features.device.type, enabled=False):
         # (raw captions: a caption's norm does not change its frames' ranking, and normalising a
         # half-precision caption first would round it and flip near-ties)
         idx = backends.get(backend).select_frames(frame_features.detach(), text_features.detach(), k, mask)

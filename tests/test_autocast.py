@@ -85,3 +85,18 @@ def test_autocast_leaves_float64_and_other_devices_alone(backend):
             out = fitclip_ext.contrastive_loss(*f64, 20.0, backend=backend)
         assert out.dtype == torch.float64
         assert rel_err(out, contrastive_loss_reference(*f64, 20.0)) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_select_frames_under_autocast(backend, low):
+    """The trainer's top-k temporal sampling runs under --precision bf16's autocast: the same
+    frames as without it, on half and on float32 features (the C++ op's own products once ran in
+    the autocast dtype and failed)."""
+    dev = device_for(backend)
+    frames, text = [f.to(dev) for f in _feats([(9, 7, 16), (9, 16)], 3)]
+    for f, t in ((frames, text), (frames.to(low), text.to(low))):
+        plain, _ = fitclip_ext.select_frames(f, t, 3, backend=backend)
+        with torch.autocast(dev, dtype=low):
+            idx, scores = fitclip_ext.select_frames(f, t, 3, backend=backend)
+        assert torch.equal(idx, plain) and torch.isfinite(scores).all()

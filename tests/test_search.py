@@ -240,6 +240,148 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+def _waitress(index_dir, threads=4, queue=32, queue_timeout=10.0):
+    """`fitclip serve`'s production server (waitress, admission control) on a free loopback port."""
+    import waitress
+
+    from fitclip_ext.serve import create_app, server_args
+
+    wsgi, options = server_args(create_app(index_dir), threads, queue, queue_timeout)
+    return waitress.create_server(wsgi, host="127.0.0.1", port=0, **options)
+
+
+def test_security_headers_and_request_bounds(client):
+    c, _, _ = client
+    page = c.get("/")
+    policy = page.headers["Content-Security-Policy"]
+    nonce = policy.split("'nonce-")[1].split("'")[0]
+    assert f'<script nonce="{nonce}">' in page.get_data(as_text=True) and "default-src 'none'" in policy
+    assert "unsafe-inline" not in policy and ' style="' not in page.get_data(as_text=True)
+    assert c.get("/").headers["Content-Security-Policy"] != policy  # (a fresh nonce per page)
+    for r in (page, c.get("/api/search", query_string={"q": "red"}), c.get("/video/nope")):
+        assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["X-Frame-Options"] == "DENY"
+        assert r.headers["Referrer-Policy"] == "no-referrer" and "Content-Security-Policy" in r.headers
+    long = c.get("/api/search", query_string={"q": "a" * 5000})
+    assert long.status_code == 400 and "5000 characters" in long.get_json()["error"]
+    assert c.get("/api/search", query_string={"q": "red", "rerank": "10001"}).status_code == 400
+
+
+def test_admission_answers_503_with_retry_after_when_full():
+    """One request at a time and none waiting: a second concurrent request is refused at once."""
+    import threading
+
+    from fitclip_ext.serve import Admission
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(environ, start_response):
+        entered.set()
+        release.wait(10)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"done"]
+
+    app = Admission(slow, running=1, queue=0, timeout=5)
+    statuses = {}
+
+    def call(name):
+        def start_response(status, headers):
+            statuses[name] = (status, dict(headers))
+        b"".join(app({}, start_response))
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    assert entered.wait(5)
+    call("second")
+    status, headers = statuses["second"]
+    assert status.startswith("503") and headers["Retry-After"] == "1"
+    release.set()
+    first.join(5)
+    assert statuses["first"][0] == "200 OK"
+    waiting = Admission(slow, running=1, queue=1, timeout=0.2)  # a place in the queue, but no worker in time
+    release.clear()
+    entered.clear()
+    first = threading.Thread(target=lambda: b"".join(waiting({}, lambda s, h: None)))
+    first.start()
+    assert entered.wait(5)
+    got = {}
+    b"".join(waiting({}, lambda s, h: got.update(status=s)))
+    assert got["status"].startswith("503")
+    release.set()
+    first.join(5)
+
+
+def load_test(base_url: str, clients: int, seconds: float, video_id: str, thumb_id: str) -> dict:
+    """`clients` threads for `seconds` over loopback, each cycling through valid searches, bad
+    queries, the page, a thumbnail and Range requests of a video: status counts, latency p50/p99,
+    requests per second."""
+    import itertools
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    requests = [("/api/search?q=a+red+square&k=5", {}, 200), ("/api/search?q=green&k=10&rerank=4", {}, 200),
+                ("/api/search?q=", {}, 400), ("/api/search?q=red&k=0", {}, 400), ("/api/search?q=" + "x" * 600, {}, 400),
+                ("/", {}, 200), (f"/thumb/{thumb_id}", {}, 200), (f"/video/{video_id}", {"Range": "bytes=0-999"}, 206),
+                ("/video/../index.json", {}, 404)]
+    lat, wrong, statuses, lock = [], [], {}, threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def client(offset):
+        for path, headers, expected in itertools.islice(itertools.cycle(requests), offset, None):
+            if time.perf_counter() > stop:
+                return
+            t0 = time.perf_counter()
+            try:
+                with urllib.request.urlopen(urllib.request.Request(base_url + path, headers=headers), timeout=30) as r:
+                    r.read()
+                    code = r.status
+            except urllib.error.HTTPError as err:
+                err.read()
+                code = err.code
+            with lock:
+                lat.append(time.perf_counter() - t0)
+                statuses[code] = statuses.get(code, 0) + 1
+                if code != expected:
+                    wrong.append((path[:60], code, expected))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {"clients": clients, "seconds": wall, "requests": len(lat), "per_second": len(lat) / wall,
+            "p50_ms": 1e3 * lat[len(lat) // 2], "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            "statuses": statuses, "unexpected": wrong[:20], "unexpected_count": len(wrong)}
+
+
+@pytest.mark.slow
+def test_server_under_load(client):
+    """8 clients for 6 s against waitress over loopback: no server error, every bad request a 4xx,
+    every good one answered, and the process's memory not growing over the run."""
+    import resource
+    import threading
+
+    _, index, out = client
+    server = _waitress(out)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.effective_port}"
+        vid = index.videos[0]["id"]
+        warm = load_test(url, 8, 2.0, vid, vid)
+        rss_warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        res = load_test(url, 8, 6.0, vid, vid)
+        rss_end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    finally:
+        server.close()
+    assert warm["unexpected_count"] == 0 and res["unexpected_count"] == 0, res["unexpected"]
+    assert not any(code >= 500 for code in res["statuses"]) and res["requests"] > 100, res
+    assert rss_end - rss_warm < 64 * 1024, (rss_warm, rss_end)  # (KB: under 64 MB more after the warm-up)
+
+
 @pytest.mark.slow  # (a browser: make test, not make test-fast)
 def test_page_in_headless_chromium(client, tmp_path):
     """Types a query into the real page, waits for the results, checks the first one against the
@@ -249,16 +391,12 @@ def test_page_in_headless_chromium(client, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
-    from werkzeug.serving import make_server
-
     c, index, out = client
-    from fitclip_ext.serve import create_app
-
-    server = make_server("127.0.0.1", 0, create_app(out), threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _waitress(out)
+    threading.Thread(target=server.run, daemon=True).start()
     browser = _browser()
     try:
-        browser.get(f"http://127.0.0.1:{server.server_port}/")
+        browser.get(f"http://127.0.0.1:{server.effective_port}/")
         box = browser.find_element(By.ID, "q")
         box.send_keys("a green square")
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
@@ -273,6 +411,11 @@ def test_page_in_headless_chromium(client, tmp_path):
         img = first.find_element(By.CSS_SELECTOR, ".strip img")
         WebDriverWait(browser, 30).until(lambda b: b.execute_script("return arguments[0].naturalWidth", img) > 0)
         assert f"#t={api[0]['best_frames'][0]['time']:.2f}" in first.find_element(By.TAG_NAME, "video").get_attribute("src")
+        # the content security policy lets the page's own (nonce'd) style and script through
+        assert browser.execute_script("return getComputedStyle(document.getElementById('k')).width") == "80px"
+        frame = min(b["frame"] for b in api[0]["best_frames"])
+        hit = next(h for h in hits if int(h.get_attribute("data-frame")) == frame)
+        assert hit.value_of_css_property("left") == f"{frame * api[0]['thumb_w']}px"
         browser.find_element(By.ID, "q").clear()
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()  # empty query: a message, no results
         WebDriverWait(browser, 30).until(lambda b: "query is empty" in b.find_element(By.ID, "message").text)
@@ -284,7 +427,7 @@ def test_page_in_headless_chromium(client, tmp_path):
         assert (tmp_path / "search_page.png").stat().st_size > 10_000
     finally:
         browser.quit()
-        server.shutdown()
+        server.close()
 
 
 @pytest.mark.slow
