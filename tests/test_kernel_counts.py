@@ -191,7 +191,7 @@ def test_distillation_gpu_configuration_float32_chunks_and_splits(monkeypatch):
     monkeypatch.setenv("FITCLIP_TRITON_CONFIG", "gpu")
     monkeypatch.setenv("FITCLIP_TRITON_SMS", "16")
     monkeypatch.setenv("FITCLIP_GPU_BLOCK_ELEMS", str(64 * 1040))  # chunks of 64 rows
-    n, m, D, Dt = 130, 1040, 48, 40  # (3 row chunks; 1040 columns: 2 column splits of >= 512)
+    n, m, D, Dt = 70, 1040, 48, 40  # (2 row chunks; 1040 columns: 2 column splits of >= 512)
     sv, st = _unit(n, D, 15, torch.float32), _unit(m, D, 16, torch.float32)
     tv, tt = _unit(n, Dt, 17, torch.float32), _unit(m, Dt, 18, torch.float32)
 

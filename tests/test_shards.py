@@ -157,7 +157,7 @@ def _train_args(clip_set, shard_dir, out, *extra):
             "--num-frames", "2", "--candidate-frames", "3", "--epochs", "2", "--lr", "1e-3", "--seed", "3", *extra]
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize("workers", ["2"])  # (0 workers: the stream tests above; SIGTERM: below)
 def test_train_from_shards_and_resume_equals_uninterrupted(clip_set, shard_dir, tmp_path, workers):
     whole = train_main(_train_args(clip_set, shard_dir, tmp_path / "whole", "--workers", workers, "--max-steps", "8"))
     assert whole["steps"] == 8  # 6 batches of 2 an epoch, into the second epoch
