@@ -50,8 +50,9 @@ def distill_inputs(n, m, d, dt, dtype, seed=0, noise=0.5):
     return [x.to(dtype) for x in (sv, st, tv, tt)]
 
 
-def torchrun_train(nproc, argv, tmp_path):
-    """`torchrun --standalone --nproc_per_node N -m fitclip_ext.cli train ...` on the CPU (gloo)."""
+def torchrun_cli(nproc, command, argv, cwd):
+    """`torchrun --standalone --nproc_per_node N -m fitclip_ext.cli COMMAND ...` on the CPU (gloo,
+    one thread a process)."""
     import os
     import subprocess
     import sys
@@ -60,9 +61,14 @@ def torchrun_train(nproc, argv, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fitclip_ext.cli", "train", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+           "-m", "fitclip_ext.cli", command, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def torchrun_train(nproc, argv, tmp_path):
+    """`fitclip train` under torchrun (torchrun_cli)."""
+    torchrun_cli(nproc, "train", argv, tmp_path)
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}

@@ -16,7 +16,7 @@ from fitclip_ext.shards import ShardLoaders, ShardStream, check_slots, shard_url
 from fitclip_ext.train import main as train_main
 from fitclip_ext.world import World
 
-from .helpers import square_clips, torchrun_train, train_process, wait_for_step
+from .helpers import square_clips, torchrun_cli, torchrun_train, train_process, wait_for_step
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +173,16 @@ def test_train_from_shards_and_resume_equals_uninterrupted(clip_set, shard_dir, 
 
 
 @pytest.mark.slow
-def test_two_processes_with_two_workers_train_from_shards(clip_set, shard_dir, tmp_path):
-    """2 gloo processes x 2 workers = 4 readers of the 4 shards (3 samples each, batches of 2):
-    each rank reads 2 shards in 4 batches of 2, 1, 2, 1, so the epoch is 4 steps on both ranks."""
+@pytest.mark.parametrize("workers, steps", [("2", 4), ("0", 3)])
+def test_two_processes_train_from_shards(clip_set, shard_dir, tmp_path, workers, steps):
+    """2 gloo processes over the 4 shards (3 samples each, batches of 2). With 2 workers each
+    (4 readers) a rank reads 2 shards in 4 batches of 2, 1, 2, 1; with none, a rank reads its 2
+    shards as one stream of 6 samples, in 3 batches. Both ranks take the same steps."""
     out = tmp_path / "ddp"
-    torchrun_train(2, _train_args(clip_set, shard_dir, out, "--workers", "2", "--epochs", "1"), tmp_path)
-    steps = [json.loads(x) for x in open(out / "log.jsonl") if '"loss"' in x]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    torchrun_train(2, _train_args(clip_set, shard_dir, out, "--workers", workers, "--epochs", "1"), tmp_path)
+    logged = [json.loads(x) for x in open(out / "log.jsonl") if '"loss"' in x]
+    assert [r["step"] for r in logged] == list(range(1, steps + 1))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -273,3 +275,21 @@ def test_sigterm_mid_epoch_then_resume_reads_the_rest(clip_set, shard_dir, tmp_p
     b = fm.load_state_dict(killed / "last.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_index_from_shards_under_torchrun_equals_one_process(shard_dir, tmp_path):
+    """2 gloo processes, 2 DataLoader workers each, index the shards' videos: the index one
+    process builds."""
+    from fitclip_ext import search as fsearch
+
+    torch.manual_seed(2)
+    ckpt = tmp_path / "model.safetensors"
+    fm.save_checkpoint(fm.create("fitclip-tiny", None)[0].state_dict(), ckpt)
+    args = ["--shards", _pattern(shard_dir), "--model", "fitclip-tiny", "--pretrained", str(ckpt), "--num-frames", "3",
+            "--batch-size", "2", "--workers", "2"]
+    fsearch.index_main(args + ["--out", str(tmp_path / "one")])
+    torchrun_cli(2, "index", [*args, "--out", str(tmp_path / "two")], tmp_path)
+    one, two = fsearch.Index.load(tmp_path / "one"), fsearch.Index.load(tmp_path / "two")
+    assert [v["path"] for v in one.videos] == [v["path"] for v in two.videos] and len(one.videos) == 12
+    assert torch.allclose(one.frames.float(), two.frames.float(), atol=2e-3)
