@@ -251,6 +251,16 @@ def train_table(doc) -> list[str]:
     return out
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (the report runs headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def grad_cache_table(doc) -> list[str]:
     out = []
     for c in (c for c in doc["cases"] if c.get("op") == "fitclip train --grad-cache-chunk"):
@@ -273,10 +283,7 @@ def grad_cache_plot(doc, path: Path) -> bool:
     rows = [c for c in doc["cases"] if c.get("op") == "fitclip train --grad-cache-chunk"]
     if not rows:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     c = rows[-1]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -299,10 +306,7 @@ def train_plot(doc, path: Path) -> bool:
     rows = [c for c in doc["cases"] if c.get("op") == "fitclip train"]
     if not rows:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     c = rows[0]
     names = list(c["runs"])
